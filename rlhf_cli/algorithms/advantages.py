@@ -1,0 +1,225 @@
+"""Advantage estimators: return-to-go with REINFORCE baselines, GAE, n-step TD.
+
+Shapes: B responses x T response tokens; ``response_mask`` (B, T) is 1 on
+real tokens (a prefix of each row). The K samples of one prompt are
+contiguous rows: ``[i*K:(i+1)*K]``. Every estimator returns
+``(advantages, returns)``, both (B, T), detached, 0 on padding. Returns are
+taken before any whitening (whiten advantages afterwards with
+:func:`rlhf_cli.algorithms.core.masked_whiten`).
+
+Select an estimator by name with :func:`get_advantage_estimator`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rlhf_cli.algorithms.core import RunningMean, bool_mask
+
+BASELINES = ("none", "mean", "rloo", "group_norm")
+
+
+def _zero_padding(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(bool_mask(response_mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Return-to-go over real tokens.
+
+    Formula: ``G[t] = sum_{k >= t} gamma^(k - t) r[k]`` (sum over real
+    tokens k; Sutton & Barto, Williams 1992), i.e. ``G[t] = r[t] + gamma G[t+1]``.
+
+    Args:
+        rewards: (B, T) token rewards (see ``core.token_rewards``).
+        response_mask: (B, T) bool or 0/1.
+        gamma: discount factor.
+
+    Returns:
+        (B, T) returns, detached, 0 on padding.
+    """
+    rewards = _zero_padding(rewards.detach(), response_mask)
+    running = torch.zeros_like(rewards[:, 0])
+    returns_reversed = []
+    for t in reversed(range(rewards.shape[1])):  # O(T) steps, each vectorised over B
+        running = rewards[:, t] + gamma * running
+        returns_reversed.append(running)
+    returns = torch.stack(returns_reversed[::-1], dim=1)
+    return _zero_padding(returns, response_mask)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16).
+
+    Formula: ``delta[t] = r[t] + gamma V[t+1] - V[t]``,
+    ``A[t] = delta[t] + gamma lam A[t+1]``, with ``V[t+1] = 0`` and
+    ``A[t+1] = 0`` past the last real token (the episode ends with the
+    response). Returns ``R = A + V`` (the critic's target, before whitening).
+
+    Args:
+        rewards: (B, T) token rewards.
+        values: (B, T) critic values V[t] of the state before token t.
+        response_mask: (B, T) bool or 0/1.
+        gamma: discount factor.
+        lam: GAE lambda (0: one-step TD, 1: Monte-Carlo return minus V).
+
+    Returns:
+        ``(advantages, returns)``, each (B, T), detached, 0 on padding.
+    """
+    rewards = _zero_padding(rewards.detach(), response_mask)
+    values = _zero_padding(values.detach().to(rewards.dtype), response_mask)
+    next_value = torch.zeros_like(values[:, 0])
+    last_advantage = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_advantage = delta + gamma * lam * last_advantage
+        advantages_reversed.append(last_advantage)
+        next_value = values[:, t]
+    advantages = _zero_padding(torch.stack(advantages_reversed[::-1], dim=1), response_mask)
+    returns = _zero_padding(advantages + values, response_mask)
+    return advantages, returns
+
+
+def nstep_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n-step TD advantages (Mnih et al. 2016, A3C; GAE with lambda = 1 truncated at n).
+
+    Formula: ``R[t] = sum_{k=0}^{n-1} gamma^k r[t+k] + gamma^n V[t+n]``,
+    ``A[t] = R[t] - V[t]``; rewards and values past the last real token are
+    0 (so the bootstrap vanishes near the end). For ``n >= T`` this equals
+    :func:`gae` with ``lam = 1``.
+
+    Args:
+        rewards: (B, T) token rewards.
+        values: (B, T) critic values.
+        response_mask: (B, T) bool or 0/1.
+        gamma: discount factor.
+        n: number of reward steps before bootstrapping (>= 1).
+
+    Returns:
+        ``(advantages, returns)``, each (B, T), detached, 0 on padding.
+    """
+    if n < 1:
+        raise ValueError(f"nstep_advantages: n must be >= 1, got {n}")
+    rewards = _zero_padding(rewards.detach(), response_mask)
+    values = _zero_padding(values.detach().to(rewards.dtype), response_mask)
+    num_tokens = rewards.shape[1]
+    horizon = min(n, num_tokens)  # steps past T only add zeros
+    # pad on the right so that r[t+k], V[t+n] are 0 beyond T: (B, T + horizon)
+    rewards_padded = torch.nn.functional.pad(rewards, (0, horizon))
+    values_padded = torch.nn.functional.pad(values, (0, horizon))
+    returns = torch.zeros_like(rewards)
+    for k in range(horizon):  # O(n) vectorised shifts
+        returns = returns + (gamma**k) * rewards_padded[:, k : k + num_tokens]
+    if n <= num_tokens:
+        returns = returns + (gamma**n) * values_padded[:, n : n + num_tokens]
+    returns = _zero_padding(returns, response_mask)
+    advantages = _zero_padding(returns - values, response_mask)
+    return advantages, returns
+
+
+def reinforce_advantages(
+    rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float,
+    baseline: str,
+    group_size: int,
+    running_mean: RunningMean | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE advantages: return-to-go minus a baseline chosen by name (Williams 1992).
+
+    ``G = discounted_returns(rewards)``; sequence return ``s_b = G[b, 0]``.
+    Group g of row b holds rows ``[g*K:(g+1)*K]`` (K = ``group_size``).
+
+    - ``'none'``: ``A[b,t] = G[b,t]``.
+    - ``'mean'``: ``A[b,t] = G[b,t] - m`` with m the running mean of ``s``
+      over past batches (``running_mean.value``); on the first batch
+      (``running_mean.count == 0``) m is the mean of this batch's ``s``.
+      ``running_mean`` is then updated with this batch's ``s`` (in place).
+    - ``'rloo'`` (Ahmadian et al. 2024, "Back to Basics", leave-one-out):
+      ``A[b,t] = G[b,t] - (1/(K-1)) sum_{j in group, j != b} s_j``; K >= 2.
+    - ``'group_norm'`` (Shao et al. 2024, GRPO, outcome supervision):
+      ``A[b,t] = (G[b,t] - mean_group(s)) / (std_group(s) + eps)`` with the
+      population std (``unbiased=False``: the group is all we normalise
+      over, so K group-normalised scores have std exactly 1 up to eps); K >= 2.
+
+    Args:
+        rewards: (B, T) token rewards.
+        response_mask: (B, T) bool or 0/1.
+        gamma: discount factor.
+        baseline: one of :data:`BASELINES`.
+        group_size: K samples per prompt; B must be divisible by K.
+        running_mean: state for ``'mean'`` (required there, ignored otherwise).
+        eps: added to the group std for ``'group_norm'``.
+
+    Returns:
+        ``(advantages, returns)``, each (B, T), detached, 0 on padding;
+        ``returns`` is G (no baseline).
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown REINFORCE baseline {baseline!r}; valid: {', '.join(BASELINES)}")
+    batch_size = rewards.shape[0]
+    if group_size < 1 or batch_size % group_size != 0:
+        raise ValueError(
+            f"batch of {batch_size} responses is not divisible by group_size={group_size} "
+            "(samples per prompt); make the batch a multiple of the samples per prompt"
+        )
+    if baseline in ("rloo", "group_norm") and group_size < 2:
+        raise ValueError(
+            f"baseline {baseline!r} compares the samples of one prompt and needs group_size >= 2 "
+            f"(got {group_size}); sample more responses per prompt or use baseline 'mean' or 'none'"
+        )
+    returns = discounted_returns(rewards, response_mask, gamma)
+    sequence_returns = returns[:, 0]  # (B,)
+
+    if baseline == "none":
+        advantages = returns
+    elif baseline == "mean":
+        if running_mean is None:
+            raise ValueError("baseline 'mean' needs a RunningMean instance (running_mean=...)")
+        if running_mean.count > 0:
+            advantages = returns - running_mean.value
+        else:
+            advantages = returns - sequence_returns.mean()
+        running_mean.update(sequence_returns)
+    else:
+        grouped = sequence_returns.view(-1, group_size)  # (B/K, K)
+        if baseline == "rloo":
+            others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (B/K, K)
+            advantages = returns - others_mean.reshape(-1, 1)
+        else:  # group_norm
+            group_mean = grouped.mean(dim=1, keepdim=True).expand_as(grouped).reshape(-1, 1)
+            group_std = grouped.std(dim=1, unbiased=False, keepdim=True).expand_as(grouped).reshape(-1, 1)
+            advantages = (returns - group_mean) / (group_std + eps)
+    return _zero_padding(advantages, response_mask), returns
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "reinforce": reinforce_advantages,
+    "gae": gae,
+    "nstep": nstep_advantages,
+}
+
+
+def get_advantage_estimator(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The estimator registered under ``name`` in :data:`ADVANTAGE_ESTIMATORS`; ValueError listing valid names otherwise."""
+    try:
+        return ADVANTAGE_ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; valid: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"
+        ) from None

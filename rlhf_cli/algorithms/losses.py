@@ -1,0 +1,163 @@
+"""Policy and value losses, entropy, explained variance.
+
+Shapes: B responses x T response tokens; ``response_mask`` (B, T) is 1 on
+real tokens. Losses are token-level means over all real tokens of the
+batch (see ALGORITHMS.md). Advantages, old log-probs, old values and
+returns are treated as constants (detached here).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rlhf_cli.algorithms.core import bool_mask, masked_mean, masked_var
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """Vanilla policy-gradient loss (Williams 1992, REINFORCE; actor of A2C, Mnih et al. 2016).
+
+    Formula: ``L = -masked_mean(A[t] * logp[t])``; its gradient is
+    ``-E[A grad log pi]``.
+
+    Args:
+        logprobs: (B, T) log-probs of sampled tokens under the current policy (with grad).
+        advantages: (B, T), detached inside.
+        response_mask: (B, T) bool or 0/1.
+
+    Returns:
+        0-dim loss.
+    """
+    return -masked_mean(advantages.detach() * logprobs, response_mask)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    logprobs_old: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), with asymmetric clip range.
+
+    Formula: ``ratio = exp(logp - logp_old)``;
+    ``pg_loss1 = -A * ratio``; ``pg_loss2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)``;
+    ``L = masked_mean(max(pg_loss1, pg_loss2))``.
+
+    Stats (detached 0-dim tensors, over real tokens):
+        ``ratio_mean``: masked mean of ratio.
+        ``clip_frac``: fraction of tokens where the clipped term is active
+        (``pg_loss2 > pg_loss1``).
+        ``approx_kl``: ``masked_mean((ratio - 1) - log ratio)``, the k3
+        estimator of KL(pi_old || pi) under samples from pi_old (Schulman
+        2020, "Approximating KL Divergence"; >= 0, as in CleanRL).
+
+    Args:
+        logprobs: (B, T) log-probs under the current policy (with grad).
+        logprobs_old: (B, T) log-probs at sampling time (detached inside).
+        advantages: (B, T), detached inside.
+        response_mask: (B, T) bool or 0/1.
+        clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``.
+
+    Returns:
+        ``(loss, stats)``: 0-dim loss and the stats dict.
+    """
+    advantages = advantages.detach()
+    log_ratio = logprobs - logprobs_old.detach()
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = masked_mean(torch.maximum(pg_loss1, pg_loss2), response_mask)
+    with torch.no_grad():
+        stats = {
+            "ratio_mean": masked_mean(ratio, response_mask),
+            "clip_frac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), response_mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, response_mask),
+        }
+    return loss, {name: value.detach() for name, value in stats.items()}
+
+
+def value_loss(
+    values: torch.Tensor,
+    values_old: torch.Tensor | None,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_range: float | None = None,
+) -> torch.Tensor:
+    """Critic loss, optionally clipped around the rollout-time values.
+
+    Formula: ``0.5 * masked_mean((V - R)^2)``; with ``clip_range = c``:
+    ``V_clip = V_old + clamp(V - V_old, -c, c)``,
+    ``0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))``
+    (Schulman et al. 2017 baselines code; Huang et al. 2022, "The 37
+    Implementation Details of PPO", detail 9).
+
+    Args:
+        values: (B, T) current critic values (with grad).
+        values_old: (B, T) values at rollout time (detached inside); may be
+            None when ``clip_range`` is None.
+        returns: (B, T) targets R (detached inside).
+        response_mask: (B, T) bool or 0/1.
+        clip_range: c, or None for the unclipped loss.
+
+    Returns:
+        0-dim loss.
+    """
+    returns = returns.detach()
+    squared_error = (values - returns) ** 2
+    if clip_range is None:
+        return 0.5 * masked_mean(squared_error, response_mask)
+    if values_old is None:
+        raise ValueError("value_loss: clip_range needs values_old")
+    values_old = values_old.detach()
+    values_clipped = values_old + torch.clamp(values - values_old, -clip_range, clip_range)
+    squared_error_clipped = (values_clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.maximum(squared_error, squared_error_clipped), response_mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution given by ``logits``, per position.
+
+    Formula: ``H = -sum_v p_v log p_v = logsumexp(z) - sum_v softmax(z)_v z_v``
+    (the logsumexp form is stable for large logits).
+
+    Args:
+        logits: (B, T, V) (any leading shape; vocabulary last).
+
+    Returns:
+        (B, T) entropies in nats; not masked.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of the return variance the critic explains, over real tokens.
+
+    Formula: ``1 - Var(R - V) / Var(R)`` (1: perfect, 0: no better than a
+    constant, < 0: worse); NaN when ``Var(R) == 0`` (as in CleanRL's logging).
+
+    Args:
+        values: (B, T) critic values.
+        returns: (B, T) returns R.
+        response_mask: (B, T) bool or 0/1.
+
+    Returns:
+        0-dim detached tensor.
+    """
+    values, returns = values.detach(), returns.detach()
+    variance_returns = masked_var(returns, response_mask)
+    variance_residual = masked_var(returns - values, response_mask)
+    ratio = variance_residual / variance_returns
+    return torch.where(variance_returns > 0, 1 - ratio, torch.full_like(ratio, float("nan")))
+
+
+POLICY_LOSSES: dict[str, Callable[..., object]] = {
+    "reinforce": policy_gradient_loss,
+    "a2c": policy_gradient_loss,
+    "ppo": ppo_policy_loss,
+}

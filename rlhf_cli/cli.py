@@ -1,0 +1,294 @@
+"""`rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]`: a thin dispatcher over Hydra.
+
+    rlhf sft                                   # embedded tiny model + task, CPU minutes
+    rlhf sft my_sft.yaml optim.lr=1e-3         # a config file of your own, plus overrides
+    rlhf sft -m seed=1,2,3                     # a Hydra multirun sweep (a dir per job)
+    rlhf sft --cfg job                         # print the composed config
+    rlhf sft --help                            # config groups and keys, with their docs
+
+The dispatcher pops the stage, turns a positional YAML file into overrides,
+composes and validates the whole config (every sweep combination) with
+Hydra's compose API before anything loads, then hands over to the stage's
+own ``@hydra.main`` so Hydra keeps multirun, ``--cfg``, output dirs and tab
+completion. A problem the user can fix prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+CONF_DIR = Path(os.environ.get("RLHF_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+STAGES = {
+    "sft": ("rlhf_cli.stages.sft", "supervised fine-tuning on prompt/completion or chat rows"),
+    "train-rm": ("rlhf_cli.stages.train_rm", "reward model from prompt/chosen/rejected pairs"),
+    "rl": ("rlhf_cli.stages.rl", "REINFORCE, A2C or PPO against reward models and rule rewards"),
+}
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
+                          "--config-name", "-cn", "--config-dir", "-cd", "-sc", "--shell-completion"}
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    from rlhf_cli.tracking import console
+
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    sys.exit(code)
+
+
+def available_stages() -> dict:
+    """Stages whose runner module exists (no stubs are listed)."""
+    import importlib.util
+
+    return {k: v for k, v in STAGES.items() if importlib.util.find_spec(v[0]) is not None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stages = available_stages()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_stages(stages)
+        return
+    stage, rest = argv[0], argv[1:]
+    if stage not in stages:
+        close = difflib.get_close_matches(stage, list(stages), n=1)
+        fail(f"unknown stage {stage!r}" + (f"; did you mean {close[0]!r}?" if close else "") +
+             f" (stages: {', '.join(stages)})")
+    if not CONF_DIR.is_dir():
+        fail(f"config directory {CONF_DIR} not found; install with `pip install -e .` from the repo or set RLHF_CONF_DIR")
+    if any(a in ("-h", "--help") for a in rest):
+        print_stage_help(stage)
+        return
+    overrides, hydra_args = split_args(rest)
+    multirun = any(a in ("-m", "--multirun") for a in hydra_args)
+    validate(stage, overrides, multirun)
+    if os.environ.get("RANK", "0") != "0":
+        overrides.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
+    run_hydra(stage, overrides, hydra_args)
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """-> (overrides, hydra flags); a positional YAML becomes overrides (its keys, flattened)."""
+    overrides, hydra_args = [], []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in HYDRA_FLAGS_WITH_VALUE and i + 1 < len(args):
+            hydra_args += [a, args[i + 1]]
+            i += 2
+            continue
+        if a.startswith("-"):
+            hydra_args.append(a)
+        elif "=" not in a and a.endswith((".yaml", ".yml")):
+            overrides.extend(yaml_to_overrides(a))
+        elif "=" not in a:
+            fail(f"{a!r} is neither key=value nor a .yaml file; write e.g. optim.lr=1e-4")
+        else:
+            overrides.append(a)
+        i += 1
+    return overrides, hydra_args
+
+
+def yaml_to_overrides(path: str) -> list[str]:
+    """A user's YAML file as Hydra overrides: `algorithm: ppo` picks the group option,
+    `optim: {lr: 1e-4}` sets optim.lr. Later command-line overrides win."""
+    from omegaconf import OmegaConf
+
+    p = Path(path)
+    if not p.is_file():
+        fail(f"config file {path} not found")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except Exception as e:
+        fail(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(data, dict):
+        fail(f"config file {path} must hold a mapping of keys (e.g. `optim: {{lr: 1e-4}}`)")
+    data.pop("defaults", None)
+    out = []
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            full = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                walk(full + ".", value)
+            else:
+                out.append(f"{full}={_override_value(value)}")
+
+    walk("", data)
+    return out
+
+
+def _override_value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ",".join(_override_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_override_value(x)}" for k, x in v.items()) + "}"
+    s = str(v).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{s}'"
+
+
+def _config_name(stage: str) -> str:
+    from rlhf_cli.config import STAGE_CONFIG_NAMES
+
+    return STAGE_CONFIG_NAMES[stage]
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """Every combination of a sweep's values (capped), each as plain overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:
+        fail(f"bad override: {str(e).splitlines()[0]}")
+    choices = []
+    for raw, o in zip(overrides, parsed):
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([raw])
+    return [list(c) for c in itertools.islice(itertools.product(*choices), 64)]
+
+
+def compose_config(stage: str, overrides: list[str]):
+    """Compose + validate: -> the typed stage config object. Raises on problems."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from rlhf_cli.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=_config_name(stage), overrides=[o for o in overrides if not o.startswith("hydra.")])
+    return OmegaConf.to_object(cfg)
+
+
+def validate(stage: str, overrides: list[str], multirun: bool) -> None:
+    combos = expand_sweeps(overrides) if multirun else [overrides]
+    for combo in combos:
+        try:
+            compose_config(stage, combo)
+        except Exception as e:  # one line, named key, closest valid key
+            fail(explain_config_error(stage, e, combo))
+
+
+def explain_config_error(stage: str, exc: Exception, overrides: list[str]) -> str:
+    from rlhf_cli.config import STAGE_SCHEMAS, leaf_keys
+    from rlhf_cli.errors import UserError
+
+    if isinstance(exc, UserError):
+        return str(exc)
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in chain:
+        if isinstance(err, UserError):
+            return str(err)
+    text = " ".join(str(c) for c in chain)
+    keys = leaf_keys(STAGE_SCHEMAS[stage])
+    full_key = next((getattr(c, "full_key", None) for c in chain if getattr(c, "full_key", None)), None)
+    if "not in" in text or "Could not override" in text or "Key '" in text and "not in" in text:
+        bad = full_key or _override_key_in(text, overrides)
+        if bad:
+            close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f"; see `rlhf {stage} --help` for the keys"
+            return f"unknown config key {bad!r}{hint}"
+    if "Could not find" in text or "Could not load" in text:
+        first = str(chain[0]).splitlines()
+        options = next((line for line in first if "Available options" in line), "")
+        return f"{first[0]} {options.strip()}".strip()
+    for c in chain:
+        if full_key and c.__class__.__name__ in ("ValidationError", "ConfigTypeError", "ConfigValueError"):
+            msg = str(getattr(c, "msg", c)).splitlines()[0]
+            return f"{full_key}: {msg}; see `rlhf {stage} --help` for its type"
+    return str(chain[0]).splitlines()[0]
+
+
+def _override_key_in(text: str, overrides: list[str]) -> str | None:
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if f"'{key}'" in text:
+            return key
+    return None
+
+
+def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
+    import importlib
+
+    import hydra
+
+    from rlhf_cli.config import register_configs
+
+    register_configs()
+    runner = importlib.import_module(STAGES[stage][0])
+    task = hydra.main(config_path=str(CONF_DIR), config_name=_config_name(stage), version_base="1.3")(
+        _task_function(stage, runner))
+    sys.argv = [f"rlhf {stage}"] + hydra_args + overrides
+    task()
+
+
+def _task_function(stage: str, runner):
+    def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from rlhf_cli.errors import UserError
+
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            config = OmegaConf.to_object(cfg)
+            runner.run(config, output_dir)
+        except UserError as e:
+            fail(str(e), code=e.exit_code)
+
+    task.__name__ = stage.replace("-", "_")
+    return task
+
+
+def print_stages(stages: dict) -> None:
+    from rich.table import Table
+
+    from rlhf_cli.tracking import console
+
+    console.print("usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)")
+    table = Table(show_header=True)
+    table.add_column("stage")
+    table.add_column("what it does")
+    for name, (_, what) in stages.items():
+        table.add_row(name, what)
+    console.print(table)
+
+
+def print_stage_help(stage: str) -> None:
+    from rich.table import Table
+
+    from rlhf_cli.config import STAGE_SCHEMAS, field_docs
+    from rlhf_cli.tracking import console
+
+    console.print(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]")
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    primary = (CONF_DIR / f"{_config_name(stage)}.yaml").read_text()
+    console.print("config groups (pick with group=option):")
+    for g in groups:
+        if f"- {g}:" in primary or f"{g}:" in primary.split("_self_")[0]:
+            options = sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml"))
+            console.print(f"  {g}: {', '.join(options)}")
+    table = Table(title=f"keys of `rlhf {stage}` (defaults before the config file and groups apply)")
+    for col in ("key", "default", "doc"):
+        table.add_column(col)
+    for key, default, help_text in field_docs(STAGE_SCHEMAS[stage]):
+        table.add_row(key, default, help_text)
+    console.print(table)

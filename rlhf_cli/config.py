@@ -1,0 +1,358 @@
+"""The typed schema of every stage: dataclasses registered in Hydra's ConfigStore.
+
+Every field carries a one-line doc in ``metadata["help"]`` (shown by
+``rlhf <stage> --help``). Range checks live in ``__post_init__`` so they run
+when the composed config is turned into these objects, before any model loads;
+cross-field checks live in each stage config's ``__post_init__``.
+
+A check raises :class:`rlhf_cli.errors.ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from rlhf_cli.errors import ConfigError
+
+
+def doc(default, help: str, **kw):
+    """A dataclass field with a default and a one-line doc."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value}); set {key}=<a positive number>")
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}; set {key}=<one of those>")
+
+
+# ---------------------------------------------------------------- shared groups
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = doc(None, "Hugging Face model dir or hub name; null = the embedded tiny model")
+    dtype: str = doc("fp32", "weights dtype: fp32, bf16 or fp16 (fp16 trains with loss scaling, CUDA only)")
+    trust_remote_code: bool = doc(False, "allow code shipped with the model to run (off: safe loading)")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+    max_length: int = doc(160, "max tokens of prompt + response; longer rows are truncated and counted")
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        _positive("model.max_length", self.max_length)
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = doc(None, "local .json/.jsonl/.parquet/.csv file or a datasets hub name; null = embedded task")
+    eval: Optional[str] = doc(None, "held-out rows, same formats; null = embedded task's held-out split")
+    train_split: str = doc("train", "split of data.train when it is a hub name")
+    eval_split: str = doc("test", "split of data.eval when it is a hub name")
+    subset: Optional[str] = doc(None, "dataset config name (subset) for hub datasets")
+    num_train: int = doc(4000, "embedded task: number of training rows")
+    num_eval: int = doc(200, "embedded task: number of held-out rows")
+    eval_limit: int = doc(200, "at most this many held-out rows are used per evaluation")
+
+    def __post_init__(self):
+        _positive("data.num_train", self.num_train)
+        _positive("data.num_eval", self.num_eval)
+        _positive("data.eval_limit", self.eval_limit)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(3e-3, "peak learning rate of AdamW")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: List[float] = doc([0.9, 0.95], "AdamW betas")
+    warmup_steps: int = doc(20, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = doc(0.1, "cosine decays to lr * min_lr_ratio")
+    max_grad_norm: Optional[float] = doc(1.0, "clip the global grad norm to this (null = no clipping)")
+    grad_accum: int = doc(1, "micro-batches accumulated per optimizer step")
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("optim.max_grad_norm", self.max_grad_norm)
+        _positive("optim.grad_accum", self.grad_accum)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {list(self.betas)}); e.g. optim.betas=[0.9,0.95]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = doc(100, "write a resumable checkpoint every N optimizer steps (and at the end)")
+    keep_last: int = doc(2, "keep this many newest complete checkpoints")
+
+    def __post_init__(self):
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class DeviceConfig:
+    type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
+    autocast: str = doc("none", "mixed precision autocast: none or bf16")
+    distributed: str = doc("ddp", "under torchrun: ddp (replicate) or fsdp (shard)")
+    threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
+
+    def __post_init__(self):
+        if not (self.type in ("auto", "cpu", "cuda") or self.type.startswith("cuda:")):
+            raise ConfigError(f"device.type={self.type!r} is not auto, cpu, cuda or cuda:N; e.g. device=cpu")
+        _choice("device.autocast", self.autocast, ("none", "bf16"))
+        _choice("device.distributed", self.distributed, ("ddp", "fsdp"))
+
+
+@dataclass
+class EvalConfig:
+    every: int = doc(100, "evaluate on held-out data every N steps (and at the start and end)")
+    max_new_tokens: int = doc(40, "generation length for held-out accuracy")
+    batch_size: int = doc(100, "prompts per generation batch in evaluation")
+    show_samples: int = doc(3, "sample generations printed at the end")
+
+    def __post_init__(self):
+        _positive("eval.every", self.every)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.batch_size", self.batch_size)
+
+
+# ---------------------------------------------------------------- stages
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = doc("runs/sft", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
+    seed: int = doc(0, "seed of every random generator")
+    max_steps: Optional[int] = doc(600, "optimizer steps; null = run epochs epochs")
+    epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
+    batch_size: int = doc(64, "sequences per micro-batch per device")
+    packing: bool = doc(False, "true: pack rows with a block-diagonal mask; false: length-bucketed padded batches")
+    log_every: int = doc(10, "log metrics every N steps")
+    model: ModelConfig = doc(ModelConfig, "the model to fine-tune")
+    data: DataConfig = doc(DataConfig, "training and held-out data (prompt/completion or messages rows)")
+    optim: OptimConfig = doc(OptimConfig, "optimizer and schedule")
+    eval: EvalConfig = doc(EvalConfig, "held-out evaluation")
+    checkpoint: CheckpointConfig = doc(CheckpointConfig, "resumable checkpoints")
+    device: DeviceConfig = doc(DeviceConfig, "device placement")
+
+    def __post_init__(self):
+        _positive("max_steps", self.max_steps)
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("log_every", self.log_every)
+
+
+@dataclass
+class TrainRMConfig:
+    output_dir: str = doc("runs/rm", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
+    seed: int = doc(0, "seed of every random generator")
+    max_steps: Optional[int] = doc(250, "optimizer steps; null = run epochs epochs")
+    epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
+    batch_size: int = doc(32, "preference pairs per micro-batch per device")
+    margin_from_data: bool = doc(True, "use a `margin` column when the data has one")
+    center_coef: float = doc(0.01, "reward-centering coefficient: + c * mean((r_c + r_r)^2)")
+    log_every: int = doc(10, "log metrics every N steps")
+    model: ModelConfig = doc(ModelConfig, "the causal LM (or sequence classifier) to turn into a reward model")
+    data: DataConfig = doc(DataConfig, "prompt/chosen/rejected rows")
+    optim: OptimConfig = doc(OptimConfig, "optimizer and schedule")
+    eval: EvalConfig = doc(EvalConfig, "held-out evaluation")
+    checkpoint: CheckpointConfig = doc(CheckpointConfig, "resumable checkpoints")
+    device: DeviceConfig = doc(DeviceConfig, "device placement")
+
+    def __post_init__(self):
+        _positive("max_steps", self.max_steps)
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("center_coef", self.center_coef, allow_zero=True)
+        _positive("log_every", self.log_every)
+
+
+@dataclass
+class PolicyConfig(ModelConfig):
+    """The policy: like `model`, plus nothing else for now."""
+
+
+@dataclass
+class ReferenceConfig:
+    path: Optional[str] = doc(None, "frozen reference model; null = the policy's initial weights")
+
+
+@dataclass
+class CriticConfig:
+    init: str = doc("reward", "critic backbone initialised from: reward (the reward model) or policy")
+    path: Optional[str] = doc(None, "explicit critic init path (overrides init)")
+    lr: Optional[float] = doc(None, "critic learning rate (null = optim.lr)")
+
+
+@dataclass
+class RewardModelConfig:
+    path: Optional[str] = doc(None, "reward model dir (a train-rm final/); null = no reward model")
+    weight: float = doc(1.0, "weight of the reward-model score in the total reward")
+    normalize: bool = doc(True, "standardise scores with the mean/std stored in the RM's manifest")
+
+
+@dataclass
+class RewardConfig:
+    model: RewardModelConfig = doc(RewardModelConfig, "the reward model source")
+    functions: List[str] = doc([], "rule rewards by dotted path 'module:function', each f(prompt, response, **row)")
+    function_weight: float = doc(1.0, "weight of each rule reward in the total reward")
+    no_stop_penalty: float = doc(0.0, "added to the score of a response that never emits the stop token")
+
+    def __post_init__(self):
+        for name in self.functions:
+            if ":" not in name:
+                raise ConfigError(f"reward.functions entry {name!r} is not 'module:function'; e.g. reward.functions=[mypkg.rewards:exact]")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = doc("reinforce", "reinforce, a2c or ppo")
+    advantage: str = doc("reinforce", "advantage estimator: reinforce (return-to-go - baseline), gae or nstep")
+    baseline: str = doc("group_norm", "REINFORCE baseline: none, mean, rloo or group_norm")
+    gamma: float = doc(1.0, "discount")
+    lam: float = doc(0.95, "GAE lambda")
+    nstep: int = doc(8, "n of n-step TD")
+    whiten_advantages: bool = doc(False, "whiten advantages over the batch's real tokens")
+    epochs: int = doc(1, "passes over each rollout batch (PPO: K epochs)")
+    minibatches: int = doc(1, "minibatches per pass (PPO: M)")
+    clip_low: float = doc(0.2, "PPO ratio clip below 1")
+    clip_high: float = doc(0.2, "PPO ratio clip above 1 (asymmetric clip allowed)")
+    value_clip: Optional[float] = doc(0.2, "PPO value clip range (null = unclipped)")
+    value_coef: float = doc(0.5, "weight of the value loss")
+    entropy_coef: float = doc(0.0, "weight of the entropy bonus")
+    target_kl: Optional[float] = doc(None, "PPO: stop the epochs early when approx KL passes this")
+
+    def __post_init__(self):
+        _choice("algorithm.name", self.name, ("reinforce", "a2c", "ppo"))
+        _choice("algorithm.advantage", self.advantage, ("reinforce", "gae", "nstep"))
+        _choice("algorithm.baseline", self.baseline, ("none", "mean", "rloo", "group_norm"))
+        _positive("algorithm.epochs", self.epochs)
+        _positive("algorithm.minibatches", self.minibatches)
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError("algorithm.gamma and algorithm.lam must be in [0, 1]")
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.advantage in ("gae", "nstep")
+
+
+@dataclass
+class KLConfig:
+    coef: float = doc(0.02, "initial KL coefficient beta")
+    estimator: str = doc("k1", "k1: penalty in the reward; k3: low-variance penalty in the loss")
+    target: Optional[float] = doc(None, "adaptive beta toward this KL per sequence (null = fixed beta)")
+    horizon: int = doc(10000, "adaptive KL horizon (Ziegler et al. 2019)")
+
+    def __post_init__(self):
+        _positive("kl.coef", self.coef, allow_zero=True)
+        _choice("kl.estimator", self.estimator, ("k1", "k3"))
+        _positive("kl.target", self.target)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = doc(16, "prompts sampled per RL step (global, all ranks)")
+    samples_per_prompt: int = doc(8, "K responses per prompt (groups for rloo / group_norm)")
+    max_new_tokens: int = doc(40, "response length limit")
+    temperature: float = doc(1.0, "sampling temperature; log-probs everywhere use logits / T")
+    top_k: Optional[int] = doc(None, "top-k sampling (biases the KL estimate; logged)")
+    top_p: Optional[float] = doc(None, "nucleus sampling (biases the KL estimate; logged)")
+
+    def __post_init__(self):
+        _positive("rollout.prompts_per_step", self.prompts_per_step)
+        _positive("rollout.samples_per_prompt", self.samples_per_prompt)
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        _positive("rollout.temperature", self.temperature)
+
+
+@dataclass
+class PlacementConfig:
+    policy: Optional[str] = doc(None, "device of the policy (null = device.type)")
+    reference: Optional[str] = doc(None, "device of the reference model (null = the policy's)")
+    reward: Optional[str] = doc(None, "device of the reward model (null = the policy's)")
+    critic: Optional[str] = doc(None, "device of the critic (null = the policy's)")
+
+
+@dataclass
+class RLConfig:
+    output_dir: str = doc("runs/rl", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
+    seed: int = doc(0, "seed of every random generator (offset by rank)")
+    max_steps: int = doc(60, "RL iterations (rollout + update)")
+    log_every: int = doc(1, "log metrics every N iterations")
+    policy: PolicyConfig = doc(PolicyConfig, "the policy to train (an SFT final/)")
+    reference: ReferenceConfig = doc(ReferenceConfig, "the frozen reference for the KL penalty")
+    critic: CriticConfig = doc(CriticConfig, "value model for a2c / ppo")
+    reward: RewardConfig = doc(RewardConfig, "reward sources")
+    algorithm: AlgorithmConfig = doc(AlgorithmConfig, "reinforce, a2c or ppo")
+    kl: KLConfig = doc(KLConfig, "KL penalty to the reference")
+    rollout: RolloutConfig = doc(RolloutConfig, "sampling")
+    data: DataConfig = doc(DataConfig, "prompt rows (other columns are passed to reward functions)")
+    optim: OptimConfig = doc(OptimConfig, "optimizer and schedule")
+    eval: EvalConfig = doc(EvalConfig, "held-out evaluation")
+    checkpoint: CheckpointConfig = doc(CheckpointConfig, "resumable checkpoints")
+    device: DeviceConfig = doc(DeviceConfig, "device placement")
+    placement: PlacementConfig = doc(PlacementConfig, "per-model devices")
+
+    def __post_init__(self):
+        _positive("max_steps", self.max_steps)
+        _positive("log_every", self.log_every)
+        if not self.reward.functions and not self.reward.model.path:
+            raise ConfigError("no reward source: set reward.model.path=<train-rm final/> and/or reward.functions=[module:function]")
+        algo = self.algorithm
+        if algo.name in ("a2c", "ppo") and not algo.needs_critic:
+            raise ConfigError(f"algorithm {algo.name} needs a critic: set algorithm.advantage=gae or nstep")
+        if algo.advantage == "reinforce" and algo.baseline in ("rloo", "group_norm") and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"algorithm.baseline={algo.baseline} needs rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
+        batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        if batch % algo.minibatches:
+            raise ConfigError(f"algorithm.minibatches={algo.minibatches} does not divide the rollout batch of {batch} "
+                              f"(rollout.prompts_per_step x rollout.samples_per_prompt); choose a divisor")
+        if algo.name != "ppo" and algo.epochs != 1:
+            raise ConfigError(f"{algo.name} makes one pass per rollout batch: set algorithm.epochs=1 (or algorithm=ppo)")
+
+
+STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "rl": RLConfig}
+STAGE_CONFIG_NAMES = {"sft": "sft", "train-rm": "train_rm", "rl": "rl"}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    for stage, schema in STAGE_SCHEMAS.items():
+        cs.store(name=f"{STAGE_CONFIG_NAMES[stage]}_schema", node=schema)
+
+
+def field_docs(schema, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field of a schema, for --help."""
+    rows = []
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        help_text = f.metadata.get("help", "")
+        ftype = f.type if not isinstance(f.type, str) else None
+        default_factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if default_factory is not None and dataclasses.is_dataclass(default_factory):
+            rows.extend(field_docs(default_factory, key + "."))
+            continue
+        default = default_factory() if default_factory is not None else f.default
+        rows.append((key, repr(default) if default is not None else "null", help_text))
+        del ftype
+    return rows
+
+
+def leaf_keys(schema) -> list[str]:
+    return [k for k, _, _ in field_docs(schema)]

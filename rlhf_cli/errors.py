@@ -1,0 +1,15 @@
+"""User-facing errors: one line, exit code 2, no traceback (the CLI formats them)."""
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad input, config, path. Message names the problem and the fix."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A config value or combination that cannot work; raised before any model loads."""
+
+
+class DataError(UserError):
+    """Missing, malformed or empty data."""

@@ -1,0 +1,259 @@
+"""Models through the real Hugging Face path: loading with one-line errors,
+response log-probs, scores read at the last real token, and KV-cache sampling.
+
+Masks always come from lengths, never from ``ids != pad_id`` (pad and stop
+tokens may coincide in a tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.runtime import DTYPES
+
+
+def _check_model_dir(path: str, key: str) -> None:
+    p = Path(path).expanduser()
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not p.exists():
+        raise UserError(f"{key}: {path} does not exist; point it at a model directory (e.g. runs/sft/final)")
+    if p.exists() and not (p / "config.json").exists():
+        raise UserError(f"{key}: {path} is not a Hugging Face model directory (no config.json)")
+
+
+def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_model_dir(path, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"{key}: could not load a tokenizer from {path}: {str(e).splitlines()[0][:200]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # allowed: masks come from lengths
+    if tok.eos_token_id is None:
+        raise UserError(f"{key}: the tokenizer at {path} has no EOS token; responses could never stop")
+    tok.padding_side = "left"
+    return tok
+
+
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_causal_lm(path: str, key: str, dtype: str = "fp32", device=None, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    _check_model_dir(path, key)
+    quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"{key}: {path} does not load as a causal LM: {str(e).splitlines()[0][:200]}") from None
+    return model.to(device) if device is not None else model
+
+
+def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None, trust_remote_code: bool = False):
+    """A sequence classifier with one output (reward model or critic). From a causal LM
+    checkpoint the head is new (zero-initialised so a fresh head scores 0)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _check_model_dir(path, key)
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        fresh_head = getattr(config, "num_labels", None) != 1 or not any(
+            a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"{key}: {path} does not load as a causal LM or sequence classifier: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    if fresh_head:
+        with torch.no_grad():
+            scalar_head(model).weight.zero_()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model.to(device) if device is not None else model
+
+
+def scalar_head(model) -> torch.nn.Linear:
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise UserError(f"{type(model).__name__} has no linear score head this tool knows (score / classifier)")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions counting real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_values(model, input_ids, attention_mask) -> torch.Tensor:
+    """Scalar head applied at every position: (B, L) float32. Critic values / RM scores."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return scalar_head(model)(hidden).squeeze(-1).float()
+
+
+def last_token_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """Reward-model score read at the last real token of each row, any padding side: (B,)."""
+    values = token_values(model, input_ids, attention_mask)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (positions * attention_mask.long()).argmax(-1)  # rightmost real token
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def response_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
+                      with_entropy: bool = False):
+    """log pi(token | prefix) of the response tokens, from logits / T.
+
+    input_ids: (B, P + T) with left-padded prompts of width P. Returns (B, T)
+    log-probs, and (B, T) entropies when asked.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    logits = logits[:, prompt_len - 1:-1].float() / temperature  # (B, T, V)
+    logp_all = F.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+    if not with_entropy:
+        return logprobs
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+@dataclass
+class Rollout:
+    """Sampled responses. prompt_ids (B, P) left-padded; response_ids (B, T)."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor  # 1 up to and including the first stop token
+    logprobs: torch.Tensor  # (B, T) under logits / T at sampling time
+    stopped: torch.Tensor  # (B,) bool: emitted the stop token
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], 1)
+
+
+def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 on tokens up to and including the first EOS; (mask (B,T) float, stopped (B,) bool)."""
+    is_eos = (tokens == eos_id).long()
+    before_or_at_first = (is_eos.cumsum(-1) - is_eos) == 0
+    return before_or_at_first.float(), is_eos.any(-1)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
+           temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+           top_k: int | None = None, top_p: float | None = None) -> Rollout:
+    """Batched sampling with a KV cache; stops as soon as every row has emitted EOS.
+
+    Log-probs are of the unfiltered distribution softmax(logits / T), the one
+    training uses (top-k / top-p bias the KL estimate; the RL stage logs that).
+    """
+    from transformers import DynamicCache
+
+    batch = prompt_ids.shape[0]
+    device = prompt_ids.device
+    mask = prompt_mask.long()
+    positions = position_ids_from_mask(mask)
+    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    cache_kw = {_cache_kwarg(model): cache}
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw)
+    next_pos = positions[:, -1] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float() / temperature  # (B, V)
+        logp_all = F.log_softmax(logits, dim=-1)
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            filtered = _top_k_top_p(logits, top_k, top_p)
+            token = torch.multinomial(F.softmax(filtered, -1), 1, generator=generator).squeeze(-1)
+        logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logps.append(logp)
+        done = done | (token == eos_id)
+        if bool(done.all()):  # sync point: stop when every row has stopped
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    use_cache=True, **cache_kw)
+        next_pos = next_pos + 1
+    response = torch.stack(tokens, 1)
+    response_mask, stopped = response_mask_from_tokens(response, eos_id)
+    response = torch.where(response_mask.bool(), response, torch.full_like(response, pad_id))
+    logprobs = torch.stack(logps, 1) * response_mask
+    return Rollout(prompt_ids, prompt_mask.long(), response, response_mask, logprobs, stopped)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renames `past_key_values` to `cache`; use whichever forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _top_k_top_p(logits, top_k, top_p):
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = F.softmax(sorted_logits, -1).cumsum(-1)
+        remove = cum - F.softmax(sorted_logits, -1) > top_p
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    lengths = rollout.response_mask.sum(-1).long().tolist()
+    texts = []
+    for ids, n, stopped in zip(rollout.response_ids.tolist(), lengths, rollout.stopped.tolist()):
+        ids = ids[: n - 1] if stopped else ids[:n]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy completions of prompt texts (evaluation)."""
+    from rlhf_cli.data import encode, left_pad
+
+    was_training = model.training
+    model.eval()
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = left_pad([encode(tokenizer, p) for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
+        rollout = sample(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
+                         tokenizer.pad_token_id, greedy=True)
+        texts.extend(decode_responses(tokenizer, rollout))
+    model.train(was_training)
+    return texts
+
+
+def model_summary(path: str) -> dict:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
