@@ -18,10 +18,9 @@ from __future__ import annotations
 import random
 import re
 
-PROMPT_PREFIX = "Solve mod 10: "
 ANSWER_PREFIX = "Answer: "
 SLIP_PROB = 0.6
-MIN_STEPS, MAX_STEPS = 2, 4
+MIN_STEPS, MAX_STEPS = 3, 3
 OPERAND_RANGE = (1, 3)
 _STEP_RE = re.compile(r"(\d)([+-])(\d)=(\d)")
 
@@ -38,7 +37,7 @@ def sample_problem(rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
 
 
 def format_prompt(start: int, ops: list[tuple[str, int]]) -> str:
-    return PROMPT_PREFIX + str(start) + "".join(f"{op}{b}" for op, b in ops) + "\n"
+    return f"Start at {start}." + "".join(f" {'add' if op == '+' else 'sub'} {b}." for op, b in ops) + "\n"
 
 
 def true_answer(start: int, ops: list[tuple[str, int]]) -> int:
