@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     overrides, hydra_args = split_args(rest)
     multirun = any(a in ("-m", "--multirun") for a in hydra_args)
     validate(stage, overrides, multirun)
+    if multirun:  # name each job's dir by the swept keys only: runs/rl/algorithm=ppo,seed=1
+        fixed = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "," not in o.split("=", 1)[-1]
+                 and not o.startswith("hydra.")]
+        overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(['output_dir'] + fixed)}]")
     if os.environ.get("RANK", "0") != "0":
         overrides.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
     run_hydra(stage, overrides, hydra_args)
@@ -179,9 +183,19 @@ def validate(stage: str, overrides: list[str], multirun: bool) -> None:
     combos = expand_sweeps(overrides) if multirun else [overrides]
     for combo in combos:
         try:
-            compose_config(stage, combo)
+            cfg = compose_config(stage, combo)
         except Exception as e:  # one line, named key, closest valid key
             fail(explain_config_error(stage, e, combo))
+        check_output_dir(cfg.output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Hydra creates the run dir before the stage runs: make sure it can."""
+    p = Path(output_dir).expanduser().absolute()
+    existing = next(a for a in [p, *p.parents] if a.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"output_dir {output_dir} is not writable ({existing} is "
+             f"{'not a directory' if not existing.is_dir() else 'read-only'}); choose another output_dir=...")
 
 
 def explain_config_error(stage: str, exc: Exception, overrides: list[str]) -> str:

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny real models saved as Hugging Face dirs, and the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m rlhf_cli ARGS` in cwd; output captured as text."""
+    full_env = {**os.environ, "RLHF_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    """Exit 2, no traceback, and an `error:` line naming the problem."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out, out
+    error_lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, out
+    assert fragment.lower() in out.lower().replace("\n", " "), out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The embedded tiny Llama + byte tokenizer, saved and loaded like any HF model."""
+    from rlhf_cli.embedded import write_embedded_base
+
+    return write_embedded_base(tmp_path_factory.mktemp("tiny") / "base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory) -> Path:
+    """The default `rlhf sft` on the embedded task (about 40 s): the demo's SFT checkpoint."""
+    root = tmp_path_factory.mktemp("sft_default")
+    proc = run_cli("sft", f"output_dir={root / 'run'}", cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root / "run"
