@@ -230,6 +230,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
 
         # ------------------------------------------------------------ 4. update
         update_stats: dict[str, list[float]] = {}
+        first_mb: dict[str, float] = {}
         n_rows = input_ids.shape[0]
         mb_size = n_rows // a.minibatches
         stop_early = False
@@ -243,6 +244,11 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
                 if a.name == "ppo":
                     pg_loss, pg_stats = algo.ppo_policy_loss(logprobs, logprobs_old[idx], advantages[idx], mb_mask,
                                                              a.clip_low, a.clip_high)
+                    if epoch == 0 and m == 0:  # checklist 2: ratio 1, clip 0, approx-KL 0 before any update
+                        ratio_dev = ((logprobs.detach() - logprobs_old[idx]).exp() - 1).abs() * mb_mask
+                        first_mb = {"first_mb_ratio_dev": float(ratio_dev.max()),
+                                    "first_mb_clip_frac": float(pg_stats["clip_frac"]),
+                                    "first_mb_approx_kl": float(pg_stats["approx_kl"])}
                 else:
                     pg_loss = algo.policy_gradient_loss(logprobs, advantages[idx], mb_mask)
                     pg_stats = {}
@@ -259,7 +265,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
                     update_stats.setdefault("value_loss", []).append(float(v_loss))
                 loss.backward()
                 params = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
-                grad_norm, applied = guard.step(params, optimizer, float(loss))
+                grad_norm, applied = guard.step(params, optimizer, float(loss.detach()))
                 update_stats.setdefault("loss", []).append(float(loss))
                 update_stats.setdefault("grad_norm", []).append(grad_norm)
                 update_stats.setdefault("entropy", []).append(float(entropy_mean))
@@ -281,7 +287,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
             "score": float(scores.mean()), **{k: float(v) for k, v in score_stats.items()},
             "reward_with_kl": float(rewards.sum(-1).mean()), "kl": seq_kl, "kl_coef": beta,
             "response_len": float(mask.sum(-1).mean()), "stop_fraction": float(rollout.stopped.float().mean()),
-            **{k: sum(v) / len(v) for k, v in update_stats.items()},
+            **{k: sum(v) / len(v) for k, v in update_stats.items()}, **first_mb,
             "samples_per_s": n_rows * rt.world_size / (t3 - t0),
             "tokens_per_s": float(mask.sum()) * rt.world_size / (t3 - t0),
             "time_rollout_frac": (t1 - t0) / (t3 - t0), "time_score_frac": (t2 - t1) / (t3 - t0),

@@ -1,0 +1,237 @@
+"""`rlhf rl`: the ALGORITHMS.md checklist on real tiny models, end-to-end learning, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_one_line_error, run_cli
+from rlhf_cli import data, task
+from rlhf_cli.modeling import (load_causal_lm, load_tokenizer, response_logprobs, response_mask_from_tokens,
+                               sample)
+from rlhf_cli.stages.rl import frozen
+from rlhf_cli.training import StepGuard
+
+SMALL = ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "eval.every=1000", "data.num_eval=20",
+         "data.num_train=200", "log_every=1"]
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir), "p"), frozen(load_causal_lm(str(tiny_model_dir), "p"))
+
+
+def _prompts(tok, n=4):
+    rows = task.prompt_rows(n, split="eval")
+    return data.left_pad([data.encode(tok, r["prompt"]) for r in rows], tok.pad_token_id)
+
+
+# --- checklist 3, 4, 5, 6: sampling, temperature, padding, stop tokens
+
+def test_logprobs_come_from_logits_over_temperature_everywhere(policy):
+    tok, model = policy
+    ids, mask = _prompts(tok)
+    g = torch.Generator().manual_seed(0)
+    rollout = sample(model, ids, mask, 12, tok.eos_token_id, tok.pad_token_id, temperature=0.7, generator=g)
+    P = ids.shape[1]
+    at_t = response_logprobs(model, rollout.input_ids, rollout.attention_mask, P, temperature=0.7)
+    at_1 = response_logprobs(model, rollout.input_ids, rollout.attention_mask, P, temperature=1.0)
+    m = rollout.response_mask.bool()
+    assert torch.allclose(at_t[m], rollout.logprobs[m], atol=1e-5)  # rollout == training forward
+    assert not torch.allclose(at_1[m], rollout.logprobs[m], atol=1e-3)
+
+
+def test_sampling_is_pure_and_matches_the_model_distribution(policy):
+    """Without top-k/top-p the empirical first-token distribution matches softmax(logits / T)."""
+    tok, model = policy
+    ids, mask = _prompts(tok, 1)
+    n = 4000
+    g = torch.Generator().manual_seed(1)
+    rollout = sample(model, ids.repeat(n, 1), mask.repeat(n, 1), 1, tok.eos_token_id, tok.pad_token_id,
+                     temperature=1.3, generator=g)
+    probs = torch.softmax(model(input_ids=ids, attention_mask=mask).logits[0, -1] / 1.3, -1)
+    counts = torch.bincount(rollout.response_ids[:, 0], minlength=probs.numel()).float() / n
+    assert (counts - probs).abs().max() < 0.03
+
+
+def test_left_padding_does_not_change_logprobs(policy):
+    tok, model = policy
+    seq = data.encode(tok, "Start at 3. add 1. sub 2. add 3.\n3+1=4. 4-2=2.")
+    prompt_len = 33
+    plain = torch.tensor([seq])
+    padded_ids, padded_mask = data.left_pad([seq, seq + [0] * 5], tok.pad_token_id)  # row 0 gets 5 left pads
+    a = response_logprobs(model, plain, torch.ones_like(plain), prompt_len)
+    b = response_logprobs(model, padded_ids[:1], padded_mask[:1], prompt_len + 5)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_masks_come_from_lengths_even_when_pad_equals_eos():
+    eos = pad = 7
+    tokens = torch.tensor([[1, 2, eos, pad, pad], [eos, pad, pad, pad, pad], [1, 2, 3, 4, 5]])
+    mask, stopped = response_mask_from_tokens(tokens, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert stopped.tolist() == [True, True, False]
+
+
+def test_generation_stops_when_every_row_has_stopped(policy):
+    tok, model = policy
+    ids, mask = _prompts(tok)
+    # force EOS: a model whose lm_head always prefers EOS
+    import copy
+    eager = copy.deepcopy(model)
+    with torch.no_grad():
+        eager.lm_head.weight.zero_()
+        eager.lm_head.weight[tok.eos_token_id] = 0  # keep tied embedding untouched beyond zeroing
+        eager.lm_head.bias = None
+    bias_logits = torch.zeros(eager.config.vocab_size)
+    bias_logits[tok.eos_token_id] = 50.0
+    eager.lm_head.register_forward_hook(lambda mod, inp, out: out + bias_logits)
+    rollout = sample(eager, ids, mask, 30, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    assert rollout.response_ids.shape[1] == 1  # stopped after the first token, not 30
+    assert rollout.stopped.all() and rollout.response_mask.sum() == ids.shape[0]
+
+
+# --- checklist 11, 12
+
+def test_frozen_reference_has_no_gradients_and_is_in_eval_mode(policy):
+    _, model = policy
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_gradient_clipping_reports_the_pre_clip_norm():
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([w], lr=1.0)
+    (w * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum().backward()
+    norm, applied = StepGuard(max_grad_norm=1.0).step([w], opt, 0.0)
+    assert applied and abs(norm - 5.0) < 1e-6
+    assert torch.allclose(w.detach(), -torch.tensor([0.6, 0.8, 0.0, 0.0]))  # the step used the clipped gradient
+
+
+def test_non_finite_steps_are_not_applied():
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=1.0)
+    guard = StepGuard(max_grad_norm=1.0, max_bad_steps=2)
+    (w * float("nan")).sum().backward()
+    _, applied = guard.step([w], opt, float("nan"))
+    assert not applied and torch.equal(w.detach(), torch.ones(2))
+
+
+# --- end to end: each algorithm raises held-out accuracy over the SFT checkpoint
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "a2c", "ppo"])
+def test_each_algorithm_raises_held_out_accuracy(sft_run, tmp_path, algorithm):
+    out = tmp_path / "rl"
+    proc = run_cli("rl", f"algorithm={algorithm}", f"policy.path={sft_run / 'final'}", f"output_dir={out}",
+                   "max_steps=25", "eval.every=1000", "data.num_eval=100", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    before, after = manifest["metrics_before"]["eval_accuracy"], manifest["metrics"]["eval_accuracy"]
+    assert after >= before + 0.30, (before, after)
+    train = [r for r in metrics(out) if r["kind"] == "train"]
+    for key in ("score", "kl", "entropy", "response_len", "stop_fraction", "grad_norm", "tokens_per_s", "kl_coef"):
+        assert key in train[-1], key  # checklist 15
+    if algorithm != "reinforce":
+        assert "value_loss" in train[-1] and "explained_variance" in train[-1]
+    if algorithm == "ppo":
+        assert "clip_frac" in train[-1] and "ratio_mean" in train[-1]
+    assert manifest["sft_run"] == str(sft_run.resolve())
+    # the reference stayed the SFT model: the policy moved, so KL > 0
+    assert train[-1]["kl"] > 0
+
+
+def test_ppo_first_minibatch_has_ratio_one_even_with_dropout_in_the_config(tmp_path, tiny_model_dir):
+    """Checklist 1 + 2: dropout is off in every model during RL, so the first minibatch's ratio is exactly 1."""
+    from transformers import AutoModelForCausalLM
+
+    dropout_dir = tmp_path / "dropout_model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5)
+    model.save_pretrained(dropout_dir)
+    load_tokenizer(str(tiny_model_dir), "t").save_pretrained(dropout_dir)
+    out = tmp_path / "rl"
+    proc = run_cli("rl", "algorithm=ppo", f"policy.path={dropout_dir}", f"output_dir={out}", "max_steps=3",
+                   "algorithm.epochs=2", "algorithm.minibatches=2", "rollout.max_new_tokens=12", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    train = [r for r in metrics(out) if r["kind"] == "train"]
+    assert len(train) == 3
+    for r in train:
+        assert r["first_mb_ratio_dev"] < 1e-5 and r["first_mb_clip_frac"] == 0 and abs(r["first_mb_approx_kl"]) < 1e-6
+
+
+def test_reference_is_frozen_and_final_loads(sft_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sft_before = load_file(sft_run / "final" / "model.safetensors")
+    out = tmp_path / "rl"
+    proc = run_cli("rl", f"policy.path={sft_run / 'final'}", f"output_dir={out}", "max_steps=2", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rl = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert any(not torch.equal(sft_before[k], rl[k]) for k in sft_before)  # the policy trained
+    sft_after = load_file(sft_run / "final" / "model.safetensors")
+    assert all(torch.equal(sft_before[k], sft_after[k]) for k in sft_before)  # its source was never written
+
+
+def test_rl_resume_gives_identical_weights(sft_run, tmp_path):
+    common = ["algorithm=ppo", f"policy.path={sft_run / 'final'}", "kl.target=0.05", "checkpoint.every=2", *SMALL]
+    straight = run_cli("rl", f"output_dir={tmp_path / 'a'}", "max_steps=4", *common, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    for steps in (2, 4):
+        proc = run_cli("rl", f"output_dir={tmp_path / 'b'}", f"max_steps={steps}", *common, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    kl_a = [r["kl_coef"] for r in metrics(tmp_path / "a") if r["kind"] == "train"]
+    kl_b = [r["kl_coef"] for r in metrics(tmp_path / "b") if r["kind"] == "train"]
+    assert kl_a == kl_b and len(set(kl_a)) > 1  # the adaptive KL state resumed too
+
+
+def _reward_module(tmp_path, body: str) -> dict:
+    (tmp_path / "myrewards.py").write_text(body)
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ("def score(prompt, response, **row):\n    raise RuntimeError('boom')\n", "raised RuntimeError: boom (prompt"),
+    ("def score(prompt, response, **row):\n    return 'high'\n", "not a finite number (prompt"),
+])
+def test_bad_reward_functions_name_the_prompt(tmp_path, tiny_model_dir, body, fragment):
+    env = _reward_module(tmp_path, body)
+    proc = run_cli("rl", f"policy.path={tiny_model_dir}", "reward.functions=[myrewards:score]", "output_dir=out",
+                   "max_steps=1", "rollout.max_new_tokens=4", *SMALL, cwd=tmp_path, env=env)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out" / "final").exists()
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["reward.functions=[]"], "no reward source"),
+    (["reward.functions=[nosuchmodule:f]"], "cannot import module 'nosuchmodule'"),
+    (["reward.functions=[rlhf_cli.task:nosuch]"], "has no function 'nosuch'"),
+    (["algorithm.baseline=rloo", "rollout.samples_per_prompt=1"], "samples_per_prompt >= 2"),
+    (["algorithm=ppo", "algorithm.minibatches=3"], "does not divide"),
+    (["algorithm=reinforce", "algorithm.epochs=2"], "one pass"),
+])
+def test_rl_config_errors(tmp_path, tiny_model_dir, overrides, fragment):
+    proc = run_cli("rl", f"policy.path={tiny_model_dir}", "output_dir=out", "max_steps=1", *overrides, cwd=tmp_path)
+    assert_one_line_error(proc, fragment)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model_dir):
+    from rlhf_cli.embedded import build_tokenizer
+
+    other = tmp_path / "other_tok_model"
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(other)
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.save_pretrained(other)
+    proc = run_cli("rl", f"policy.path={tiny_model_dir}", "reward=rm", f"reward.model.path={other}", "output_dir=out",
+                   "max_steps=1", *SMALL, cwd=tmp_path)
+    assert_one_line_error(proc, "different tokenizer")
