@@ -125,6 +125,8 @@ class EvalConfig:
     max_new_tokens: int = doc(40, "generation length for held-out accuracy")
     batch_size: int = doc(100, "prompts per generation batch in evaluation")
     show_samples: int = doc(3, "sample generations printed at the end")
+    rule: Optional[str] = doc("rlhf_cli.task:correctness_reward",
+                              "held-out accuracy rule 'module:function' f(prompt, response, **row) -> 0/1; null = none")
 
     def __post_init__(self):
         _positive("eval.every", self.every)

@@ -104,20 +104,27 @@ def restore_trainer_state(state: dict, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
-def held_out_accuracy(model, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device,
-                      reward_fn=None) -> tuple[float | None, list[tuple[str, str, str]], float]:
-    """Greedy generation on held-out prompts checked by the task's rule.
+DEFAULT_RULE = "rlhf_cli.task:correctness_reward"
 
-    Returns (accuracy or None when rows carry no `answer`, sample rows, mean response chars).
+
+def held_out_accuracy(model, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device
+                      ) -> tuple[float | None, list[tuple[str, str, str]], float]:
+    """Greedy generation on held-out prompts checked by eval.rule (the task's rule by default).
+
+    Returns (accuracy, or None when there is no rule or the default rule has no
+    `answer` column to check; sample rows; mean response chars).
     """
-    from rlhf_cli import task
     from rlhf_cli.modeling import generate_texts
-    from rlhf_cli.rewards import row_kwargs
+    from rlhf_cli.rewards import call_reward, import_reward_function
 
-    reward_fn = reward_fn or task.correctness_reward
     responses = generate_texts(model, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, device)
-    has_answer = all("answer" in r for r in rows)
-    checks = [reward_fn(p, resp, **row_kwargs(r)) for p, resp, r in zip(prompts, responses, rows)] if has_answer else []
+    rule = eval_cfg.rule
+    if rule == DEFAULT_RULE and not all("answer" in r for r in rows):
+        rule = None
+    checks = []
+    if rule:
+        fn = import_reward_function(rule, "eval.rule")
+        checks = [call_reward(fn, rule, p, resp, r) for p, resp, r in zip(prompts, responses, rows)]
     accuracy = sum(checks) / len(checks) if checks else None
     samples = [(p, resp, ("right" if c else "wrong") if checks else "")
                for p, resp, c in zip(prompts, responses, checks or [None] * len(prompts))][: eval_cfg.show_samples]

@@ -127,7 +127,8 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         indices = sampler.take(global_batch)  # every rank draws the same global batch ...
         chunks = [indices[i:i + cfg.batch_size] for i in range(0, global_batch, cfg.batch_size)]
         mine = chunks[rt.rank::rt.world_size]  # ... and takes its own micro-batches
-        global_tokens = sum(len(train_examples[i].completion_ids) for i in indices)
+        global_tokens = sum(len(train_examples[i].completion_ids) for i in indices)  # loss normaliser
+        global_seq_tokens = sum(train_examples[i].length for i in indices)
         loss_total, padded_tokens, real_tokens = 0.0, 0, 0
         for micro, chunk in enumerate(mine):
             batch = make_batch([train_examples[i] for i in chunk], cfg, tokenizer.pad_token_id)
@@ -149,7 +150,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
             tracker.log(step, {"loss": loss_total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                "applied": int(applied), "epoch": sampler.epoch,
                                "pad_fraction": 1 - real_tokens / padded_tokens,
-                               "tokens_per_s": throughput.rate(global_tokens * cfg.log_every)})
+                               "tokens_per_s": throughput.rate(global_seq_tokens * cfg.log_every)})
         else:
             tracker.advance(step)
         if step % cfg.eval.every == 0 or step == total_steps:
