@@ -108,11 +108,11 @@ DEFAULT_RULE = "rlhf_cli.task:correctness_reward"
 
 
 def held_out_accuracy(model, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device
-                      ) -> tuple[float | None, list[tuple[str, str, str]], float]:
+                      ) -> tuple[float | None, list[tuple[str, str, str]], float, list[str]]:
     """Greedy generation on held-out prompts checked by eval.rule (the task's rule by default).
 
     Returns (accuracy, or None when there is no rule or the default rule has no
-    `answer` column to check; sample rows; mean response chars).
+    `answer` column to check; sample rows; mean response chars; the responses).
     """
     from rlhf_cli.modeling import generate_texts
     from rlhf_cli.rewards import call_reward, import_reward_function
@@ -129,7 +129,7 @@ def held_out_accuracy(model, tokenizer, rows: list[dict], prompts: list[str], ev
     samples = [(p, resp, ("right" if c else "wrong") if checks else "")
                for p, resp, c in zip(prompts, responses, checks or [None] * len(prompts))][: eval_cfg.show_samples]
     mean_len = sum(len(r) for r in responses) / max(1, len(responses))
-    return accuracy, samples, mean_len
+    return accuracy, samples, mean_len, responses
 
 
 class Throughput:

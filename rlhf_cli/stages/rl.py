@@ -23,7 +23,7 @@ from rlhf_cli import checkpoint, data, runtime, training
 from rlhf_cli.checkpoint import RunDir
 from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.modeling import (Rollout, decode_responses, last_token_scores, load_causal_lm, load_scalar_head_model,
-                               load_tokenizer, response_logprobs, sample, token_values)
+                               load_tokenizer, response_logprobs, sample, score_texts, token_values)
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tracking import Tracker
 
@@ -177,10 +177,14 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
     def evaluate() -> dict:
         if not rt.is_main:
             return {}
-        accuracy, samples, mean_len = training.held_out_accuracy(policy, tokenizer, eval_rows, eval_prompts, cfg.eval, dev_policy)
+        accuracy, samples, mean_len, responses = training.held_out_accuracy(
+            policy, tokenizer, eval_rows, eval_prompts, cfg.eval, dev_policy)
         metrics = {"eval_response_chars": mean_len, "_samples": samples}
         if accuracy is not None:
             metrics["eval_accuracy"] = accuracy
+        if reward_model is not None:  # the RM's (normalised) score of the greedy held-out responses
+            rm_scores = score_texts(reward_model, tokenizer, eval_prompts, responses, dev_reward)
+            metrics["eval_rm_score"] = float(((rm_scores - rm_mean) / rm_std).mean())
         return metrics
 
     before = evaluate() if step == 0 else {}

@@ -108,7 +108,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
     def evaluate() -> dict:
         if not rt.is_main:
             return {}
-        accuracy, samples, mean_len = training.held_out_accuracy(model, tokenizer, eval_rows, eval_prompts, cfg.eval, rt.device)
+        accuracy, samples, mean_len, _ = training.held_out_accuracy(model, tokenizer, eval_rows, eval_prompts, cfg.eval, rt.device)
         metrics = {"eval_loss": eval_loss(model, eval_examples, cfg, tokenizer.pad_token_id, rt.device),
                    "eval_response_chars": mean_len}
         if accuracy is not None:

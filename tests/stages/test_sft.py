@@ -121,3 +121,12 @@ def test_chat_messages_rows_use_the_chat_template(tmp_path, tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir), "model.path")
     prompt, completion = data.split_sft_row(tok, rows[0], 0, "data.train")
     assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>") and completion == rows[0]["messages"][1]["content"]
+
+
+def test_gradient_checkpointing_and_bf16_autocast_run(tmp_path):
+    proc = run_cli("sft", f"output_dir={tmp_path / 'r'}", "max_steps=2", *QUICK, "model.gradient_checkpointing=true",
+                   "device.autocast=bf16", "device=cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
