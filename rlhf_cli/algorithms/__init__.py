@@ -67,3 +67,4 @@ __all__ = [
     "token_rewards",
     "value_loss",
 ]
+from rlhf_cli.algorithms.reward import REWARD_LOSSES, pairwise_loss  # noqa: E402  (train-rm)
