@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs", help="directory for the three run dirs")
     parser.add_argument("--algorithm", default="ppo", choices=["reinforce", "a2c", "ppo"])
-    parser.add_argument("--reward", default="rm", choices=["rule", "rm", "rule_rm"])
+    parser.add_argument("--reward", default="rule_rm", choices=["rule", "rm", "rule_rm"])
     args = parser.parse_args()
     console = Console()
     runs = Path(args.runs)
