@@ -23,6 +23,7 @@ def load_rows(spec: str, key: str, split: str = "train", subset: str | None = No
     """A local json/jsonl/parquet/csv file or a hub dataset name -> list of row dicts."""
     import datasets
 
+    datasets.disable_progress_bars()  # a bad-input error stays the only line on stderr
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if path.exists() or suffix in LOCAL_FORMATS or "/" in spec and spec.startswith((".", "/", "~")):
