@@ -3,27 +3,37 @@
 A checkpoint is complete or invisible: files are written under a temporary
 name, fsynced, checksummed in manifest.json and renamed into place. Loading
 verifies the checksums and falls back to an older checkpoint when one is
-corrupt. Trainer state is read with ``torch.load(weights_only=True)``;
-weights are safetensors.
+corrupt; pruning (checkpoint.keep_last) never removes the last one that
+verifies. Trainer state is read with ``torch.load(weights_only=True)``;
+weights are safetensors. A write that fails (disk full) is a one-line error
+that leaves the previous checkpoints as they were.
+
+The run dir is locked with an exclusive ``flock`` on ``<run>/.lock`` (pid and
+host inside, for the message). The kernel drops it when the process dies, kill
+-9 included, so a lock left by a dead run is taken over without a question.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import socket
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rlhf_cli.errors import UserError
 
-# Keys that may change between a run and its resumption (run length, cadence).
-RUN_LENGTH_KEYS = ("max_steps", "epochs", "log_every", "eval.", "checkpoint.", "device.threads", "data.eval_limit")
+# Keys that may change between a run and its resumption (run length, cadence; lora.save only shapes final/).
+RUN_LENGTH_KEYS = ("max_steps", "epochs", "log_every", "eval.", "checkpoint.", "device.threads", "data.eval_limit", "logging.",
+                   "lora.save")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,9 +92,14 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise UserError(f"output_dir {self.root} is not writable ({e.strerror}); choose another output_dir=...") from None
+        self._lock_fd = None
         if is_main:
-            self._check_config(config)
-            self._lock()
+            self._lock()  # before the config check: a refused second run must not touch the first one's files
+            try:
+                self._check_config(config)
+            except BaseException:
+                self.release()
+                raise
 
     # -- config: a rerun must be the same experiment
     def _check_config(self, config: dict) -> None:
@@ -102,6 +117,29 @@ class RunDir:
 
     def _lock(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        for _ in range(10):
+            fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse(_read_lock(self.lock_path))
+            except OSError:  # this filesystem has no flock: fall back to the pid in the file
+                os.close(fd)
+                return self._lock_by_pid(me)
+            try:  # the previous holder may have removed the file between our open and flock
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(me).encode())
+                self._lock_fd = fd
+                return
+            os.close(fd)
+        raise UserError(f"could not lock {self.lock_path}; another run keeps taking it")
+
+    def _lock_by_pid(self, me: dict) -> None:
         for _ in range(2):
             try:
                 fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -109,18 +147,25 @@ class RunDir:
                     json.dump(me, f)
                 return
             except FileExistsError:
-                try:
-                    other = json.loads(self.lock_path.read_text())
-                except (OSError, ValueError):
-                    other = {}
+                other = _read_lock(self.lock_path)
                 if other.get("host") == me["host"] and not _pid_alive(other.get("pid", -1)):
                     self.lock_path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
-                raise UserError(f"{self.root} is in use by another run (pid {other.get('pid')} on {other.get('host')}); "
-                                f"wait for it, or delete {self.lock_path} if that run is gone") from None
+                self._refuse(other)
+        self._refuse(_read_lock(self.lock_path))  # another run took the stale lock first
+
+    def _refuse(self, other: dict) -> None:
+        raise UserError(f"{self.root} is in use by another run (pid {other.get('pid')} on {other.get('host')}); "
+                        f"wait for it or stop it, or choose another output_dir=...") from None
 
     def release(self) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        if self._lock_fd is not None:
+            self.lock_path.unlink(missing_ok=True)  # while still holding it, so nobody locks a removed file
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        elif self.lock_path.exists() and _read_lock(self.lock_path).get("pid") == os.getpid():
             self.lock_path.unlink(missing_ok=True)
 
     # -- checkpoints
@@ -129,25 +174,33 @@ class RunDir:
         final = self.checkpoints / f"step-{step:06d}"
         tmp = self.checkpoints / f".tmp-step-{step:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        files = {}
-        for name, sd in tensors.items():
-            path = tmp / f"{name}.safetensors"
-            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}, str(path))  # copies untie shared weights
-            files[path.name] = path
-        state_path = tmp / "trainer_state.pt"
-        torch.save(state, state_path)
-        files[state_path.name] = state_path
-        for path in files.values():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-        manifest = {"step": step, "stage": self.stage, "files": {n: _sha256(p) for n, p in files.items()}}
-        write_json(tmp / "manifest.json", manifest)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        try:
+            tmp.mkdir(parents=True)
+            files = {}
+            for name, sd in tensors.items():
+                path = tmp / f"{name}.safetensors"
+                save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}, str(path))  # copies untie shared weights
+                files[path.name] = path
+            state_path = tmp / "trainer_state.pt"
+            torch.save(state, state_path)
+            files[state_path.name] = state_path
+            for path in files.values():
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+            manifest = {"step": step, "stage": self.stage, "files": {n: _sha256(p) for n, p in files.items()}}
+            write_json(tmp / "manifest.json", manifest)
+            _fsync_dir(tmp)
+        except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, I/O error: nothing half-written stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not write checkpoint {final} (disk full or over quota? {_free(self.checkpoints)}): "
+                            f"{_first_line(e)[:160]}; free space or choose another output_dir=..., then rerun: it "
+                            f"resumes from the last complete checkpoint") from None
+        old = self.checkpoints / f".tmp-old-{final.name}-{os.getpid()}"
+        if final.exists():  # a step redone after resuming from an older checkpoint
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(self.checkpoints)
+        shutil.rmtree(old, ignore_errors=True)
         self._prune(keep_last)
         return final
 
@@ -155,9 +208,15 @@ class RunDir:
         return sorted(p for p in self.checkpoints.glob("step-*") if (p / "manifest.json").exists())
 
     def _prune(self, keep_last: int) -> None:
-        good = self._complete()
-        for old in good[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Keep the newest `keep_last` complete checkpoints, and never delete the newest one that verifies:
+        when none of the kept ones does (a corrupt newest with keep_last=1), the newest good older one stays."""
+        complete = self._complete()
+        keep = complete[-keep_last:]
+        if not any(self.verify(c) for c in reversed(keep)):  # usually one hash pass over the newest
+            keep += [next((c for c in reversed(complete[:-keep_last]) if self.verify(c)), None)]
+        for old in complete:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
         for tmp in self.checkpoints.glob(".tmp-*"):
             if not tmp.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -180,18 +239,37 @@ class RunDir:
 
     @staticmethod
     def load(ckpt: Path, names: list[str], map_location="cpu") -> tuple[dict, dict]:
+        """Weights through safetensors; trainer state through torch.load(weights_only=True), which
+        refuses anything but tensors and plain containers (no pickled code runs)."""
+        missing = [n for n in names if not (ckpt / f"{n}.safetensors").exists()]
+        if missing:
+            raise UserError(f"checkpoint {ckpt} has no {', '.join(missing)} weights; it was written by another "
+                            f"kind of run: use a new output_dir=...")
         tensors = {n: load_file(str(ckpt / f"{n}.safetensors"), device=str(map_location)) for n in names}
-        state = torch.load(ckpt / "trainer_state.pt", map_location=map_location, weights_only=True)
+        try:
+            state = torch.load(ckpt / "trainer_state.pt", map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"checkpoint {ckpt}/trainer_state.pt holds more than tensors and plain data, so "
+                            f"safe loading refused it ({_first_line(e)[:120]}); delete {ckpt} to resume from an "
+                            f"older checkpoint") from None
         return tensors, state
 
     # -- final/
-    def save_final(self, model, tokenizer, manifest: dict) -> Path:
+    def save_final(self, model, tokenizer, manifest: dict, state_dict: dict | None = None) -> Path:
+        """state_dict: the full weights when the model's own are sharded (FSDP2, gathered to rank 0)."""
+        for stale in [*self.root.glob(".tmp-final-*"), *self.root.glob(".old-final-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (we hold the lock)
         tmp = self.root / f".tmp-final-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "manifest.json", manifest)
-        _fsync_dir(tmp)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "manifest.json", manifest)
+            _fsync_dir(tmp)
+        except (OSError, RuntimeError, SafetensorError) as e:  # disk full: no final/ at all, checkpoints intact
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not write {self.final} (disk full or over quota? {_free(self.root)}): "
+                            f"{_first_line(e)[:160]}; free space or choose another output_dir=..., then rerun: it "
+                            f"resumes from the last checkpoint") from None
         old = self.root / f".old-final-{os.getpid()}"
         if self.final.exists():
             os.rename(self.final, old)
@@ -199,6 +277,45 @@ class RunDir:
         shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(self.root)
         return self.final
+
+
+def _first_line(e: BaseException) -> str:
+    text = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
+    return (text.splitlines() or [type(e).__name__])[0]
+
+
+def _free(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB free on that disk"
+    except OSError:
+        return "free space unknown"
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        other = json.loads(path.read_text())
+        return other if isinstance(other, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def lock_holder(root: Path) -> dict | None:
+    """The pid/host of a live run holding <root>/.lock, or None (free, stale or absent). Takes no lock."""
+    path = Path(root) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_lock(path)
+    except OSError:
+        other = _read_lock(path)
+        return other if other.get("host") == socket.gethostname() and _pid_alive(other.get("pid", -1)) else None
+    finally:
+        os.close(fd)
+    return None
 
 
 def _pid_alive(pid: int) -> bool:

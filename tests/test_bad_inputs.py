@@ -1,0 +1,204 @@
+"""Bad input as one table (issue 6): input -> exit 2, one `error:` line naming the problem, no
+traceback, and nothing written that a later run would trust (no final/, no complete checkpoint).
+
+    .venv/bin/pytest -q tests/test_bad_inputs.py
+
+Config problems fail before any model loads (well under a second each); data, model and disk problems
+need the stage's imports, so every case is launched at once (a few at a time) as a real
+`python -m rlhf_cli` subprocess. Older one-line-error tests live beside their stage (tests/cli,
+tests/stages); this table covers every kind the issue lists across the three stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from conftest import assert_one_line_error
+from rlhf_cli import task
+
+SFT = ["data.num_train=16", "data.num_eval=4", "batch_size=4", "max_steps=2", "eval.every=1000", "eval.max_new_tokens=4",
+       "model.max_length=64", "device=cpu", "device.threads=1"]
+RM = ["data.num_train=16", "data.num_eval=4", "batch_size=4", "max_steps=2", "eval.every=1000", "model.max_length=96",
+      "device=cpu", "device.threads=1"]
+RL = ["data.num_train=8", "data.num_eval=4", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+      "rollout.max_new_tokens=4", "max_steps=2", "eval.every=1000", "eval.max_new_tokens=4", "device=cpu",
+      "device.threads=1"]
+BASE = {"sft": SFT, "train-rm": RM, "rl": RL}
+MODEL_KEY = {"sft": "model.path", "train-rm": "model.path", "rl": "policy.path"}
+
+
+@dataclass
+class Case:
+    stage: str
+    args: Callable[[Path, Path], list[str]]  # (case dir, tiny model dir) -> overrides
+    fragment: str  # must appear in the one error line
+    rlimit_fsize: int | None = None  # bytes: writes past it fail with EFBIG, as on a full disk
+    marker: str | None = None  # a file that must NOT exist afterwards (code that must not have run)
+    extra: list[str] = field(default_factory=list)
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    return path
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    return write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def copy_model(src: Path, dst: Path, weights: bool = True) -> Path:
+    shutil.copytree(src, dst, ignore=None if weights else shutil.ignore_patterns("*.safetensors"))
+    return dst
+
+
+def other_tokenizer(d: Path, m: Path) -> list[str]:
+    from rlhf_cli.embedded import build_tokenizer
+
+    other = copy_model(m, d / "other_tok")
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.save_pretrained(other)
+    return [f"reference.path={other}"]
+
+
+def remote_code(d: Path, m: Path) -> list[str]:
+    """A model whose config asks to run its own Python file; trust_remote_code is off by default."""
+    model = copy_model(m, d / "remote", weights=False)
+    write(model / "evil.py", f"open({str(d / 'code-ran')!r}, 'w').close()\n"
+                             "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                             "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n"
+                             "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    config = json.loads((m / "config.json").read_text())
+    config.update(model_type="evil", architectures=["EvilModel"],
+                  auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    write(model / "config.json", json.dumps(config))
+    return [f"model.path={model}"]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling creates the marker
+
+
+def pickled_weights(d: Path, m: Path) -> list[str]:
+    """Weights as a pickle (pytorch_model.bin) carrying code: weights-only loading must refuse it."""
+    model = copy_model(m, d / "pickled", weights=False)
+    torch.save({"model.embed_tokens.weight": _RunsCode(str(d / "code-ran"))}, model / "pytorch_model.bin")
+    return [f"model.path={model}"]
+
+
+def long_pairs(d: Path, m: Path) -> list[str]:
+    rows = [{**r, "chosen": r["chosen"] + " and so on" * 20} for r in task.preference_rows(16)]
+    return [f"data.train={jsonl(d / 'long.jsonl', rows)}"]
+
+
+CASES: dict[str, Case] = {
+    # ---- config: typos, types, ranges, choices (fail before anything loads)
+    "sft typo": Case("sft", lambda d, m: ["optim.max_bad_step=3"], "did you mean optim.max_bad_steps"),
+    "train-rm typo": Case("train-rm", lambda d, m: ["center_cof=0.1"], "did you mean center_coef"),
+    "rl typo": Case("rl", lambda d, m: ["rollout.temprature=0.5"], "did you mean rollout.temperature"),
+    "rl wrong type": Case("rl", lambda d, m: ["rollout.samples_per_prompt=four"], "rollout.samples_per_prompt"),
+    "train-rm wrong type": Case("train-rm", lambda d, m: ["margin_from_data=maybe"], "margin_from_data"),
+    "sft max_bad_steps 0": Case("sft", lambda d, m: ["optim.max_bad_steps=0"], "optim.max_bad_steps must be > 0"),
+    "train-rm keep_last 0": Case("train-rm", lambda d, m: ["checkpoint.keep_last=0"], "checkpoint.keep_last must be > 0"),
+    "rl unknown algorithm": Case("rl", lambda d, m: ["algorithm=dqn"], "options in 'algorithm': a2c, ppo, reinforce"),
+    "rl bad choice": Case("rl", lambda d, m: ["kl.estimator=k2"], "kl.estimator='k2' is not one of"),
+    "rl reward not dotted": Case("rl", lambda d, m: ["reward.functions=[notdotted]"], "is not 'module:function'"),
+    "sft invalid yaml file": Case("sft", lambda d, m: [str(write(d / "bad.yaml", "optim: [unclosed\n"))], "is not valid YAML"),
+    "sft yaml file missing": Case("sft", lambda d, m: [str(d / "mine.yaml")], "mine.yaml not found"),
+    "rl neither key=value nor yaml": Case("rl", lambda d, m: ["ppo"], "is neither key=value nor a .yaml file"),
+    "rl negative kl target": Case("rl", lambda d, m: ["kl.target=-1"], "kl.target must be > 0"),
+    "train-rm yaml not a mapping": Case("train-rm", lambda d, m: [str(write(d / "list.yaml", "- 1\n- 2\n"))],
+                                        "must hold a mapping"),
+    # ---- impossible batch arithmetic
+    "rl minibatches do not divide": Case("rl", lambda d, m: ["algorithm=ppo", "rollout.prompts_per_step=3",
+                                                             "rollout.samples_per_prompt=3", "algorithm.minibatches=2"],
+                                         "does not divide the rollout batch of 9"),
+    "sft grad_accum 0": Case("sft", lambda d, m: ["optim.grad_accum=0"], "optim.grad_accum must be > 0"),
+    "train-rm batch_size 0": Case("train-rm", lambda d, m: ["batch_size=0"], "batch_size must be > 0"),
+    # ---- output dir: unwritable, full disk
+    "output_dir is a file": Case("sft", lambda d, m: [], "not writable", extra=["output_dir=afile"]),
+    "disk full as the run starts": Case("rl", lambda d, m: [], "could not write: file too large", rlimit_fsize=1500),
+    "disk full writing the base model": Case("sft", lambda d, m: ["model.path=null"], "file too large (disk full",
+                                             rlimit_fsize=8000),
+    "disk full during a checkpoint": Case("sft", lambda d, m: [f"model.path={m}", "checkpoint.every=1"],
+                                          "could not write checkpoint", rlimit_fsize=1_000_000),
+    # ---- data: missing, empty, corrupt, wrong columns, bad values, over-long
+    "rl missing file": Case("rl", lambda d, m: [f"data.train={d / 'nope.jsonl'}"], "file not found"),
+    "sft empty eval file": Case("sft", lambda d, m: [f"data.train={jsonl(d / 't.jsonl', task.sft_rows(16))}",
+                                                     f"data.eval={write(d / 'e.jsonl', '')}"], "has no rows"),
+    "train-rm corrupt json": Case("train-rm", lambda d, m: [f"data.train={write(d / 'c.json', '{not json')}"],
+                                  "could not read"),
+    "sft csv wrong columns": Case("sft", lambda d, m: ["data.train=" + str(write(d / "q.csv", "question,answer\nhi,1\n"))],
+                                  "needs prompt/completion or messages"),
+    "train-rm every pair over-long": Case("train-rm", long_pairs, "none of its"),
+    # ---- models and tokenizers
+    "rl mismatched tokenizer": Case("rl", other_tokenizer, "uses a different tokenizer from the policy"),
+    "sft remote code not trusted": Case("sft", remote_code, "contains custom code", marker="code-ran"),
+    "sft pickled weights refused": Case("sft", pickled_weights, "does not load", marker="code-ran"),
+}
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes get EFBIG
+
+    return apply
+
+
+def test_bad_inputs_table(tmp_path, tiny_model_dir):
+    assert len(CASES) >= 25 and {c.stage for c in CASES.values()} == {"sft", "train-rm", "rl"}
+    env = {**os.environ, "RLHF_NO_PROGRESS": "1"}
+    pending, running, results = list(CASES.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < 6:  # a few at a time: each pays the Python + torch start-up
+            name, case = pending.pop(0)
+            d = tmp_path / name.replace(" ", "_")
+            d.mkdir()
+            if name == "output_dir is a file":
+                write(d / "afile", "x")
+            args = case.args(d, tiny_model_dir)
+            key = MODEL_KEY[case.stage]
+            model = [] if any(a.startswith(key + "=") for a in args) else [f"{key}={tiny_model_dir}"]
+            out = case.extra or ["output_dir=out"]
+            running[name] = (d, subprocess.Popen(
+                [sys.executable, "-m", "rlhf_cli", case.stage, *BASE[case.stage], *model, *out, *args], cwd=d, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=_limit_file_size(case.rlimit_fsize) if case.rlimit_fsize else None))
+        for name, (d, proc) in list(running.items()):
+            if proc.poll() is not None:
+                stdout, stderr = proc.communicate()
+                results[name] = (d, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+                del running[name]
+        time.sleep(0.05)
+    failures = []
+    for name, case in CASES.items():
+        d, proc = results[name]
+        try:
+            assert_one_line_error(proc, case.fragment)
+            run = d / "out"
+            assert not (run / "final").exists(), "final/ written"
+            assert not [p for p in (run / "checkpoints").glob("step-*") if (p / "manifest.json").exists()], \
+                "a complete checkpoint written"
+            assert not list((run / "checkpoints").glob(".tmp-*")) if case.rlimit_fsize else True, "debris left"
+            if case.marker:
+                assert not (d / case.marker).exists(), "code from the input ran"
+        except AssertionError as e:
+            failures.append(f"--- {name}: {str(e)[:1500]}")
+        print(f"{name:32} exit {proc.returncode}  {(proc.stdout + proc.stderr).strip().splitlines()[-1][:160]}")
+    assert not failures, "\n".join(failures)
