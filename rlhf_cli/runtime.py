@@ -1,10 +1,19 @@
-"""Devices, dtypes, seeds and torch.distributed: resolved once per run, passed explicitly."""
+"""Devices, dtypes, seeds and torch.distributed: resolved once per run, passed explicitly.
+
+    rlhf rl device=cpu                                         # one process
+    torchrun --nproc-per-node 2 -m rlhf_cli rl device=cpu      # two ranks, gloo
+    torchrun --nproc-per-node 8 -m rlhf_cli rl device=cuda     # eight GPUs, nccl
+
+Every device a run uses (the run's own, and for rl the placement of each model)
+is resolved in :func:`setup` before torch.distributed starts and before any
+model loads, so a device that does not exist is a one-line error.
+"""
 
 from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -12,6 +21,7 @@ import torch.distributed as dist
 from rlhf_cli.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PLACED_MODELS = ("policy", "reference", "reward", "critic")
 
 
 @dataclass
@@ -20,6 +30,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    placement: dict[str, torch.device] = field(default_factory=dict)  # rl: model name -> device
+    mesh: object = None  # the FSDP2 DeviceMesh, made once by training.wrap_model
 
     @property
     def is_main(self) -> bool:
@@ -34,43 +46,85 @@ class Runtime:
             dist.barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place, summed over ranks (a no-op on one process). Gloo reduces CPU tensors, nccl CUDA ones."""
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def sum(self, *values: float) -> list[float]:
+        """Python numbers summed over ranks, in float64 (one collective for all of them)."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        backend_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=backend_device)
+        return self.all_reduce_sum(tensor).tolist()
 
-def resolve_device(spec: str | None, default: torch.device | None = None, local_rank: int = 0) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device that exists (ConfigError otherwise)."""
+    def all_gather_object(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] on one process)."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+
+def resolve_device(spec: str | None, default: torch.device | None = None, local_rank: int = 0,
+                   key: str = "device") -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device that exists (ConfigError naming `key` otherwise).
+
+    'cuda' means cuda:LOCAL_RANK (each torchrun process its own GPU); 'cuda:N' is absolute.
+    """
     if spec is None:
         return default if default is not None else torch.device("cpu")
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu":
         return torch.device("cpu")
-    if spec.startswith("cuda"):
+    if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} asked for but no CUDA GPU is visible; use device=cpu or device=auto")
-        index = int(spec.split(":", 1)[1]) if ":" in spec else local_rank
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {spec!r} does not exist: {torch.cuda.device_count()} GPU(s) visible (cuda:0..)")
+            raise ConfigError(f"{key}={spec} asked for but no CUDA GPU is visible; use device=cpu or device=auto")
+        try:
+            index = int(spec.split(":", 1)[1]) if ":" in spec else local_rank
+        except ValueError:
+            raise ConfigError(f"{key}={spec!r} is not cuda:N with N a GPU index; e.g. {key}=cuda:0") from None
+        count = torch.cuda.device_count()
+        if index >= count:
+            why = f" (local rank {local_rank} of this node)" if ":" not in spec else ""
+            raise ConfigError(f"{key}={spec}{why} does not exist: {count} GPU(s) visible (cuda:0..cuda:{count - 1}); "
+                              f"use fewer processes per node or another device")
         return torch.device("cuda", index)
-    raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    raise ConfigError(f"unknown {key} {spec!r}; use auto, cpu, cuda or cuda:N")
 
 
-def setup(device_cfg, seed: int) -> Runtime:
-    """Init torch.distributed under torchrun (gloo on CPU, nccl on CUDA), pick the device, seed."""
+def resolve_placement(placement_cfg, device: torch.device, local_rank: int, world_size: int) -> dict[str, torch.device]:
+    """rl's per-model devices: policy defaults to the run's device, the others to the policy's."""
+    spec = {name: getattr(placement_cfg, name, None) for name in PLACED_MODELS}
+    if world_size > 1 and spec["policy"] and spec["policy"].startswith("cuda:"):
+        raise ConfigError(f"placement.policy={spec['policy']} would put every torchrun rank's policy on one GPU; "
+                          f"leave placement.policy=null (rank r uses cuda:LOCAL_RANK)")
+    policy = resolve_device(spec["policy"], device, local_rank, "placement.policy")
+    placed = {"policy": policy}
+    for name in PLACED_MODELS[1:]:
+        placed[name] = resolve_device(spec[name], policy, local_rank, f"placement.{name}")
+    return placed
+
+
+def setup(device_cfg, seed: int, placement_cfg=None) -> Runtime:
+    """Resolve every device (a one-line error before anything loads), then init torch.distributed
+    under torchrun (gloo on CPU, nccl on CUDA) and seed every generator with seed + rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_cfg.type, local_rank=local_rank)
+    device = resolve_device(device_cfg.type, local_rank=local_rank, key="device")
+    placement = resolve_placement(placement_cfg, device, local_rank, world_size) if placement_cfg is not None else {}
     if device_cfg.threads:
         torch.set_num_threads(device_cfg.threads)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    seed_everything(seed + rank)
-    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+    seed_everything(seed + rank)  # dropout differs per rank; data order and rollout noise are keyed globally
+    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank, placement=placement)
 
 
 def teardown() -> None:
@@ -101,7 +155,17 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def autocast(device: torch.device, mode: str):
-    """bf16 autocast context (no-op for 'none')."""
-    enabled = mode == "bf16"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def keyed_uniform(seed: int, step: int, first_row: int, rows: int, width: int, device=None) -> torch.Tensor:
+    """(rows, width) uniforms in [0, 1); row i comes from its own generator keyed by
+    (seed, step, first_row + i), so a row's noise does not depend on which rank holds it.
+
+    RL sampling draws token t of global rollout row g with u[g, t]: rank r holds rows
+    r*B..(r+1)*B-1 of the step's global batch, so every rank samples differently, a
+    rerun (or a resume) samples the same, and 2 ranks x B rows draw exactly what
+    1 rank x 2B rows draws. Cost: one tiny generator per row per step.
+    """
+    out = torch.empty(rows, width, dtype=torch.float64)
+    for i in range(rows):
+        key = ((seed * 1_000_003 + step) * 1_000_003 + first_row + i) % (2**63 - 1)
+        out[i] = torch.rand(width, generator=torch.Generator().manual_seed(key), dtype=torch.float64)
+    return out.to(device) if device is not None else out

@@ -1,8 +1,18 @@
-"""torchrun with the gloo backend on CPU: the same code path as one process."""
+"""torchrun with the gloo backend on CPU: the same code path as one process.
+
+    .venv/bin/pytest -q tests/test_distributed.py -m distributed
+
+Every run is a real `torchrun --standalone` (or `python -m rlhf_cli`) subprocess
+on the embedded tiny model, writing real run directories. CUDA-only paths
+(fp16 loss scaling, nccl, placement over two GPUs) are marked `gpu` and skip,
+with the reason, where no GPU is present.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,27 +20,321 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.distributed
 COMMON = ["data.num_train=64", "data.num_eval=8", "eval.every=100", "eval.max_new_tokens=4", "optim.warmup_steps=0",
-          "optim.min_lr_ratio=1.0", "max_steps=3", "device=cpu", "device.threads=1"]
+          "optim.min_lr_ratio=1.0", "max_steps=3", "log_every=1", "device=cpu", "device.threads=1"]
+# RL: 4 prompts x 2 samples per step; a reward that varies between samples of an untrained model
+RL_COMMON = ["data.num_train=64", "data.num_eval=4", "eval.every=100", "eval.max_new_tokens=4", "device=cpu",
+             "device.threads=1", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+             "rollout.max_new_tokens=6", "reward.functions=[spread_reward:spread]", "checkpoint.every=1"]
+SPREAD_REWARD = '''
+def spread(prompt, response, **row):
+    """Differs between samples even from an untrained model, so advantages and gradients are non-zero."""
+    return (sum(map(ord, response)) % 17) / 17.0
+'''
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible here")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs; fewer are visible here")
 
 
-def torchrun(nproc: int, *args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RLHF_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+def torchrun(nproc: int, *args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RLHF_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                            "--standalone", "-m", "rlhf_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=300)
 
 
-def test_sft_two_ranks_of_b_equal_one_rank_of_2b(tmp_path):
-    two = torchrun(2, "sft", f"output_dir={tmp_path / 'ddp'}", "batch_size=8", *COMMON, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = run_cli("sft", f"output_dir={tmp_path / 'single'}", "batch_size=16", *COMMON, cwd=tmp_path)
+def text(proc: subprocess.CompletedProcess) -> str:
+    """stdout + stderr with whitespace collapsed (rich wraps long lines)."""
+    return " ".join((proc.stdout + proc.stderr).split())
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def metric_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def trainer_state(ckpt) -> dict:
+    return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+
+
+def assert_rank0_wrote_once(run_dir, steps: int) -> None:
+    """One metrics row per step (a second writer would duplicate them); no stray temp dirs."""
+    train_steps = [r["step"] for r in metric_rows(run_dir) if r["kind"] == "train"]
+    assert train_steps == list(range(1, steps + 1)), train_steps
+    assert not list(run_dir.glob(".tmp-*")) and not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------- sft: DDP and FSDP2
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft_dist")
+    ddp = torchrun(2, "sft", f"output_dir={root / 'ddp'}", "batch_size=8", *COMMON, cwd=root)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return root, ddp
+
+
+def test_sft_two_ranks_of_b_equal_one_rank_of_2b(sft_runs):
+    root, ddp = sft_runs
+    one = run_cli("sft", f"output_dir={root / 'single'}", "batch_size=16", *COMMON, cwd=root)
     assert one.returncode == 0, one.stderr
-    a = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "single" / "final" / "model.safetensors")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
-    assert "global batch 16 = 8 x 1 accum x 2 ranks" in two.stdout + two.stderr
+    assert max_diff(weights(root / "ddp"), weights(root / "single")) < 1e-5
+    assert text(ddp).count("global batch 16 = 8 x 1 accum x 2 ranks") == 1  # reported once, by rank 0
+    assert "global batch 16 = 16 x 1 accum x 1 ranks" in text(one)
+    assert_rank0_wrote_once(root / "ddp", 3)
+    state = trainer_state(root / "ddp" / "checkpoints" / "step-000003")
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])  # seed + rank
+
+
+def test_sft_fsdp_matches_ddp_and_saves_full_weights(sft_runs, tiny_model_dir):
+    root, _ = sft_runs
+    fsdp = torchrun(2, "sft", f"output_dir={root / 'fsdp'}", "batch_size=8", "device.distributed=fsdp", *COMMON,
+                    cwd=root)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "fp32 weights, fsdp)" in text(fsdp)
+    assert max_diff(weights(root / "fsdp"), weights(root / "ddp")) < 1e-5
+    base = load_file(tiny_model_dir / "model.safetensors")
+    ckpt = load_file(root / "fsdp" / "checkpoints" / "step-000003" / "model.safetensors")
+    for k, v in base.items():  # gathered: every tensor at its full shape, in final/ and in the checkpoint
+        assert weights(root / "fsdp")[k].shape == v.shape and ckpt[k].shape == v.shape, k
+    optim = trainer_state(root / "fsdp" / "checkpoints" / "step-000003")["optimizer"]
+    exp_avg = {name: s["exp_avg"] for name, s in optim["state"].items()}
+    assert exp_avg["model.embed_tokens.weight"].shape == base["model.embed_tokens.weight"].shape
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(root / "fsdp" / "final")  # a plain HF dir
+
+
+# ---------------------------------------------------------------- train-rm
+
+
+def test_train_rm_two_ranks_end_to_end_equal_one_rank(tmp_path):
+    args = [*COMMON, "eval.every=2"]
+    two = torchrun(2, "train-rm", f"output_dir={tmp_path / 'ddp'}", "batch_size=4", *args, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli("train-rm", f"output_dir={tmp_path / 'single'}", "batch_size=8", *args, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert text(two).count("global batch 8 = 4 x 1 accum x 2 ranks") == 1
+    # the zero-initialised head makes step 2's backbone gradients tiny, and Adam scales tiny gradients up to
+    # lr-sized steps: fp32 reordering noise then shows at ~1e-5 absolute, so compare against the update size
+    # and compare what Adam cannot hide: the loss and the pre-clip gradient norm of every step
+    one_w, base = weights(tmp_path / "single"), load_file(tmp_path / "single" / "base" / "model.safetensors")
+    update = max(float((w - base[k]).abs().max()) for k, w in one_w.items() if k in base)  # the backbone's
+    assert update > 1e-3 and max_diff(weights(tmp_path / "ddp"), one_w) < 1e-2 * update
+    rows_two = [r for r in metric_rows(tmp_path / "ddp") if r["kind"] == "train"]
+    rows_one = [r for r in metric_rows(tmp_path / "single") if r["kind"] == "train"]
+    for r2, r1 in zip(rows_two, rows_one, strict=True):
+        for key in ("loss", "accuracy", "grad_norm"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-7), (r2["step"], key)
+    assert_rank0_wrote_once(tmp_path / "ddp", 3)
+    evals = [r for r in metric_rows(tmp_path / "ddp") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 3] and "eval_accuracy" in evals[-1]
+    manifest = json.loads((tmp_path / "ddp" / "final" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and "score_std" in manifest
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "ddp" / "final")
+
+
+# ---------------------------------------------------------------- rl: one update, resume, world size
+
+
+@pytest.fixture(scope="module")
+def rl_runs(tmp_path_factory):
+    """PPO (critic, GAE, whitening, value loss) with one minibatch and one epoch per rollout:
+    a: 2 ranks, max_steps=1, then resumed to max_steps=2; one: 1 process, max_steps=1;
+    full: 2 ranks, max_steps=2 uninterrupted."""
+    root = tmp_path_factory.mktemp("rl_dist")
+    (root / "spread_reward.py").write_text(SPREAD_REWARD)
+    env = {"PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = [*RL_COMMON, "algorithm=ppo", "algorithm.minibatches=1", "algorithm.epochs=1"]
+    procs = {"a": torchrun(2, "rl", f"output_dir={root / 'a'}", "max_steps=1", *args, cwd=root, env=env)}
+    assert procs["a"].returncode == 0, procs["a"].stderr[-3000:]
+    shutil.copytree(root / "a" / "final", root / "a_step1")
+    procs["one"] = run_cli("rl", f"output_dir={root / 'one'}", "max_steps=1", *args, cwd=root, env=env)
+    assert procs["one"].returncode == 0, procs["one"].stderr
+    procs["a_resumed"] = torchrun(2, "rl", f"output_dir={root / 'a'}", "max_steps=2", *args, cwd=root, env=env)
+    assert procs["a_resumed"].returncode == 0, procs["a_resumed"].stderr[-3000:]
+    procs["full"] = torchrun(2, "rl", f"output_dir={root / 'full'}", "max_steps=2", *args, cwd=root, env=env)
+    assert procs["full"].returncode == 0, procs["full"].stderr[-3000:]
+    return root, procs, args, env
+
+
+def test_rl_one_update_two_ranks_of_b_equal_one_rank_of_2b(rl_runs):
+    """Rank r samples prompts 2r..2r+1 of the step's 4 with noise keyed by the global row, so the
+    rollouts are the single process's; advantages, whitening, loss and KL are global."""
+    root, procs, _, _ = rl_runs
+    two, one = load_file(root / "a_step1" / "model.safetensors"), weights(root / "one")
+    base = load_file(root / "one" / "base" / "model.safetensors")
+    row_two, row_one = metric_rows(root / "a")[1], metric_rows(root / "one")[1]
+    for key in ("score", "response_len", "stop_fraction"):  # the same rollouts ...
+        assert row_two[key] == row_one[key], key
+    for key in ("kl", "loss", "value_loss", "entropy", "grad_norm"):  # ... the same loss and pre-clip gradient ...
+        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-7), key
+    # ... and the same update. Adam's first step is lr * g / (|g| + eps) per element, so elements whose
+    # gradient is ~0 move by fp32 reordering noise: compare against the update's size, not 1e-5 absolute
+    update = max_diff(one, base)
+    assert update > 1e-4 and max_diff(two, one) < 1e-2 * update
+    assert text(procs["a"]).count("global batch 8 = 4 (2 prompts x 2 samples) x 1 accum x 2 ranks") == 1
+
+
+def test_rl_two_ranks_end_to_end_and_resume_matches_uninterrupted(rl_runs):
+    root, procs, _, _ = rl_runs
+    assert "resuming at step 1" in text(procs["a_resumed"])
+    assert max_diff(weights(root / "a"), weights(root / "full")) < 1e-6
+    for run in ("a", "full"):
+        assert_rank0_wrote_once(root / run, 2)
+    state = trainer_state(root / "full" / "checkpoints" / "step-000002")
+    assert state["world_size"] == 2 and {"sampler", "kl", "running_mean"} <= state.keys()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(root / "full" / "final")
+
+
+def test_resume_with_another_world_size_is_a_one_line_error(rl_runs):
+    root, _, args, env = rl_runs
+    proc = run_cli("rl", f"output_dir={root / 'full'}", "max_steps=3", *args, cwd=root, env=env)
+    assert_one_line_error(proc, "was written by a run of 2 process(es) and this run has 1")
+    assert not (root / "full" / "checkpoints" / "step-000003").exists()
+
+
+@pytest.mark.slow
+def test_rl_mean_baseline_and_whitening_are_global(rl_runs):
+    """REINFORCE with the running-mean baseline and whitening: 2 ranks x 2 prompts == 1 x 4."""
+    root, _, _, env = rl_runs
+    args = [*RL_COMMON, "algorithm=reinforce", "algorithm.baseline=mean", "algorithm.whiten_advantages=true",
+            "max_steps=1"]
+    two = torchrun(2, "rl", f"output_dir={root / 'mean2'}", *args, cwd=root, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli("rl", f"output_dir={root / 'mean1'}", *args, cwd=root, env=env)
+    assert one.returncode == 0, one.stderr
+    states = [trainer_state(root / run / "checkpoints" / "step-000001") for run in ("mean2", "mean1")]
+    assert states[0]["running_mean"]["count"] == states[1]["running_mean"]["count"] == 8  # every rank's rows
+    assert states[0]["running_mean"]["value"] == pytest.approx(states[1]["running_mean"]["value"], abs=1e-12)
+    row_two, row_one = metric_rows(root / "mean2")[1], metric_rows(root / "mean1")[1]
+    for key in ("score", "loss", "grad_norm"):
+        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_fsdp_train_rm_and_rl_match_ddp(rl_runs):
+    root, _, _, env = rl_runs
+    for stage, args in (("train-rm", ["batch_size=4", "optim.grad_accum=2", *COMMON]),
+                        ("rl", [*RL_COMMON, "algorithm=ppo", "max_steps=2"])):  # ppo: 2 minibatches x 2 epochs
+        runs = {}
+        for strategy in ("ddp", "fsdp"):
+            out = root / f"{stage}-{strategy}"
+            proc = torchrun(2, stage, f"output_dir={out}", f"device.distributed={strategy}", *args, cwd=root, env=env)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[strategy] = out
+        assert max_diff(weights(runs["fsdp"]), weights(runs["ddp"])) < 1e-6, stage
+        for r_f, r_d in zip(metric_rows(runs["fsdp"]), metric_rows(runs["ddp"]), strict=True):
+            if "grad_norm" in r_d:  # the critic's gradient counts too (sharded parameters, not stale views)
+                assert r_f["grad_norm"] == pytest.approx(r_d["grad_norm"], rel=1e-5), (stage, r_d["step"])
+
+
+@pytest.mark.slow
+def test_fsdp_resume_matches_uninterrupted(tmp_path):
+    args = ["batch_size=8", "device.distributed=fsdp", *(a for a in COMMON if not a.startswith("max_steps="))]
+    for out, steps in (("resumed", 2), ("resumed", 3), ("full", 3)):
+        proc = torchrun(2, "sft", f"output_dir={tmp_path / out}", *args, f"max_steps={steps}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "resumed"), weights(tmp_path / "full")) < 1e-7
+
+
+# ---------------------------------------------------------------- rollout noise keyed by global row
+
+
+def test_keyed_noise_makes_each_rows_draw_independent_of_its_batch(tiny_model_dir):
+    from rlhf_cli import data, runtime, task
+    from rlhf_cli.modeling import load_causal_lm, load_tokenizer, sample
+
+    full = runtime.keyed_uniform(0, 5, 0, 4, 8)
+    assert torch.equal(runtime.keyed_uniform(0, 5, 2, 2, 8), full[2:])  # rank 1 of 2 holds rows 2, 3
+    assert not torch.equal(runtime.keyed_uniform(0, 6, 0, 4, 8), full)  # another step, other noise
+    assert len({tuple(r.tolist()) for r in full}) == 4  # every row its own
+    tok, model = load_tokenizer(str(tiny_model_dir), "p"), load_causal_lm(str(tiny_model_dir), "p").eval()
+    prompts = [data.encode(tok, r["prompt"]) for r in task.prompt_rows(4, split="eval")]
+    ids, mask = data.left_pad(prompts, tok.pad_token_id)
+    whole = sample(model, ids, mask, 8, tok.eos_token_id, tok.pad_token_id, noise=runtime.keyed_uniform(0, 5, 0, 4, 8))
+    ids2, mask2 = data.left_pad(prompts[2:], tok.pad_token_id)  # other padding width, other batch
+    half = sample(model, ids2, mask2, 8, tok.eos_token_id, tok.pad_token_id, noise=runtime.keyed_uniform(0, 5, 2, 2, 8))
+    width = half.response_ids.shape[1]
+    assert torch.equal(half.response_ids, whole.response_ids[2:, :width])
+    # inverse-CDF draws follow softmax(logits / T): first-token frequencies over many rows
+    n = 4000
+    one_ids, one_mask = data.left_pad(prompts[:1], tok.pad_token_id)
+    rollout = sample(model, one_ids.repeat(n, 1), one_mask.repeat(n, 1), 1, tok.eos_token_id, tok.pad_token_id,
+                     temperature=1.3, noise=runtime.keyed_uniform(1, 0, 0, n, 1))
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=one_ids, attention_mask=one_mask).logits[0, -1] / 1.3, -1)
+    counts = torch.bincount(rollout.response_ids[:, 0], minlength=probs.numel()).float() / n
+    assert (counts - probs).abs().max() < 0.03
+
+
+# ---------------------------------------------------------------- devices that do not exist, dtypes
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="this box has a cuda:3")
+@pytest.mark.parametrize("stage,overrides,fragment", [
+    ("rl", ["device=cpu", "placement.reference=cuda:3"], "placement.reference=cuda:3"),
+    ("sft", ["device=cuda"], "device=cuda"),
+])
+def test_a_device_that_does_not_exist_is_one_line_before_any_model_loads(tmp_path, stage, overrides, fragment):
+    if torch.cuda.is_available() and overrides == ["device=cuda"]:
+        pytest.skip("a GPU is visible here")
+    proc = run_cli(stage, "output_dir=out", *overrides, cwd=tmp_path)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out" / "base").exists() and not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU box fp16 is allowed")
+def test_fp16_training_on_cpu_says_to_use_bf16(tmp_path):
+    proc = run_cli("sft", "output_dir=out", "device=cpu", "model.dtype=fp16", cwd=tmp_path)
+    assert_one_line_error(proc, "use model.dtype=bf16")
+    assert not (tmp_path / "out" / "base").exists()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp16_trains_with_fp32_master_weights_and_loss_scaling_on_cuda(tmp_path):
+    proc = run_cli("sft", f"output_dir={tmp_path / 'run'}", "model.dtype=fp16", *COMMON[:-2], "device=cuda",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "fp32 master weights, fp16 autocast, loss scaling" in text(proc)
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "run").values())
+    assert "grad_scaler" in trainer_state(tmp_path / "run" / "checkpoints" / "step-000003")
+    assert all(r["applied"] in (0, 1) for r in metric_rows(tmp_path / "run") if r["kind"] == "train")
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_rl_policy_on_one_gpu_reference_and_reward_on_another(tmp_path):
+    rm = run_cli("train-rm", f"output_dir={tmp_path / 'rm'}", *COMMON[:-2], "device=cuda", cwd=tmp_path)
+    assert rm.returncode == 0, rm.stderr
+    proc = run_cli("rl", f"output_dir={tmp_path / 'rl'}", "max_steps=2", "device=cuda", "placement.policy=cuda:0",
+                   "placement.reference=cuda:1", "placement.reward=cuda:1", "reward=rule_rm",
+                   f"reward.model.path={tmp_path / 'rm' / 'final'}", *RL_COMMON[:4], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "policy on cuda:0" in text(proc)
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_sft_fsdp_on_two_gpus_with_nccl(tmp_path):
+    proc = torchrun(2, "sft", f"output_dir={tmp_path / 'run'}", "device=cuda", "device.distributed=fsdp",
+                    *COMMON[:-2], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global batch" in text(proc) and (tmp_path / "run" / "final" / "model.safetensors").exists()
