@@ -20,17 +20,23 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 
 
 def load_rows(spec: str, key: str, split: str = "train", subset: str | None = None) -> list[dict]:
-    """A local json/jsonl/parquet/csv file or a hub dataset name -> list of row dicts."""
+    """-> list of row dicts, from any of:
+
+    - a local .json / .jsonl / .parquet / .csv file (all its rows; split and subset unused);
+    - a local dataset directory (a hub dataset's files, with subsets declared in its
+      README) or a hub name, read by ``datasets.load_dataset(spec, subset, split=split)``;
+    - a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
+    """
     import datasets
 
     datasets.disable_progress_bars()  # a bad-input error stays the only line on stderr
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
-    if path.exists() or suffix in LOCAL_FORMATS or "/" in spec and spec.startswith((".", "/", "~")):
+    if path.is_dir():
+        ds = _load_dataset_dir(path, spec, key, split, subset)
+    elif path.exists() or suffix in LOCAL_FORMATS or "/" in spec and spec.startswith((".", "/", "~")):
         if not path.exists():
             raise DataError(f"{key}: file not found: {spec}; check the path")
-        if path.is_dir():
-            raise DataError(f"{key}: {spec} is a directory; give a .jsonl/.json/.parquet/.csv file")
         if suffix not in LOCAL_FORMATS:
             raise DataError(f"{key}: unsupported file type {suffix or '(none)'} for {spec}; use .jsonl, .json, .parquet or .csv")
         if suffix == ".jsonl":
@@ -49,6 +55,29 @@ def load_rows(spec: str, key: str, split: str = "train", subset: str | None = No
     if not rows:
         raise DataError(f"{key}: {spec} has no rows; give a non-empty dataset")
     return rows
+
+
+def _load_dataset_dir(path: Path, spec: str, key: str, split: str, subset: str | None):
+    """A saved dataset (save_to_disk) or a dataset repository laid out on disk."""
+    import datasets
+
+    saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    try:
+        if saved:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{key}: {spec} has no split {split!r} (splits: {', '.join(ds)}); "
+                                    f"set the split key (data.train_split / data.eval_split)")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(str(path), subset, split=split)
+    except DataError:
+        raise
+    except Exception as e:
+        what = f"split {split!r}" + (f", subset {subset!r}" if subset else "")
+        raise DataError(f"{key}: could not load the dataset directory {spec} ({what}): "
+                        f"{str(e).splitlines()[0][:200]}") from None
 
 
 def _check_jsonl(path: Path, key: str) -> None:
@@ -100,8 +129,31 @@ def render_prompt(tokenizer, prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     if _is_messages(prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("message lists need a chat template and this model's tokenizer has none; "
+                             "use plain-text prompt/completion rows or a model with a chat template")
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     raise ValueError("prompt must be a string or a list of {role, content} messages")
+
+
+def prompt_text(tokenizer, row: dict, index: int, key: str) -> str:
+    """The prompt of any row format as text: a `prompt` column (string or messages), or a
+    `messages` conversation without its final assistant turn (RL, evaluation)."""
+    try:
+        if row.get("prompt") not in (None, "", []):
+            return render_prompt(tokenizer, row["prompt"])
+        msgs = row.get("messages")
+        if msgs:
+            if not _is_messages(msgs):
+                raise ValueError("messages must be a list of {role, content}")
+            if msgs[-1]["role"] == "assistant":
+                msgs = msgs[:-1]
+            if msgs:
+                return render_prompt(tokenizer, msgs)
+    except ValueError as e:
+        raise DataError(f"{key}: row {index}: {e}") from None
+    raise DataError(f"{key}: row {index} has no prompt (fields {sorted(row)}); give a `prompt` column "
+                    f"(text or messages) or a `messages` conversation")
 
 
 def _completion_text(tokenizer, completion) -> str:
@@ -134,10 +186,19 @@ def split_pair_row(tokenizer, row: dict, index: int, key: str) -> tuple[str, str
         raise DataError(f"{key}: row {index} has no {' or '.join(missing)}; train-rm needs prompt/chosen/rejected rows")
     chosen, rejected = row["chosen"], row["rejected"]
     if row.get("prompt") is not None:
-        prompt = render_prompt(tokenizer, row["prompt"])
-        chosen, rejected = _completion_text(tokenizer, chosen), _completion_text(tokenizer, rejected)
+        try:
+            prompt = render_prompt(tokenizer, row["prompt"])
+            chosen, rejected = _completion_text(tokenizer, chosen), _completion_text(tokenizer, rejected)
+        except ValueError as e:
+            raise DataError(f"{key}: row {index}: {e}") from None
     elif _is_messages(chosen) and _is_messages(rejected):
-        prompt = render_prompt(tokenizer, chosen[:-1])
+        if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise DataError(f"{key}: row {index}: chosen and rejected must share every turn but a final assistant "
+                            f"turn (implicit prompt), or give an explicit `prompt` column")
+        try:
+            prompt = render_prompt(tokenizer, chosen[:-1])
+        except ValueError as e:
+            raise DataError(f"{key}: row {index}: {e}") from None
         chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
     else:
         raise DataError(f"{key}: row {index} has no prompt and chosen/rejected are not message lists")

@@ -1,11 +1,16 @@
-"""The logging layer: metrics.jsonl always, a rich progress bar and result tables.
+"""The logging layer: metrics.jsonl always, TensorBoard and W&B by config, a rich
+progress bar and result tables.
 
 Runners call ``tracker.log(step, metrics)`` with plain dicts; only this module
 (and the CLI) touch rich. Non-main ranks get a tracker that writes nothing.
+A metric ``loss`` logged with kind ``train`` is the TensorBoard / W&B scalar
+``train/loss``; eval metrics are ``eval/eval_accuracy`` and so on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -13,6 +18,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -27,19 +33,97 @@ def _clean(v):
     return v
 
 
+class TensorBoardSink:
+    """<run>/tensorboard/ event files; the resolved config as a text summary.
+
+    On resume (start_step > 0) events after start_step, written by the run that
+    was stopped, are purged, as metrics.jsonl drops its lines after the checkpoint.
+    """
+
+    def __init__(self, run_dir: Path, stage: str, config: dict, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), flush_secs=10,
+                                    purge_step=start_step + 1 if start_step else None)
+        text = json.dumps(config, indent=2, default=str)
+        # markdown: a 4-space indent renders as a code block in TensorBoard's text tab
+        self.writer.add_text("config", f"rlhf {stage}\n\n" + "\n".join("    " + line for line in text.splitlines()),
+                             global_step=start_step)
+
+    def log(self, step: int, kind: str, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A W&B run named after the run dir, with an id derived from its path, so a resumed run continues it."""
+
+    def __init__(self, run_dir: Path, stage: str, config: dict, project: str):
+        try:
+            import wandb
+        except ImportError:
+            from rlhf_cli.errors import ConfigError
+
+            raise ConfigError("logging.wandb=true but wandb is not installed; pip install wandb, "
+                              "or set logging.wandb=false") from None
+        root = Path(run_dir).resolve()
+        run_id = hashlib.sha1(f"{root}-{stage}".encode()).hexdigest()[:16]
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=f"{stage}:{root.name}", id=run_id, resume="allow",
+                              dir=str(root), config=config, job_type=stage)
+
+    def log(self, step: int, kind: str, metrics: dict) -> None:
+        values = {f"{kind}/{k}": v for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _as_dict(config) -> dict:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(config)
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """The resolved config RunDir wrote to <run>/config.json ({} when there is none)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 class Tracker:
     def __init__(self, run_dir: Path, stage: str, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 progress_keys: tuple[str, ...] = ("loss",)):
+                 progress_keys: tuple[str, ...] = ("loss",), config=None):
+        """config: the resolved stage config (dataclass or dict); None reads <run_dir>/config.json.
+        Its `logging` group turns TensorBoard / W&B on; the whole config is attached to them."""
         self.enabled = enabled
         self.stage = stage
         self.path = Path(run_dir) / "metrics.jsonl"
         self.progress_keys = progress_keys
         self.t0 = time.time()
         self._progress = None
+        self._sinks: list = []
         if not enabled:
             return
         self._truncate_after(start_step)
         self._file = open(self.path, "a")
+        config = _as_dict(config) if config is not None else _saved_config(run_dir)
+        logging_cfg = config.get("logging") or {}
+        if logging_cfg.get("tensorboard"):
+            self._sinks.append(TensorBoardSink(run_dir, stage, config, start_step))
+        if logging_cfg.get("wandb"):
+            self._sinks.append(WandbSink(run_dir, stage, config, logging_cfg.get("wandb_project") or "rlhf"))
         show = console.is_terminal and not os.environ.get("RLHF_NO_PROGRESS")
         if show:
             self._progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
@@ -70,6 +154,8 @@ class Tracker:
                **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        for sink in self._sinks:
+            sink.log(step, kind, {k: row[k] for k in metrics})
         if kind != "train" or self._progress is None:
             if self._progress is None and kind != "train":
                 console.print(f"[{self.stage}] step {step} {kind}: " + _fmt(metrics))
@@ -97,7 +183,7 @@ class Tracker:
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k, v in rows.items():
-            table.add_row(k, _fmt_value(v))
+            table.add_row(escape(k), escape(_fmt_value(v)))
         console.print(table)
 
     def samples(self, title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -107,7 +193,7 @@ class Tracker:
         for col in ("prompt", "response", "check"):
             table.add_column(col)
         for r in rows:
-            table.add_row(*[x.strip() for x in r])
+            table.add_row(*[escape(x.strip()) for x in r])  # model text may hold [brackets]
         console.print(table)
 
     def close(self) -> None:
@@ -116,6 +202,9 @@ class Tracker:
         if self._progress is not None:
             self._progress.stop()
         self._file.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
 
 
 def _fmt_value(v) -> str:

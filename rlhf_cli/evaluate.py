@@ -1,0 +1,291 @@
+"""`rlhf eval CHECKPOINT [key=value ...] [--json OUT.json]`: score a policy on held-out prompts.
+
+    rlhf eval runs/rl/final                                        # the embedded task's held-out prompts
+    rlhf eval runs/rl/final reward_model=runs/rm/final --json eval.json
+    rlhf eval runs/sft/final data.eval=test.jsonl eval.rule=mypkg.rules:exact eval.show_samples=5
+
+CHECKPOINT is a policy's final/ (sft or rl) or the run dir holding it. Greedy
+responses to the held-out prompts are checked by eval.rule (held-out accuracy,
+the stages' own function), scored by a reward model when reward_model= is set,
+and measured (mean characters and tokens); a few are shown in a table.
+Unset seed / data.num_eval / data.eval_limit / eval.max_new_tokens follow the
+checkpoint's own run (its manifest), so the embedded held-out split and the
+numbers match what that run reported. `rlhf eval --help` lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rlhf_cli.config import EvalConfig, doc
+from rlhf_cli.errors import ConfigError, UserError
+
+DEFAULT_RULE = EvalConfig.rule  # the stages' rule; read here without importing torch (training.DEFAULT_RULE)
+
+
+@dataclass
+class EvalDataConfig:
+    eval: Optional[str] = doc(None, "held-out rows: .jsonl/.json/.parquet/.csv, dataset dir or hub name; "
+                                    "null = the embedded task's held-out prompts")
+    eval_split: str = doc("test", "split of data.eval when it is a dataset dir or hub name")
+    subset: Optional[str] = doc(None, "dataset config name (subset) of data.eval")
+    num_eval: Optional[int] = doc(None, "embedded task: held-out rows (null = as the checkpoint's run, else 200)")
+    eval_limit: Optional[int] = doc(None, "evaluate at most this many rows (null = as the checkpoint's run, else 200)")
+
+
+@dataclass
+class EvalRunConfig:
+    rule: Optional[str] = doc(DEFAULT_RULE, "accuracy rule 'module:function' f(prompt, response, **row) -> 0/1; null = none")
+    max_new_tokens: Optional[int] = doc(None, "response length limit (null = as the checkpoint's run, else 40)")
+    batch_size: int = doc(100, "prompts per generation batch")
+    show_samples: int = doc(3, "sample generations shown in the table")
+
+
+@dataclass
+class EvalToolConfig:
+    seed: Optional[int] = doc(None, "seed of the embedded task's held-out split (null = the checkpoint's run seed, else 0)")
+    reward_model: Optional[str] = doc(None, "a train-rm final/ that scores the responses; null = no reward-model score")
+    device: str = doc("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = doc("fp32", "weights dtype: fp32, bf16 or fp16")
+    trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
+    data: EvalDataConfig = doc(EvalDataConfig, "the held-out prompts")
+    eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
+
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype={self.dtype!r} is not one of fp32, bf16, fp16")
+        for key, value in (("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
+                           ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key} must be > 0 (got {value})")
+        if self.eval.show_samples < 0:
+            raise ConfigError(f"eval.show_samples must be >= 0 (got {self.eval.show_samples})")
+        if self.eval.rule is not None and ":" not in self.eval.rule:
+            raise ConfigError(f"eval.rule={self.eval.rule!r} is not 'module:function'; e.g. eval.rule={DEFAULT_RULE}")
+
+
+USAGE = "usage: rlhf eval CHECKPOINT [key=value ...] [--json OUT.json]"
+
+
+def parse_overrides(schema, overrides: list[str], tool: str):
+    """key=value strings -> the typed schema object; unknown keys suggest the closest, bad values name the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlhf_cli.config import leaf_keys
+
+    keys = leaf_keys(schema)
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown key {key!r} for rlhf {tool}" +
+                              (f"; did you mean {close[0]}?" if close else f"; see `rlhf {tool} --help`"))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "a value"
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}; see `rlhf {tool} --help`") from None
+
+
+def parse_args(args: list[str]) -> tuple[str, list[str], str | None]:
+    checkpoint, overrides, json_out = None, [], None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--json", "-j"):
+            if i + 1 >= len(args):
+                raise UserError(f"{a} needs a file name, e.g. --json eval.json")
+            json_out, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--json="):
+            json_out = a.split("=", 1)[1]
+        elif a.startswith("-"):
+            raise UserError(f"unknown flag {a}; {USAGE}")
+        elif "=" in a and not (checkpoint is None and Path(a).expanduser().exists()):  # sweep dirs hold '='
+            overrides.append(a)
+        elif checkpoint is None:
+            checkpoint = a
+        else:
+            raise UserError(f"one CHECKPOINT only (got {checkpoint!r} and {a!r}); settings are key=value")
+        i += 1
+    if checkpoint is None:
+        raise UserError(f"no CHECKPOINT given; {USAGE} (e.g. rlhf eval runs/rl/final)")
+    return checkpoint, overrides, json_out
+
+
+def print_help() -> None:
+    from rich.table import Table
+
+    from rlhf_cli.config import field_docs
+    from rlhf_cli.tracking import console
+
+    console.print(__doc__.strip(), markup=False)
+    table = Table(title="keys of `rlhf eval`")
+    for col in ("key", "default", "doc"):
+        table.add_column(col)
+    for key, default, help_text in field_docs(EvalToolConfig):
+        table.add_row(key, default, help_text)
+    console.print(table)
+
+
+def _is_model_dir(path: Path) -> bool:
+    """A Hugging Face model dir, or a LoRA adapter dir (it loads as its base with the adapter merged)."""
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """A final/ dir, or a run dir holding one."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"checkpoint {spec} does not exist; give a final/ dir, e.g. runs/rl/final")
+    if _is_model_dir(path / "final"):  # a run dir (its own config.json is the run's config)
+        path = path / "final"
+    if not _is_model_dir(path):
+        raise UserError(f"checkpoint {spec} is not a Hugging Face model directory (no config.json); "
+                        f"give a final/ dir, e.g. runs/rl/final")
+    return path
+
+
+def main(args: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in args):
+        print_help()
+        return
+    spec, overrides, json_out = parse_args(args)
+    cfg = parse_overrides(EvalToolConfig, overrides, "eval")
+    ckpt = resolve_checkpoint(spec)
+    if json_out and not Path(json_out).expanduser().absolute().parent.is_dir():
+        raise UserError(f"--json {json_out}: its directory does not exist")
+    result = evaluate(ckpt, cfg)
+    show(result)
+    if json_out:
+        from rlhf_cli.checkpoint import write_json
+
+        write_json(Path(json_out).expanduser(), result)
+        from rlhf_cli.tracking import console
+
+        console.print(f"wrote {json_out}", markup=False)
+
+
+def _from_run(manifest: dict, dotted: str, fallback):
+    node = manifest.get("config") or {}
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return fallback if node is None else node
+
+
+def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
+    """Greedy held-out generations of the policy at ckpt -> a JSON-ready result dict."""
+    import torch
+
+    from rlhf_cli import data, task
+    from rlhf_cli.checkpoint import read_manifest
+    from rlhf_cli.modeling import load_causal_lm, load_scalar_head_model, load_tokenizer, score_texts
+    from rlhf_cli.runtime import resolve_device
+    from rlhf_cli.training import held_out_accuracy
+
+    t0 = time.time()
+    manifest = read_manifest(ckpt)
+    if manifest.get("stage") == "train-rm":
+        raise UserError(f"{ckpt} is a reward model (train-rm); evaluate a policy (an sft or rl final/) "
+                        f"and pass this one as reward_model={ckpt}")
+    seed = cfg.seed if cfg.seed is not None else _from_run(manifest, "seed", 0)
+    num_eval = cfg.data.num_eval or _from_run(manifest, "data.num_eval", 200)
+    eval_limit = cfg.data.eval_limit or _from_run(manifest, "data.eval_limit", 200)
+    max_new_tokens = cfg.eval.max_new_tokens or _from_run(manifest, "eval.max_new_tokens", 40)
+    eval_cfg = dataclasses.replace(cfg.eval, max_new_tokens=max_new_tokens)
+    rm_manifest = {}
+    if cfg.reward_model:
+        rm_manifest = read_manifest(cfg.reward_model)
+        if rm_manifest and rm_manifest.get("stage") != "train-rm":
+            raise UserError(f"reward_model: {cfg.reward_model} is not a reward model (its manifest says stage "
+                            f"{rm_manifest.get('stage')!r}); give a train-rm final/")
+
+    # rows and prompts first: a data problem fails before any weights load
+    if cfg.data.eval is None:
+        rows = task.prompt_rows(num_eval, seed=seed, split="eval", n_eval=num_eval)
+        source = f"embedded task held-out split (seed {seed}, {num_eval} rows)"
+    else:
+        rows = data.load_rows(cfg.data.eval, "data.eval", cfg.data.eval_split, cfg.data.subset)
+        source = cfg.data.eval
+    rows = rows[:eval_limit]
+    tokenizer = load_tokenizer(str(ckpt), "CHECKPOINT", cfg.trust_remote_code)
+    prompts = [data.prompt_text(tokenizer, row, i, "data.eval") for i, row in enumerate(rows)]
+    if eval_cfg.rule and eval_cfg.rule != DEFAULT_RULE:
+        from rlhf_cli.rewards import import_reward_function
+
+        import_reward_function(eval_cfg.rule, "eval.rule")
+
+    device = resolve_device(cfg.device)
+    model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.dtype, device, cfg.trust_remote_code)
+    with torch.no_grad():
+        accuracy, _, mean_chars, responses = held_out_accuracy(model, tokenizer, rows, prompts, eval_cfg, device)
+    checks = _checks(rows, prompts, responses, eval_cfg.rule) if accuracy is not None else [None] * len(rows)
+    del model
+
+    rm_scores = None
+    metrics = {"prompts": len(rows)}
+    if accuracy is not None:
+        metrics["accuracy"] = accuracy
+    if cfg.reward_model:
+        rm_tokenizer = load_tokenizer(cfg.reward_model, "reward_model", cfg.trust_remote_code)
+        rm = load_scalar_head_model(cfg.reward_model, "reward_model", cfg.dtype, device, cfg.trust_remote_code)
+        rm_scores = score_texts(rm, rm_tokenizer, prompts, responses, device, eval_cfg.batch_size).tolist()
+        metrics["rm_score"] = sum(rm_scores) / len(rm_scores)
+        if "score_std" in rm_manifest:  # standardised as rl's reward is: (s - mean) / std on held-out pairs
+            mean, std = float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
+            metrics["rm_score_normalized"] = (metrics["rm_score"] - mean) / std
+    metrics["response_chars"] = mean_chars
+    metrics["response_tokens"] = sum(len(data.encode(tokenizer, r)) for r in responses) / max(1, len(responses))
+    generations = [{"prompt": p, "response": r, "correct": c, **({"rm_score": s} if rm_scores else {})}
+                   for p, r, c, s in zip(prompts, responses, checks, rm_scores or [None] * len(rows))]
+    return {"checkpoint": str(ckpt), "stage": manifest.get("stage"), "data": source,
+            "rule": eval_cfg.rule if accuracy is not None else None, "reward_model": cfg.reward_model,
+            "max_new_tokens": max_new_tokens, "metrics": metrics, "wall_time_s": round(time.time() - t0, 2),
+            "samples": generations[: eval_cfg.show_samples], "generations": generations}
+
+
+def _checks(rows, prompts, responses, rule: str) -> list[bool]:
+    """Per-row verdicts of the rule (held_out_accuracy returns only the mean and a few samples)."""
+    from rlhf_cli.rewards import call_reward, import_reward_function
+
+    fn = import_reward_function(rule, "eval.rule")
+    return [bool(call_reward(fn, rule, p, r, row)) for p, r, row in zip(prompts, responses, rows)]
+
+
+def show(result: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from rlhf_cli.tracking import _fmt_value, console
+
+    with_rm = any("rm_score" in g for g in result["samples"])
+    samples = Table(title="sample generations (greedy)", show_lines=True)
+    for col in ("prompt", "response", "check") + (("rm score",) if with_rm else ()):
+        samples.add_column(col)
+    for g in result["samples"]:
+        check = "" if g["correct"] is None else ("right" if g["correct"] else "wrong")
+        samples.add_row(escape(g["prompt"].strip()), escape(g["response"].strip()), check,
+                        *((_fmt_value(g["rm_score"]),) if with_rm else ()))
+    if result["samples"]:
+        console.print(samples)
+    table = Table(title=escape(f"rlhf eval {result['checkpoint']}"))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    names = {"prompts": "held-out prompts", "accuracy": "accuracy (eval.rule)", "rm_score": "reward-model score",
+             "rm_score_normalized": "reward-model score, normalised", "response_chars": "mean response length (chars)",
+             "response_tokens": "mean response length (tokens)"}
+    for key, value in result["metrics"].items():
+        table.add_row(escape(names.get(key, key)), _fmt_value(value))
+    table.add_row("data", escape(str(result["data"])))
+    table.add_row("eval.rule", escape(str(result["rule"])) if result["rule"] else "none")
+    if result["rule"] is None:
+        table.add_row("accuracy", "n/a (no eval.rule, or rows without an answer column)")
+    console.print(table)

@@ -1,0 +1,175 @@
+"""`rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--keys k1,k2]`: curves comparing runs.
+
+    rlhf plot runs/sft runs/rm runs/rl                   # -> curves.png
+    rlhf rl -m algorithm=reinforce,a2c,ppo output_dir=runs/algos
+    rlhf plot runs/algos -o algos.png                    # a sweep dir: one line per job
+    rlhf plot runs/algos --keys kl,eval_accuracy         # only these metrics
+
+Reads each run's metrics.jsonl and draws one panel per metric that any run
+logged, in this order: losses, rewards and scores, KL, accuracies, lengths
+(`--keys` picks others, e.g. lr or grad_norm). Each run is one line, in the
+same colour in every panel. A directory without metrics.jsonl whose
+subdirectories have one (a Hydra multirun sweep) stands for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from rlhf_cli.errors import UserError
+
+# (family, pattern) in panel order; a key joins the first family it matches
+FAMILIES = [("loss", r"loss$"), ("reward", r"(score|reward)"), ("KL", r"(^|_)kl$"),
+            ("accuracy", r"accuracy$"), ("length", r"(_len|_chars|_tokens)$")]
+SKIP = re.compile(r"^(first_mb_|time_)")
+MAX_PANELS = 16
+USAGE = "usage: rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--keys k1,k2]"
+
+
+def parse_args(args: list[str]) -> tuple[list[str], str, list[str] | None]:
+    dirs, out, keys = [], "curves.png", None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-o", "--output", "--keys", "-k"):
+            if i + 1 >= len(args):
+                raise UserError(f"{a} needs a value; {USAGE}")
+            if a in ("-o", "--output"):
+                out = args[i + 1]
+            else:
+                keys = [k.strip() for k in args[i + 1].split(",") if k.strip()]
+            i += 2
+            continue
+        if a.startswith("-"):
+            raise UserError(f"unknown flag {a}; {USAGE}")
+        dirs.append(a)
+        i += 1
+    if not dirs:
+        raise UserError(f"no RUN_DIR given; {USAGE} (e.g. rlhf plot runs/rl)")
+    return dirs, out, keys
+
+
+def find_runs(specs: list[str]) -> list[tuple[str, Path]]:
+    """RUN_DIRs (or sweep dirs) -> (label, metrics.jsonl path) per run."""
+    runs = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(f"run dir {spec} does not exist; give a run's output_dir (e.g. runs/rl) or a sweep dir")
+        if not path.is_dir():
+            raise UserError(f"{spec} is not a directory; give a run's output_dir (e.g. runs/rl) or a sweep dir")
+        if (path / "metrics.jsonl").is_file():
+            runs.append((spec.rstrip("/"), path / "metrics.jsonl"))
+            continue
+        jobs = sorted(p for p in path.iterdir() if (p / "metrics.jsonl").is_file())
+        if not jobs:
+            raise UserError(f"no metrics.jsonl in {spec} nor in its subdirectories; is it a run's output_dir?")
+        runs.extend((job.name if len(specs) == 1 else f"{spec.rstrip('/')}/{job.name}", job / "metrics.jsonl")
+                    for job in jobs)
+    return runs
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 1e300
+
+
+def series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """key -> (steps, values); eval rows keep their eval_ names, so train and eval never mix.
+    A resumed run can log a step twice: the later line wins."""
+    by_key: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in ("step", "kind", "time_s") or not _is_number(value):
+                continue
+            name = key if row.get("kind", "train") == "train" or key.startswith(row["kind"]) else f"{row['kind']}_{key}"
+            by_key.setdefault(name, {})[int(row["step"])] = float(value)
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by_key.items()}
+
+
+def choose_keys(all_keys: set[str], wanted: list[str] | None) -> list[str]:
+    if wanted:
+        missing = [k for k in wanted if k not in all_keys]
+        if missing:
+            raise UserError(f"no run logged {', '.join(missing)}; logged keys: {', '.join(sorted(all_keys))}")
+        return wanted
+    chosen = []
+    for _, pattern in FAMILIES:
+        found = [k for k in all_keys if re.search(pattern, k) and not SKIP.search(k) and k not in chosen]
+        chosen += sorted(found, key=lambda k: (k.startswith("eval_"), k))  # train curves first
+    return chosen[:MAX_PANELS]
+
+
+def plot(runs: list[tuple[str, Path]], out: Path, wanted: list[str] | None = None) -> list[str]:
+    """Draw the panels and write the figure -> the keys drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    data = [(label, series(read_metrics(path))) for label, path in runs]
+    empty = [label for label, s in data if not s]
+    if len(empty) == len(data):
+        raise UserError(f"no metrics to plot: metrics.jsonl of {', '.join(empty)} has no numeric rows yet")
+    keys = choose_keys(set().union(*(s.keys() for _, s in data)), wanted)
+    if not keys:
+        raise UserError("none of the runs logged loss, reward, KL, accuracy or length metrics; pick some with --keys")
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes.flat, keys):
+        for r, (label, s) in enumerate(data):
+            if key in s:
+                steps, values = s[key]
+                ax.plot(steps, values, label=label, color=colours[r % len(colours)],
+                        marker="o" if len(steps) < 20 else None, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if len(data) > 1 or len(keys) == 1:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(data)), frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(data) / 4), 1, 1))
+    else:
+        fig.suptitle(data[0][0])
+        fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, dpi=100)
+    except ValueError as e:  # an unknown extension
+        raise UserError(f"-o {out}: {str(e).splitlines()[0]}; write e.g. -o curves.png") from None
+    finally:
+        plt.close(fig)
+    return keys
+
+
+def main(args: list[str]) -> None:
+    from rlhf_cli.tracking import console
+
+    if any(a in ("-h", "--help") for a in args):
+        console.print(__doc__.strip(), markup=False)
+        return
+    dirs, out, wanted = parse_args(args)
+    runs = find_runs(dirs)
+    keys = plot(runs, Path(out).expanduser(), wanted)
+    console.print(f"wrote {out}: {len(runs)} run(s) ({', '.join(label for label, _ in runs)}); "
+                  f"panels: {', '.join(keys)}", soft_wrap=True, markup=False)

@@ -1,0 +1,180 @@
+"""`rlhf validate <stage> [CONFIG.yaml] [key=value ...] [-m]`: check a run before it runs.
+
+    rlhf validate sft                                          # the embedded default
+    rlhf validate sft my_sft.yaml data.train=train.jsonl       # your config file, data and overrides
+    rlhf validate rl -m algorithm=reinforce,ppo policy.path=runs/sft/final
+
+Composes and checks the config exactly as `rlhf <stage>` does (unknown keys,
+types, ranges, cross-field checks, every sweep combination), then reads the
+data and checks every row the way the stage will: the columns it needs, chat
+rows rendered through the tokenizer's chat template, rows that model.max_length
+truncates or drops. Model directories are checked to exist and hold a
+config.json, and reward functions / eval.rule to import; no weights load.
+Prints an `ok` summary, or one `error:` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf_cli.errors import DataError, UserError
+
+DATA_KINDS = {"sft": "sft", "train-rm": "pairs", "rl": "prompts"}
+
+
+class _StructureOnly:
+    """Stands in for a hub model's tokenizer (not fetched here): renders chat rows plainly, so
+    their structure is checked; the real chat template is applied when the stage runs."""
+
+    chat_template = "structure only"
+    eos_token_id = 0
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode())}
+
+
+def main(args: list[str]) -> None:
+    from rlhf_cli import cli
+
+    if not args or args[0] in ("-h", "--help"):
+        from rlhf_cli.tracking import console
+
+        console.print(__doc__.strip(), highlight=False, markup=False)
+        return
+    stage, rest = args[0], args[1:]
+    stages = cli.available_stages()
+    if stage not in stages:
+        import difflib
+
+        close = difflib.get_close_matches(stage, list(stages), n=1)
+        raise UserError(f"rlhf validate: unknown stage {stage!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                        + f" (stages: {', '.join(stages)})")
+    overrides, flags = cli.split_args(rest)
+    multirun = any(a in ("-m", "--multirun") for a in flags)
+    other = [a for a in flags if a not in ("-m", "--multirun")]
+    if other:
+        raise UserError(f"rlhf validate takes a stage, an optional CONFIG.yaml, key=value overrides and -m; "
+                        f"not {' '.join(other)}")
+    configs = cli.validate(stage, overrides, multirun)  # fail()s with one line on a config problem
+    seen: dict[str, list[str]] = {}
+    lines = []
+    for cfg in configs:
+        for line in check_run(stage, cfg, seen):
+            if line not in lines:
+                lines.append(line)
+    if not multirun:
+        lines.append(output_dir_state(cfg))
+    from rlhf_cli.tracking import console
+
+    what = f"{len(configs)} sweep combinations" if multirun else "config"
+    console.print(f"ok: rlhf {stage} {what}, data and model paths check out")
+    for line in lines:
+        console.print("  " + line, soft_wrap=True, markup=False)
+
+
+def check_run(stage: str, cfg, cache: dict) -> list[str]:
+    """Model paths, reward functions, eval rule and data of one composed config -> summary lines."""
+    from rlhf_cli import lora
+    from rlhf_cli.modeling import _check_model_dir
+    from rlhf_cli.rewards import import_reward_function
+
+    model_cfg = cfg.policy if stage == "rl" else cfg.model
+    model_key = "policy.path" if stage == "rl" else "model.path"
+    paths = [(model_key, model_cfg.path)]
+    if stage == "rl":
+        paths += [("reference.path", cfg.reference.path), ("critic.path", cfg.critic.path),
+                  ("reward.model.path", cfg.reward.model.path)]
+    lines = []
+    for key, path in paths:
+        if path:
+            _check_model_dir(str(path), key)
+            if lora.is_adapter_dir(path):  # a LoRA final/: its base model must be there too
+                lines.append(f"{key}: {path} (LoRA adapter over {lora.adapter_base(path, key)})")
+                continue
+            lines.append(f"{key}: {path}")
+    if not model_cfg.path:
+        lines.append(f"{model_key}: the embedded tiny model (written into output_dir/base at the start)")
+    if stage == "rl":
+        for name in cfg.reward.functions:
+            import_reward_function(name)
+    if cfg.eval.rule:
+        import_reward_function(cfg.eval.rule, "eval.rule")
+
+    data_key = json.dumps([str(model_cfg.path), cfg.seed, model_cfg.max_length, repr(cfg.data)])
+    if data_key not in cache:
+        cache[data_key] = check_data(stage, cfg, model_cfg)
+    return lines + cache[data_key]
+
+
+def check_data(stage: str, cfg, model_cfg) -> list[str]:
+    from rlhf_cli import data
+
+    tokenizer, note = _tokenizer(model_cfg)
+    train_rows, eval_rows = data.stage_rows(cfg.data, DATA_KINDS[stage], cfg.seed)
+    source = "embedded task" if cfg.data.train is None else cfg.data.train
+    eval_source = cfg.data.eval or ("embedded task" if cfg.data.train is None else "5% held out of data.train")
+    limit = model_cfg.max_length
+    counts = {}
+    for key, rows in (("data.train", train_rows), ("data.eval", eval_rows)):
+        if stage == "sft":
+            examples, cut = data.tokenize_sft(tokenizer, rows, limit, key)
+            counts[key] = (len(examples), f"{cut} truncated to model.max_length={limit}")
+        elif stage == "train-rm":
+            from rlhf_cli.stages.train_rm import tokenize_pairs
+
+            pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
+            counts[key] = (len(pairs), f"{dropped} dropped as longer than model.max_length={limit}")
+        else:
+            long = 0
+            for i, row in enumerate(rows):
+                long += len(data.encode(tokenizer, data.prompt_text(tokenizer, row, i, key))) > limit
+            counts[key] = (len(rows), f"{long} prompts longer than policy.max_length={limit} (cut from the left)")
+    if counts["data.train"][0] == 0:
+        raise DataError(f"data.train: no usable rows ({counts['data.train'][1]}); raise model.max_length or shorten the rows")
+    lines = [f"data.train: {counts['data.train'][0]} rows ({source}); {counts['data.train'][1]}",
+             f"data.eval: {counts['data.eval'][0]} rows ({eval_source}); {counts['data.eval'][1]}"]
+    if note:
+        lines.append(note)
+    return lines
+
+
+def _tokenizer(model_cfg):
+    """The tokenizer the stage will use (cheap: no weights) -> (tokenizer, note)."""
+    from rlhf_cli.modeling import load_tokenizer
+
+    path = model_cfg.path
+    if not path:
+        from rlhf_cli.embedded import build_tokenizer
+
+        return build_tokenizer(), None
+    if Path(path).expanduser().exists():
+        return load_tokenizer(str(path), "model.path", model_cfg.trust_remote_code), None
+    return _StructureOnly(), f"tokenizer of hub model {path} not fetched: chat rows checked for structure only"
+
+
+def output_dir_state(cfg) -> str:
+    """What `rlhf <stage>` will do with output_dir: start, resume, or refuse a different config."""
+    import dataclasses
+
+    from rlhf_cli.checkpoint import RUN_LENGTH_KEYS, flatten
+
+    root = Path(cfg.output_dir)
+    checkpoints = sorted(p.name for p in (root / "checkpoints").glob("step-*") if (p / "manifest.json").exists())
+    if not checkpoints:
+        return f"output_dir: {cfg.output_dir} (a new run)"
+    try:
+        saved = flatten(json.loads((root / "config.json").read_text()))
+    except (OSError, ValueError):
+        saved = {}
+    now = flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+    diff = sorted(k for k in set(saved) | set(now)
+                  if saved.get(k) != now.get(k) and not any(k == r or k.startswith(r) for r in RUN_LENGTH_KEYS))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
+        raise UserError(f"{root} holds a run with a different config ({shown}); "
+                        f"use a new output_dir=... or delete the old run")
+    return f"output_dir: {cfg.output_dir} (resumes from {checkpoints[-1]})"
