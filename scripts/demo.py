@@ -74,6 +74,10 @@ def main() -> None:
     table.add_row("total", "", "", f"{total:.0f}")
     console.print(table)
     (runs / "demo.json").write_text(json.dumps(summary, indent=2))
+    plot = runs / "curves.png"  # loss, reward, KL, accuracy and length curves of the three stages
+    subprocess.run([sys.executable, "-m", "rlhf_cli", "plot", str(sft_dir), str(rm_dir), str(rl_dir), "-o", str(plot)],
+                   check=True)
+    console.print(f"curves: {plot}")
 
 
 if __name__ == "__main__":

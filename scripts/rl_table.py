@@ -20,6 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run, e.g. device.threads=1")
     args = parser.parse_args()
     runs = Path(args.runs)
     sft, rm = runs / "sft" / "final", runs / "rm" / "final"
@@ -30,7 +31,7 @@ def main() -> None:
             extra = [f"reward.model.path={rm}"] if reward == "rm" else []
             t0 = time.time()
             subprocess.run([sys.executable, "-m", "rlhf_cli", "rl", f"algorithm={algorithm}", f"reward={reward}",
-                            f"policy.path={sft}", f"output_dir={out}", f"seed={args.seed}", *extra],
+                            f"policy.path={sft}", f"output_dir={out}", f"seed={args.seed}", *extra, *args.overrides],
                            check=True, capture_output=True)
             manifest = json.loads((out / "final" / "manifest.json").read_text())
             rows.append({"algorithm": algorithm, "reward": reward,

@@ -139,6 +139,7 @@ def reinforce_advantages(
     group_size: int,
     running_mean: RunningMean | None = None,
     eps: float = 1e-6,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE advantages: return-to-go minus a baseline chosen by name (Williams 1992).
 
@@ -150,12 +151,23 @@ def reinforce_advantages(
       over past batches (``running_mean.value``); on the first batch
       (``running_mean.count == 0``) m is the mean of this batch's ``s``.
       ``running_mean`` is then updated with this batch's ``s`` (in place).
+      Under torchrun pass an all-reducing running mean
+      (``training.GlobalRunningMean``): m is then the mean over every rank's rows.
     - ``'rloo'`` (Ahmadian et al. 2024, "Back to Basics", leave-one-out):
       ``A[b,t] = G[b,t] - (1/(K-1)) sum_{j in group, j != b} s_j``; K >= 2.
     - ``'group_norm'`` (Shao et al. 2024, GRPO, outcome supervision):
       ``A[b,t] = (G[b,t] - mean_group(s)) / (std_group(s) + eps)`` with the
       population std (``unbiased=False``: the group is all we normalise
       over, so K group-normalised scores have std exactly 1 up to eps); K >= 2.
+      When ``scores`` (the outcome scores c, (B,)) are given, only they are
+      normalised and the rest of the return (per-token KL penalty, process
+      rewards) stays in reward units: A is the return-to-go of the rewards with
+      the score at the last real token L_b swapped for its normalised value,
+      ``r'[b,t] = r[b,t] + 1[t = L_b] (ĉ_b - c_b)``, ``ĉ = (c - mean_group(c)) / (std_group(c) + eps)``
+      (with gamma = 1: ``A[b,t] = G[b,t] - c_b + ĉ_b``).
+      Without this, a group whose scores are all equal has a tiny std made of KL
+      differences alone, and dividing the per-token KL part of G by it blows
+      advantages up by orders of magnitude (seen as grad norms of 1e3).
 
     Args:
         rewards: (B, T) token rewards.
@@ -165,6 +177,7 @@ def reinforce_advantages(
         group_size: K samples per prompt; B must be divisible by K.
         running_mean: state for ``'mean'`` (required there, ignored otherwise).
         eps: added to the group std for ``'group_norm'``.
+        scores: (B,) outcome scores for ``'group_norm'`` (see above); None = ``s``.
 
     Returns:
         ``(advantages, returns)``, each (B, T), detached, 0 on padding;
@@ -193,18 +206,29 @@ def reinforce_advantages(
             raise ValueError("baseline 'mean' needs a RunningMean instance (running_mean=...)")
         if running_mean.count > 0:
             advantages = returns - running_mean.value
-        else:
-            advantages = returns - sequence_returns.mean()
-        running_mean.update(sequence_returns)
+            running_mean.update(sequence_returns)
+        else:  # first batch: its own mean (over every rank's rows when running_mean is all-reduced)
+            running_mean.update(sequence_returns)
+            advantages = returns - running_mean.value
     else:
         grouped = sequence_returns.view(-1, group_size)  # (B/K, K)
         if baseline == "rloo":
             others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (B/K, K)
             advantages = returns - others_mean.reshape(-1, 1)
         else:  # group_norm
+            c = sequence_returns if scores is None else scores.to(returns)
+            grouped = c.view(-1, group_size)
             group_mean = grouped.mean(dim=1, keepdim=True).expand_as(grouped).reshape(-1, 1)
             group_std = grouped.std(dim=1, unbiased=False, keepdim=True).expand_as(grouped).reshape(-1, 1)
-            advantages = (returns - group_mean) / (group_std + eps)
+            if scores is None:
+                advantages = (returns - group_mean) / (group_std + eps)
+            else:
+                normalised = (c[:, None] - group_mean) / (group_std + eps)  # (B, 1)
+                mask = response_mask.to(returns)
+                positions = torch.arange(mask.shape[1], device=mask.device)
+                last = (positions * mask).argmax(-1, keepdim=True)  # last real token of each row
+                swap = torch.zeros_like(returns).scatter(1, last, normalised - c[:, None])
+                advantages = discounted_returns(rewards + swap, response_mask, gamma)
     return _zero_padding(advantages, response_mask), returns
 
 

@@ -163,6 +163,32 @@ def test_baseline_group_norm_hand_values():
     torch.testing.assert_close(advantages, expected)
 
 
+def test_group_norm_normalises_only_the_scores_when_given():
+    """KL shaping with equal scores in a group: without `scores` the tiny std of the KL
+    differences blows advantages up; with them A = return-to-go of (KL part + normalised score)."""
+    beta_kl = torch.tensor([[-0.01, -0.02, 0.0], [-0.03, 0.0, 0.0], [0.0, -0.01, -0.01], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    scores = torch.tensor([1.0, 1.0, 0.0, 2.0])
+    lengths = mask.sum(-1)
+    rewards = beta_kl.clone()
+    rewards[torch.arange(4), lengths - 1] += scores
+    blown, _ = reinforce_advantages(rewards, mask, 1.0, "group_norm", group_size=2)
+    assert blown[0].abs().max() > 100  # the failure mode: 0.03 of KL divided by a std of 0.0
+    advantages, returns = reinforce_advantages(rewards, mask, 1.0, "group_norm", group_size=2, scores=scores)
+    # group 1: equal scores -> normalised 0; A = KL return-to-go only
+    torch.testing.assert_close(advantages[0], torch.tensor([-0.03, -0.02, 0.0]))
+    torch.testing.assert_close(advantages[1], torch.tensor([-0.03, 0.0, 0.0]))
+    # group 2: scores 0 and 2 -> mean 1, std 1 -> -1 and +1 (up to eps), plus the KL return-to-go
+    torch.testing.assert_close(advantages[2], torch.tensor([-0.02, -0.02, -0.01]) - 1 / (1 + 1e-6))
+    torch.testing.assert_close(advantages[3], torch.tensor([0.0, 0.0, 0.0]) + 1 / (1 + 1e-6))
+    # returns stay the plain return-to-go; with no shaping the two forms agree
+    torch.testing.assert_close(returns, discounted_returns(rewards, mask, 1.0))
+    plain, mask2 = scores_at_last_token([1.0, 3.0, 2.0, 2.0], [3, 2, 1, 3])
+    torch.testing.assert_close(
+        reinforce_advantages(plain, mask2, 1.0, "group_norm", group_size=2, scores=torch.tensor([1.0, 3.0, 2.0, 2.0]))[0],
+        reinforce_advantages(plain, mask2, 1.0, "group_norm", group_size=2)[0])
+
+
 def test_baseline_running_mean():
     running_mean = RunningMean()
     rewards, mask = scores_at_last_token([1.0, 3.0], [3, 2])

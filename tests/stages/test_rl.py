@@ -146,6 +146,21 @@ def test_each_algorithm_raises_held_out_accuracy(sft_run, tmp_path, algorithm):
     assert train[-1]["kl"] > 0
 
 
+def test_process_reward_raises_held_out_accuracy(sft_run, tmp_path):
+    """A process reward (one value per written step, each on its step's last token) trains end to end."""
+    out = tmp_path / "rl"
+    proc = run_cli("rl", "algorithm=reinforce", "reward.functions=[rlhf_cli.task:step_correctness_reward]",
+                   f"policy.path={sft_run / 'final'}", f"output_dir={out}", "max_steps=25", "eval.every=1000",
+                   "data.num_eval=100", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    before, after = manifest["metrics_before"]["eval_accuracy"], manifest["metrics"]["eval_accuracy"]
+    assert after >= before + 0.30, (before, after)
+    train = [r for r in metrics(out) if r["kind"] == "train"]
+    # the summed process reward of a response: +-0.2 per step plus 1 for the right answer
+    assert train[-1]["rule_reward"] > train[0]["rule_reward"]
+
+
 def test_ppo_first_minibatch_has_ratio_one_even_with_dropout_in_the_config(tmp_path, tiny_model_dir):
     """Checklist 1 + 2: dropout is off in every model during RL, so the first minibatch's ratio is exactly 1."""
     from transformers import AutoModelForCausalLM
