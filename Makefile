@@ -6,12 +6,13 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: install demo test test-slow bench clean help
+.PHONY: install demo test test-slow bench bench-trl clean help
 
 help:
 	@echo "make demo    install, then sft -> train-rm -> rl on the embedded default (CPU, minutes)"
 	@echo "make test    install, then the test suite (slow tests: make test-slow)"
-	@echo "make bench   throughput benchmark"
+	@echo "make bench   throughput of every stage, tiny and ~25M models (bench/latest.json)"
+	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
 
 install: $(VENV)/.installed
 
@@ -24,14 +25,22 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/python scripts/demo.py --runs $(RUNS)
 
+# two workers: most tests wait on a subprocess importing torch, so two cores overlap them
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 bench: install
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# TRL beside the torch already installed: the constraint keeps pip from replacing it
+bench-trl: install
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(BIN)/pip install -q -e ".[bench]" -c $(VENV)/torch-pin.txt
+	$(BIN)/python scripts/bench_trl.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(RUNS) outputs multirun .pytest_cache

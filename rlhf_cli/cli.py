@@ -10,12 +10,15 @@ The dispatcher pops the stage, turns a positional YAML file into overrides,
 composes and validates the whole config (every sweep combination) with
 Hydra's compose API before anything loads, then hands over to the stage's
 own ``@hydra.main`` so Hydra keeps multirun, ``--cfg``, output dirs and tab
-completion. A problem the user can fix prints one line and exits 2.
+completion. A problem the user can fix prints one line and exits 2 (a full
+disk included); SIGTERM / SIGINT stop after the current step with a checkpoint,
+one line saying how to resume, and exit 143 / 130 (rlhf_cli/signals.py).
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import itertools
 import os
 import sys
@@ -28,14 +31,22 @@ STAGES = {
     "train-rm": ("rlhf_cli.stages.train_rm", "reward model from prompt/chosen/rejected pairs"),
     "rl": ("rlhf_cli.stages.rl", "REINFORCE, A2C or PPO against reward models and rule rewards"),
 }
+TOOLS = {  # commands beside the stages: each module has main(args)
+    "validate": ("rlhf_cli.validate", "check a stage's config and data files without loading any model"),
+    "eval": ("rlhf_cli.evaluate", "held-out accuracy, reward-model score, length and samples of a final/ model"),
+    "plot": ("rlhf_cli.plot", "PNG curves (loss, reward, KL, accuracy, length) comparing runs or a sweep"),
+}
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # a write failed: one line, exit 2
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
                           "--config-name", "-cn", "--config-dir", "-cd", "-sc", "--shell-completion"}
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
+    from rich.markup import escape
+
     from rlhf_cli.tracking import console
 
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # brackets in messages stay text
     sys.exit(code)
 
 
@@ -53,10 +64,13 @@ def main(argv: list[str] | None = None) -> None:
         print_stages(stages)
         return
     stage, rest = argv[0], argv[1:]
+    if stage in TOOLS:
+        run_tool(stage, rest)
+        return
     if stage not in stages:
-        close = difflib.get_close_matches(stage, list(stages), n=1)
+        close = difflib.get_close_matches(stage, list(stages) + list(TOOLS), n=1)
         fail(f"unknown stage {stage!r}" + (f"; did you mean {close[0]!r}?" if close else "") +
-             f" (stages: {', '.join(stages)})")
+             f" (stages: {', '.join(stages)}; tools: {', '.join(TOOLS)})")
     if not CONF_DIR.is_dir():
         fail(f"config directory {CONF_DIR} not found; install with `pip install -e .` from the repo or set RLHF_CONF_DIR")
     if any(a in ("-h", "--help") for a in rest):
@@ -64,7 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     overrides, hydra_args = split_args(rest)
     multirun = any(a in ("-m", "--multirun") for a in hydra_args)
-    validate(stage, overrides, multirun)
+    from rlhf_cli import signals
+
+    signals.remember_command(stage, rest)  # for the resume hint after SIGTERM / SIGINT
+    configs = validate(stage, overrides, multirun)
+    if not multirun and os.environ.get("RANK", "0") == "0" and not {"--cfg", "-c", "--info", "-i"} & set(hydra_args):
+        check_not_in_use(configs[0].output_dir)
     if multirun:  # name each job's dir by the swept keys only: runs/rl/algorithm=ppo,seed=1
         fixed = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "," not in o.split("=", 1)[-1]
                  and not o.startswith("hydra.")]
@@ -72,6 +91,17 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("RANK", "0") != "0":
         overrides.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
     run_hydra(stage, overrides, hydra_args)
+
+
+def run_tool(name: str, args: list[str]) -> None:
+    import importlib
+
+    from rlhf_cli.errors import UserError
+
+    try:
+        importlib.import_module(TOOLS[name][0]).main(args)
+    except UserError as e:
+        fail(str(e), code=e.exit_code)
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -91,9 +121,18 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
         elif "=" not in a:
             fail(f"{a!r} is neither key=value nor a .yaml file; write e.g. optim.lr=1e-4")
         else:
-            overrides.append(a)
+            overrides.append(_quote_path_value(a))
         i += 1
     return overrides, hydra_args
+
+
+def _quote_path_value(override: str) -> str:
+    """policy.path=runs/sft/seed=1/final -> policy.path='runs/sft/seed=1/final': a sweep job's dir
+    holds '=', which Hydra's override grammar rejects unquoted."""
+    key, value = override.split("=", 1)
+    if "=" not in value or value[:1] in ("'", '"', "[", "{") or any(c in value for c in ",()'\\"):
+        return override
+    return f"{key}='{value}'"
 
 
 def yaml_to_overrides(path: str) -> list[str]:
@@ -179,14 +218,28 @@ def compose_config(stage: str, overrides: list[str]):
     return OmegaConf.to_object(cfg)
 
 
-def validate(stage: str, overrides: list[str], multirun: bool) -> None:
+def validate(stage: str, overrides: list[str], multirun: bool) -> list:
+    """Compose and check every sweep combination; -> their typed configs (fail() on the first problem)."""
     combos = expand_sweeps(overrides) if multirun else [overrides]
+    configs = []
     for combo in combos:
         try:
             cfg = compose_config(stage, combo)
         except Exception as e:  # one line, named key, closest valid key
             fail(explain_config_error(stage, e, combo))
         check_output_dir(cfg.output_dir)
+        configs.append(cfg)
+    return configs
+
+
+def check_not_in_use(output_dir: str) -> None:
+    """Refuse before Hydra writes into a run dir another live run holds (RunDir takes the real lock)."""
+    from rlhf_cli.checkpoint import lock_holder
+
+    holder = lock_holder(Path(output_dir).expanduser())
+    if holder is not None:
+        fail(f"{output_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}); "
+             f"wait for it to finish or stop it, or choose another output_dir=...")
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -222,8 +275,15 @@ def explain_config_error(stage: str, exc: Exception, overrides: list[str]) -> st
             return f"unknown config key {bad!r}{hint}"
     if "Could not find" in text or "Could not load" in text:
         first = str(chain[0]).splitlines()
-        options = next((line for line in first if "Available options" in line), "")
-        return f"{first[0]} {options.strip()}".strip()
+        at = next((i for i, line in enumerate(first) if "Available options" in line), None)
+        if at is None:
+            return first[0]
+        names = []  # the options are the tab-indented lines under "Available options in 'group':"
+        for line in first[at + 1:]:
+            if not line.startswith("\t"):
+                break
+            names.append(line.strip())
+        return f"{first[0]}; {first[at].strip()} {', '.join(names)}"
     for c in chain:
         if full_key and c.__class__.__name__ in ("ValidationError", "ConfigTypeError", "ConfigValueError"):
             msg = str(getattr(c, "msg", c)).splitlines()[0]
@@ -251,7 +311,12 @@ def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
     task = hydra.main(config_path=str(CONF_DIR), config_name=_config_name(stage), version_base="1.3")(
         _task_function(stage, runner))
     sys.argv = [f"rlhf {stage}"] + hydra_args + overrides
-    task()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let Hydra's own write errors reach the handler below
+    try:
+        task()
+    except Exception as e:  # Hydra writing .hydra/ into a full disk: one line, not a traceback
+        fail_if_disk_full(e, output_dir=None)
+        raise
 
 
 def _task_function(stage: str, runner):
@@ -259,17 +324,43 @@ def _task_function(stage: str, runner):
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
+        from rlhf_cli import signals
         from rlhf_cli.errors import UserError
 
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             config = OmegaConf.to_object(cfg)
-            runner.run(config, output_dir)
+            with signals.stop_at_step_boundary():
+                runner.run(config, output_dir)
         except UserError as e:
             fail(str(e), code=e.exit_code)
+        except signals.Interrupted as e:  # SIGTERM / SIGINT: checkpoint written; one plain line, 143 / 130
+            if os.environ.get("RANK", "0") == "0":
+                print(str(e), file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+        except Exception as e:  # a write that hit a full disk anywhere (metrics, base model, ...): one line
+            fail_if_disk_full(e, output_dir)
+            raise
 
     task.__name__ = stage.replace("-", "_")
     return task
+
+
+def fail_if_disk_full(exc: BaseException, output_dir) -> None:
+    """fail() with one line when exc (or what caused it) is a write refused for space: ENOSPC, EFBIG,
+    EDQUOT, EROFS, whether raised as OSError or wrapped in another library's error text."""
+    e, seen = exc, 0
+    while e is not None and seen < 10:
+        reason = None
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            reason = f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+        else:
+            reason = next((os.strerror(n) for n in DISK_ERRNOS if os.strerror(n) in str(e)), None)
+        if reason:
+            where = f" in {output_dir}" if output_dir else ""
+            fail(f"could not write{where}: {reason} (disk full or over quota?); free space or choose another "
+                 f"output_dir=..., then rerun: it resumes from the last complete checkpoint")
+        e, seen = e.__cause__ or e.__context__, seen + 1
 
 
 def print_stages(stages: dict) -> None:
@@ -277,13 +368,19 @@ def print_stages(stages: dict) -> None:
 
     from rlhf_cli.tracking import console
 
-    console.print("usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)")
-    table = Table(show_header=True)
-    table.add_column("stage")
-    table.add_column("what it does")
-    for name, (_, what) in stages.items():
-        table.add_row(name, what)
-    console.print(table)
+    console.print("usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)",
+                  markup=False)
+    for kind, commands in (("stage", stages), ("tool", TOOLS)):
+        if kind == "tool":
+            console.print("tools: rlhf validate <stage> [CONFIG.yaml] [key=value ...] | rlhf eval CHECKPOINT "
+                          "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png]   "
+                          "(rlhf <tool> --help)", markup=False)
+        table = Table(show_header=True)
+        table.add_column(kind)
+        table.add_column("what it does")
+        for name, (_, what) in commands.items():
+            table.add_row(name, what)
+        console.print(table)
 
 
 def print_stage_help(stage: str) -> None:
@@ -292,7 +389,7 @@ def print_stage_help(stage: str) -> None:
     from rlhf_cli.config import STAGE_SCHEMAS, field_docs
     from rlhf_cli.tracking import console
 
-    console.print(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]")
+    console.print(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]", markup=False)
     groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
     primary = (CONF_DIR / f"{_config_name(stage)}.yaml").read_text()
     console.print("config groups (pick with group=option):")

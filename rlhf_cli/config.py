@@ -82,6 +82,7 @@ class OptimConfig:
     min_lr_ratio: float = doc(0.1, "cosine decays to lr * min_lr_ratio")
     max_grad_norm: Optional[float] = doc(1.0, "clip the global grad norm to this (null = no clipping)")
     grad_accum: int = doc(1, "micro-batches accumulated per optimizer step")
+    max_bad_steps: int = doc(5, "stop after this many updates in a row with a NaN/inf loss or gradient (each is skipped)")
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
@@ -89,6 +90,7 @@ class OptimConfig:
         _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("optim.max_grad_norm", self.max_grad_norm)
         _positive("optim.grad_accum", self.grad_accum)
+        _positive("optim.max_bad_steps", self.max_bad_steps)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {list(self.betas)}); e.g. optim.betas=[0.9,0.95]")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -134,6 +136,52 @@ class EvalConfig:
         _positive("eval.batch_size", self.batch_size)
 
 
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = doc(False, "also write TensorBoard event files to <output_dir>/tensorboard (with the resolved config)")
+    wandb: bool = doc(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline logs locally)")
+    wandb_project: str = doc("rlhf", "W&B project; the run is named after output_dir")
+
+    def __post_init__(self):
+        import importlib.util
+
+        for key, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if getattr(self, key) and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"logging.{key}=true but {package} is not installed; "
+                                  f"pip install {package}, or set logging.{key}=false")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters through peft (rlhf_cli/lora.py); r=0 trains every weight."""
+    r: int = doc(0, "LoRA rank: 0 = off (full fine-tuning); e.g. lora.r=8 trains adapters only, the base stays frozen")
+    alpha: float = doc(16.0, "LoRA alpha: the update B A x is scaled by alpha / r")
+    dropout: float = doc(0.0, "dropout on the adapters' input (training mode only; rl runs in eval mode)")
+    target_modules: List[str] = doc(["all-linear"], "modules that get adapters: [all-linear] (every linear layer but "
+                                                    "the output head) or module names, e.g. [q_proj,v_proj]")
+    save: str = doc("merged", "final/ holds: merged (a plain HF model dir) or adapter (adapter_config.json + "
+                              "adapter_model.safetensors over the base model dir; loads with peft)")
+
+    def __post_init__(self):
+        _positive("lora.r", self.r, allow_zero=True)
+        _positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1) (got {self.dropout})")
+        _choice("lora.save", self.save, ("merged", "adapter"))
+        names = list(self.target_modules)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"lora.target_modules must name modules (got {names}); e.g. lora.target_modules=[all-linear]")
+        if "all-linear" in names and len(names) > 1:
+            raise ConfigError(f"lora.target_modules: all-linear stands alone (got {names}); "
+                              f"write lora.target_modules=[all-linear] or list module names")
+
+    def check_with(self, device_cfg) -> None:
+        """Cross-field: peft's adapters are not combined with FSDP2 sharding here (DDP replicates them)."""
+        if self.r > 0 and device_cfg.distributed == "fsdp":
+            raise ConfigError("lora.r > 0 is not supported with device.distributed=fsdp; use device.distributed=ddp "
+                              "(adapters and their optimizer state are small, so replicating them costs little)")
+
+
 # ---------------------------------------------------------------- stages
 
 
@@ -151,20 +199,23 @@ class SFTConfig:
     optim: OptimConfig = doc(OptimConfig, "optimizer and schedule")
     eval: EvalConfig = doc(EvalConfig, "held-out evaluation")
     checkpoint: CheckpointConfig = doc(CheckpointConfig, "resumable checkpoints")
+    logging: LoggingConfig = doc(LoggingConfig, "where metrics go: metrics.jsonl always, TensorBoard / W&B by choice")
     device: DeviceConfig = doc(DeviceConfig, "device placement")
+    lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) instead of full fine-tuning")
 
     def __post_init__(self):
         _positive("max_steps", self.max_steps)
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("log_every", self.log_every)
+        self.lora.check_with(self.device)
 
 
 @dataclass
 class TrainRMConfig:
     output_dir: str = doc("runs/rm", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
     seed: int = doc(0, "seed of every random generator")
-    max_steps: Optional[int] = doc(250, "optimizer steps; null = run epochs epochs")
+    max_steps: Optional[int] = doc(1000, "optimizer steps; null = run epochs epochs")
     epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
     batch_size: int = doc(32, "preference pairs per micro-batch per device")
     margin_from_data: bool = doc(True, "use a `margin` column when the data has one")
@@ -175,7 +226,9 @@ class TrainRMConfig:
     optim: OptimConfig = doc(OptimConfig, "optimizer and schedule")
     eval: EvalConfig = doc(EvalConfig, "held-out evaluation")
     checkpoint: CheckpointConfig = doc(CheckpointConfig, "resumable checkpoints")
+    logging: LoggingConfig = doc(LoggingConfig, "where metrics go: metrics.jsonl always, TensorBoard / W&B by choice")
     device: DeviceConfig = doc(DeviceConfig, "device placement")
+    lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) on the backbone; the score head trains in full")
 
     def __post_init__(self):
         _positive("max_steps", self.max_steps)
@@ -183,6 +236,7 @@ class TrainRMConfig:
         _positive("batch_size", self.batch_size)
         _positive("center_coef", self.center_coef, allow_zero=True)
         _positive("log_every", self.log_every)
+        self.lora.check_with(self.device)
 
 
 @dataclass
@@ -207,6 +261,10 @@ class RewardModelConfig:
     path: Optional[str] = doc(None, "reward model dir (a train-rm final/); null = no reward model")
     weight: float = doc(1.0, "weight of the reward-model score in the total reward")
     normalize: bool = doc(True, "standardise scores with the mean/std stored in the RM's manifest")
+    dtype: str = doc("fp32", "reward model weights dtype (inference only): fp32, bf16 or fp16")
+
+    def __post_init__(self):
+        _choice("reward.model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -226,7 +284,7 @@ class RewardConfig:
 class AlgorithmConfig:
     name: str = doc("reinforce", "reinforce, a2c or ppo")
     advantage: str = doc("reinforce", "advantage estimator: reinforce (return-to-go - baseline), gae or nstep")
-    baseline: str = doc("group_norm", "REINFORCE baseline: none, mean, rloo or group_norm")
+    baseline: str = doc("rloo", "REINFORCE baseline: none, mean, rloo or group_norm")
     gamma: float = doc(1.0, "discount")
     lam: float = doc(0.95, "GAE lambda")
     nstep: int = doc(8, "n of n-step TD")
@@ -256,7 +314,7 @@ class AlgorithmConfig:
 
 @dataclass
 class KLConfig:
-    coef: float = doc(0.02, "initial KL coefficient beta")
+    coef: float = doc(0.05, "initial KL coefficient beta")
     estimator: str = doc("k1", "k1: penalty in the reward; k3: low-variance penalty in the loss")
     target: Optional[float] = doc(None, "adaptive beta toward this KL per sequence (null = fixed beta)")
     horizon: int = doc(10000, "adaptive KL horizon (Ziegler et al. 2019)")
@@ -308,12 +366,19 @@ class RLConfig:
     optim: OptimConfig = doc(OptimConfig, "optimizer and schedule")
     eval: EvalConfig = doc(EvalConfig, "held-out evaluation")
     checkpoint: CheckpointConfig = doc(CheckpointConfig, "resumable checkpoints")
+    logging: LoggingConfig = doc(LoggingConfig, "where metrics go: metrics.jsonl always, TensorBoard / W&B by choice")
     device: DeviceConfig = doc(DeviceConfig, "device placement")
     placement: PlacementConfig = doc(PlacementConfig, "per-model devices")
+    lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters on the policy (lora.r > 0): the reference is then the policy "
+                                       "with its adapters off, no second copy; the critic trains in full")
 
     def __post_init__(self):
         _positive("max_steps", self.max_steps)
         _positive("log_every", self.log_every)
+        self.lora.check_with(self.device)
+        if self.lora.r > 0 and not self.reference.path and self.placement.reference not in (None, self.placement.policy):
+            raise ConfigError("placement.reference cannot differ from the policy's with lora.r > 0: the reference is the "
+                              "policy with its adapters off; drop placement.reference (or set reference.path=...)")
         if not self.reward.functions and not self.reward.model.path:
             raise ConfigError("no reward source: set reward.model.path=<train-rm final/> and/or reward.functions=[module:function]")
         algo = self.algorithm

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlhf_cli import lora
 from rlhf_cli.errors import UserError
 from rlhf_cli.runtime import DTYPES
 
@@ -24,8 +25,9 @@ def _check_model_dir(path: str, key: str) -> None:
     looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not p.exists():
         raise UserError(f"{key}: {path} does not exist; point it at a model directory (e.g. runs/sft/final)")
-    if p.exists() and not (p / "config.json").exists():
-        raise UserError(f"{key}: {path} is not a Hugging Face model directory (no config.json)")
+    if p.exists() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        raise UserError(f"{key}: {path} is not a Hugging Face model directory (no config.json, nor a LoRA "
+                        f"adapter's adapter_config.json)")
 
 
 def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
@@ -57,6 +59,9 @@ def load_causal_lm(path: str, key: str, dtype: str = "fp32", device=None, trust_
 
     _check_model_dir(path, key)
     quiet_transformers()
+    if lora.is_adapter_dir(path):  # a LoRA final/: its base with the adapter merged in
+        model = lora.load_merged(path, key, lambda base: load_causal_lm(base, key, dtype, None, trust_remote_code))
+        return model.to(device) if device is not None else model
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -71,6 +76,9 @@ def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None
 
     _check_model_dir(path, key)
     quiet_transformers()
+    if lora.is_adapter_dir(path):  # a LoRA final/ (reward model or policy): base + adapter merged
+        model = lora.load_merged(path, key, lambda base: load_scalar_head_model(base, key, dtype, None, trust_remote_code))
+        return model.to(device) if device is not None else model
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         fresh_head = getattr(config, "num_labels", None) != 1 or not any(
@@ -92,7 +100,8 @@ def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None
 def scalar_head(model) -> torch.nn.Linear:
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Linear):
+        # a LoRA reward model's head is peft's ModulesToSaveWrapper around the Linear (a trainable copy)
+        if isinstance(head, torch.nn.Linear) or isinstance(getattr(head, "original_module", None), torch.nn.Linear):
             return head
     raise UserError(f"{type(model).__name__} has no linear score head this tool knows (score / classifier)")
 
@@ -124,15 +133,29 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
     input_ids: (B, P + T) with left-padded prompts of width P. Returns (B, T)
     log-probs, and (B, T) entropies when asked.
     """
+    response_len = input_ids.shape[1] - prompt_len
+    # the LM head only on the T + 1 last positions, not on the prompt's (cost: B x (P + T) x V matmul otherwise)
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-    logits = logits[:, prompt_len - 1:-1].float() / temperature  # (B, T, V)
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                   **_keep_last_logits(model, response_len + 1)).logits
+    logits = logits[:, -(response_len + 1):-1].float() / temperature  # (B, T, V)
     logp_all = F.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
     if not with_entropy:
         return logprobs
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
+
+
+def _keep_last_logits(model, n: int) -> dict:
+    """{"logits_to_keep": n} when the model's forward takes it (transformers causal LMs do), else {}."""
+    import inspect
+
+    inner = getattr(model, "module", model)  # DDP / FSDP wrappers pass keywords through
+    if not hasattr(inner, "forward"):  # lora.AdaptersOff: the policy's own module, run with adapters off
+        inner = inner.model
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
 
 
 @dataclass
@@ -164,11 +187,14 @@ def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
            temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
-           top_k: int | None = None, top_p: float | None = None) -> Rollout:
+           top_k: int | None = None, top_p: float | None = None, noise: torch.Tensor | None = None) -> Rollout:
     """Batched sampling with a KV cache; stops as soon as every row has emitted EOS.
 
     Log-probs are of the unfiltered distribution softmax(logits / T), the one
     training uses (top-k / top-p bias the KL estimate; the RL stage logs that).
+    With `noise` ((B, max_new_tokens) uniforms in [0, 1), e.g. runtime.keyed_uniform)
+    token t of row b is drawn by inverse CDF from noise[b, t]: a row's draw depends on
+    its own noise only, not on the batch around it (so not on the number of ranks).
     """
     from transformers import DynamicCache
 
@@ -189,7 +215,13 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad
             token = logits.argmax(-1)
         else:
             filtered = _top_k_top_p(logits, top_k, top_p)
-            token = torch.multinomial(F.softmax(filtered, -1), 1, generator=generator).squeeze(-1)
+            probs = F.softmax(filtered, -1)
+            if noise is not None:  # inverse CDF, float64 so the cumulative sum stays exact enough
+                cdf = probs.double().cumsum(-1)
+                u = noise[:, len(tokens), None].to(cdf) * cdf[:, -1:]
+                token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+            else:
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
@@ -212,7 +244,8 @@ def _cache_kwarg(model) -> str:
     """transformers 5.x renames `past_key_values` to `cache`; use whichever forward takes."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it through
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _top_k_top_p(logits, top_k, top_p):

@@ -11,6 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two xdist workers on a 2-core box: one thread per process (inherited by every
+    # subprocess), or OpenMP oversubscription makes each run 4-10x slower
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m rlhf_cli ARGS` in cwd; output captured as text."""
@@ -39,8 +44,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory) -> Path:
-    """The default `rlhf sft` on the embedded task (about 40 s): the demo's SFT checkpoint."""
-    root = tmp_path_factory.mktemp("sft_default")
-    proc = run_cli("sft", f"output_dir={root / 'run'}", cwd=root)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return root / "run"
+    """The default `rlhf sft` on the embedded task (about 40 s): the demo's SFT checkpoint.
+
+    Made once per test session: under xdist the workers share it (the first one to take the
+    lock trains it, the others wait and read it; tests only read it)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "sft_default"
+    root.mkdir(exist_ok=True)
+    run = root / "run"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "final" / "manifest.json").exists():
+            proc = run_cli("sft", f"output_dir={run}", cwd=root)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run

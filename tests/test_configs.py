@@ -1,7 +1,5 @@
 """Every shipped config composes and validates against the schema (torchtune's test_configs)."""
 
-from pathlib import Path
-
 import pytest
 
 from rlhf_cli.cli import CONF_DIR, compose_config

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import checkpoint, data, runtime, training
+from rlhf_cli import checkpoint, data, lora, runtime, signals, training
 from rlhf_cli.checkpoint import RunDir
 from rlhf_cli.errors import DataError
 from rlhf_cli.modeling import load_causal_lm, load_tokenizer
@@ -56,7 +56,7 @@ def eval_loss(model, examples, cfg, pad_id, device) -> float:
 def run(cfg, output_dir: Path) -> dict:
     # ---------------------------------------------------------------- setup
     t_start = time.time()
-    training.check_trainable_dtype(cfg.model)
+    training.check_trainable_dtype(cfg.model, "model", cfg.device.type)
     rt = runtime.setup(cfg.device, cfg.seed)
     run_dir = RunDir(output_dir, dataclasses.asdict(cfg), "sft", rt.is_main)
     try:
@@ -76,10 +76,14 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         raise DataError("data.train has no usable rows")
     eval_prompts = [data.split_sft_row(tokenizer, r, i, "data.eval")[0] for i, r in enumerate(eval_rows)]
 
-    model = load_causal_lm(path, "model.path", cfg.model.dtype, rt.device, cfg.model.trust_remote_code)
+    precision = training.Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
+    model = load_causal_lm(path, "model.path", precision.weights, rt.device, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    adapters = lora.attach(model, cfg.lora, "CAUSAL_LM", path, run_dir.root, rt)  # lora.r > 0: only adapters train
+    parts = {"model": (adapters.state if adapters else model, "")}  # LoRA: checkpoints hold the adapter tensors only
     model.train()
+    ddp_model = training.wrap_model(model, rt, cfg.device.distributed)  # before the optimizer: FSDP2 shards in place
 
     global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_examples) / global_batch))
@@ -87,27 +91,31 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
     scheduler = training.build_scheduler(optimizer, cfg.optim, total_steps)
     lengths = None if cfg.packing else [ex.length for ex in train_examples]  # bucket when padding
     sampler = data.EpochSampler(len(train_examples), cfg.seed, lengths, global_batch)
-    guard = training.StepGuard(cfg.optim.max_grad_norm)
+    guard = training.StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
 
     step = 0
     ckpt = run_dir.latest(warn=print if rt.is_main else None)
     if ckpt is not None:
-        tensors, state = RunDir.load(ckpt, ["model"])
-        model.load_state_dict(tensors["model"])
-        step = training.restore_trainer_state(state, optimizer, scheduler)
+        state = training.load_checkpoint(ckpt, rt, parts, optimizer, scheduler, precision)
+        step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
-    ddp_model = training.wrap_ddp(model, rt)
 
     tracker = Tracker(run_dir.root, "sft", total_steps, step, enabled=rt.is_main, progress_keys=("loss", "lr", "tokens_per_s"))
     tracker.message(f"sft: {len(train_examples)} train / {len(eval_examples)} held-out rows, global batch {global_batch} "
                     f"= {cfg.batch_size} x {cfg.optim.grad_accum} accum x {rt.world_size} ranks, {total_steps} steps, "
-                    f"device {rt.device}" + (f", resuming at step {step}" if step else ""))
+                    f"device {rt.device} ({precision.describe()}"
+                    + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
+                    + (f", resuming at step {step}" if step else ""))
+    if adapters:
+        tracker.message(f"sft: {adapters.describe()}")
     if truncated:
         tracker.message(f"sft: {truncated} training rows were longer than model.max_length={cfg.model.max_length} and were truncated")
 
     def evaluate() -> dict:
-        if not rt.is_main:
-            return {}
+        with training.gathered(model):  # FSDP2: every rank gathers the weights, rank 0 evaluates
+            return _evaluate() if rt.is_main else {}
+
+    def _evaluate() -> dict:
         accuracy, samples, mean_len, _ = training.held_out_accuracy(model, tokenizer, eval_rows, eval_prompts, cfg.eval, rt.device)
         metrics = {"eval_loss": eval_loss(model, eval_examples, cfg, tokenizer.pad_token_id, rt.device),
                    "eval_response_chars": mean_len}
@@ -122,7 +130,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
 
     # ---------------------------------------------------------------- loop
     throughput = training.Throughput()
-    last_eval = {}
+    last_eval = None  # {} on ranks other than 0
     while step < total_steps:
         indices = sampler.take(global_batch)  # every rank draws the same global batch ...
         chunks = [indices[i:i + cfg.batch_size] for i in range(0, global_batch, cfg.batch_size)]
@@ -135,14 +143,13 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
             padded_tokens += batch["input_ids"].numel()
             real_tokens += sum(train_examples[i].length for i in chunk)
             sync = micro == len(mine) - 1
-            ctx = ddp_model.no_sync() if rt.distributed and not sync else torch.enable_grad()
-            with ctx, runtime.autocast(rt.device, cfg.device.autocast):
+            with training.no_sync(ddp_model, sync), precision.autocast():
                 loss_sum, _ = token_loss_sum(ddp_model, batch, rt.device)
-                # normalise by the global token count; DDP averages over ranks, so scale back up
-                (loss_sum * rt.world_size / global_tokens).backward()
+                # normalise by the global token count; DDP / FSDP average over ranks, so scale back up
+                precision.backward(loss_sum * rt.world_size / global_tokens)
             loss_total += float(loss_sum.detach())
         loss_total = float(rt.all_reduce_sum(torch.tensor([loss_total], device=rt.device))) / global_tokens
-        grad_norm, applied = guard.step(model.parameters(), optimizer, loss_total)
+        grad_norm, applied = guard.step(model.parameters(), optimizer, loss_total, scaler=precision.scaler)
         scheduler.step()
         step += 1
 
@@ -156,23 +163,26 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         if step % cfg.eval.every == 0 or step == total_steps:
             last_eval = evaluate()
             tracker.log(step, {k: v for k, v in last_eval.items() if not k.startswith("_")}, kind="eval")
-        if rt.is_main and (step % cfg.checkpoint.every == 0 or step == total_steps):
-            run_dir.save(step, {"model": model.state_dict()},
-                         training.trainer_state(step, optimizer, scheduler, sampler=sampler.state_dict()),
-                         cfg.checkpoint.keep_last)
+        stop = signals.stop_requested(rt)  # SIGTERM / SIGINT: checkpoint this step, then exit 143 / 130
+        if step % cfg.checkpoint.every == 0 or step == total_steps or stop:  # collective; rank 0 writes
+            training.save_checkpoint(run_dir, rt, step, parts, optimizer, scheduler,
+                                     cfg.checkpoint.keep_last, precision, sampler=sampler.state_dict())
         rt.barrier()
+        if stop and step < total_steps:
+            raise signals.stopped(stop, step, total_steps, run_dir)
 
     # ---------------------------------------------------------------- save
-    if not last_eval:
+    if last_eval is None:
         last_eval = evaluate()
     results = {k: v for k, v in last_eval.items() if not k.startswith("_")}
+    parent = checkpoint.read_manifest(cfg.model.path)
+    training.save_final(run_dir, rt, model, tokenizer, {  # collective; rank 0 writes
+        "stage": "sft", "run_dir": str(run_dir.root.resolve()), "parent_model": cfg.model.path or "embedded tiny model",
+        "parent_run": parent.get("run_dir"), "config": dataclasses.asdict(cfg),
+        "data_fingerprint": checkpoint.fingerprint(train_rows), "steps": step, "metrics": results,
+        "metrics_before": {k: v for k, v in before.items() if not k.startswith("_")}, "world_size": rt.world_size,
+        **lora.manifest_entry(adapters)}, hf_model=adapters.final_model() if adapters else None)
     if rt.is_main:
-        parent = checkpoint.read_manifest(cfg.model.path)
-        run_dir.save_final(model, tokenizer, {
-            "stage": "sft", "run_dir": str(run_dir.root.resolve()), "parent_model": cfg.model.path or "embedded tiny model",
-            "parent_run": parent.get("run_dir"), "config": dataclasses.asdict(cfg),
-            "data_fingerprint": checkpoint.fingerprint(train_rows), "steps": step, "metrics": results,
-            "metrics_before": {k: v for k, v in before.items() if not k.startswith("_")}})
         table = {}
         for key in ("eval_loss", "eval_accuracy"):
             if key in results:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, runtime, training
+from rlhf_cli import checkpoint, data, lora, runtime, signals, training
 from rlhf_cli.algorithms.reward import pairwise_loss
 from rlhf_cli.checkpoint import RunDir
 from rlhf_cli.errors import DataError
@@ -125,7 +125,7 @@ def _samples(scorer, tokenizer, pairs: list[Pair], cfg, device) -> list[tuple[st
 def run(cfg, output_dir: Path) -> dict:
     # ---------------------------------------------------------------- setup
     t_start = time.time()
-    training.check_trainable_dtype(cfg.model)
+    training.check_trainable_dtype(cfg.model, "model", cfg.device.type)
     rt = runtime.setup(cfg.device, cfg.seed)
     run_dir = RunDir(output_dir, dataclasses.asdict(cfg), "train-rm", rt.is_main)
     try:
@@ -148,33 +148,42 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
             raise DataError(f"{key}: none of its {len(rows)} pairs fit in model.max_length={max_length} tokens "
                             f"(prompt + longer response + EOS); raise model.max_length or give more data")
 
-    model = load_scalar_head_model(path, "model.path", cfg.model.dtype, rt.device, cfg.model.trust_remote_code)
+    precision = training.Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
+    model = load_scalar_head_model(path, "model.path", precision.weights, rt.device, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    adapters = lora.attach(model, cfg.lora, "SEQ_CLS", path, run_dir.root, rt)  # lora.r > 0: adapters + score head train
     model.train()
     scorer = Scorer(model)
+    # before the optimizer: FSDP2 shards in place, with the Scorer as its root (its forward gathers the head)
+    ddp_scorer = training.wrap_model(scorer, rt, cfg.device.distributed)
+    parts = {"model": (scorer, "model.")}  # checkpoint tensors: the HF model's own keys
+    if adapters:
+        parts = {"model": (adapters.state, "")}  # LoRA: the adapters and the score head only
 
     global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_pairs) / global_batch))
     optimizer = training.build_optimizer(model.parameters(), cfg.optim)
     scheduler = training.build_scheduler(optimizer, cfg.optim, total_steps)
     sampler = data.EpochSampler(len(train_pairs), cfg.seed, [p.length for p in train_pairs], global_batch)
-    guard = training.StepGuard(cfg.optim.max_grad_norm)
+    guard = training.StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
 
     step = 0
     ckpt = run_dir.latest(warn=print if rt.is_main else None)
     if ckpt is not None:
-        tensors, state = RunDir.load(ckpt, ["model"])
-        model.load_state_dict(tensors["model"])
-        step = training.restore_trainer_state(state, optimizer, scheduler)
+        state = training.load_checkpoint(ckpt, rt, parts, optimizer, scheduler, precision)
+        step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
-    ddp_scorer = training.wrap_ddp(scorer, rt)
 
     tracker = Tracker(run_dir.root, "train-rm", total_steps, step, enabled=rt.is_main,
                       progress_keys=("loss", "accuracy", "lr"))
     tracker.message(f"train-rm: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs, global batch {global_batch} "
                     f"= {cfg.batch_size} x {cfg.optim.grad_accum} accum x {rt.world_size} ranks, {total_steps} steps, "
-                    f"device {rt.device}" + (f", resuming at step {step}" if step else ""))
+                    f"device {rt.device} ({precision.describe()}"
+                    + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
+                    + (f", resuming at step {step}" if step else ""))
+    if adapters:
+        tracker.message(f"train-rm: {adapters.describe()}")
     for key, dropped, kept in (("training", train_dropped, train_pairs), ("held-out", eval_dropped, eval_pairs)):
         if dropped:
             tracker.message(f"train-rm: dropped {dropped} of {dropped + len(kept)} {key} pairs longer than "
@@ -184,7 +193,8 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
                         "reads padded batches one token early; score with rlhf_cli.modeling.score_texts")
 
     def evaluate() -> dict:
-        return evaluate_pairs(scorer, eval_pairs, cfg.eval.batch_size, pad_id, rt.device) if rt.is_main else {}
+        with training.gathered(scorer):  # FSDP2: every rank gathers the weights, rank 0 evaluates
+            return evaluate_pairs(scorer, eval_pairs, cfg.eval.batch_size, pad_id, rt.device) if rt.is_main else {}
 
     before = evaluate() if step == 0 else {}
     if before:
@@ -192,7 +202,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
 
     # ---------------------------------------------------------------- loop
     throughput = training.Throughput()
-    last_eval = {}
+    last_eval = None  # {} on ranks other than 0
     while step < total_steps:
         indices = sampler.take(global_batch)  # every rank draws the same global batch ...
         chunks = [indices[i:i + cfg.batch_size] for i in range(0, global_batch, cfg.batch_size)]
@@ -201,16 +211,15 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         for micro, chunk in enumerate(mine):
             batch = pair_batch([train_pairs[i] for i in chunk], pad_id)
             sync = micro == len(mine) - 1
-            ctx = ddp_scorer.no_sync() if rt.distributed and not sync else torch.enable_grad()
-            with ctx, runtime.autocast(rt.device, cfg.device.autocast):
+            with training.no_sync(ddp_scorer, sync), precision.autocast():
                 chosen, rejected = pair_scores(ddp_scorer, batch, rt.device)  # (B,), (B,)
                 loss, stats = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_coef)
-                # weight each micro-batch by its share of the global batch; DDP averages over ranks, so scale back up
-                (loss * len(chunk) * rt.world_size / global_batch).backward()
+                # weight each micro-batch by its share of the global batch; DDP / FSDP average over ranks, so scale back up
+                precision.backward(loss * len(chunk) * rt.world_size / global_batch)
             sums += len(chunk) * torch.tensor([float(loss.detach()), float(stats["bt_loss"]),
                                                float(stats["accuracy"]), float(stats["margin"])], dtype=torch.float64)
         loss_value, bt_value, accuracy, margin = (rt.all_reduce_sum(sums.to(rt.device)).cpu() / global_batch).tolist()
-        grad_norm, applied = guard.step(model.parameters(), optimizer, loss_value)
+        grad_norm, applied = guard.step(scorer.parameters(), optimizer, loss_value, scaler=precision.scaler)
         scheduler.step()
         step += 1
 
@@ -223,19 +232,20 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         if step % cfg.eval.every == 0 or step == total_steps:
             last_eval = evaluate()
             tracker.log(step, last_eval, kind="eval")
-        if rt.is_main and (step % cfg.checkpoint.every == 0 or step == total_steps):
-            run_dir.save(step, {"model": model.state_dict()},
-                         training.trainer_state(step, optimizer, scheduler, sampler=sampler.state_dict()),
-                         cfg.checkpoint.keep_last)
+        stop = signals.stop_requested(rt)  # SIGTERM / SIGINT: checkpoint this step, then exit 143 / 130
+        if step % cfg.checkpoint.every == 0 or step == total_steps or stop:  # collective; rank 0 writes
+            training.save_checkpoint(run_dir, rt, step, parts, optimizer, scheduler, cfg.checkpoint.keep_last,
+                                     precision, sampler=sampler.state_dict())
         rt.barrier()
+        if stop and step < total_steps:
+            raise signals.stopped(stop, step, total_steps, run_dir)
 
     # ---------------------------------------------------------------- save
-    if not last_eval:
+    if last_eval is None:
         last_eval = evaluate()
     results = dict(last_eval)
-    if rt.is_main:
-        parent = checkpoint.read_manifest(cfg.model.path)
-        run_dir.save_final(model, tokenizer, {
+    parent = checkpoint.read_manifest(cfg.model.path)
+    manifest = {} if not rt.is_main else {
             "stage": "train-rm", "run_dir": str(run_dir.root.resolve()), "parent_model": cfg.model.path or "embedded tiny model",
             "parent_run": parent.get("run_dir"), "config": dataclasses.asdict(cfg),
             "data_fingerprint": checkpoint.fingerprint(train_rows), "steps": step, "metrics": results,
@@ -245,13 +255,18 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
             "eval_accuracy": results["eval_accuracy"],
             "scoring": "prompt + response + EOS, score read at the last real token (rlhf_cli.modeling.score_texts)",
             "pairs": {"train": len(train_pairs), "eval": len(eval_pairs),
-                      "dropped_train": train_dropped, "dropped_eval": eval_dropped}})
+                      "dropped_train": train_dropped, "dropped_eval": eval_dropped}, "world_size": rt.world_size}
+    training.save_final(run_dir, rt, scorer, tokenizer, {**manifest, **lora.manifest_entry(adapters)}, prefix="model.",
+                        hf_model=adapters.final_model() if adapters else model)  # collective
+    with training.gathered(scorer):
+        shown = _samples(scorer, tokenizer, eval_pairs, cfg, rt.device) if rt.is_main else []
+    if rt.is_main:
         table = {"held-out pairwise accuracy before": before.get("eval_accuracy", "(resumed)"),
                  "held-out pairwise accuracy after": results["eval_accuracy"],
                  "held-out mean margin r_c - r_r": results["eval_margin"],
                  "held-out score mean / std": f"{results['eval_score_mean']:.3g} / {results['eval_score_std']:.3g}",
                  "steps": step, "wall time (s)": round(time.time() - t_start, 1), "final model": str(run_dir.final)}
-        tracker.samples("held-out pairs (score of chosen / rejected)", _samples(scorer, tokenizer, eval_pairs, cfg, rt.device))
+        tracker.samples("held-out pairs (score of chosen / rejected)", shown)
         tracker.table("train-rm results", table)
     tracker.close()
     return results
