@@ -145,7 +145,11 @@ def plot(runs: list[tuple[str, Path]], out: Path, wanted: list[str] | None = Non
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    by_label = {}  # every run once, from whichever panel it appears in (stages log different metrics)
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    labels, handles = list(by_label), list(by_label.values())
     if len(data) > 1 or len(keys) == 1:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(data)), frameon=False)
         fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(data) / 4), 1, 1))
