@@ -220,6 +220,7 @@ def compose_config(stage: str, overrides: list[str]):
 
 def validate(stage: str, overrides: list[str], multirun: bool) -> list:
     """Compose and check every sweep combination; -> their typed configs (fail() on the first problem)."""
+    check_appended_keys(stage, overrides)
     combos = expand_sweeps(overrides) if multirun else [overrides]
     configs = []
     for combo in combos:
@@ -270,9 +271,7 @@ def explain_config_error(stage: str, exc: Exception, overrides: list[str]) -> st
     if "not in" in text or "Could not override" in text or "Key '" in text and "not in" in text:
         bad = full_key or _override_key_in(text, overrides)
         if bad:
-            close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else f"; see `rlhf {stage} --help` for the keys"
-            return f"unknown config key {bad!r}{hint}"
+            return unknown_key_message(stage, bad, keys)
     if "Could not find" in text or "Could not load" in text:
         first = str(chain[0]).splitlines()
         at = next((i for i, line in enumerate(first) if "Available options" in line), None)
@@ -289,6 +288,25 @@ def explain_config_error(stage: str, exc: Exception, overrides: list[str]) -> st
             msg = str(getattr(c, "msg", c)).splitlines()[0]
             return f"{full_key}: {msg}; see `rlhf {stage} --help` for its type"
     return str(chain[0]).splitlines()[0]
+
+
+def unknown_key_message(stage: str, bad: str, keys: list[str]) -> str:
+    close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else f"; see `rlhf {stage} --help` for the keys"
+    return f"unknown config key {bad!r}{hint}"
+
+
+def check_appended_keys(stage: str, overrides: list[str]) -> None:
+    """`+key=value` adds a key Hydra would otherwise refuse; the schema has no room for it (the run
+    would silently ignore it), so only keys the schema knows may be appended."""
+    from rlhf_cli.config import STAGE_SCHEMAS, leaf_keys
+
+    keys = leaf_keys(STAGE_SCHEMAS[stage])
+    for o in overrides:
+        key = o.lstrip("+").split("=", 1)[0]
+        if o.startswith("+") and not key.startswith("hydra.") and key not in keys \
+                and not any(k.startswith(key + ".") for k in keys):
+            fail(unknown_key_message(stage, key, keys))
 
 
 def _override_key_in(text: str, overrides: list[str]) -> str | None:
@@ -316,6 +334,8 @@ def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
         task()
     except Exception as e:  # Hydra writing .hydra/ into a full disk: one line, not a traceback
         fail_if_disk_full(e, output_dir=None)
+        if isinstance(e, OSError):  # e.g. hydra.run.dir=/proc/x: Hydra could not make the run directory
+            fail(f"could not write the run directory: {e}; choose a writable output_dir=...")
         raise
 
 
