@@ -333,8 +333,11 @@ class RolloutConfig:
     temperature: float = doc(1.0, "sampling temperature; log-probs everywhere use logits / T")
     top_k: Optional[int] = doc(None, "top-k sampling (biases the KL estimate; logged)")
     top_p: Optional[float] = doc(None, "nucleus sampling (biases the KL estimate; logged)")
+    engine: str = doc("auto", "decoding engine: lean (Llama-family models, preallocated KV cache), hf (the model's "
+                              "own forward), auto (lean where it applies)")
 
     def __post_init__(self):
+        _choice("rollout.engine", self.engine, ("auto", "lean", "hf"))
         _positive("rollout.prompts_per_step", self.prompts_per_step)
         _positive("rollout.samples_per_prompt", self.samples_per_prompt)
         _positive("rollout.max_new_tokens", self.max_new_tokens)

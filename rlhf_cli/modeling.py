@@ -187,8 +187,10 @@ def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
            temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
-           top_k: int | None = None, top_p: float | None = None, noise: torch.Tensor | None = None) -> Rollout:
-    """Batched sampling with a KV cache; stops as soon as every row has emitted EOS.
+           top_k: int | None = None, top_p: float | None = None, noise: torch.Tensor | None = None,
+           engine: str = "auto") -> Rollout:
+    """Batched sampling with a KV cache (decoding.py's engines); a row leaves the batch once it has
+    emitted EOS, and sampling ends when every row has.
 
     Log-probs are of the unfiltered distribution softmax(logits / T), the one
     training uses (top-k / top-p bias the KL estimate; the RL stage logs that).
@@ -196,56 +198,55 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad
     token t of row b is drawn by inverse CDF from noise[b, t]: a row's draw depends on
     its own noise only, not on the batch around it (so not on the number of ranks).
     """
-    from transformers import DynamicCache
+    from rlhf_cli.decoding import make_decoder
 
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
-    mask = prompt_mask.long()
-    positions = position_ids_from_mask(mask)
-    cache = DynamicCache(config=model.config)  # filled in place by every forward
-    cache_kw = {_cache_kwarg(model): cache}
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw)
-    next_pos = positions[:, -1] + 1
+    decoder = make_decoder(model, engine, prompt_ids.shape[1] + max_new_tokens)
+    # each distinct prompt is prefilled once (rl samples K responses per prompt), then its cache is copied
+    distinct, copies = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
+    if distinct.shape[0] < batch:
+        P = prompt_ids.shape[1]
+        logits = decoder.prefill(distinct[:, :P], distinct[:, P:], max_new_tokens)[copies]
+        decoder.keep(copies)
+    else:
+        logits = decoder.prefill(prompt_ids, prompt_mask, max_new_tokens)
+    response = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(batch, max_new_tokens, device=device)
+    rows = torch.arange(batch, device=device)  # the original row of each row still decoding
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logps = [], []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float() / temperature  # (B, V)
-        logp_all = F.log_softmax(logits, dim=-1)
+    steps = 0
+    for t in range(max_new_tokens):
+        logits = logits.float() / temperature  # (rows, V)
         if greedy:
             token = logits.argmax(-1)
         else:
-            filtered = _top_k_top_p(logits, top_k, top_p)
-            probs = F.softmax(filtered, -1)
+            probs = F.softmax(_top_k_top_p(logits, top_k, top_p), -1)
             if noise is not None:  # inverse CDF, float64 so the cumulative sum stays exact enough
                 cdf = probs.double().cumsum(-1)
-                u = noise[:, len(tokens), None].to(cdf) * cdf[:, -1:]
+                u = noise[rows, t, None].to(cdf) * cdf[:, -1:]
                 token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
             else:
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        logps.append(logp)
+        token = torch.where(done, pad_id, token)  # a stopped row not yet dropped writes padding
+        response[rows, t] = token
+        logprobs[rows, t] = F.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        steps = t + 1
         done = done | (token == eos_id)
-        if bool(done.all()):  # sync point: stop when every row has stopped
+        going = ~done
+        n_going = int(going.sum())  # one host sync per token: stop, or drop the rows that stopped
+        if n_going == 0 or t + 1 == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    use_cache=True, **cache_kw)
-        next_pos = next_pos + 1
-    response = torch.stack(tokens, 1)
+        if n_going <= rows.shape[0] * 7 // 8:  # copying the cache costs about a step: drop rows in eighths
+            keep = going.nonzero().squeeze(-1)
+            decoder.keep(keep)
+            rows, token, done = rows[keep], token[keep], done[keep]
+        logits = decoder.step(token)
+    response = response[:, :steps]
     response_mask, stopped = response_mask_from_tokens(response, eos_id)
     response = torch.where(response_mask.bool(), response, torch.full_like(response, pad_id))
-    logprobs = torch.stack(logps, 1) * response_mask
-    return Rollout(prompt_ids, prompt_mask.long(), response, response_mask, logprobs, stopped)
-
-
-def _cache_kwarg(model) -> str:
-    """transformers 5.x renames `past_key_values` to `cache`; use whichever forward takes."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it through
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return Rollout(prompt_ids, prompt_mask.long(), response, response_mask, logprobs[:, :steps] * response_mask,
+                   stopped)
 
 
 def _top_k_top_p(logits, top_k, top_p):

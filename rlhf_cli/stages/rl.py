@@ -241,7 +241,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         with training.gathered(policy), precision.autocast():  # FSDP2: ranks stop sampling at different lengths
             rollout = sample(policy, prompt_ids.to(dev_policy), prompt_mask.to(dev_policy), cfg.rollout.max_new_tokens,
                              tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.temperature,
-                             top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, noise=noise)
+                             top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, noise=noise, engine=cfg.rollout.engine)
         input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
         P = prompt_ids.shape[1]
         t1 = time.perf_counter()
