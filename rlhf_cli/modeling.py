@@ -127,11 +127,12 @@ def last_token_scores(model, input_ids, attention_mask) -> torch.Tensor:
 
 
 def response_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
-                      with_entropy: bool = False):
+                      with_entropy: bool = False, entropy_grad: bool = True):
     """log pi(token | prefix) of the response tokens, from logits / T.
 
     input_ids: (B, P + T) with left-padded prompts of width P. Returns (B, T)
-    log-probs, and (B, T) entropies when asked.
+    log-probs, and (B, T) entropies when asked (outside the autograd graph unless
+    entropy_grad: an entropy only logged costs no backward over (B, T, V)).
     """
     response_len = input_ids.shape[1] - prompt_len
     # the LM head only on the T + 1 last positions, not on the prompt's (cost: B x (P + T) x V matmul otherwise)
@@ -143,7 +144,8 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
     logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
     if not with_entropy:
         return logprobs
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
 
 

@@ -59,6 +59,13 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def relative_l2(a: dict, b: dict, base: dict) -> float:
+    """|a - b| / |b - base| over every parameter: how far two updates from `base` disagree, as a vector."""
+    diff = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in a)
+    step = sum(float(((b[k] - base[k]).double() ** 2).sum()) for k in b)
+    return (diff / step) ** 0.5
+
+
 def metric_rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -183,10 +190,11 @@ def test_rl_one_update_two_ranks_of_b_equal_one_rank_of_2b(rl_runs):
         assert row_two[key] == row_one[key], key
     for key in ("kl", "loss", "value_loss", "entropy", "grad_norm"):  # ... the same loss and pre-clip gradient ...
         assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-7), key
-    # ... and the same update. Adam's first step is lr * g / (|g| + eps) per element, so elements whose
-    # gradient is ~0 move by fp32 reordering noise: compare against the update's size, not 1e-5 absolute
+    # ... and the same update. Adam's first step is lr * g / (|g| + eps) per element, so an element whose
+    # gradient is ~0 moves by fp32 reordering noise (measured: the worst element differs by 1% of lr while the
+    # whole update differs by 3.5e-5 of its norm): the update as a vector must agree, and no element grossly
     update = max_diff(one, base)
-    assert update > 1e-4 and max_diff(two, one) < 1e-2 * update
+    assert update > 1e-4 and relative_l2(two, one, base) < 1e-3 and max_diff(two, one) < 5e-2 * update
     assert text(procs["a"]).count("global batch 8 = 4 (2 prompts x 2 samples) x 1 accum x 2 ranks") == 1
 
 

@@ -223,6 +223,15 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
             metrics["eval_rm_score"] = float(((rm_scores - rm_mean) / rm_std).mean())
         return metrics
 
+    def forward(ids: torch.Tensor, attn: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The update's forward over rollout rows (prompt width P): (log-probs, entropies, values), with
+        gradients (entropies only where the loss uses them)."""
+        logprobs, entropy = response_logprobs(ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy=True,
+                                              entropy_grad=cfg.algorithm.entropy_coef != 0)
+        values = (ddp_critic(ids.to(dev_critic), attn.to(dev_critic))[:, P - 1:-1].to(dev_policy)
+                  if ddp_critic is not None else None)
+        return logprobs, entropy, values
+
     before = evaluate() if step == 0 else {}
     if before:
         tracker.log(0, {k: v for k, v in before.items() if not k.startswith("_")}, kind="eval")
@@ -249,11 +258,20 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         # ------------------------------------------------------------ 2. score (+ reference, old log-probs, values)
         scores, step_rewards, score_stats = score_rollout(rollout, prompts, rows)
         with torch.no_grad(), precision.autocast():
-            logprobs_old = response_logprobs(policy, input_ids, attention_mask, P, cfg.rollout.temperature)
             logprobs_ref = response_logprobs(reference, input_ids.to(dev_ref), attention_mask.to(dev_ref), P,
                                              cfg.rollout.temperature).to(dev_policy)
-            values_old = (critic(input_ids.to(dev_critic), attention_mask.to(dev_critic))[:, P - 1:-1]
-                          .to(dev_policy) * mask) if critic is not None else None
+        a = cfg.algorithm
+        single_pass = a.epochs == 1 and a.minibatches == 1
+        if single_pass:  # one update over every row: its own forward gives the old log-probs and values,
+            with precision.autocast():  # detached: the numbers a separate no-grad forward computes, one forward fewer
+                update_forward = forward(input_ids, attention_mask, P)
+            logprobs_old = update_forward[0].detach()
+            values_old = update_forward[2].detach() * mask if critic is not None else None
+        else:
+            with torch.no_grad(), precision.autocast():
+                logprobs_old = response_logprobs(policy, input_ids, attention_mask, P, cfg.rollout.temperature)
+                values_old = (critic(input_ids.to(dev_critic), attention_mask.to(dev_critic))[:, P - 1:-1]
+                              .to(dev_policy) * mask) if critic is not None else None
         kl_per_token = algo.kl_k1(logprobs_old, logprobs_ref) * mask
         t2 = time.perf_counter()
 
@@ -261,7 +279,6 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         beta = kl_ctl.value
         kl_in_reward = kl_per_token if cfg.kl.estimator == "k1" else torch.zeros_like(kl_per_token)
         rewards = algo.token_rewards(scores, kl_in_reward, mask, beta, step_rewards)
-        a = cfg.algorithm
         if a.advantage == "reinforce":
             advantages, returns = algo.reinforce_advantages(rewards, mask, a.gamma, a.baseline, K, running_mean,
                                                             scores=scores)
@@ -281,7 +298,8 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         stop_early = False
         for epoch in range(a.epochs):
             # each rank shuffles its own rows: minibatch m of the step is the union of the ranks' minibatch m
-            order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + step * 997 + epoch))
+            order = (torch.arange(n_rows) if single_pass else
+                     torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + step * 997 + epoch)))
             for m in range(a.minibatches):
                 idx = order[m * mb_size:(m + 1) * mb_size].to(dev_policy)
                 mb_mask = mask[idx]
@@ -290,11 +308,11 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
                 # DDP averages the ranks' gradients: weighting each rank's token mean by its share of the
                 # minibatch's tokens (1 on one process) makes the loss the mean over every rank's tokens
                 share = mb_tokens * rt.world_size / max(all_tokens, 1.0)
-                with precision.autocast():
-                    logprobs, entropy = response_logprobs(ddp_policy, input_ids[idx], attention_mask[idx], P,
-                                                          cfg.rollout.temperature, with_entropy=True)
-                    values = (ddp_critic(input_ids[idx].to(dev_critic), attention_mask[idx].to(dev_critic))[:, P - 1:-1]
-                              .to(dev_policy)) if ddp_critic is not None else None
+                if single_pass:
+                    logprobs, entropy, values = update_forward
+                else:
+                    with precision.autocast():
+                        logprobs, entropy, values = forward(input_ids[idx], attention_mask[idx], P)
                 if a.name == "ppo":
                     pg_loss, pg_stats = algo.ppo_policy_loss(logprobs, logprobs_old[idx], advantages[idx], mb_mask,
                                                              a.clip_low, a.clip_high)

@@ -179,6 +179,44 @@ def test_ppo_first_minibatch_has_ratio_one_even_with_dropout_in_the_config(tmp_p
         assert r["first_mb_ratio_dev"] < 1e-5 and r["first_mb_clip_frac"] == 0 and abs(r["first_mb_approx_kl"]) < 1e-6
 
 
+FORWARD_COUNTER = """
+import collections, json, sys, torch
+from transformers import PreTrainedModel
+counts = collections.Counter()
+def hook(module, args, output):  # every whole-model forward of a causal LM, by module and grad mode
+    if isinstance(module, PreTrainedModel) and type(module).__name__.endswith("ForCausalLM"):
+        counts[(id(module), torch.is_grad_enabled())] += 1
+torch.nn.modules.module.register_module_forward_hook(hook)
+from rlhf_cli.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    policy = {m for m, grad in counts if grad}
+    print("COUNTS", json.dumps({"policy_grad": sum(v for (m, g), v in counts.items() if m in policy and g),
+                                "policy_nograd": sum(v for (m, g), v in counts.items() if m in policy and not g),
+                                "others_nograd": sum(v for (m, g), v in counts.items() if m not in policy)}))
+"""
+
+
+@pytest.mark.parametrize("algorithm, extra, per_step", [
+    ("reinforce", [], {"policy_grad": 1, "policy_nograd": 0, "others_nograd": 1}),
+    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2"], {"policy_grad": 4, "policy_nograd": 1, "others_nograd": 1}),
+])
+def test_forwards_per_step(tmp_path, tiny_model_dir, algorithm, extra, per_step):
+    """A one-pass update (epochs = minibatches = 1) takes the old log-probs from its own forward: per step the
+    policy runs once, the reference once; PPO's K x M passes need one no-grad forward before them.
+    Sampling and evaluation (the lean engine) run no whole-model forward."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FORWARD_COUNTER, "rl", f"algorithm={algorithm}", *extra,
+                           f"policy.path={tiny_model_dir}", "output_dir=out", "max_steps=2", "rollout.max_new_tokens=8",
+                           *SMALL], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout.split("COUNTS", 1)[1])
+    assert counts == {k: 2 * v for k, v in per_step.items()}
+
+
 def test_reference_is_frozen_and_final_loads(sft_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
