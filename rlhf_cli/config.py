@@ -251,9 +251,16 @@ class ReferenceConfig:
 
 @dataclass
 class CriticConfig:
-    init: str = doc("reward", "critic backbone initialised from: reward (the reward model) or policy")
+    init: str = doc("reward", "critic backbone initialised from: reward (the reward model), policy, or shared (a "
+                              "value head on the policy itself: one forward and backward for both)")
     path: Optional[str] = doc(None, "explicit critic init path (overrides init)")
     lr: Optional[float] = doc(None, "critic learning rate (null = optim.lr)")
+
+    def __post_init__(self):
+        _choice("critic.init", self.init, ("reward", "policy", "shared"))
+        if self.init == "shared" and self.path:
+            raise ConfigError("critic.path is unused with critic.init=shared (the value head sits on the policy); "
+                              "drop one of them")
 
 
 @dataclass
@@ -393,6 +400,12 @@ class RLConfig:
         if batch % algo.minibatches:
             raise ConfigError(f"algorithm.minibatches={algo.minibatches} does not divide the rollout batch of {batch} "
                               f"(rollout.prompts_per_step x rollout.samples_per_prompt); choose a divisor")
+        if algo.needs_critic and self.critic.init == "shared" and self.device.distributed == "fsdp":
+            raise ConfigError("critic.init=shared is not supported with device.distributed=fsdp; use ddp or "
+                              "critic.init=policy")
+        if algo.needs_critic and self.critic.init == "shared" and self.placement.critic not in (None, self.placement.policy):
+            raise ConfigError("placement.critic cannot differ from the policy's with critic.init=shared (the value "
+                              "head sits on the policy); drop placement.critic")
         if algo.name != "ppo" and algo.epochs != 1:
             raise ConfigError(f"{algo.name} makes one pass per rollout batch: set algorithm.epochs=1 (or algorithm=ppo)")
 

@@ -139,14 +139,48 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                    **_keep_last_logits(model, response_len + 1)).logits
-    logits = logits[:, -(response_len + 1):-1].float() / temperature  # (B, T, V)
-    logp_all = F.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+    return _token_logprobs(logits[:, -(response_len + 1):-1], input_ids[:, prompt_len:], temperature, with_entropy,
+                           entropy_grad)
+
+
+def _token_logprobs(logits, tokens, temperature: float, with_entropy: bool, entropy_grad: bool):
+    """(B, T, V) logits predicting (B, T) tokens -> log softmax(logits / T) at the tokens [, entropies]."""
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = logp_all.gather(-1, tokens[:, :, None]).squeeze(-1)
     if not with_entropy:
         return logprobs
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
+
+
+class PolicyWithValueHead(torch.nn.Module):
+    """critic.init=shared: a value head on the policy's last hidden state (the actor-critic of Mnih et
+    al. 2016 and of TRL's former AutoModelForCausalLMWithValueHead): one forward and one backward
+    give log-probs and values, where a separate critic costs a second model's forward and backward.
+    The head starts at zero, so the first values are 0 as with a fresh critic head."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+        inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        if any(getattr(inner.config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+            raise UserError(f"critic.init=shared: {type(inner).__name__} transforms its logits after the LM head; "
+                            f"use critic.init=policy")
+        weight = inner.get_output_embeddings().weight
+        self.v_head = torch.nn.Linear(inner.config.hidden_size, 1, device=weight.device, dtype=weight.dtype)
+        torch.nn.init.zeros_(self.v_head.weight)
+        torch.nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0, entropy_grad: bool = True):
+        """-> (B, T) log-probs, (B, T) entropies, (B, T) values V(s_t) of the states before each response token."""
+        inner = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+        before_response = hidden[:, prompt_len - 1:-1]  # (B, T, H): the state that predicts each response token
+        logprobs, entropy = _token_logprobs(inner.get_output_embeddings()(before_response), input_ids[:, prompt_len:],
+                                            temperature, True, entropy_grad)
+        return logprobs, entropy, self.v_head(before_response).squeeze(-1).float()
 
 
 def _keep_last_logits(model, n: int) -> dict:

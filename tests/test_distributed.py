@@ -198,6 +198,26 @@ def test_rl_one_update_two_ranks_of_b_equal_one_rank_of_2b(rl_runs):
     assert text(procs["a"]).count("global batch 8 = 4 (2 prompts x 2 samples) x 1 accum x 2 ranks") == 1
 
 
+def test_rl_shared_critic_two_ranks_of_b_equal_one_rank_of_2b(tmp_path):
+    """critic.init=shared under DDP: the wrapper (policy + value head) is what DDP synchronises."""
+    (tmp_path / "spread_reward.py").write_text(SPREAD_REWARD)
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = [*RL_COMMON, "algorithm=ppo", "algorithm.minibatches=1", "algorithm.epochs=1", "critic.init=shared",
+            "max_steps=1"]
+    two = torchrun(2, "rl", f"output_dir={tmp_path / 'two'}", *args, cwd=tmp_path, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli("rl", f"output_dir={tmp_path / 'one'}", *args, cwd=tmp_path, env=env)
+    assert one.returncode == 0, one.stderr
+    row_two, row_one = metric_rows(tmp_path / "two")[1], metric_rows(tmp_path / "one")[1]
+    for key in ("score", "response_len"):
+        assert row_two[key] == row_one[key], key
+    for key in ("kl", "loss", "value_loss", "grad_norm"):
+        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-7), key
+    assert row_one["value_loss"] > 0
+    base = load_file(tmp_path / "one" / "base" / "model.safetensors")
+    assert relative_l2(weights(tmp_path / "two"), weights(tmp_path / "one"), base) < 1e-3
+
+
 def test_rl_two_ranks_end_to_end_and_resume_matches_uninterrupted(rl_runs):
     root, procs, _, _ = rl_runs
     assert "resuming at step 1" in text(procs["a_resumed"])

@@ -33,8 +33,9 @@ from rlhf_cli import algorithms as algo
 from rlhf_cli import checkpoint, data, lora, runtime, signals, training
 from rlhf_cli.checkpoint import RunDir
 from rlhf_cli.errors import UserError
-from rlhf_cli.modeling import (Rollout, decode_responses, last_token_scores, load_causal_lm, load_scalar_head_model,
-                               load_tokenizer, response_logprobs, sample, score_texts, token_values)
+from rlhf_cli.modeling import (PolicyWithValueHead, Rollout, decode_responses, last_token_scores, load_causal_lm,
+                               load_scalar_head_model, load_tokenizer, response_logprobs, sample, score_texts,
+                               token_values)
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tracking import Tracker
 
@@ -125,17 +126,21 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
         if cfg.reward.model.normalize and "score_std" in rm_manifest:
             rm_mean, rm_std = float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
-    critic = None
-    if cfg.algorithm.needs_critic:
+    critic, shared = None, None  # critic: the value parameters; shared: the policy with a value head on it
+    if cfg.algorithm.needs_critic and cfg.critic.init == "shared":  # one forward and backward for both
+        shared = PolicyWithValueHead(policy)
+        critic = shared.v_head
+    elif cfg.algorithm.needs_critic:
         critic_path = cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
                                           else policy_path)
         critic = TokenValues(load_scalar_head_model(critic_path, "critic.path", precision.weights, dev_critic))
         critic.eval()
     # before the optimizer: FSDP2 shards in place (DDP wraps); rollouts use the unwrapped modules
-    ddp_policy = training.wrap_model(policy, rt, cfg.device.distributed)
-    ddp_critic = training.wrap_model(critic, rt, cfg.device.distributed) if critic is not None else None
+    ddp_policy = training.wrap_model(shared or policy, rt, cfg.device.distributed)
+    ddp_critic = (training.wrap_model(critic, rt, cfg.device.distributed)
+                  if critic is not None and shared is None else None)
     parts = ({"policy": (adapters.state if adapters else policy, "")}  # LoRA: checkpoints hold the adapters only
-             | ({"critic": (critic, "model.")} if critic is not None else {}))
+             | ({"critic": (critic, "" if shared else "model.")} if critic is not None else {}))
     held = lora.parameters_held({"policy": policy, "reference": reference, "reward_model": reward_model, "critic": critic})
 
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]  # LoRA: the adapters
@@ -226,6 +231,8 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
     def forward(ids: torch.Tensor, attn: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The update's forward over rollout rows (prompt width P): (log-probs, entropies, values), with
         gradients (entropies only where the loss uses them)."""
+        if shared is not None:
+            return ddp_policy(ids, attn, P, cfg.rollout.temperature, entropy_grad=cfg.algorithm.entropy_coef != 0)
         logprobs, entropy = response_logprobs(ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy=True,
                                               entropy_grad=cfg.algorithm.entropy_coef != 0)
         values = (ddp_critic(ids.to(dev_critic), attn.to(dev_critic))[:, P - 1:-1].to(dev_policy)
@@ -267,6 +274,10 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
                 update_forward = forward(input_ids, attention_mask, P)
             logprobs_old = update_forward[0].detach()
             values_old = update_forward[2].detach() * mask if critic is not None else None
+        elif shared is not None:
+            with torch.no_grad(), precision.autocast():
+                logprobs_old, _, values_old = shared(input_ids, attention_mask, P, cfg.rollout.temperature)
+            values_old = values_old * mask
         else:
             with torch.no_grad(), precision.autocast():
                 logprobs_old = response_logprobs(policy, input_ids, attention_mask, P, cfg.rollout.temperature)

@@ -125,11 +125,13 @@ def test_non_finite_steps_are_not_applied():
 
 # --- end to end: each algorithm raises held-out accuracy over the SFT checkpoint
 
-@pytest.mark.parametrize("algorithm", ["reinforce", "a2c", "ppo"])
-def test_each_algorithm_raises_held_out_accuracy(sft_run, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, extra", [("reinforce", []), ("a2c", []), ("ppo", []),
+                                              ("ppo", ["critic.init=shared"])],
+                         ids=["reinforce", "a2c", "ppo", "ppo-shared-critic"])
+def test_each_algorithm_raises_held_out_accuracy(sft_run, tmp_path, algorithm, extra):
     out = tmp_path / "rl"
     proc = run_cli("rl", f"algorithm={algorithm}", f"policy.path={sft_run / 'final'}", f"output_dir={out}",
-                   "max_steps=25", "eval.every=1000", "data.num_eval=100", cwd=tmp_path)
+                   "max_steps=25", "eval.every=1000", "data.num_eval=100", *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "final" / "manifest.json").read_text())
     before, after = manifest["metrics_before"]["eval_accuracy"], manifest["metrics"]["eval_accuracy"]
@@ -179,33 +181,56 @@ def test_ppo_first_minibatch_has_ratio_one_even_with_dropout_in_the_config(tmp_p
         assert r["first_mb_ratio_dev"] < 1e-5 and r["first_mb_clip_frac"] == 0 and abs(r["first_mb_approx_kl"]) < 1e-6
 
 
+def test_shared_critic_is_the_policy_forward_plus_a_zero_value_head(policy):
+    """critic.init=shared: the same log-probs as the policy's own forward, values 0 at the start, and the
+    value loss trains the head and the backbone it shares with the policy."""
+    from rlhf_cli.modeling import PolicyWithValueHead
+
+    tok, frozen_model = policy
+    model = load_causal_lm(str(frozen_model.name_or_path), "p")
+    shared = PolicyWithValueHead(model)
+    ids, mask = _prompts(tok)
+    g = torch.Generator().manual_seed(0)
+    rollout = sample(model, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, generator=g)
+    P = ids.shape[1]
+    logprobs, entropy, values = shared(rollout.input_ids, rollout.attention_mask, P, 0.7)
+    want, want_entropy = response_logprobs(model, rollout.input_ids, rollout.attention_mask, P, 0.7, with_entropy=True)
+    assert torch.allclose(logprobs, want, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
+    assert values.shape == logprobs.shape and torch.equal(values, torch.zeros_like(values))
+    ((values - 1.0) ** 2).mean().backward()
+    assert shared.v_head.weight.grad.abs().sum() > 0
+    shared.v_head.weight.data.normal_()  # with a non-zero head the value loss reaches the shared backbone
+    model.zero_grad()
+    ((shared(rollout.input_ids, rollout.attention_mask, P)[2] - 1.0) ** 2).mean().backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
 FORWARD_COUNTER = """
 import collections, json, sys, torch
 from transformers import PreTrainedModel
-counts = collections.Counter()
-def hook(module, args, output):  # every whole-model forward of a causal LM, by module and grad mode
-    if isinstance(module, PreTrainedModel) and type(module).__name__.endswith("ForCausalLM"):
-        counts[(id(module), torch.is_grad_enabled())] += 1
+counts = collections.defaultdict(lambda: [0, 0])
+def hook(module, args, output):  # every forward of a decoder stack (LlamaModel): by model, with / without grad
+    if isinstance(module, PreTrainedModel) and type(module).__name__.endswith("Model"):
+        counts[id(module)][0 if torch.is_grad_enabled() else 1] += 1
 torch.nn.modules.module.register_module_forward_hook(hook)
 from rlhf_cli.cli import main
 try:
     main(sys.argv[1:])
 finally:
-    policy = {m for m, grad in counts if grad}
-    print("COUNTS", json.dumps({"policy_grad": sum(v for (m, g), v in counts.items() if m in policy and g),
-                                "policy_nograd": sum(v for (m, g), v in counts.items() if m in policy and not g),
-                                "others_nograd": sum(v for (m, g), v in counts.items() if m not in policy)}))
+    print("COUNTS", json.dumps(sorted(counts.values())))
 """
 
 
 @pytest.mark.parametrize("algorithm, extra, per_step", [
-    ("reinforce", [], {"policy_grad": 1, "policy_nograd": 0, "others_nograd": 1}),
-    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2"], {"policy_grad": 4, "policy_nograd": 1, "others_nograd": 1}),
-])
+    ("reinforce", [], [[0, 1], [1, 0]]),  # reference (no grad); policy: the update's forward only
+    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2"], [[0, 1], [4, 1], [4, 1]]),  # + critic: 4 + 1 again
+    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2", "critic.init=shared"], [[0, 1], [4, 1]]),
+], ids=["reinforce", "ppo", "ppo-shared-critic"])
 def test_forwards_per_step(tmp_path, tiny_model_dir, algorithm, extra, per_step):
-    """A one-pass update (epochs = minibatches = 1) takes the old log-probs from its own forward: per step the
-    policy runs once, the reference once; PPO's K x M passes need one no-grad forward before them.
-    Sampling and evaluation (the lean engine) run no whole-model forward."""
+    """Decoder forwards per step, per model, with and without gradients. A one-pass update (epochs =
+    minibatches = 1) takes the old log-probs from its own forward; PPO's K x M passes need one no-grad
+    forward before them; a shared critic runs no model of its own. Sampling and evaluation (the lean
+    engine) run no whole-decoder forward."""
     import subprocess
     import sys
 
@@ -214,7 +239,7 @@ def test_forwards_per_step(tmp_path, tiny_model_dir, algorithm, extra, per_step)
                            *SMALL], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     counts = json.loads(proc.stdout.split("COUNTS", 1)[1])
-    assert counts == {k: 2 * v for k, v in per_step.items()}
+    assert counts == [[2 * g, 2 * n] for g, n in per_step]
 
 
 def test_reference_is_frozen_and_final_loads(sft_run, tmp_path):
@@ -230,8 +255,10 @@ def test_reference_is_frozen_and_final_loads(sft_run, tmp_path):
     assert all(torch.equal(sft_before[k], sft_after[k]) for k in sft_before)  # its source was never written
 
 
-def test_rl_resume_gives_identical_weights(sft_run, tmp_path):
-    common = ["algorithm=ppo", f"policy.path={sft_run / 'final'}", "kl.target=0.05", "checkpoint.every=2", *SMALL]
+@pytest.mark.parametrize("extra", [[], ["critic.init=shared"]], ids=["critic", "shared-critic"])
+def test_rl_resume_gives_identical_weights(sft_run, tmp_path, extra):
+    common = ["algorithm=ppo", f"policy.path={sft_run / 'final'}", "kl.target=0.05", "checkpoint.every=2", *SMALL,
+              *extra]
     straight = run_cli("rl", f"output_dir={tmp_path / 'a'}", "max_steps=4", *common, cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     for steps in (2, 4):
@@ -270,6 +297,10 @@ def test_bad_reward_functions_name_the_prompt(tmp_path, tiny_model_dir, body, fr
     (["algorithm.baseline=rloo", "rollout.samples_per_prompt=1"], "samples_per_prompt >= 2"),
     (["algorithm=ppo", "algorithm.minibatches=3"], "does not divide"),
     (["algorithm=reinforce", "algorithm.epochs=2"], "one pass"),
+    (["algorithm=ppo", "critic.init=value"], "critic.init='value' is not one of reward, policy, shared"),
+    (["algorithm=ppo", "critic.init=shared", "critic.path=x"], "critic.path is unused with critic.init=shared"),
+    (["algorithm=ppo", "critic.init=shared", "device.distributed=fsdp"], "critic.init=shared is not supported with"),
+    (["rollout.engine=vllm"], "rollout.engine='vllm' is not one of auto, lean, hf"),
 ])
 def test_rl_config_errors(tmp_path, tiny_model_dir, overrides, fragment):
     proc = run_cli("rl", f"policy.path={tiny_model_dir}", "output_dir=out", "max_steps=1", *overrides, cwd=tmp_path)
