@@ -10,9 +10,11 @@ so that both sides see the same machine load:
     sft                    rlhf sft                       vs SFTTrainer      samples/s
     train-rm               rlhf train-rm                  vs RewardTrainer   pairs/s
     generation             modeling.sample                vs model.generate  (what GRPO/RLOO/PPO call) tokens/s
+                           64 distinct prompts, and 8 prompts x 8 samples (as GRPO / RLOO sample)
     reinforce group_norm   rlhf rl algorithm=reinforce    vs GRPOTrainer     completions/s
     reinforce rloo         ... algorithm.baseline=rloo    vs RLOOTrainer     completions/s
     ppo                    rlhf rl algorithm=ppo reward=rm vs PPOTrainer     completions/s (policy + critic + RM)
+    ppo shared critic      ... critic.init=shared          vs the same PPOTrainer runs (value head on the policy)
 
 Every figure is a median over steps after the first two; the ratio is ours / TRL
 (higher is better for us) and, with repeats, the best of each side. Each
@@ -41,10 +43,12 @@ import bench  # noqa: E402  (scripts/bench.py: CLI runner, metrics, matmul peak)
 # Learning rates are our stages' defaults (constant schedule on both sides); the SFT run trains the policy
 # every later pair starts from, so responses stop at EOS as a trained policy's do.
 S = dict(sft_batch=32, sft_steps=20, sft_lr=6e-3, rm_batch=16, rm_steps=20, rm_lr=3e-3, max_length=160,
-         rl_prompts=8, rl_k=8, ppo_prompts=64, ppo_epochs=2, ppo_minibatches=2, rl_steps=5, rl_lr=3e-4,
+         rl_prompts=8, rl_k=8, ppo_prompts=64, ppo_epochs=2, ppo_minibatches=2, rl_steps=8, rl_lr=3e-4,
          max_new_tokens=40, temperature=1.0, kl_coef=0.02, gen_batch=64)
-TARGETS = {"sft": 2.0, "train-rm": 2.0, "generation": 3.0, "reinforce group_norm / GRPO": 2.0,
-           "reinforce rloo / RLOO": 2.0, "ppo / PPO": 4.0}
+TARGETS = {"sft": 2.0, "train-rm": 2.0, "generation": 3.0, "generation, 8 prompts x 8": 3.0, "reinforce group_norm / GRPO": 2.0,
+           "reinforce rloo / RLOO": 2.0, "ppo / PPO": 4.0, "ppo critic.init=shared / PPO": 4.0}
+# pairs whose TRL side is another pair's (run once, in the same repeats): ours with extra overrides
+VARIANTS = {"ppo / PPO": [("ppo critic.init=shared / PPO", ["critic.init=shared"])]}
 
 
 # ---------------------------------------------------------------- TRL workers (each in its own process)
@@ -168,7 +172,7 @@ def trl_worker(kind: str, root: Path, device: str) -> dict:
     return result
 
 
-def generation_worker(root: Path, device: str, repeats: int) -> dict:
+def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:
     """modeling.sample (ours) vs model.generate as TRL's GRPO/RLOO call it, alternating on one batch."""
     import inspect
 
@@ -182,7 +186,8 @@ def generation_worker(root: Path, device: str, repeats: int) -> dict:
     tok = load_tokenizer(path, "model")
     dev = torch.device(device)
     model = load_causal_lm(path, "model", device=dev).eval()
-    prompts = [r["prompt"] for r in task.prompt_rows(S["gen_batch"], seed=1)]
+    K = {"gen": 1, "gen_group": S["rl_k"]}[kind]  # gen_group: K samples per prompt, as GRPO / RLOO sample
+    prompts = [r["prompt"] for r in task.prompt_rows(S["gen_batch"] // K, seed=1) for _ in range(K)]
     ids, mask = left_pad([encode(tok, p) for p in prompts], tok.pad_token_id)
     ids, mask = ids.to(dev), mask.to(dev)
     config = GenerationConfig(max_new_tokens=S["max_new_tokens"], do_sample=True, temperature=S["temperature"],
@@ -224,7 +229,8 @@ def generation_worker(root: Path, device: str, repeats: int) -> dict:
 
 def worker_main(argv: list[str]) -> None:
     kind, root, device, out, repeats = argv[0], Path(argv[1]), argv[2], Path(argv[3]), int(argv[4])
-    result = generation_worker(root, device, repeats) if kind == "gen" else trl_worker(kind, root, device)
+    result = (generation_worker(kind, root, device, repeats) if kind.startswith("gen")
+              else trl_worker(kind, root, device))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if dev_is_cuda(device):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -348,27 +354,35 @@ def main() -> None:
             if not compare and stage == "rl":
                 continue
             runs_ours, runs_trl = [], []
+            variants = VARIANTS.get(name, []) if compare else []
+            runs_variants: dict[str, list[dict]] = {v: [] for v, _ in variants}
             for r in range(args.repeats if compare else 1):  # sft and train-rm also make the later pairs' models
                 log(f"{name}: ours (repeat {r + 1})")
                 run_name = {"sft": "sft", "train-rm": "rm"}.get(stage, f"rl-{worker}")
                 runs_ours.append(ours(stage, root, run_name, args.device, *overrides))
+                for variant, extra in variants:
+                    log(f"{variant}: ours (repeat {r + 1})")
+                    runs_variants[variant].append(ours(stage, root, run_name, args.device, *overrides, *extra))
                 if compare:
                     log(f"{name}: TRL (repeat {r + 1})")
                     runs_trl.append(run_worker(worker, root, args.device))
             if runs_trl:
                 pairs[name] = {"ours": best(runs_ours), "trl": best(runs_trl), "repeats": len(runs_trl)}
+                for variant, runs in runs_variants.items():
+                    pairs[variant] = {"ours": best(runs), "trl": best(runs_trl), "repeats": len(runs_trl)}
             if stage == "train-rm" and "generation" in only:  # sft/final exists from here on
-                log("generation: ours and model.generate, alternating")
-                g = run_worker("gen", root, args.device, args.repeats)
-                mem = {"peak_rss_mb": g["peak_rss_mb"]}  # one process ran both
-                pairs["generation"] = {"ours": {"tokens_per_s": g["ours_tokens_per_s"], **mem},
-                                       "trl": {"tokens_per_s": g["trl_tokens_per_s"], **mem},
-                                       "repeats": max(3, 3 * args.repeats)}
+                for pair, kind in (("generation", "gen"), ("generation, 8 prompts x 8", "gen_group")):
+                    log(f"{pair}: ours and model.generate, alternating")
+                    g = run_worker(kind, root, args.device, args.repeats)
+                    mem = {"peak_rss_mb": g["peak_rss_mb"]}  # one process ran both
+                    pairs[pair] = {"ours": {"tokens_per_s": g["ours_tokens_per_s"], **mem},
+                                   "trl": {"tokens_per_s": g["trl_tokens_per_s"], **mem},
+                                   "repeats": max(3, 3 * args.repeats)}
         sft_tokens = mean_sft_tokens(root / "base")
     machine["load_average_1m_after"] = os.getloadavg()[0]
     machine["wall_s"] = round(time.time() - t_start, 1)
     for name, p in pairs.items():
-        key = "tokens_per_s" if name == "generation" else "samples_per_s"
+        key = "tokens_per_s" if name.startswith("generation") else "samples_per_s"
         p["ratio"] = p["ours"][key] / p["trl"][key]
         p["target"] = TARGETS[name]
         if name == "sft":
@@ -393,8 +407,8 @@ def print_table(results: dict) -> None:
                          ("ours / TRL", "right"), ("target", "right"), ("peak MB ours / TRL", "right")):
         table.add_column(col, justify=justify)
     for name, p in results["pairs"].items():
-        key, unit = {"generation": ("tokens_per_s", "tokens/s"), "sft": ("samples_per_s", "seqs/s"),
-                     "train-rm": ("samples_per_s", "pairs/s")}.get(name, ("samples_per_s", "compl./s"))
+        key, unit = {"sft": ("samples_per_s", "seqs/s"), "train-rm": ("samples_per_s", "pairs/s")}.get(
+            name, ("tokens_per_s", "tokens/s") if name.startswith("generation") else ("samples_per_s", "compl./s"))
         mem = " / ".join(f"{p[s].get('peak_cuda_mb', p[s]['peak_rss_mb']):,.0f}" for s in ("ours", "trl"))
         ok = "[green]" if p["ratio"] >= p["target"] else "[red]"
         table.add_row(name, unit, f"{p['ours'][key]:,.1f}", f"{p['trl'][key]:,.1f}", f"{ok}{p['ratio']:.2f}x",
