@@ -197,10 +197,12 @@ def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:
 
     keyed = "noise" in inspect.signature(sample).parameters and hasattr(runtime, "keyed_uniform")
 
-    def ours() -> tuple[float, float]:  # as the rl stage calls it, per-row keyed noise included when it uses it
+    def ours(engine: str = "auto") -> tuple[float, float]:  # as the rl stage calls it, keyed noise included
         sync()
         t0 = time.perf_counter()
         kw = {"noise": runtime.keyed_uniform(0, 0, 0, ids.shape[0], S["max_new_tokens"], dev)} if keyed else {}
+        if "engine" in inspect.signature(sample).parameters:
+            kw["engine"] = engine
         rollout = sample(model, ids, mask, S["max_new_tokens"], tok.eos_token_id, tok.pad_token_id, S["temperature"],
                          **kw)
         tokens = float(rollout.response_mask.sum())
@@ -219,12 +221,12 @@ def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:
         return tokens, time.perf_counter() - t0
 
     ours(), theirs()  # warm-up
-    rates: dict[str, list[float]] = {"ours": [], "trl": []}
+    rates: dict[str, list[float]] = {"ours": [], "ours_hf": [], "trl": []}
     for _ in range(max(3, 3 * repeats)):
-        for name, fn in (("ours", ours), ("trl", theirs)):
+        for name, fn in (("ours", ours), ("ours_hf", lambda: ours("hf")), ("trl", theirs)):
             tokens, seconds = fn()
             rates[name].append(tokens / seconds)
-    return {"ours_tokens_per_s": statistics.median(rates["ours"]), "trl_tokens_per_s": statistics.median(rates["trl"])}
+    return {f"{name}_tokens_per_s": statistics.median(r) for name, r in rates.items()}
 
 
 def worker_main(argv: list[str]) -> None:
@@ -377,6 +379,7 @@ def main() -> None:
                     mem = {"peak_rss_mb": g["peak_rss_mb"]}  # one process ran both
                     pairs[pair] = {"ours": {"tokens_per_s": g["ours_tokens_per_s"], **mem},
                                    "trl": {"tokens_per_s": g["trl_tokens_per_s"], **mem},
+                                   "ours_engine_hf_tokens_per_s": g["ours_hf_tokens_per_s"],  # the lean engine's share
                                    "repeats": max(3, 3 * args.repeats)}
         sft_tokens = mean_sft_tokens(root / "base")
     machine["load_average_1m_after"] = os.getloadavg()[0]
@@ -413,7 +416,13 @@ def print_table(results: dict) -> None:
         ok = "[green]" if p["ratio"] >= p["target"] else "[red]"
         table.add_row(name, unit, f"{p['ours'][key]:,.1f}", f"{p['trl'][key]:,.1f}", f"{ok}{p['ratio']:.2f}x",
                       f"{p['target']:.0f}x", mem)
-    Console(width=max(120, Console().width)).print(table)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for name, p in results["pairs"].items():
+        if "ours_engine_hf_tokens_per_s" in p:
+            console.print(f"{name}: ours with rollout.engine=hf (the model's own forward) "
+                          f"{p['ours_engine_hf_tokens_per_s']:,.0f} tokens/s, "
+                          f"{p['ours_engine_hf_tokens_per_s'] / p['trl']['tokens_per_s']:.2f}x TRL")
 
 
 if __name__ == "__main__":
