@@ -172,14 +172,17 @@ class PolicyWithValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.v_head.weight)
         torch.nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0, entropy_grad: bool = True):
-        """-> (B, T) log-probs, (B, T) entropies, (B, T) values V(s_t) of the states before each response token."""
+    def forward(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0, with_entropy: bool = True,
+                entropy_grad: bool = True):
+        """-> (B, T) log-probs, (B, T) entropies (None unless with_entropy), (B, T) values V(s_t) of the
+        states before each response token."""
         inner = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
         hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                   position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
         before_response = hidden[:, prompt_len - 1:-1]  # (B, T, H): the state that predicts each response token
-        logprobs, entropy = _token_logprobs(inner.get_output_embeddings()(before_response), input_ids[:, prompt_len:],
-                                            temperature, True, entropy_grad)
+        out = _token_logprobs(inner.get_output_embeddings()(before_response), input_ids[:, prompt_len:], temperature,
+                              with_entropy, entropy_grad)
+        logprobs, entropy = out if with_entropy else (out, None)
         return logprobs, entropy, self.v_head(before_response).squeeze(-1).float()
 
 

@@ -228,13 +228,14 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
             metrics["eval_rm_score"] = float(((rm_scores - rm_mean) / rm_std).mean())
         return metrics
 
-    def forward(ids: torch.Tensor, attn: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The update's forward over rollout rows (prompt width P): (log-probs, entropies, values), with
-        gradients (entropies only where the loss uses them)."""
-        if shared is not None:
-            return ddp_policy(ids, attn, P, cfg.rollout.temperature, entropy_grad=cfg.algorithm.entropy_coef != 0)
-        logprobs, entropy = response_logprobs(ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy=True,
-                                              entropy_grad=cfg.algorithm.entropy_coef != 0)
+    def forward(ids: torch.Tensor, attn: torch.Tensor, P: int, with_entropy: bool = True):
+        """Policy (and critic) over rollout rows of prompt width P -> (log-probs, entropies or None, values
+        or None), each (B, T); with gradients unless under no_grad (entropies only where the loss uses them)."""
+        entropy_grad = cfg.algorithm.entropy_coef != 0
+        if shared is not None:  # one forward for both
+            return ddp_policy(ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
+        out = response_logprobs(ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
+        logprobs, entropy = out if with_entropy else (out, None)
         values = (ddp_critic(ids.to(dev_critic), attn.to(dev_critic))[:, P - 1:-1].to(dev_policy)
                   if ddp_critic is not None else None)
         return logprobs, entropy, values
@@ -272,17 +273,11 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         if single_pass:  # one update over every row: its own forward gives the old log-probs and values,
             with precision.autocast():  # detached: the numbers a separate no-grad forward computes, one forward fewer
                 update_forward = forward(input_ids, attention_mask, P)
-            logprobs_old = update_forward[0].detach()
-            values_old = update_forward[2].detach() * mask if critic is not None else None
-        elif shared is not None:
-            with torch.no_grad(), precision.autocast():
-                logprobs_old, _, values_old = shared(input_ids, attention_mask, P, cfg.rollout.temperature)
-            values_old = values_old * mask
+            logprobs_old, _, values_old = (t.detach() if t is not None else None for t in update_forward)
         else:
             with torch.no_grad(), precision.autocast():
-                logprobs_old = response_logprobs(policy, input_ids, attention_mask, P, cfg.rollout.temperature)
-                values_old = (critic(input_ids.to(dev_critic), attention_mask.to(dev_critic))[:, P - 1:-1]
-                              .to(dev_policy) * mask) if critic is not None else None
+                logprobs_old, _, values_old = forward(input_ids, attention_mask, P, with_entropy=False)
+        values_old = values_old * mask if values_old is not None else None
         kl_per_token = algo.kl_k1(logprobs_old, logprobs_ref) * mask
         t2 = time.perf_counter()
 
