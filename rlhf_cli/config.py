@@ -406,6 +406,9 @@ class RLConfig:
         if algo.needs_critic and self.critic.init == "shared" and self.placement.critic not in (None, self.placement.policy):
             raise ConfigError("placement.critic cannot differ from the policy's with critic.init=shared (the value "
                               "head sits on the policy); drop placement.critic")
+        if self.rollout.engine == "lean" and self.device.distributed == "fsdp":
+            raise ConfigError("rollout.engine=lean cannot decode an FSDP-sharded policy; use rollout.engine=auto (the "
+                              "model's own forward under FSDP) or device.distributed=ddp")
         if algo.name != "ppo" and algo.epochs != 1:
             raise ConfigError(f"{algo.name} makes one pass per rollout batch: set algorithm.epochs=1 (or algorithm=ppo)")
 

@@ -13,8 +13,10 @@ Two engines with one interface (prefill -> logits, step -> logits, keep(rows)):
 - `HFDecoder` (rollout.engine=hf, and `auto` for every other model): the model's own
   forward with a `DynamicCache`.
 
-Both drop finished rows from the batch (`keep`), so the rows still writing pay for
-the forwards, not the rows that have stopped.
+Both can drop finished rows from the batch (`keep`), so the rows still writing pay
+for the forwards, not the rows that have stopped; the HF engine only where every
+cache layer is a plain key/value layer (`can_keep`: not the linear-attention or
+state-space layers of hybrid models, whose states it could not select).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def lean_unsupported(model, total_len: int | None = None) -> str | None:
     base = getattr(inner, "model", None)
     if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb") or not hasattr(inner, "lm_head"):
         return f"{type(inner).__name__} does not have the Llama layout (model.layers, model.rotary_emb, lm_head)"
+    if not type(base.layers[0].self_attn).__module__.startswith("transformers.models."):
+        return "the model's code is its own (trust_remote_code), not the transformers implementation"
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope not in STATIC_ROPE_TYPES:
         return f"rope type {rope!r} depends on the sequence length"
@@ -80,6 +84,8 @@ def make_decoder(model, engine: str, total_len: int):
 
 class LeanDecoder:
     """KV-cache decoding through a Llama-family model's own modules (see the module docstring)."""
+
+    can_keep = True
 
     def __init__(self, model):
         inner = _unwrap(model)
@@ -150,18 +156,21 @@ class HFDecoder:
     """The model's own forward with a DynamicCache (any causal LM)."""
 
     def __init__(self, model):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
         self.model = model
         inner = _unwrap(model)
         params = inspect.signature(inner.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
+        self.cache = DynamicCache(config=self.model.config)  # filled in place by every forward
+        self.can_keep = all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+                            for layer in getattr(self.cache, "layers", [None]))
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        from transformers import DynamicCache
-
         self.mask = mask.long()
         positions = position_ids_from_mask(self.mask)
         self.next_pos = positions[:, -1] + 1
-        self.cache = DynamicCache(config=self.model.config)  # filled in place by every forward
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
                          **{self.cache_kw: self.cache})
         return out.logits[:, -1]

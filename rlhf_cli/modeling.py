@@ -139,14 +139,9 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                    **_keep_last_logits(model, response_len + 1)).logits
-    return _token_logprobs(logits[:, -(response_len + 1):-1], input_ids[:, prompt_len:], temperature, with_entropy,
-                           entropy_grad)
-
-
-def _token_logprobs(logits, tokens, temperature: float, with_entropy: bool, entropy_grad: bool):
-    """(B, T, V) logits predicting (B, T) tokens -> log softmax(logits / T) at the tokens [, entropies]."""
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
-    logprobs = logp_all.gather(-1, tokens[:, :, None]).squeeze(-1)
+    logits = logits[:, -(response_len + 1):-1].float() / temperature  # (B, T, V)
+    logp_all = F.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
     if not with_entropy:
         return logprobs
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -158,17 +153,16 @@ class PolicyWithValueHead(torch.nn.Module):
     """critic.init=shared: a value head on the policy's last hidden state (the actor-critic of Mnih et
     al. 2016 and of TRL's former AutoModelForCausalLMWithValueHead): one forward and one backward
     give log-probs and values, where a separate critic costs a second model's forward and backward.
-    The head starts at zero, so the first values are 0 as with a fresh critic head."""
+
+    The log-probs come from the model's own forward (any logit scaling or softcapping included);
+    the values from the hidden state that forward feeds its LM head. The head starts at zero, so
+    the first values are 0 as with a fresh critic head."""
 
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
-        inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        if any(getattr(inner.config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
-            raise UserError(f"critic.init=shared: {type(inner).__name__} transforms its logits after the LM head; "
-                            f"use critic.init=policy")
-        weight = inner.get_output_embeddings().weight
-        self.v_head = torch.nn.Linear(inner.config.hidden_size, 1, device=weight.device, dtype=weight.dtype)
+        weight = self._lm_head().weight  # (V, H)
+        self.v_head = torch.nn.Linear(weight.shape[1], 1, device=weight.device, dtype=weight.dtype)
         torch.nn.init.zeros_(self.v_head.weight)
         torch.nn.init.zeros_(self.v_head.bias)
 
@@ -176,14 +170,21 @@ class PolicyWithValueHead(torch.nn.Module):
                 entropy_grad: bool = True):
         """-> (B, T) log-probs, (B, T) entropies (None unless with_entropy), (B, T) values V(s_t) of the
         states before each response token."""
-        inner = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
-        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                  position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-        before_response = hidden[:, prompt_len - 1:-1]  # (B, T, H): the state that predicts each response token
-        out = _token_logprobs(inner.get_output_embeddings()(before_response), input_ids[:, prompt_len:], temperature,
-                              with_entropy, entropy_grad)
+        fed_to_head = []
+        hook = self._lm_head().register_forward_pre_hook(lambda module, args: fed_to_head.append(args[0]))
+        try:
+            out = response_logprobs(self.policy, input_ids, attention_mask, prompt_len, temperature, with_entropy,
+                                    entropy_grad)
+        finally:
+            hook.remove()
         logprobs, entropy = out if with_entropy else (out, None)
+        response_len = input_ids.shape[1] - prompt_len
+        before_response = fed_to_head[0][:, -(response_len + 1):-1]  # (B, T, H): the state before each response token
         return logprobs, entropy, self.v_head(before_response).squeeze(-1).float()
+
+    def _lm_head(self) -> torch.nn.Module:
+        inner = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        return inner.get_output_embeddings()
 
 
 def _keep_last_logits(model, n: int) -> dict:
@@ -244,7 +245,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad
     decoder = make_decoder(model, engine, prompt_ids.shape[1] + max_new_tokens)
     # each distinct prompt is prefilled once (rl samples K responses per prompt), then its cache is copied
     distinct, copies = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
-    if distinct.shape[0] < batch:
+    if distinct.shape[0] < batch and decoder.can_keep:
         P = prompt_ids.shape[1]
         logits = decoder.prefill(distinct[:, :P], distinct[:, P:], max_new_tokens)[copies]
         decoder.keep(copies)
@@ -276,7 +277,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad
         n_going = int(going.sum())  # one host sync per token: stop, or drop the rows that stopped
         if n_going == 0 or t + 1 == max_new_tokens:
             break
-        if n_going <= rows.shape[0] * 7 // 8:  # copying the cache costs about a step: drop rows in eighths
+        if decoder.can_keep and n_going <= rows.shape[0] * 7 // 8:  # a cache copy costs about a step: in eighths
             keep = going.nonzero().squeeze(-1)
             decoder.keep(keep)
             rows, token, done = rows[keep], token[keep], done[keep]
@@ -309,7 +310,8 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     return texts
 
 
-def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device) -> list[str]:
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device,
+                   engine: str = "auto") -> list[str]:
     """Greedy completions of prompt texts (evaluation)."""
     from rlhf_cli.data import encode, left_pad
 
@@ -319,7 +321,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad([encode(tokenizer, p) for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
         rollout = sample(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
-                         tokenizer.pad_token_id, greedy=True)
+                         tokenizer.pad_token_id, greedy=True, engine=engine)
         texts.extend(decode_responses(tokenizer, rollout))
     model.train(was_training)
     return texts

@@ -420,9 +420,10 @@ def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask:
 DEFAULT_RULE = "rlhf_cli.task:correctness_reward"
 
 
-def held_out_accuracy(model, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device
+def held_out_accuracy(model, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device, engine: str = "auto"
                       ) -> tuple[float | None, list[tuple[str, str, str]], float, list[str]]:
-    """Greedy generation on held-out prompts checked by eval.rule (the task's rule by default).
+    """Greedy generation (decoding.py's `engine`) on held-out prompts checked by eval.rule (the task's rule
+    by default).
 
     Returns (accuracy, or None when there is no rule or the default rule has no
     `answer` column to check; sample rows; mean response chars; the responses).
@@ -430,7 +431,7 @@ def held_out_accuracy(model, tokenizer, rows: list[dict], prompts: list[str], ev
     from rlhf_cli.modeling import generate_texts
     from rlhf_cli.rewards import call_reward, import_reward_function
 
-    responses = generate_texts(model, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, device)
+    responses = generate_texts(model, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, device, engine)
     rule = eval_cfg.rule
     if rule == DEFAULT_RULE and not all("answer" in r for r in rows):
         rule = None

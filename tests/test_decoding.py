@@ -135,3 +135,30 @@ def test_a_sliding_window_shorter_than_the_sequence_is_not_lean():
     assert lean_unsupported(model, total_len=16) is None
     assert "sliding attention window" in lean_unsupported(model, total_len=17)
     assert isinstance(make_decoder(model, "auto", 17), HFDecoder)
+
+
+def test_hybrid_caches_keep_every_row_and_still_sample():
+    """A hybrid model (linear-attention + full-attention layers): its cache cannot select rows, so the
+    HF engine keeps every row, and repeated prompts are prefilled as they are."""
+    model = build("qwen3_5_text", num_key_value_heads=2, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2,
+                  linear_key_head_dim=8, linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"])
+    assert isinstance(make_decoder(model, "auto", 40), HFDecoder) and not HFDecoder(model).can_keep
+    ids, mask = left_padded(batch=3, width=6)
+    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
+    noise = torch.rand(6, 20, generator=torch.Generator().manual_seed(3))
+    rollout = sample(model, ids, mask, 20, EOS, PAD, temperature=1.5, noise=noise)
+    lengths = rollout.response_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 1  # rows stopped at different steps
+    for r in range(6):  # each row as if sampled alone: the batch around it did not change its tokens
+        alone = sample(model, ids[r:r + 1], mask[r:r + 1], 20, EOS, PAD, temperature=1.5, noise=noise[r:r + 1])
+        n = int(lengths[r])
+        assert torch.equal(alone.response_ids[0, :n], rollout.response_ids[r, :n]), r
+
+
+def test_remote_code_models_are_not_lean(tmp_path):
+    """A model whose modules are not transformers' own (as with trust_remote_code) uses its own forward."""
+    model = build("llama")
+    attn = model.model.layers[0].self_attn
+    attn.__class__ = type("RemoteAttention", (type(attn),), {"__module__": "transformers_modules.someone.model"})
+    assert "its own" in lean_unsupported(model)
+    assert isinstance(make_decoder(model, "auto", 40), HFDecoder)

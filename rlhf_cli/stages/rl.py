@@ -219,7 +219,7 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
 
     def _evaluate() -> dict:
         accuracy, samples, mean_len, responses = training.held_out_accuracy(
-            policy, tokenizer, eval_rows, eval_prompts, cfg.eval, dev_policy)
+            policy, tokenizer, eval_rows, eval_prompts, cfg.eval, dev_policy, cfg.rollout.engine)
         metrics = {"eval_response_chars": mean_len, "_samples": samples}
         if accuracy is not None:
             metrics["eval_accuracy"] = accuracy

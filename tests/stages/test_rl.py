@@ -205,6 +205,27 @@ def test_shared_critic_is_the_policy_forward_plus_a_zero_value_head(policy):
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
 
 
+def test_shared_critic_log_probs_are_the_models_own_when_it_scales_its_logits():
+    """Granite divides its logits by config.logits_scaling after the LM head: the shared critic's
+    log-probs still equal the model's forward (they come from it), values from what feeds the head."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf_cli.modeling import PolicyWithValueHead
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("granite", vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, logits_scaling=8.0, eos_token_id=1, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(2, 24, (3, 12))
+    mask = torch.ones_like(ids)
+    shared = PolicyWithValueHead(model)
+    torch.nn.init.normal_(shared.v_head.weight)
+    logprobs, _, values = shared(ids, mask, 5, 0.9)
+    assert torch.allclose(logprobs, response_logprobs(model, ids, mask, 5, 0.9), atol=1e-6)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(values, shared.v_head(hidden[:, 4:-1]).squeeze(-1), atol=1e-5)
+
+
 FORWARD_COUNTER = """
 import collections, json, sys, torch
 from transformers import PreTrainedModel
@@ -301,6 +322,7 @@ def test_bad_reward_functions_name_the_prompt(tmp_path, tiny_model_dir, body, fr
     (["algorithm=ppo", "critic.init=shared", "critic.path=x"], "critic.path is unused with critic.init=shared"),
     (["algorithm=ppo", "critic.init=shared", "device.distributed=fsdp"], "critic.init=shared is not supported with"),
     (["rollout.engine=vllm"], "rollout.engine='vllm' is not one of auto, lean, hf"),
+    (["rollout.engine=lean", "device.distributed=fsdp"], "rollout.engine=lean cannot decode an FSDP-sharded policy"),
 ])
 def test_rl_config_errors(tmp_path, tiny_model_dir, overrides, fragment):
     proc = run_cli("rl", f"policy.path={tiny_model_dir}", "output_dir=out", "max_steps=1", *overrides, cwd=tmp_path)
