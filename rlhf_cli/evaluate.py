@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_cli.config import EvalConfig, doc
+from rlhf_cli.config import EvalConfig, _choice, _positive, doc
 from rlhf_cli.errors import ConfigError, UserError
 
 DEFAULT_RULE = EvalConfig.rule  # the stages' rule; read here without importing torch (training.DEFAULT_RULE)
@@ -57,14 +57,11 @@ class EvalToolConfig:
     eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
 
     def __post_init__(self):
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"dtype={self.dtype!r} is not one of fp32, bf16, fp16")
+        _choice("dtype", self.dtype, ("fp32", "bf16", "fp16"))
         for key, value in (("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
                            ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key} must be > 0 (got {value})")
-        if self.eval.show_samples < 0:
-            raise ConfigError(f"eval.show_samples must be >= 0 (got {self.eval.show_samples})")
+            _positive(key, value)
+        _positive("eval.show_samples", self.eval.show_samples, allow_zero=True)
         if self.eval.rule is not None and ":" not in self.eval.rule:
             raise ConfigError(f"eval.rule={self.eval.rule!r} is not 'module:function'; e.g. eval.rule={DEFAULT_RULE}")
 

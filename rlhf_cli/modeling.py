@@ -244,8 +244,9 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad
     device = prompt_ids.device
     decoder = make_decoder(model, engine, prompt_ids.shape[1] + max_new_tokens)
     # each distinct prompt is prefilled once (rl samples K responses per prompt), then its cache is copied
-    distinct, copies = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
-    if distinct.shape[0] < batch and decoder.can_keep:
+    distinct, copies = (torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
+                        if decoder.can_keep else (prompt_ids, None))
+    if distinct.shape[0] < batch:
         P = prompt_ids.shape[1]
         logits = decoder.prefill(distinct[:, :P], distinct[:, P:], max_new_tokens)[copies]
         decoder.keep(copies)

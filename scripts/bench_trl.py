@@ -201,8 +201,7 @@ def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:
         sync()
         t0 = time.perf_counter()
         kw = {"noise": runtime.keyed_uniform(0, 0, 0, ids.shape[0], S["max_new_tokens"], dev)} if keyed else {}
-        if "engine" in inspect.signature(sample).parameters:
-            kw["engine"] = engine
+        kw["engine"] = engine
         rollout = sample(model, ids, mask, S["max_new_tokens"], tok.eos_token_id, tok.pad_token_id, S["temperature"],
                          **kw)
         tokens = float(rollout.response_mask.sum())

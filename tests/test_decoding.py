@@ -126,8 +126,8 @@ def test_auto_falls_back_to_the_model_forward_and_lean_says_why_not():
     with pytest.raises(UserError, match="rollout.engine=lean: model type 'gpt2'.*rollout.engine=auto"):
         make_decoder(gpt2, "lean", 40)
     ids, mask = left_padded()
-    out = sample(gpt2, ids, mask, 6, EOS, PAD, greedy=True)  # auto: the model's own forward
-    assert out.response_ids.shape == (6, 6) or out.stopped.all()
+    out = sample(gpt2, ids, mask, 6, EOS, PAD, greedy=True)  # auto: the model's own forward, rows dropped as they stop
+    assert out.response_ids.shape[0] == 6 and 1 <= out.response_ids.shape[1] <= 6
 
 
 def test_a_sliding_window_shorter_than_the_sequence_is_not_lean():
