@@ -1,4 +1,5 @@
-"""Run directories (DESIGN.md §3): lock, config check, atomic checkpoints, final/ with manifest.
+"""Run directories (DESIGN.md §3): lock, config check, atomic checkpoints, final/ with manifest;
+the trainer checkpoints that save and resume weights, optimizer and RNG states across ranks.
 
 A checkpoint is complete or invisible: files are written under a temporary
 name, fsynced, checksummed in manifest.json and renamed into place. Loading
@@ -29,6 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rlhf_cli import runtime
+from rlhf_cli.distributed import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 from rlhf_cli.errors import UserError
 
 # Keys that may change between a run and its resumption (run length, cadence; lora.save only shapes final/).
@@ -347,3 +350,84 @@ def fingerprint(rows: list[dict]) -> str:
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- trainer checkpoints across ranks
+# A checkpoint holds full (unsharded) weights and optimizer state, so it reads the same
+# whichever strategy wrote it; it is bound to its world size through the RNG state of
+# each rank and the global batch (per-device batch x accumulation x world size).
+
+
+def _optimizer_root(models: dict):
+    roots = [m for m, _ in models.values()]
+    return roots[0] if len(roots) == 1 else torch.nn.ModuleList(roots)
+
+
+def save_checkpoint(run_dir, rt: runtime.Runtime, step: int, models: dict, optimizer, scheduler, keep_last: int,
+                    precision=None, **extra) -> None:
+    """Collective: every rank calls it; rank 0 writes. models: name -> (module, prefix).
+
+    Saves full weights and optimizer state (gathered under FSDP2), the scheduler,
+    the RNG state of every rank, the world size and the loss scaler.
+    """
+    tensors = {name: full_state_dict(m, prefix) for name, (m, prefix) in models.items()}
+    if any(is_sharded(m) for m, _ in models.values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim_state = get_optimizer_state_dict(_optimizer_root(models), optimizer, options=options)
+    else:
+        optim_state = optimizer.state_dict()
+    rng_per_rank = rt.all_gather_object(runtime.rng_state())
+    if rt.is_main:
+        state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                 "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": rt.world_size, **extra}
+        if precision is not None and precision.scaler is not None:
+            state["grad_scaler"] = precision.scaler.state_dict()
+        run_dir.save(step, tensors, state, keep_last)
+    rt.barrier()
+
+
+def load_checkpoint(ckpt: Path, rt: runtime.Runtime, models: dict, optimizer, scheduler,
+                    precision=None) -> dict:
+    """Restore what save_checkpoint wrote (every rank reads the files); -> the trainer state.
+
+    A checkpoint written with another world size is refused with one line: its
+    RNG states are per rank and its global batch counts the ranks.
+    """
+    tensors, state = RunDir.load(ckpt, list(models))
+    saved = int(state.get("world_size", 1))
+    if saved != rt.world_size:
+        raise UserError(f"{ckpt} was written by a run of {saved} process(es) and this run has {rt.world_size}: "
+                        f"resume it with {saved} (torchrun --nproc-per-node ... so that nodes x processes = {saved}), "
+                        f"or start a new output_dir=... (a checkpoint holds each rank's RNG state and its global "
+                        f"batch counts the ranks)")
+    for name, (module, prefix) in models.items():
+        load_full_state_dict(module, tensors[name], prefix)
+    if any(is_sharded(m) for m, _ in models.values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(_optimizer_root(models), optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    runtime.set_rng_state(state.get("rng_per_rank", [state["rng"]])[rt.rank])
+    if precision is not None and precision.scaler is not None and "grad_scaler" in state:
+        precision.scaler.load_state_dict(state["grad_scaler"])
+    return state
+
+
+def save_final(run_dir, rt: runtime.Runtime, model, tokenizer, manifest: dict, prefix: str = "", hf_model=None):
+    """Collective: gathers the full weights (FSDP2), rank 0 writes final/ (a plain HF model dir).
+
+    model: the (possibly sharded) root; hf_model: the Hugging Face model inside it under `prefix`.
+    """
+    hf_model = hf_model if hf_model is not None else model
+    if is_sharded(model):
+        state = full_state_dict(model, prefix)  # collective; the tensors land on rank 0 (CPU)
+        if rt.is_main:
+            hf_model = unsharded_copy(hf_model, state)
+    if rt.is_main:
+        run_dir.save_final(hf_model, tokenizer, manifest)
+    rt.barrier()

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import difflib
 import errno
-import itertools
 import os
 import sys
 from pathlib import Path
 
+from rlhf_cli.compose import CONF_DIR, compose_config, config_name, split_args  # noqa: F401 (compose_config: tests)
+
 EXIT_USAGE = 2
-CONF_DIR = Path(os.environ.get("RLHF_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 STAGES = {
     "sft": ("rlhf_cli.stages.sft", "supervised fine-tuning on prompt/completion or chat rows"),
     "train-rm": ("rlhf_cli.stages.train_rm", "reward model from prompt/chosen/rejected pairs"),
@@ -37,8 +37,6 @@ TOOLS = {  # commands beside the stages: each module has main(args)
     "plot": ("rlhf_cli.plot", "PNG curves (loss, reward, KL, accuracy, length) comparing runs or a sweep"),
 }
 DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # a write failed: one line, exit 2
-HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
-                          "--config-name", "-cn", "--config-dir", "-cd", "-sc", "--shell-completion"}
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -76,12 +74,17 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in rest):
         print_stage_help(stage)
         return
-    overrides, hydra_args = split_args(rest)
-    multirun = any(a in ("-m", "--multirun") for a in hydra_args)
     from rlhf_cli import signals
+    from rlhf_cli.compose import compose_all
+    from rlhf_cli.errors import UserError
 
-    signals.remember_command(stage, rest)  # for the resume hint after SIGTERM / SIGINT
-    configs = validate(stage, overrides, multirun)
+    try:  # every problem with the command line or the config: one line, exit 2, before anything loads
+        overrides, hydra_args = split_args(rest)
+        multirun = any(a in ("-m", "--multirun") for a in hydra_args)
+        signals.remember_command(stage, rest)  # for the resume hint after SIGTERM / SIGINT
+        configs = compose_all(stage, overrides, multirun)
+    except UserError as e:
+        fail(str(e), code=e.exit_code)
     if not multirun and os.environ.get("RANK", "0") == "0" and not {"--cfg", "-c", "--info", "-i"} & set(hydra_args):
         check_not_in_use(configs[0].output_dir)
     if multirun:  # name each job's dir by the swept keys only: runs/rl/algorithm=ppo,seed=1
@@ -104,135 +107,6 @@ def run_tool(name: str, args: list[str]) -> None:
         fail(str(e), code=e.exit_code)
 
 
-def split_args(args: list[str]) -> tuple[list[str], list[str]]:
-    """-> (overrides, hydra flags); a positional YAML becomes overrides (its keys, flattened)."""
-    overrides, hydra_args = [], []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a in HYDRA_FLAGS_WITH_VALUE and i + 1 < len(args):
-            hydra_args += [a, args[i + 1]]
-            i += 2
-            continue
-        if a.startswith("-"):
-            hydra_args.append(a)
-        elif "=" not in a and a.endswith((".yaml", ".yml")):
-            overrides.extend(yaml_to_overrides(a))
-        elif "=" not in a:
-            fail(f"{a!r} is neither key=value nor a .yaml file; write e.g. optim.lr=1e-4")
-        else:
-            overrides.append(_quote_path_value(a))
-        i += 1
-    return overrides, hydra_args
-
-
-def _quote_path_value(override: str) -> str:
-    """policy.path=runs/sft/seed=1/final -> policy.path='runs/sft/seed=1/final': a sweep job's dir
-    holds '=', which Hydra's override grammar rejects unquoted."""
-    key, value = override.split("=", 1)
-    if "=" not in value or value[:1] in ("'", '"', "[", "{") or any(c in value for c in ",()'\\"):
-        return override
-    return f"{key}='{value}'"
-
-
-def yaml_to_overrides(path: str) -> list[str]:
-    """A user's YAML file as Hydra overrides: `algorithm: ppo` picks the group option,
-    `optim: {lr: 1e-4}` sets optim.lr. Later command-line overrides win."""
-    from omegaconf import OmegaConf
-
-    p = Path(path)
-    if not p.is_file():
-        fail(f"config file {path} not found")
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
-    except Exception as e:
-        fail(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
-    if not isinstance(data, dict):
-        fail(f"config file {path} must hold a mapping of keys (e.g. `optim: {{lr: 1e-4}}`)")
-    data.pop("defaults", None)
-    out = []
-
-    def walk(prefix: str, node) -> None:
-        for key, value in node.items():
-            full = f"{prefix}{key}"
-            if isinstance(value, dict) and value:
-                walk(full + ".", value)
-            else:
-                out.append(f"{full}={_override_value(value)}")
-
-    walk("", data)
-    return out
-
-
-def _override_value(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ",".join(_override_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ",".join(f"{k}:{_override_value(x)}" for k, x in v.items()) + "}"
-    s = str(v).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{s}'"
-
-
-def _config_name(stage: str) -> str:
-    from rlhf_cli.config import STAGE_CONFIG_NAMES
-
-    return STAGE_CONFIG_NAMES[stage]
-
-
-def expand_sweeps(overrides: list[str]) -> list[list[str]]:
-    """Every combination of a sweep's values (capped), each as plain overrides."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:
-        fail(f"bad override: {str(e).splitlines()[0]}")
-    choices = []
-    for raw, o in zip(overrides, parsed):
-        if o.is_sweep_override():
-            key = o.get_key_element()
-            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            choices.append([raw])
-    return [list(c) for c in itertools.islice(itertools.product(*choices), 64)]
-
-
-def compose_config(stage: str, overrides: list[str]):
-    """Compose + validate: -> the typed stage config object. Raises on problems."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from rlhf_cli.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=_config_name(stage), overrides=[o for o in overrides if not o.startswith("hydra.")])
-    return OmegaConf.to_object(cfg)
-
-
-def validate(stage: str, overrides: list[str], multirun: bool) -> list:
-    """Compose and check every sweep combination; -> their typed configs (fail() on the first problem)."""
-    check_appended_keys(stage, overrides)
-    combos = expand_sweeps(overrides) if multirun else [overrides]
-    configs = []
-    for combo in combos:
-        try:
-            cfg = compose_config(stage, combo)
-        except Exception as e:  # one line, named key, closest valid key
-            fail(explain_config_error(stage, e, combo))
-        check_output_dir(cfg.output_dir)
-        configs.append(cfg)
-    return configs
-
-
 def check_not_in_use(output_dir: str) -> None:
     """Refuse before Hydra writes into a run dir another live run holds (RunDir takes the real lock)."""
     from rlhf_cli.checkpoint import lock_holder
@@ -241,80 +115,6 @@ def check_not_in_use(output_dir: str) -> None:
     if holder is not None:
         fail(f"{output_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}); "
              f"wait for it to finish or stop it, or choose another output_dir=...")
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Hydra creates the run dir before the stage runs: make sure it can."""
-    p = Path(output_dir).expanduser().absolute()
-    existing = next(a for a in [p, *p.parents] if a.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"output_dir {output_dir} is not writable ({existing} is "
-             f"{'not a directory' if not existing.is_dir() else 'read-only'}); choose another output_dir=...")
-
-
-def explain_config_error(stage: str, exc: Exception, overrides: list[str]) -> str:
-    from rlhf_cli.config import STAGE_SCHEMAS, leaf_keys
-    from rlhf_cli.errors import UserError
-
-    if isinstance(exc, UserError):
-        return str(exc)
-    chain, e = [], exc
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    for err in chain:
-        if isinstance(err, UserError):
-            return str(err)
-    text = " ".join(str(c) for c in chain)
-    keys = leaf_keys(STAGE_SCHEMAS[stage])
-    full_key = next((getattr(c, "full_key", None) for c in chain if getattr(c, "full_key", None)), None)
-    if "not in" in text or "Could not override" in text or "Key '" in text and "not in" in text:
-        bad = full_key or _override_key_in(text, overrides)
-        if bad:
-            return unknown_key_message(stage, bad, keys)
-    if "Could not find" in text or "Could not load" in text:
-        first = str(chain[0]).splitlines()
-        at = next((i for i, line in enumerate(first) if "Available options" in line), None)
-        if at is None:
-            return first[0]
-        names = []  # the options are the tab-indented lines under "Available options in 'group':"
-        for line in first[at + 1:]:
-            if not line.startswith("\t"):
-                break
-            names.append(line.strip())
-        return f"{first[0]}; {first[at].strip()} {', '.join(names)}"
-    for c in chain:
-        if full_key and c.__class__.__name__ in ("ValidationError", "ConfigTypeError", "ConfigValueError"):
-            msg = str(getattr(c, "msg", c)).splitlines()[0]
-            return f"{full_key}: {msg}; see `rlhf {stage} --help` for its type"
-    return str(chain[0]).splitlines()[0]
-
-
-def unknown_key_message(stage: str, bad: str, keys: list[str]) -> str:
-    close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]}?" if close else f"; see `rlhf {stage} --help` for the keys"
-    return f"unknown config key {bad!r}{hint}"
-
-
-def check_appended_keys(stage: str, overrides: list[str]) -> None:
-    """`+key=value` adds a key Hydra would otherwise refuse; the schema has no room for it (the run
-    would silently ignore it), so only keys the schema knows may be appended."""
-    from rlhf_cli.config import STAGE_SCHEMAS, leaf_keys
-
-    keys = leaf_keys(STAGE_SCHEMAS[stage])
-    for o in overrides:
-        key = o.lstrip("+").split("=", 1)[0]
-        if o.startswith("+") and not key.startswith("hydra.") and key not in keys \
-                and not any(k.startswith(key + ".") for k in keys):
-            fail(unknown_key_message(stage, key, keys))
-
-
-def _override_key_in(text: str, overrides: list[str]) -> str | None:
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if f"'{key}'" in text:
-            return key
-    return None
 
 
 def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
@@ -326,7 +126,7 @@ def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
 
     register_configs()
     runner = importlib.import_module(STAGES[stage][0])
-    task = hydra.main(config_path=str(CONF_DIR), config_name=_config_name(stage), version_base="1.3")(
+    task = hydra.main(config_path=str(CONF_DIR), config_name=config_name(stage), version_base="1.3")(
         _task_function(stage, runner))
     sys.argv = [f"rlhf {stage}"] + hydra_args + overrides
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let Hydra's own write errors reach the handler below
@@ -411,7 +211,7 @@ def print_stage_help(stage: str) -> None:
 
     console.print(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]", markup=False)
     groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
-    primary = (CONF_DIR / f"{_config_name(stage)}.yaml").read_text()
+    primary = (CONF_DIR / f"{config_name(stage)}.yaml").read_text()
     console.print("config groups (pick with group=option):")
     for g in groups:
         if f"- {g}:" in primary or f"{g}:" in primary.split("_self_")[0]:

@@ -28,14 +28,14 @@ def doc(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
-def _positive(key: str, value, allow_zero: bool = False) -> None:
+def check_positive(key: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value}); set {key}=<a positive number>")
 
 
-def _choice(key: str, value, choices) -> None:
+def check_choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}; set {key}=<one of those>")
 
@@ -52,8 +52,8 @@ class ModelConfig:
     max_length: int = doc(160, "max tokens of prompt + response; longer rows are truncated and counted")
 
     def __post_init__(self):
-        _choice("model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
-        _positive("model.max_length", self.max_length)
+        check_choice("model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        check_positive("model.max_length", self.max_length)
 
 
 @dataclass
@@ -68,9 +68,9 @@ class DataConfig:
     eval_limit: int = doc(200, "at most this many held-out rows are used per evaluation")
 
     def __post_init__(self):
-        _positive("data.num_train", self.num_train)
-        _positive("data.num_eval", self.num_eval)
-        _positive("data.eval_limit", self.eval_limit)
+        check_positive("data.num_train", self.num_train)
+        check_positive("data.num_eval", self.num_eval)
+        check_positive("data.eval_limit", self.eval_limit)
 
 
 @dataclass
@@ -85,12 +85,12 @@ class OptimConfig:
     max_bad_steps: int = doc(5, "stop after this many updates in a row with a NaN/inf loss or gradient (each is skipped)")
 
     def __post_init__(self):
-        _positive("optim.lr", self.lr)
-        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
-        _positive("optim.max_grad_norm", self.max_grad_norm)
-        _positive("optim.grad_accum", self.grad_accum)
-        _positive("optim.max_bad_steps", self.max_bad_steps)
+        check_positive("optim.lr", self.lr)
+        check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("optim.max_grad_norm", self.max_grad_norm)
+        check_positive("optim.grad_accum", self.grad_accum)
+        check_positive("optim.max_bad_steps", self.max_bad_steps)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {list(self.betas)}); e.g. optim.betas=[0.9,0.95]")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -103,8 +103,8 @@ class CheckpointConfig:
     keep_last: int = doc(2, "keep this many newest complete checkpoints")
 
     def __post_init__(self):
-        _positive("checkpoint.every", self.every)
-        _positive("checkpoint.keep_last", self.keep_last)
+        check_positive("checkpoint.every", self.every)
+        check_positive("checkpoint.keep_last", self.keep_last)
 
 
 @dataclass
@@ -117,8 +117,8 @@ class DeviceConfig:
     def __post_init__(self):
         if not (self.type in ("auto", "cpu", "cuda") or self.type.startswith("cuda:")):
             raise ConfigError(f"device.type={self.type!r} is not auto, cpu, cuda or cuda:N; e.g. device=cpu")
-        _choice("device.autocast", self.autocast, ("none", "bf16"))
-        _choice("device.distributed", self.distributed, ("ddp", "fsdp"))
+        check_choice("device.autocast", self.autocast, ("none", "bf16"))
+        check_choice("device.distributed", self.distributed, ("ddp", "fsdp"))
 
 
 @dataclass
@@ -131,9 +131,9 @@ class EvalConfig:
                               "held-out accuracy rule 'module:function' f(prompt, response, **row) -> 0/1; null = none")
 
     def __post_init__(self):
-        _positive("eval.every", self.every)
-        _positive("eval.max_new_tokens", self.max_new_tokens)
-        _positive("eval.batch_size", self.batch_size)
+        check_positive("eval.every", self.every)
+        check_positive("eval.max_new_tokens", self.max_new_tokens)
+        check_positive("eval.batch_size", self.batch_size)
 
 
 @dataclass
@@ -163,11 +163,11 @@ class LoRAConfig:
                               "adapter_model.safetensors over the base model dir; loads with peft)")
 
     def __post_init__(self):
-        _positive("lora.r", self.r, allow_zero=True)
-        _positive("lora.alpha", self.alpha)
+        check_positive("lora.r", self.r, allow_zero=True)
+        check_positive("lora.alpha", self.alpha)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout must be in [0, 1) (got {self.dropout})")
-        _choice("lora.save", self.save, ("merged", "adapter"))
+        check_choice("lora.save", self.save, ("merged", "adapter"))
         names = list(self.target_modules)
         if not names or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"lora.target_modules must name modules (got {names}); e.g. lora.target_modules=[all-linear]")
@@ -204,10 +204,10 @@ class SFTConfig:
     lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) instead of full fine-tuning")
 
     def __post_init__(self):
-        _positive("max_steps", self.max_steps)
-        _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
-        _positive("log_every", self.log_every)
+        check_positive("max_steps", self.max_steps)
+        check_positive("epochs", self.epochs)
+        check_positive("batch_size", self.batch_size)
+        check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
 
 
@@ -231,11 +231,11 @@ class TrainRMConfig:
     lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) on the backbone; the score head trains in full")
 
     def __post_init__(self):
-        _positive("max_steps", self.max_steps)
-        _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
-        _positive("center_coef", self.center_coef, allow_zero=True)
-        _positive("log_every", self.log_every)
+        check_positive("max_steps", self.max_steps)
+        check_positive("epochs", self.epochs)
+        check_positive("batch_size", self.batch_size)
+        check_positive("center_coef", self.center_coef, allow_zero=True)
+        check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
 
 
@@ -257,7 +257,7 @@ class CriticConfig:
     lr: Optional[float] = doc(None, "critic learning rate (null = optim.lr)")
 
     def __post_init__(self):
-        _choice("critic.init", self.init, ("reward", "policy", "shared"))
+        check_choice("critic.init", self.init, ("reward", "policy", "shared"))
         if self.init == "shared" and self.path:
             raise ConfigError("critic.path is unused with critic.init=shared (the value head sits on the policy); "
                               "drop one of them")
@@ -271,7 +271,7 @@ class RewardModelConfig:
     dtype: str = doc("fp32", "reward model weights dtype (inference only): fp32, bf16 or fp16")
 
     def __post_init__(self):
-        _choice("reward.model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        check_choice("reward.model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -306,17 +306,22 @@ class AlgorithmConfig:
     target_kl: Optional[float] = doc(None, "PPO: stop the epochs early when approx KL passes this")
 
     def __post_init__(self):
-        _choice("algorithm.name", self.name, ("reinforce", "a2c", "ppo"))
-        _choice("algorithm.advantage", self.advantage, ("reinforce", "gae", "nstep"))
-        _choice("algorithm.baseline", self.baseline, ("none", "mean", "rloo", "group_norm"))
-        _positive("algorithm.epochs", self.epochs)
-        _positive("algorithm.minibatches", self.minibatches)
+        from rlhf_cli import algorithms  # here, not at the top: `rlhf --help` and config docs need no torch
+
+        check_choice("algorithm.name", self.name, algorithms.POLICY_LOSSES)
+        check_choice("algorithm.advantage", self.advantage, algorithms.ADVANTAGE_ESTIMATORS)
+        check_choice("algorithm.baseline", self.baseline, algorithms.BASELINES)
+        check_positive("algorithm.epochs", self.epochs)
+        check_positive("algorithm.minibatches", self.minibatches)
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError("algorithm.gamma and algorithm.lam must be in [0, 1]")
 
     @property
     def needs_critic(self) -> bool:
-        return self.advantage in ("gae", "nstep")
+        """The advantage estimator bootstraps from a critic's values (its registry trait)."""
+        from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS  # torch: see __post_init__
+
+        return ADVANTAGE_ESTIMATORS.trait(self.advantage, "needs_values")
 
 
 @dataclass
@@ -327,9 +332,11 @@ class KLConfig:
     horizon: int = doc(10000, "adaptive KL horizon (Ziegler et al. 2019)")
 
     def __post_init__(self):
-        _positive("kl.coef", self.coef, allow_zero=True)
-        _choice("kl.estimator", self.estimator, ("k1", "k3"))
-        _positive("kl.target", self.target)
+        check_positive("kl.coef", self.coef, allow_zero=True)
+        from rlhf_cli.algorithms import KL_ESTIMATORS  # torch: see AlgorithmConfig.__post_init__
+
+        check_choice("kl.estimator", self.estimator, KL_ESTIMATORS)
+        check_positive("kl.target", self.target)
 
 
 @dataclass
@@ -344,11 +351,13 @@ class RolloutConfig:
                               "own forward), auto (lean where it applies)")
 
     def __post_init__(self):
-        _choice("rollout.engine", self.engine, ("auto", "lean", "hf"))
-        _positive("rollout.prompts_per_step", self.prompts_per_step)
-        _positive("rollout.samples_per_prompt", self.samples_per_prompt)
-        _positive("rollout.max_new_tokens", self.max_new_tokens)
-        _positive("rollout.temperature", self.temperature)
+        from rlhf_cli.rollout import ENGINES  # torch: see AlgorithmConfig.__post_init__
+
+        check_choice("rollout.engine", self.engine, ENGINES)
+        check_positive("rollout.prompts_per_step", self.prompts_per_step)
+        check_positive("rollout.samples_per_prompt", self.samples_per_prompt)
+        check_positive("rollout.max_new_tokens", self.max_new_tokens)
+        check_positive("rollout.temperature", self.temperature)
 
 
 @dataclass
@@ -383,8 +392,8 @@ class RLConfig:
                                        "with its adapters off, no second copy; the critic trains in full")
 
     def __post_init__(self):
-        _positive("max_steps", self.max_steps)
-        _positive("log_every", self.log_every)
+        check_positive("max_steps", self.max_steps)
+        check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
         if self.lora.r > 0 and not self.reference.path and self.placement.reference not in (None, self.placement.policy):
             raise ConfigError("placement.reference cannot differ from the policy's with lora.r > 0: the reference is the "
@@ -392,7 +401,9 @@ class RLConfig:
         if not self.reward.functions and not self.reward.model.path:
             raise ConfigError("no reward source: set reward.model.path=<train-rm final/> and/or reward.functions=[module:function]")
         algo = self.algorithm
-        if algo.name in ("a2c", "ppo") and not algo.needs_critic:
+        from rlhf_cli.algorithms import POLICY_LOSSES  # torch: see AlgorithmConfig.__post_init__
+
+        if POLICY_LOSSES.trait(algo.name, "needs_critic") and not algo.needs_critic:
             raise ConfigError(f"algorithm {algo.name} needs a critic: set algorithm.advantage=gae or nstep")
         if algo.advantage == "reinforce" and algo.baseline in ("rloo", "group_norm") and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"algorithm.baseline={algo.baseline} needs rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
@@ -409,7 +420,7 @@ class RLConfig:
         if self.rollout.engine == "lean" and self.device.distributed == "fsdp":
             raise ConfigError("rollout.engine=lean cannot decode an FSDP-sharded policy; use rollout.engine=auto (the "
                               "model's own forward under FSDP) or device.distributed=ddp")
-        if algo.name != "ppo" and algo.epochs != 1:
+        if not POLICY_LOSSES.trait(algo.name, "trust_region") and algo.epochs != 1:
             raise ConfigError(f"{algo.name} makes one pass per rollout batch: set algorithm.epochs=1 (or algorithm=ppo)")
 
 

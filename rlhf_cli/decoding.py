@@ -1,4 +1,4 @@
-"""Decoding engines behind `modeling.sample`: prefill the prompts, then one token per step.
+"""Decoders behind `rollout.sample` (the `LocalEngine` of rollout.py): prefill the prompts, then one token per step.
 
 Two engines with one interface (prefill -> logits, step -> logits, keep(rows)):
 
@@ -9,7 +9,7 @@ Two engines with one interface (prefill -> logits, step -> logits, keep(rows)):
   each step's mask from one boolean row instead of going through Hugging Face's
   per-step machinery (4-D mask construction, cache objects, output dataclasses,
   keyword plumbing): 1.18x the HF engine's tokens/s on the embedded tiny model on
-  CPU (README, Speed), where kernels dominate; more where kernels are fast (GPU).
+  CPU (docs/benchmarks.md), where kernels dominate; more where kernels are fast (GPU).
   Logits match the Hugging Face forward to float tolerance (tests/test_decoding.py).
 - `HFDecoder` (rollout.engine=hf, and `auto` for every other model): the model's own
   forward with a `DynamicCache`.
@@ -28,7 +28,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli.modeling import position_ids_from_mask
+from rlhf_cli.distributed import is_sharded
+from rlhf_cli.errors import UserError
+from rlhf_cli.logprobs import position_ids_from_mask
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # tables that do not depend on the sequence length
@@ -41,8 +43,6 @@ def _unwrap(model):
 
 def lean_unsupported(model, total_len: int | None = None) -> str | None:
     """Why the lean engine cannot run this model (None: it can)."""
-    from rlhf_cli.training import is_sharded
-
     inner = _unwrap(model)
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -71,8 +71,6 @@ def lean_unsupported(model, total_len: int | None = None) -> str | None:
 
 def make_decoder(model, engine: str, total_len: int):
     """The engine `rollout.engine` names ('auto': lean where it applies, else hf)."""
-    from rlhf_cli.errors import UserError
-
     if engine == "hf":
         return HFDecoder(model)
     reason = lean_unsupported(model, total_len)

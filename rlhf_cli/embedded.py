@@ -49,9 +49,6 @@ def write_embedded_base(directory: Path, seed: int, **overrides) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.modeling import quiet_transformers
-
-    quiet_transformers()
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory

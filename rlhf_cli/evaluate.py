@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_cli.config import EvalConfig, _choice, _positive, doc
+from rlhf_cli.config import EvalConfig, check_choice, check_positive, doc
 from rlhf_cli.errors import ConfigError, UserError
 
-DEFAULT_RULE = EvalConfig.rule  # the stages' rule; read here without importing torch (training.DEFAULT_RULE)
+DEFAULT_RULE = EvalConfig.rule  # the stages' rule; read here without importing torch (evaluation.DEFAULT_RULE)
 
 
 @dataclass
@@ -57,11 +57,11 @@ class EvalToolConfig:
     eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
 
     def __post_init__(self):
-        _choice("dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        check_choice("dtype", self.dtype, ("fp32", "bf16", "fp16"))
         for key, value in (("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
                            ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
-            _positive(key, value)
-        _positive("eval.show_samples", self.eval.show_samples, allow_zero=True)
+            check_positive(key, value)
+        check_positive("eval.show_samples", self.eval.show_samples, allow_zero=True)
         if self.eval.rule is not None and ":" not in self.eval.rule:
             raise ConfigError(f"eval.rule={self.eval.rule!r} is not 'module:function'; e.g. eval.rule={DEFAULT_RULE}")
 
@@ -184,9 +184,11 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
 
     from rlhf_cli import data, task
     from rlhf_cli.checkpoint import read_manifest
-    from rlhf_cli.modeling import load_causal_lm, load_scalar_head_model, load_tokenizer, score_texts
+    from rlhf_cli.evaluation import held_out_accuracy
+    from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.rollout import make_engine
     from rlhf_cli.runtime import resolve_device
-    from rlhf_cli.training import held_out_accuracy
+    from rlhf_cli.scoring import score_texts
 
     t0 = time.time()
     manifest = read_manifest(ckpt)
@@ -223,7 +225,8 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     device = resolve_device(cfg.device)
     model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.dtype, device, cfg.trust_remote_code)
     with torch.no_grad():
-        accuracy, _, mean_chars, responses = held_out_accuracy(model, tokenizer, rows, prompts, eval_cfg, device)
+        accuracy, _, mean_chars, responses = held_out_accuracy(make_engine("auto", model, tokenizer), tokenizer, rows,
+                                                               prompts, eval_cfg, device)
     checks = _checks(rows, prompts, responses, eval_cfg.rule) if accuracy is not None else [None] * len(rows)
     del model
 
@@ -261,7 +264,7 @@ def show(result: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from rlhf_cli.tracking import _fmt_value, console
+    from rlhf_cli.tracking import console, fmt_value
 
     with_rm = any("rm_score" in g for g in result["samples"])
     samples = Table(title="sample generations (greedy)", show_lines=True)
@@ -270,7 +273,7 @@ def show(result: dict) -> None:
     for g in result["samples"]:
         check = "" if g["correct"] is None else ("right" if g["correct"] else "wrong")
         samples.add_row(escape(g["prompt"].strip()), escape(g["response"].strip()), check,
-                        *((_fmt_value(g["rm_score"]),) if with_rm else ()))
+                        *((fmt_value(g["rm_score"]),) if with_rm else ()))
     if result["samples"]:
         console.print(samples)
     table = Table(title=escape(f"rlhf eval {result['checkpoint']}"))
@@ -280,7 +283,7 @@ def show(result: dict) -> None:
              "rm_score_normalized": "reward-model score, normalised", "response_chars": "mean response length (chars)",
              "response_tokens": "mean response length (tokens)"}
     for key, value in result["metrics"].items():
-        table.add_row(escape(names.get(key, key)), _fmt_value(value))
+        table.add_row(escape(names.get(key, key)), fmt_value(value))
     table.add_row("data", escape(str(result["data"])))
     table.add_row("eval.rule", escape(str(result["rule"])) if result["rule"] else "none")
     if result["rule"] is None:

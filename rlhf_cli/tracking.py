@@ -183,7 +183,7 @@ class Tracker:
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k, v in rows.items():
-            table.add_row(escape(k), escape(_fmt_value(v)))
+            table.add_row(escape(k), escape(fmt_value(v)))
         console.print(table)
 
     def samples(self, title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -207,7 +207,7 @@ class Tracker:
         self._sinks = []
 
 
-def _fmt_value(v) -> str:
+def fmt_value(v) -> str:
     v = _clean(v)
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -215,4 +215,17 @@ def _fmt_value(v) -> str:
 
 
 def _fmt(metrics: dict) -> str:
-    return " ".join(f"{k}={_fmt_value(v)}" for k, v in metrics.items())
+    return " ".join(f"{k}={fmt_value(v)}" for k, v in metrics.items())
+
+
+class Throughput:
+    """Items per second since the previous call (the first: since construction)."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def rate(self, count: float) -> float:
+        now = time.perf_counter()
+        rate = count / max(1e-9, now - self.t)
+        self.t = now
+        return rate

@@ -38,7 +38,8 @@ class _StructureOnly:
 
 
 def main(args: list[str]) -> None:
-    from rlhf_cli import cli
+    from rlhf_cli import compose
+    from rlhf_cli.config import STAGE_SCHEMAS
 
     if not args or args[0] in ("-h", "--help"):
         from rlhf_cli.tracking import console
@@ -46,20 +47,20 @@ def main(args: list[str]) -> None:
         console.print(__doc__.strip(), highlight=False, markup=False)
         return
     stage, rest = args[0], args[1:]
-    stages = cli.available_stages()
+    stages = list(STAGE_SCHEMAS)
     if stage not in stages:
         import difflib
 
         close = difflib.get_close_matches(stage, list(stages), n=1)
         raise UserError(f"rlhf validate: unknown stage {stage!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                         + f" (stages: {', '.join(stages)})")
-    overrides, flags = cli.split_args(rest)
+    overrides, flags = compose.split_args(rest)
     multirun = any(a in ("-m", "--multirun") for a in flags)
     other = [a for a in flags if a not in ("-m", "--multirun")]
     if other:
         raise UserError(f"rlhf validate takes a stage, an optional CONFIG.yaml, key=value overrides and -m; "
                         f"not {' '.join(other)}")
-    configs = cli.validate(stage, overrides, multirun)  # fail()s with one line on a config problem
+    configs = compose.compose_all(stage, overrides, multirun)  # ConfigError: one line on a config problem
     seen: dict[str, list[str]] = {}
     lines = []
     for cfg in configs:
@@ -79,7 +80,7 @@ def main(args: list[str]) -> None:
 def check_run(stage: str, cfg, cache: dict) -> list[str]:
     """Model paths, reward functions, eval rule and data of one composed config -> summary lines."""
     from rlhf_cli import lora
-    from rlhf_cli.modeling import _check_model_dir
+    from rlhf_cli.models import check_model_dir
     from rlhf_cli.rewards import import_reward_function
 
     model_cfg = cfg.policy if stage == "rl" else cfg.model
@@ -91,7 +92,7 @@ def check_run(stage: str, cfg, cache: dict) -> list[str]:
     lines = []
     for key, path in paths:
         if path:
-            _check_model_dir(str(path), key)
+            check_model_dir(str(path), key)
             if lora.is_adapter_dir(path):  # a LoRA final/: its base model must be there too
                 lines.append(f"{key}: {path} (LoRA adapter over {lora.adapter_base(path, key)})")
                 continue
@@ -124,9 +125,7 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
             examples, cut = data.tokenize_sft(tokenizer, rows, limit, key)
             counts[key] = (len(examples), f"{cut} truncated to model.max_length={limit}")
         elif stage == "train-rm":
-            from rlhf_cli.stages.train_rm import tokenize_pairs
-
-            pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
+            pairs, dropped = data.tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
             counts[key] = (len(pairs), f"{dropped} dropped as longer than model.max_length={limit}")
         else:
             long = 0
@@ -144,7 +143,7 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
 
 def _tokenizer(model_cfg):
     """The tokenizer the stage will use (cheap: no weights) -> (tokenizer, note)."""
-    from rlhf_cli.modeling import load_tokenizer
+    from rlhf_cli.models import load_tokenizer
 
     path = model_cfg.path
     if not path:

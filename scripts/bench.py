@@ -127,7 +127,7 @@ def mean_pair_tokens(model_dir: Path, n: int = 500) -> float:
     """Mean tokens of one preference pair as train-rm sees it: (prompt + chosen + EOS) + (prompt + rejected + EOS)."""
     from rlhf_cli import task
     from rlhf_cli.data import encode
-    from rlhf_cli.modeling import load_tokenizer
+    from rlhf_cli.models import load_tokenizer
 
     tok = load_tokenizer(str(model_dir), "model.path")
     rows = task.preference_rows(n, seed=0)

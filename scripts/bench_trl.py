@@ -9,7 +9,7 @@ so that both sides see the same machine load:
 
     sft                    rlhf sft                       vs SFTTrainer      samples/s
     train-rm               rlhf train-rm                  vs RewardTrainer   pairs/s
-    generation             modeling.sample                vs model.generate  (what GRPO/RLOO/PPO call) tokens/s
+    generation             rollout.sample                vs model.generate  (what GRPO/RLOO/PPO call) tokens/s
                            64 distinct prompts, and 8 prompts x 8 samples (as GRPO / RLOO sample)
     reinforce group_norm   rlhf rl algorithm=reinforce    vs GRPOTrainer     completions/s
     reinforce rloo         ... algorithm.baseline=rloo    vs RLOOTrainer     completions/s
@@ -98,7 +98,7 @@ def trl_worker(kind: str, root: Path, device: str) -> dict:
 
     from rlhf_cli import task
     from rlhf_cli.data import encode
-    from rlhf_cli.modeling import load_causal_lm, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
 
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -173,14 +173,15 @@ def trl_worker(kind: str, root: Path, device: str) -> dict:
 
 
 def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:
-    """modeling.sample (ours) vs model.generate as TRL's GRPO/RLOO call it, alternating on one batch."""
+    """rollout.sample (ours) vs model.generate as TRL's GRPO/RLOO call it, alternating on one batch."""
     import inspect
 
     from transformers import GenerationConfig
 
     from rlhf_cli import runtime, task
     from rlhf_cli.data import encode, left_pad
-    from rlhf_cli.modeling import load_causal_lm, load_tokenizer, sample
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+    from rlhf_cli.rollout import sample
 
     path = str(root / "sft" / "final")
     tok = load_tokenizer(path, "model")
@@ -282,7 +283,7 @@ def ours(stage: str, root: Path, name: str, device: str, *overrides: str) -> dic
 def mean_sft_tokens(model_dir: Path) -> float:
     from rlhf_cli import task
     from rlhf_cli.data import encode
-    from rlhf_cli.modeling import load_tokenizer
+    from rlhf_cli.models import load_tokenizer
 
     tok = load_tokenizer(str(model_dir), "model")
     return statistics.mean(len(encode(tok, r["prompt"])) + len(encode(tok, r["completion"])) + 1

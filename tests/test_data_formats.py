@@ -16,7 +16,7 @@ import pytest
 from rlhf_cli import data
 from rlhf_cli.embedded import build_tokenizer
 from rlhf_cli.errors import DataError
-from rlhf_cli.stages.train_rm import tokenize_pairs
+from rlhf_cli.data import tokenize_pairs
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "2+2?"}

@@ -8,7 +8,8 @@ import torch
 
 from rlhf_cli.decoding import HFDecoder, LeanDecoder, lean_unsupported, make_decoder
 from rlhf_cli.errors import UserError
-from rlhf_cli.modeling import position_ids_from_mask, sample
+from rlhf_cli.logprobs import position_ids_from_mask
+from rlhf_cli.rollout import sample
 
 VOCAB, EOS, PAD = 24, 1, 0
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -287,7 +287,8 @@ def test_fsdp_resume_matches_uninterrupted(tmp_path):
 
 def test_keyed_noise_makes_each_rows_draw_independent_of_its_batch(tiny_model_dir):
     from rlhf_cli import data, runtime, task
-    from rlhf_cli.modeling import load_causal_lm, load_tokenizer, sample
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+    from rlhf_cli.rollout import sample
 
     full = runtime.keyed_uniform(0, 5, 0, 4, 8)
     assert torch.equal(runtime.keyed_uniform(0, 5, 2, 2, 8), full[2:])  # rank 1 of 2 holds rows 2, 3

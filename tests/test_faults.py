@@ -62,16 +62,17 @@ if plan:
 
         sys.addaudithook(hook)
     else:
-        STEP = {"backward", "token_loss_sum", "pair_scores", "sample", "response_logprobs"}
+        # the recipes' named phases (qualified method names; RECIPE_PHASES, checked by a test)
+        TRAIN, STEP, EVAL = (set(PHASES[k]) for k in ("train", "step", "eval"))
 
         def phase(frame):
             names = set()
             while frame is not None:
-                names.add(frame.f_code.co_name)
+                names.add(frame.f_code.co_qualname)
                 frame = frame.f_back
-            if "_train" not in names:
+            if not names & TRAIN:
                 return None
-            if "evaluate" in names:
+            if names & EVAL:
                 return "eval"
             return "step" if names & STEP else None
 
@@ -87,13 +88,35 @@ if plan:
                     die()
                 if not started:  # imports and model loading: look rarely, so as not to slow them down
                     f = frame
-                    while f is not None and f.f_code.co_name != "_train":
+                    while f is not None and f.f_code.co_qualname not in TRAIN:
                         f = f.f_back
                     started = f is not None
                 time.sleep(0.0005 if started else 0.05)
 
         threading.Thread(target=watch, daemon=True).start()
 '''
+
+# The phases of the recipes the injector kills inside: the loop (`train`), a training step (RL: its
+# steps 1-4), an evaluation. Qualified method names of the recipe classes in rlhf_cli/stages/.
+RECIPE_PHASES = {
+    "train": ["SFTRecipe.train", "RewardModelRecipe.train", "RLRecipe.train"],
+    "step": ["SFTRecipe.train_step", "RewardModelRecipe.train_step", "RLRecipe.rollout", "RLRecipe.score",
+             "RLRecipe.advantages", "RLRecipe.update"],
+    "eval": ["SFTRecipe.evaluate", "RewardModelRecipe.evaluate", "RLRecipe.evaluate"],
+}
+INJECTOR = INJECTOR.replace("if plan:", f"PHASES = {RECIPE_PHASES!r}\nif plan:", 1)
+
+
+def test_the_injectors_phases_are_methods_of_the_recipes():
+    from rlhf_cli.stages import rl, sft, train_rm
+
+    classes = {c.__name__: c for c in (sft.SFTRecipe, train_rm.RewardModelRecipe, rl.RLRecipe)}
+    for names in RECIPE_PHASES.values():
+        for name in names:
+            cls, method = name.split(".")
+            assert callable(getattr(classes[cls], method, None)), f"{name} is not a recipe method: the injector would never fire"
+            assert getattr(classes[cls], method).__qualname__ == name
+
 
 # Tiny but complete: evaluation every 3 steps, a checkpoint every 2, pruning with keep_last=2.
 COMMON = ["eval.every=3", "eval.max_new_tokens=8", "checkpoint.every=2", "checkpoint.keep_last=2", "log_every=1",

@@ -1,8 +1,12 @@
 """RLHF algorithm math: pure tensor functions, selected from registries by name.
 
-- :mod:`.core`: masked statistics, KL estimators, token rewards, KL controllers.
-- :mod:`.advantages`: return-to-go + REINFORCE baselines, GAE, n-step TD.
-- :mod:`.losses`: policy / value losses, entropy, explained variance.
+- :mod:`.core`: masked statistics, KL estimators (``KL_ESTIMATORS``), token rewards, KL controllers.
+- :mod:`.advantages`: return-to-go + REINFORCE baselines, GAE, n-step TD (``ADVANTAGE_ESTIMATORS``).
+- :mod:`.losses`: policy losses (``POLICY_LOSSES``), value loss, entropy, explained variance.
+- :mod:`.reward`: the reward model's pairwise loss (train-rm).
+- :mod:`.registry`: the Registry the three above are made of.
+
+Nothing here imports the rest of the project: tensors in, tensors out.
 """
 
 from rlhf_cli.algorithms.advantages import (
@@ -10,11 +14,11 @@ from rlhf_cli.algorithms.advantages import (
     BASELINES,
     discounted_returns,
     gae,
-    get_advantage_estimator,
     nstep_advantages,
     reinforce_advantages,
 )
 from rlhf_cli.algorithms.core import (
+    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     RunningMean,
@@ -36,8 +40,8 @@ from rlhf_cli.algorithms.losses import (
     ppo_policy_loss,
     value_loss,
 )
-
-KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+from rlhf_cli.algorithms.registry import Registry
+from rlhf_cli.algorithms.reward import pairwise_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -46,13 +50,13 @@ __all__ = [
     "POLICY_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
+    "Registry",
     "RunningMean",
     "bool_mask",
     "discounted_returns",
     "entropy_from_logits",
     "explained_variance",
     "gae",
-    "get_advantage_estimator",
     "kl_k1",
     "kl_k3",
     "masked_mean",
@@ -60,6 +64,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "nstep_advantages",
+    "pairwise_loss",
     "place_step_rewards",
     "policy_gradient_loss",
     "ppo_policy_loss",
@@ -67,4 +72,3 @@ __all__ = [
     "token_rewards",
     "value_loss",
 ]
-from rlhf_cli.algorithms.reward import REWARD_LOSSES, pairwise_loss  # noqa: E402  (train-rm)

@@ -7,16 +7,24 @@ contiguous rows: ``[i*K:(i+1)*K]``. Every estimator returns
 taken before any whitening (whiten advantages afterwards with
 :func:`rlhf_cli.algorithms.core.masked_whiten`).
 
-Select an estimator by name with :func:`get_advantage_estimator`.
+Estimators are chosen by ``algorithm.advantage`` from :data:`ADVANTAGE_ESTIMATORS`;
+every entry is ``estimator(rewards, values, response_mask, scores=None, **hparams)
+-> (advantages, returns)`` with ``hparams`` the algorithm's config keys plus
+``group_size`` (K) and ``running_mean`` (each estimator takes the ones it uses).
+Trait ``needs_values``: it bootstraps from a critic's values (``values`` is None
+for the others).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from rlhf_cli.algorithms.core import RunningMean, bool_mask
+from rlhf_cli.algorithms.registry import Registry
+
+ADVANTAGE_ESTIMATORS = Registry("algorithm.advantage",
+                                "(rewards, values, response_mask, scores=None, **hparams) -> (advantages, returns)",
+                                needs_values=False)
 
 BASELINES = ("none", "mean", "rloo", "group_norm")
 
@@ -49,12 +57,16 @@ def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor, gamma
     return _zero_padding(returns, response_mask)
 
 
+@ADVANTAGE_ESTIMATORS.register("gae", needs_values=True)
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
     response_mask: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    *,
     gamma: float,
     lam: float,
+    **hparams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16).
 
@@ -67,8 +79,10 @@ def gae(
         rewards: (B, T) token rewards.
         values: (B, T) critic values V[t] of the state before token t.
         response_mask: (B, T) bool or 0/1.
+        scores: unused (the rewards hold them).
         gamma: discount factor.
         lam: GAE lambda (0: one-step TD, 1: Monte-Carlo return minus V).
+        hparams: the algorithm's other keys; none used.
 
     Returns:
         ``(advantages, returns)``, each (B, T), detached, 0 on padding.
@@ -88,16 +102,20 @@ def gae(
     return advantages, returns
 
 
+@ADVANTAGE_ESTIMATORS.register("nstep", needs_values=True)
 def nstep_advantages(
     rewards: torch.Tensor,
     values: torch.Tensor,
     response_mask: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    *,
     gamma: float,
-    n: int,
+    nstep: int,
+    **hparams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """n-step TD advantages (Mnih et al. 2016, A3C; GAE with lambda = 1 truncated at n).
 
-    Formula: ``R[t] = sum_{k=0}^{n-1} gamma^k r[t+k] + gamma^n V[t+n]``,
+    Formula (n = ``nstep``): ``R[t] = sum_{k=0}^{n-1} gamma^k r[t+k] + gamma^n V[t+n]``,
     ``A[t] = R[t] - V[t]``; rewards and values past the last real token are
     0 (so the bootstrap vanishes near the end). For ``n >= T`` this equals
     :func:`gae` with ``lam = 1``.
@@ -107,11 +125,14 @@ def nstep_advantages(
         values: (B, T) critic values.
         response_mask: (B, T) bool or 0/1.
         gamma: discount factor.
-        n: number of reward steps before bootstrapping (>= 1).
+        scores: unused (the rewards hold them).
+        nstep: n, the number of reward steps before bootstrapping (>= 1).
+        hparams: the algorithm's other keys; none used.
 
     Returns:
         ``(advantages, returns)``, each (B, T), detached, 0 on padding.
     """
+    n = nstep
     if n < 1:
         raise ValueError(f"nstep_advantages: n must be >= 1, got {n}")
     rewards = _zero_padding(rewards.detach(), response_mask)
@@ -131,15 +152,19 @@ def nstep_advantages(
     return advantages, returns
 
 
+@ADVANTAGE_ESTIMATORS.register("reinforce")
 def reinforce_advantages(
     rewards: torch.Tensor,
+    values: torch.Tensor | None,
     response_mask: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    *,
     gamma: float,
     baseline: str,
     group_size: int,
     running_mean: RunningMean | None = None,
     eps: float = 1e-6,
-    scores: torch.Tensor | None = None,
+    **hparams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE advantages: return-to-go minus a baseline chosen by name (Williams 1992).
 
@@ -171,13 +196,15 @@ def reinforce_advantages(
 
     Args:
         rewards: (B, T) token rewards.
+        values: unused (no critic).
         response_mask: (B, T) bool or 0/1.
+        scores: (B,) outcome scores for ``'group_norm'`` (see above); None = ``s``.
         gamma: discount factor.
         baseline: one of :data:`BASELINES`.
         group_size: K samples per prompt; B must be divisible by K.
         running_mean: state for ``'mean'`` (required there, ignored otherwise).
         eps: added to the group std for ``'group_norm'``.
-        scores: (B,) outcome scores for ``'group_norm'`` (see above); None = ``s``.
+        hparams: the algorithm's other keys; none used.
 
     Returns:
         ``(advantages, returns)``, each (B, T), detached, 0 on padding;
@@ -231,19 +258,3 @@ def reinforce_advantages(
                 advantages = discounted_returns(rewards + swap, response_mask, gamma)
     return _zero_padding(advantages, response_mask), returns
 
-
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    "reinforce": reinforce_advantages,
-    "gae": gae,
-    "nstep": nstep_advantages,
-}
-
-
-def get_advantage_estimator(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The estimator registered under ``name`` in :data:`ADVANTAGE_ESTIMATORS`; ValueError listing valid names otherwise."""
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; valid: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"
-        ) from None

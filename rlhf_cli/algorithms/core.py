@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from rlhf_cli.algorithms.registry import Registry
+
 Dim = int | tuple[int, ...] | None
 
 
@@ -130,8 +132,12 @@ def masked_whiten(
 # ---------------------------------------------------------------------------
 # KL estimators (Schulman, "Approximating KL Divergence", 2020)
 # ---------------------------------------------------------------------------
+# Chosen by kl.estimator; every entry is kl(logprobs, logprobs_ref) -> (B, T). Trait in_reward:
+# the penalty is a per-token reward (True) or a term of the loss (False).
+KL_ESTIMATORS = Registry("kl.estimator", "(logprobs, logprobs_ref) -> (B, T) per-token KL", in_reward=False)
 
 
+@KL_ESTIMATORS.register("k1", in_reward=True)
 def kl_k1(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
     """Per-token naive KL estimator k1.
 
@@ -150,6 +156,7 @@ def kl_k1(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
     return logprobs - logprobs_ref
 
 
+@KL_ESTIMATORS.register("k3")
 def kl_k3(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
     """Per-token low-variance KL estimator k3, always >= 0.
 

@@ -4,20 +4,35 @@ Shapes: B responses x T response tokens; ``response_mask`` (B, T) is 1 on
 real tokens. Losses are token-level means over all real tokens of the
 batch (see ALGORITHMS.md). Advantages, old log-probs, old values and
 returns are treated as constants (detached here).
+
+Policy losses are chosen by ``algorithm.name`` from :data:`POLICY_LOSSES`; every
+entry is ``loss(logprobs, logprobs_old, advantages, response_mask, **hparams) ->
+(loss, stats)`` with ``hparams`` the algorithm's config keys (each loss takes the
+ones it uses). Traits: ``needs_critic`` (the algorithm trains a value function),
+``trust_region`` (the loss keeps the update near the rollout policy, so several
+epochs per batch are allowed and the value loss is clipped too).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from rlhf_cli.algorithms.core import bool_mask, masked_mean, masked_var
+from rlhf_cli.algorithms.core import masked_mean, masked_var
+from rlhf_cli.algorithms.registry import Registry
+
+POLICY_LOSSES = Registry("algorithm.name", "(logprobs, logprobs_old, advantages, response_mask, **hparams) -> (loss, stats)",
+                         needs_critic=False, trust_region=False)
 
 
+@POLICY_LOSSES.register("a2c", needs_critic=True)
+@POLICY_LOSSES.register("reinforce")
 def policy_gradient_loss(
-    logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor
-) -> torch.Tensor:
+    logprobs: torch.Tensor,
+    logprobs_old: torch.Tensor | None,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    **hparams,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Vanilla policy-gradient loss (Williams 1992, REINFORCE; actor of A2C, Mnih et al. 2016).
 
     Formula: ``L = -masked_mean(A[t] * logp[t])``; its gradient is
@@ -25,15 +40,18 @@ def policy_gradient_loss(
 
     Args:
         logprobs: (B, T) log-probs of sampled tokens under the current policy (with grad).
+        logprobs_old: (B, T) log-probs at sampling time; unused (one on-policy pass).
         advantages: (B, T), detached inside.
         response_mask: (B, T) bool or 0/1.
+        hparams: the algorithm's other keys; none used.
 
     Returns:
-        0-dim loss.
+        ``(loss, {})``: 0-dim loss, no stats.
     """
-    return -masked_mean(advantages.detach() * logprobs, response_mask)
+    return -masked_mean(advantages.detach() * logprobs, response_mask), {}
 
 
+@POLICY_LOSSES.register("ppo", needs_critic=True, trust_region=True)
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     logprobs_old: torch.Tensor,
@@ -41,6 +59,7 @@ def ppo_policy_loss(
     response_mask: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    **hparams,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), with asymmetric clip range.
 
@@ -62,6 +81,7 @@ def ppo_policy_loss(
         advantages: (B, T), detached inside.
         response_mask: (B, T) bool or 0/1.
         clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``.
+        hparams: the algorithm's other keys; none used.
 
     Returns:
         ``(loss, stats)``: 0-dim loss and the stats dict.
@@ -155,9 +175,3 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mas
     ratio = variance_residual / variance_returns
     return torch.where(variance_returns > 0, 1 - ratio, torch.full_like(ratio, float("nan")))
 
-
-POLICY_LOSSES: dict[str, Callable[..., object]] = {
-    "reinforce": policy_gradient_loss,
-    "a2c": policy_gradient_loss,
-    "ppo": ppo_policy_loss,
-}

@@ -37,5 +37,3 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, ma
              "accuracy": (gap > 0).float().mean().detach(), "margin": gap.mean().detach()}
     return loss, stats
 
-
-REWARD_LOSSES = {"bradley_terry": pairwise_loss}

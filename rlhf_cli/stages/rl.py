@@ -5,8 +5,11 @@
     rlhf rl -m algorithm=reinforce,a2c,ppo seed=1,2,3                    # a sweep, a dir per job
     torchrun --nproc-per-node 2 -m rlhf_cli rl device=cpu                # DDP over 2 ranks, same code path
 
-The three algorithms share one loop and differ in the advantage estimator and
-the loss (shared/ALGORITHMS.md). Each iteration: 1 rollout, 2 score,
+The algorithms share one recipe and differ in the advantage estimator and the
+policy loss, looked up by their configured names (algorithm.advantage,
+algorithm.name) in the registries of rlhf_cli/algorithms/ (docs/algorithms.md).
+`RLRecipe.train` is the loop; each iteration is five calls: 1 rollout (a rollout
+engine, rollout.py), 2 score (rewards, reference, old log-probs and values),
 3 advantages, 4 update, 5 log and checkpoint. Every model runs in eval mode
 (dropout off); only the policy (and critic) receive gradients.
 
@@ -25,42 +28,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf_cli import algorithms as algo
-from rlhf_cli import checkpoint, data, lora, runtime, signals, training
-from rlhf_cli.checkpoint import RunDir
+from rlhf_cli import checkpoint, data, distributed, lora, loop
+from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
+                                 FixedKLController, kl_k1, masked_mean, masked_sum, place_step_rewards, token_rewards,
+                                 value_loss)
 from rlhf_cli.errors import UserError
-from rlhf_cli.modeling import (PolicyWithValueHead, Rollout, decode_responses, last_token_scores, load_causal_lm,
-                               load_scalar_head_model, load_tokenizer, response_logprobs, sample, score_texts,
-                               token_values)
+from rlhf_cli.evaluation import held_out_accuracy
+from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
+from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model, load_tokenizer,
+                             model_path)
+from rlhf_cli.optim import StepGuard, build_scheduler
+from rlhf_cli.precision import Precision, check_trainable_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
+from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses, make_engine
+from rlhf_cli.scoring import last_token_scores, score_texts
 from rlhf_cli.tracking import Tracker
-
-
-class TokenValues(torch.nn.Module):
-    """token_values as a module, so a DDP / FSDP2 wrapper's forward (and gradient sync) runs it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return token_values(self.model, input_ids, attention_mask)  # (B, L)
-
-
-def frozen(model):
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def check_same_tokenizer(tok_a, tok_b, what: str) -> None:
-    probe = "Solve 12+3 = ? The answer: 15.\n<eos> ünïcode"
-    if tok_a.get_vocab() != tok_b.get_vocab() or tok_a(probe)["input_ids"] != tok_b(probe)["input_ids"]:
-        raise UserError(f"{what} uses a different tokenizer from the policy; train it from the same base model")
 
 
 def char_to_token_ends(tokenizer, response_ids: list[int]) -> list[int]:
@@ -69,128 +56,242 @@ def char_to_token_ends(tokenizer, response_ids: list[int]) -> list[int]:
 
 
 def run(cfg, output_dir: Path) -> dict:
-    t_start = time.time()
-    training.check_trainable_dtype(cfg.policy, "policy", cfg.placement.policy or cfg.device.type)
-    rt = runtime.setup(cfg.device, cfg.seed, cfg.placement)  # every placement resolved before anything loads
-    run_dir = RunDir(output_dir, dataclasses.asdict(cfg), "rl", rt.is_main)
-    try:
-        return _train(cfg, rt, run_dir, t_start)
-    finally:
-        run_dir.release()
-        runtime.teardown()
+    check_trainable_dtype(cfg.policy, "policy", cfg.placement.policy or cfg.device.type)
+    return loop.run_stage("rl", cfg, output_dir, RLRecipe, placement=cfg.placement)
 
 
-def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
-    # ---------------------------------------------------------------- setup: reward sources first (cheap to fail)
-    reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]
-    policy_path = training.model_path(cfg.policy, run_dir.root, cfg.seed, rt)
-    dev_policy, dev_ref, dev_reward, dev_critic = (rt.placement[k] for k in ("policy", "reference", "reward", "critic"))
-    precision = training.Precision(cfg.policy.dtype, cfg.device.autocast, dev_policy)
-    # ranks split the prompts, never a prompt's K samples (whole rloo / group_norm groups on every rank)
-    if rt.world_size > cfg.rollout.prompts_per_step or cfg.rollout.prompts_per_step % rt.world_size:
-        raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
-                        f"world size {rt.world_size} (each rank samples whole groups)")
-    prompts_per_rank = cfg.rollout.prompts_per_step // rt.world_size
-    K = cfg.rollout.samples_per_prompt
-    rows_per_rank = prompts_per_rank * K
-    if rows_per_rank % cfg.algorithm.minibatches:
-        raise UserError(f"algorithm.minibatches={cfg.algorithm.minibatches} does not divide the {rows_per_rank} "
-                        f"rollout rows of each of the {rt.world_size} ranks (rollout.prompts_per_step / world size "
-                        f"x rollout.samples_per_prompt); choose a divisor")
+@dataclass
+class Scored:
+    """Step 2's output: one rollout batch of this rank, B rows x T response tokens, everything on the policy's device."""
+    rollout: Rollout
+    input_ids: torch.Tensor  # (B, P + T) prompt + response
+    attention_mask: torch.Tensor  # (B, P + T)
+    mask: torch.Tensor  # (B, T) response mask: 1 up to and including the stop token
+    prompt_width: int  # P
+    scores: torch.Tensor  # (B,) sequence scores: rules + reward model + no-stop penalty
+    step_rewards: torch.Tensor  # (B, T) process rewards on the tokens ending each step
+    score_stats: dict  # rule_reward / rm_score means of this rank's rows
+    logprobs_ref: torch.Tensor  # (B, T) under the frozen reference
+    logprobs_old: torch.Tensor  # (B, T) under the policy before the update (detached)
+    values_old: torch.Tensor | None  # (B, T) critic values before the update, 0 on padding; None without a critic
+    kl_per_token: torch.Tensor  # (B, T) k1 KL to the reference, 0 on padding (logged; the KL controller's input)
+    update_forward: tuple | None  # single pass: the update's own (log-probs, entropies, values), with gradients
 
-    tokenizer = load_tokenizer(policy_path, "policy.path", cfg.policy.trust_remote_code)
-    train_rows, eval_rows = data.stage_rows(cfg.data, "prompts", cfg.seed)
-    # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn
-    train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(train_rows)]
-    eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(eval_rows)]
-    train_prompt_ids = [data.encode(tokenizer, p)[-cfg.policy.max_length:] for p in train_prompts]
 
-    policy = load_causal_lm(policy_path, "policy.path", precision.weights, dev_policy, cfg.policy.trust_remote_code)
-    if cfg.policy.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    adapters = lora.attach(policy, cfg.lora, "CAUSAL_LM", policy_path, run_dir.root, rt)  # lora.r > 0: only adapters train
-    policy.eval()  # dropout off during RL (checklist 1); gradients still flow
-    # the reference computes like the policy (same weights dtype and autocast): KL is exactly 0 at the start
-    if adapters is not None and not cfg.reference.path:  # LoRA: the policy itself with its adapters off, no copy
-        reference = adapters.adapters_off()
-    else:
-        reference = frozen(load_causal_lm(cfg.reference.path or policy_path, "reference.path", precision.weights, dev_ref,
-                                          cfg.policy.trust_remote_code))
-    if cfg.reference.path:
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.reference.path, "reference.path"), "reference.path")
-    reward_model, rm_mean, rm_std = None, 0.0, 1.0
-    if cfg.reward.model.path:
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.reward.model.path, "reward.model.path"), "reward.model.path")
-        reward_model = frozen(load_scalar_head_model(cfg.reward.model.path, "reward.model.path", cfg.reward.model.dtype,
-                                                     dev_reward))  # frozen: eval mode, no grad, used under no_grad
+class RLRecipe:
+    """setup (reward sources, data, models, optimizer, resume) -> train (five steps a loop) -> save final/."""
+
+    def __init__(self, cfg, rt, run_dir, t_start: float):
+        self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
+        a = cfg.algorithm
+        self.hparams = dataclasses.asdict(a)  # every registered loss / estimator takes the keys it uses
+        self.policy_loss = POLICY_LOSSES.get(a.name)
+        self.trust_region = POLICY_LOSSES.trait(a.name, "trust_region")  # clipped value loss, first-minibatch checks
+        self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(a.advantage)
+        self.kl_estimator = KL_ESTIMATORS.get(cfg.kl.estimator)
+        self.kl_in_reward = KL_ESTIMATORS.trait(cfg.kl.estimator, "in_reward")  # else: a term of the loss
+        self.single_pass = a.epochs == 1 and a.minibatches == 1  # the update's forward gives the old log-probs
+
+    # ================================================================ setup
+    def setup(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]  # cheap to fail
+        self.policy_path = model_path(cfg.policy, self.run_dir.root, cfg.seed, rt)
+        self.dev_policy, self.dev_ref, self.dev_reward, self.dev_critic = (
+            rt.placement[k] for k in ("policy", "reference", "reward", "critic"))
+        self.precision = Precision(cfg.policy.dtype, cfg.device.autocast, self.dev_policy)
+        self._setup_batch_shape()
+        self.tokenizer = load_tokenizer(self.policy_path, "policy.path", cfg.policy.trust_remote_code)
+        self._setup_data()
+        self._setup_policy_and_reference()
+        self._setup_reward_model()
+        self._setup_critic()
+        self._setup_optimizer()
+        self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
+                                sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean)
+        self._announce()
+
+    def _setup_batch_shape(self) -> None:
+        """Ranks split the prompts, never a prompt's K samples (whole rloo / group_norm groups on every rank)."""
+        cfg, world = self.cfg, self.rt.world_size
+        if world > cfg.rollout.prompts_per_step or cfg.rollout.prompts_per_step % world:
+            raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
+                            f"world size {world} (each rank samples whole groups)")
+        self.prompts_per_rank = cfg.rollout.prompts_per_step // world
+        self.K = cfg.rollout.samples_per_prompt
+        self.rows_per_rank = self.prompts_per_rank * self.K
+        if self.rows_per_rank % cfg.algorithm.minibatches:
+            raise UserError(f"algorithm.minibatches={cfg.algorithm.minibatches} does not divide the {self.rows_per_rank} "
+                            f"rollout rows of each of the {world} ranks (rollout.prompts_per_step / world size "
+                            f"x rollout.samples_per_prompt); choose a divisor")
+
+    def _setup_data(self) -> None:
+        cfg, tokenizer = self.cfg, self.tokenizer
+        self.train_rows, self.eval_rows = data.stage_rows(cfg.data, "prompts", cfg.seed)
+        # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn
+        self.train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(self.train_rows)]
+        self.eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(self.eval_rows)]
+        self.train_prompt_ids = [data.encode(tokenizer, p)[-cfg.policy.max_length:] for p in self.train_prompts]
+
+    def _setup_policy_and_reference(self) -> None:
+        cfg, rt, path = self.cfg, self.rt, self.policy_path
+        policy = load_causal_lm(path, "policy.path", self.precision.weights, self.dev_policy, cfg.policy.trust_remote_code)
+        if cfg.policy.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        self.adapters = lora.attach(policy, cfg.lora, "CAUSAL_LM", path, self.run_dir.root, rt)  # lora.r > 0: adapters train
+        policy.eval()  # dropout off during RL (checklist 1); gradients still flow
+        # the reference computes like the policy (same weights dtype and autocast): KL is exactly 0 at the start
+        if self.adapters is not None and not cfg.reference.path:  # LoRA: the policy itself with its adapters off
+            self.reference = self.adapters.adapters_off()
+        else:
+            self.reference = frozen(load_causal_lm(cfg.reference.path or path, "reference.path", self.precision.weights,
+                                                   self.dev_ref, cfg.policy.trust_remote_code))
+        if cfg.reference.path:
+            check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reference.path, "reference.path"), "reference.path")
+        self.policy = policy
+        self.engine = make_engine(cfg.rollout.engine, policy, self.tokenizer)  # rollouts and held-out evaluation
+
+    def _setup_reward_model(self) -> None:
+        cfg = self.cfg
+        self.reward_model, self.rm_mean, self.rm_std = None, 0.0, 1.0
+        if not cfg.reward.model.path:
+            return
+        check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reward.model.path, "reward.model.path"),
+                             "reward.model.path")
+        self.reward_model = frozen(load_scalar_head_model(cfg.reward.model.path, "reward.model.path",
+                                                          cfg.reward.model.dtype, self.dev_reward))  # used under no_grad
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
         if cfg.reward.model.normalize and "score_std" in rm_manifest:
-            rm_mean, rm_std = float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
-    critic, shared = None, None  # critic: the value parameters; shared: the policy with a value head on it
-    if cfg.algorithm.needs_critic and cfg.critic.init == "shared":  # one forward and backward for both
-        shared = PolicyWithValueHead(policy)
-        critic = shared.v_head
-    elif cfg.algorithm.needs_critic:
-        critic_path = cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
-                                          else policy_path)
-        critic = TokenValues(load_scalar_head_model(critic_path, "critic.path", precision.weights, dev_critic))
-        critic.eval()
-    # before the optimizer: FSDP2 shards in place (DDP wraps); rollouts use the unwrapped modules
-    ddp_policy = training.wrap_model(shared or policy, rt, cfg.device.distributed)
-    ddp_critic = (training.wrap_model(critic, rt, cfg.device.distributed)
-                  if critic is not None and shared is None else None)
-    parts = ({"policy": (adapters.state if adapters else policy, "")}  # LoRA: checkpoints hold the adapters only
-             | ({"critic": (critic, "" if shared else "model.")} if critic is not None else {}))
-    held = lora.parameters_held({"policy": policy, "reference": reference, "reward_model": reward_model, "critic": critic})
+            self.rm_mean = float(rm_manifest["score_mean"])
+            self.rm_std = max(float(rm_manifest["score_std"]), 1e-6)
 
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]  # LoRA: the adapters
-    if critic is not None:
-        groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.optim.lr})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    scheduler = training.build_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    guard = training.StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
-    kl_ctl = (algo.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.target
-              else algo.FixedKLController(cfg.kl.coef))
-    running_mean = training.GlobalRunningMean(rt)  # the 'mean' baseline over every rank's rows
-    sampler = data.EpochSampler(len(train_rows), cfg.seed)  # the same global draw on every rank
+    def _setup_critic(self) -> None:
+        """critic: the value parameters; shared: the policy with a value head on it (one forward and backward)."""
+        cfg = self.cfg
+        self.critic, self.shared = None, None
+        if cfg.algorithm.needs_critic and cfg.critic.init == "shared":
+            self.shared = PolicyWithValueHead(self.policy)
+            self.critic = self.shared.v_head
+        elif cfg.algorithm.needs_critic:
+            critic_path = cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
+                                              else self.policy_path)
+            self.critic = TokenValues(load_scalar_head_model(critic_path, "critic.path", self.precision.weights,
+                                                             self.dev_critic))
+            self.critic.eval()
 
-    step = 0
-    ckpt = run_dir.latest(warn=print if rt.is_main else None)
-    if ckpt is not None:
-        state = training.load_checkpoint(ckpt, rt, parts, optimizer, scheduler, precision)
-        step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
-        kl_ctl.load_state_dict(state["kl"])
-        running_mean.load_state_dict(state["running_mean"])
+    def _setup_optimizer(self) -> None:
+        cfg, rt, policy, critic = self.cfg, self.rt, self.policy, self.critic
+        # before the optimizer: FSDP2 shards in place (DDP wraps); rollouts use the unwrapped modules
+        self.ddp_policy = distributed.wrap_model(self.shared or policy, rt, cfg.device.distributed)
+        self.ddp_critic = (distributed.wrap_model(critic, rt, cfg.device.distributed)
+                           if critic is not None and self.shared is None else None)
+        self.parts = ({"policy": (self.adapters.state if self.adapters else policy, "")}  # LoRA: the adapters only
+                      | ({"critic": (critic, "" if self.shared else "model.")} if critic is not None else {}))
+        self.held = lora.parameters_held({"policy": policy, "reference": self.reference,
+                                          "reward_model": self.reward_model, "critic": critic})
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]  # LoRA: the adapters
+        if critic is not None:
+            groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.optim.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.max_steps)
+        self.guard = StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
+        self.kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.target
+                       else FixedKLController(cfg.kl.coef))
+        self.running_mean = distributed.GlobalRunningMean(rt)  # the 'mean' baseline over every rank's rows
+        self.sampler = data.EpochSampler(len(self.train_rows), cfg.seed)  # the same global draw on every rank
 
-    tracker = Tracker(run_dir.root, "rl", cfg.max_steps, step, enabled=rt.is_main,
-                      progress_keys=("score", "kl", "response_len", "samples_per_s"))
-    tracker.message(f"rl: {cfg.algorithm.name} ({cfg.algorithm.advantage}"
-                    f"{', baseline ' + cfg.algorithm.baseline if cfg.algorithm.advantage == 'reinforce' else ''}), "
-                    f"{cfg.rollout.prompts_per_step} prompts x {K} samples per step over {rt.world_size} rank(s), "
-                    f"rewards: {', '.join([n for n, _ in reward_fns] + (['reward model'] if reward_model else []))}"
-                    + (f"; resuming at step {step}" if step else ""))
-    tracker.message(f"rl: global batch {cfg.rollout.prompts_per_step * K} = {rows_per_rank} ({prompts_per_rank} "
-                    f"prompts x {K} samples) x 1 accum x {rt.world_size} ranks, {cfg.algorithm.minibatches} minibatch(es) x "
-                    f"{cfg.algorithm.epochs} epoch(s) per rollout, policy on {dev_policy} ({precision.describe()}"
-                    + (f", {cfg.device.distributed}" if rt.distributed else "") + ")")
-    tracker.message(f"rl: {held['total']:,} parameters in memory ({held['trainable']:,} train): "
-                    + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
-                    + (f"; {adapters.describe()}" if adapters else "")
-                    + ("; reference = the policy with adapters off" if isinstance(reference, lora.AdaptersOff) else ""))
-    if cfg.rollout.top_k or cfg.rollout.top_p:
-        tracker.message("rl: top-k/top-p sampling biases the KL estimate (log-probs are of the unfiltered policy)")
+    def _announce(self) -> None:
+        cfg, rt, a, K, step = self.cfg, self.rt, self.cfg.algorithm, self.K, self.step
+        self.tracker = Tracker(self.run_dir.root, "rl", cfg.max_steps, step, enabled=rt.is_main,
+                               progress_keys=("score", "kl", "response_len", "samples_per_s"))
+        say = self.tracker.message
+        sources = [n for n, _ in self.reward_fns] + (["reward model"] if self.reward_model else [])
+        say(f"rl: {a.name} ({a.advantage}{', baseline ' + a.baseline if a.advantage == 'reinforce' else ''}), "
+            f"{cfg.rollout.prompts_per_step} prompts x {K} samples per step over {rt.world_size} rank(s), "
+            f"rewards: {', '.join(sources)}" + (f"; resuming at step {step}" if step else ""))
+        say(f"rl: global batch {cfg.rollout.prompts_per_step * K} = {self.rows_per_rank} ({self.prompts_per_rank} "
+            f"prompts x {K} samples) x 1 accum x {rt.world_size} ranks, {a.minibatches} minibatch(es) x "
+            f"{a.epochs} epoch(s) per rollout, policy on {self.dev_policy} ({self.precision.describe()}"
+            + (f", {cfg.device.distributed}" if rt.distributed else "") + ")")
+        held = self.held
+        say(f"rl: {held['total']:,} parameters in memory ({held['trainable']:,} train): "
+            + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
+            + (f"; {self.adapters.describe()}" if self.adapters else "")
+            + ("; reference = the policy with adapters off" if isinstance(self.reference, lora.AdaptersOff) else ""))
+        if cfg.rollout.top_k or cfg.rollout.top_p:
+            say("rl: top-k/top-p sampling biases the KL estimate (log-probs are of the unfiltered policy)")
 
-    def score_rollout(rollout: Rollout, prompts: list[str], rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    # ================================================================ train
+    def train(self) -> dict:
+        self.before = self.evaluate() if self.step == 0 else {}
+        if self.before:
+            self.tracker.log(0, loop.public(self.before), kind="eval")
+        last_eval = None  # {} on ranks other than 0
+        while self.step < self.cfg.max_steps:
+            t0 = time.perf_counter()
+            rows, prompts, rollout = self.rollout()                                  # 1. rollout
+            t1 = time.perf_counter()
+            scored = self.score(rollout, prompts, rows)                              # 2. score
+            t2 = time.perf_counter()
+            rewards, advantages, returns, beta = self.advantages(scored)             # 3. advantages
+            update_stats = self.update(scored, advantages, returns, beta)            # 4. update
+            t3 = time.perf_counter()
+            evaluated = self.log_and_checkpoint(scored, rewards, returns, beta,      # 5. log and checkpoint
+                                                update_stats, (t0, t1, t2, t3))
+            last_eval = evaluated if evaluated is not None else last_eval
+        return self.save(last_eval if last_eval is not None else self.evaluate())
+
+    # ---------------------------------------------------------------- 1. rollout
+    def rollout(self) -> tuple[list[dict], list[str], Rollout]:
+        """This rank's prompts of the step's global draw, K contiguous samples each, from the rollout engine."""
+        cfg, rt, K = self.cfg, self.rt, self.K
+        chosen = self.sampler.take(cfg.rollout.prompts_per_step)[rt.rank * self.prompts_per_rank:
+                                                                 (rt.rank + 1) * self.prompts_per_rank]
+        rows = [self.train_rows[i] for i in chosen for _ in range(K)]
+        prompts = [self.train_prompts[i] for i in chosen for _ in range(K)]
+        prompt_ids, prompt_mask = data.left_pad([self.train_prompt_ids[i] for i in chosen for _ in range(K)],
+                                                self.tokenizer.pad_token_id)
+        params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k,
+                                cfg.rollout.top_p, noise_key=(cfg.seed, self.step, rt.rank * self.rows_per_rank))
+        self.engine.sync_weights(self.policy)
+        with distributed.gathered(self.policy), self.precision.autocast():  # FSDP2: ranks stop at different lengths
+            rollout = self.engine.generate(prompt_ids.to(self.dev_policy), prompt_mask.to(self.dev_policy), params)
+        return rows, prompts, rollout
+
+    # ---------------------------------------------------------------- 2. score (+ reference, old log-probs, values)
+    def score(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Scored:
+        """Rewards of each response, and the log-probs and values the update measures itself against."""
+        cfg = self.cfg
+        input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
+        P = rollout.prompt_ids.shape[1]
+        scores, step_rewards, score_stats = self.rewards(rollout, prompts, rows)
+        with torch.no_grad(), self.precision.autocast():
+            logprobs_ref = response_logprobs(self.reference, input_ids.to(self.dev_ref), attention_mask.to(self.dev_ref),
+                                             P, cfg.rollout.temperature).to(self.dev_policy)
+        update_forward = None
+        if self.single_pass:  # one update over every row: its own forward gives the old log-probs and values,
+            with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
+                update_forward = self.forward(input_ids, attention_mask, P)
+            logprobs_old, _, values_old = (t.detach() if t is not None else None for t in update_forward)
+        else:
+            with torch.no_grad(), self.precision.autocast():
+                logprobs_old, _, values_old = self.forward(input_ids, attention_mask, P, with_entropy=False)
+        values_old = values_old * mask if values_old is not None else None
+        kl_per_token = kl_k1(logprobs_old, logprobs_ref) * mask
+        return Scored(rollout, input_ids, attention_mask, mask, P, scores, step_rewards, score_stats, logprobs_ref,
+                      logprobs_old, values_old, kl_per_token, update_forward)
+
+    def rewards(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> (scores (B,), step rewards (B, T), stats): rules + reward model + no-stop penalty."""
+        cfg, tokenizer = self.cfg, self.tokenizer
         texts = decode_responses(tokenizer, rollout)
         B, T = rollout.response_ids.shape
-        scores = torch.zeros(B)
+        scores, rule_total = torch.zeros(B), torch.zeros(B)
         step_values, step_positions = [[] for _ in range(B)], [[] for _ in range(B)]
-        rule_total = torch.zeros(B)
         lengths = rollout.response_mask.sum(-1).long().tolist()
         for b, (prompt, text, row) in enumerate(zip(prompts, texts, rows)):
-            for name, fn in reward_fns:
+            for name, fn in self.reward_fns:
                 value = call_reward(fn, name, prompt, text, row)
                 if isinstance(value, float):
                     scores[b] += cfg.reward.function_weight * value
@@ -202,216 +303,178 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
                     step_values[b].append(cfg.reward.function_weight * v)
                     step_positions[b].append(t)
                     rule_total[b] += v
-        stats = {"rule_reward": rule_total.mean()} if reward_fns else {}
-        if reward_model is not None:
+        stats = {"rule_reward": rule_total.mean()} if self.reward_fns else {}
+        if self.reward_model is not None:
             with torch.no_grad():
-                rm = last_token_scores(reward_model, rollout.input_ids.to(dev_reward), rollout.attention_mask.to(dev_reward))
-            rm = (rm.float().cpu() - rm_mean) / rm_std
+                rm = last_token_scores(self.reward_model, rollout.input_ids.to(self.dev_reward),
+                                       rollout.attention_mask.to(self.dev_reward))
+            rm = (rm.float().cpu() - self.rm_mean) / self.rm_std
             scores += cfg.reward.model.weight * rm
             stats["rm_score"] = rm.mean()
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
-        step_rewards = algo.place_step_rewards(step_values, step_positions, (B, T), dtype=torch.float32)
-        return scores.to(dev_policy), step_rewards.to(dev_policy), stats
+        step_rewards = place_step_rewards(step_values, step_positions, (B, T), dtype=torch.float32)
+        return scores.to(self.dev_policy), step_rewards.to(self.dev_policy), stats
 
-    def evaluate() -> dict:
-        with training.gathered(policy):  # FSDP2: every rank gathers the weights, rank 0 evaluates
-            return _evaluate() if rt.is_main else {}
-
-    def _evaluate() -> dict:
-        accuracy, samples, mean_len, responses = training.held_out_accuracy(
-            policy, tokenizer, eval_rows, eval_prompts, cfg.eval, dev_policy, cfg.rollout.engine)
-        metrics = {"eval_response_chars": mean_len, "_samples": samples}
-        if accuracy is not None:
-            metrics["eval_accuracy"] = accuracy
-        if reward_model is not None:  # the RM's (normalised) score of the greedy held-out responses
-            rm_scores = score_texts(reward_model, tokenizer, eval_prompts, responses, dev_reward)
-            metrics["eval_rm_score"] = float(((rm_scores - rm_mean) / rm_std).mean())
-        return metrics
-
-    def forward(ids: torch.Tensor, attn: torch.Tensor, P: int, with_entropy: bool = True):
+    def forward(self, ids: torch.Tensor, attn: torch.Tensor, P: int, with_entropy: bool = True):
         """Policy (and critic) over rollout rows of prompt width P -> (log-probs, entropies or None, values
         or None), each (B, T); with gradients unless under no_grad (entropies only where the loss uses them)."""
+        cfg = self.cfg
         entropy_grad = cfg.algorithm.entropy_coef != 0
-        if shared is not None:  # one forward for both
-            return ddp_policy(ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
-        out = response_logprobs(ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
+        if self.shared is not None:  # one forward for both
+            return self.ddp_policy(ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
+        out = response_logprobs(self.ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
         logprobs, entropy = out if with_entropy else (out, None)
-        values = (ddp_critic(ids.to(dev_critic), attn.to(dev_critic))[:, P - 1:-1].to(dev_policy)
-                  if ddp_critic is not None else None)
+        values = (self.ddp_critic(ids.to(self.dev_critic), attn.to(self.dev_critic))[:, P - 1:-1].to(self.dev_policy)
+                  if self.ddp_critic is not None else None)
         return logprobs, entropy, values
 
-    before = evaluate() if step == 0 else {}
-    if before:
-        tracker.log(0, {k: v for k, v in before.items() if not k.startswith("_")}, kind="eval")
+    # ---------------------------------------------------------------- 3. advantages
+    def advantages(self, s: Scored) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """-> (token rewards, advantages, returns, each (B, T); the KL coefficient beta of this step)."""
+        beta = self.kl_ctl.value
+        kl_in_reward = (self.kl_estimator(s.logprobs_old, s.logprobs_ref) * s.mask if self.kl_in_reward
+                        else torch.zeros_like(s.kl_per_token))
+        rewards = token_rewards(s.scores, kl_in_reward, s.mask, beta, s.step_rewards)
+        advantages, returns = self.estimate_advantages(rewards, s.values_old, s.mask, s.scores, group_size=self.K,
+                                                       running_mean=self.running_mean, **self.hparams)
+        if self.cfg.algorithm.whiten_advantages:  # mean and variance over the real tokens of every rank's rows
+            advantages = distributed.global_masked_whiten(advantages, s.mask, self.rt)
+        return rewards, advantages, returns, beta
 
-    last_eval = None  # {} on ranks other than 0
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        # ------------------------------------------------------------ 1. rollout
-        chosen = sampler.take(cfg.rollout.prompts_per_step)[rt.rank * prompts_per_rank:(rt.rank + 1) * prompts_per_rank]
-        rows = [train_rows[i] for i in chosen for _ in range(K)]  # K contiguous samples per prompt
-        prompts = [train_prompts[i] for i in chosen for _ in range(K)]
-        prompt_ids, prompt_mask = data.left_pad([train_prompt_ids[i] for i in chosen for _ in range(K)],
-                                                tokenizer.pad_token_id)
-        noise = runtime.keyed_uniform(cfg.seed, step, rt.rank * rows_per_rank, len(rows), cfg.rollout.max_new_tokens,
-                                      dev_policy)  # (B, T): row g of the global batch draws with its own noise
-        with training.gathered(policy), precision.autocast():  # FSDP2: ranks stop sampling at different lengths
-            rollout = sample(policy, prompt_ids.to(dev_policy), prompt_mask.to(dev_policy), cfg.rollout.max_new_tokens,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.temperature,
-                             top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, noise=noise, engine=cfg.rollout.engine)
-        input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
-        P = prompt_ids.shape[1]
-        t1 = time.perf_counter()
-
-        # ------------------------------------------------------------ 2. score (+ reference, old log-probs, values)
-        scores, step_rewards, score_stats = score_rollout(rollout, prompts, rows)
-        with torch.no_grad(), precision.autocast():
-            logprobs_ref = response_logprobs(reference, input_ids.to(dev_ref), attention_mask.to(dev_ref), P,
-                                             cfg.rollout.temperature).to(dev_policy)
-        a = cfg.algorithm
-        single_pass = a.epochs == 1 and a.minibatches == 1
-        if single_pass:  # one update over every row: its own forward gives the old log-probs and values,
-            with precision.autocast():  # detached: the numbers a separate no-grad forward computes, one forward fewer
-                update_forward = forward(input_ids, attention_mask, P)
-            logprobs_old, _, values_old = (t.detach() if t is not None else None for t in update_forward)
-        else:
-            with torch.no_grad(), precision.autocast():
-                logprobs_old, _, values_old = forward(input_ids, attention_mask, P, with_entropy=False)
-        values_old = values_old * mask if values_old is not None else None
-        kl_per_token = algo.kl_k1(logprobs_old, logprobs_ref) * mask
-        t2 = time.perf_counter()
-
-        # ------------------------------------------------------------ 3. advantages
-        beta = kl_ctl.value
-        kl_in_reward = kl_per_token if cfg.kl.estimator == "k1" else torch.zeros_like(kl_per_token)
-        rewards = algo.token_rewards(scores, kl_in_reward, mask, beta, step_rewards)
-        if a.advantage == "reinforce":
-            advantages, returns = algo.reinforce_advantages(rewards, mask, a.gamma, a.baseline, K, running_mean,
-                                                            scores=scores)
-        elif a.advantage == "gae":
-            advantages, returns = algo.gae(rewards, values_old, mask, a.gamma, a.lam)
-        else:
-            advantages, returns = algo.nstep_advantages(rewards, values_old, mask, a.gamma, a.nstep)
-        if a.whiten_advantages:  # mean and variance over the real tokens of every rank's rows
-            advantages = training.global_masked_whiten(advantages, mask, rt)
-
-        # ------------------------------------------------------------ 4. update
-        update_stats: dict[str, list[float]] = {}
+    # ---------------------------------------------------------------- 4. update
+    def update(self, s: Scored, advantages: torch.Tensor, returns: torch.Tensor, beta: float) -> dict:
+        """algorithm.epochs passes of algorithm.minibatches optimizer steps -> the step's update metrics."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        per_minibatch: dict[str, list[float]] = {}
         first_mb: dict[str, float] = {}
-        n_rows = input_ids.shape[0]  # this rank's rows
+        n_rows = s.input_ids.shape[0]  # this rank's rows
         mb_size = n_rows // a.minibatches
-        params = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP2: the sharded ones
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # FSDP2: the sharded ones
         stop_early = False
         for epoch in range(a.epochs):
             # each rank shuffles its own rows: minibatch m of the step is the union of the ranks' minibatch m
-            order = (torch.arange(n_rows) if single_pass else
-                     torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + step * 997 + epoch)))
+            order = (torch.arange(n_rows) if self.single_pass else
+                     torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + self.step * 997 + epoch)))
             for m in range(a.minibatches):
-                idx = order[m * mb_size:(m + 1) * mb_size].to(dev_policy)
-                mb_mask = mask[idx]
-                mb_tokens = float(mb_mask.sum())
-                (all_tokens,) = rt.sum(mb_tokens)
-                # DDP averages the ranks' gradients: weighting each rank's token mean by its share of the
-                # minibatch's tokens (1 on one process) makes the loss the mean over every rank's tokens
-                share = mb_tokens * rt.world_size / max(all_tokens, 1.0)
-                if single_pass:
-                    logprobs, entropy, values = update_forward
-                else:
-                    with precision.autocast():
-                        logprobs, entropy, values = forward(input_ids[idx], attention_mask[idx], P)
-                if a.name == "ppo":
-                    pg_loss, pg_stats = algo.ppo_policy_loss(logprobs, logprobs_old[idx], advantages[idx], mb_mask,
-                                                             a.clip_low, a.clip_high)
-                    if epoch == 0 and m == 0:  # checklist 2: ratio 1, clip 0, approx-KL 0 before any update
-                        ratio_dev = ((logprobs.detach() - logprobs_old[idx]).exp() - 1).abs() * mb_mask
-                        first_mb = {"first_mb_ratio_dev": float(ratio_dev.max())}  # this rank's rows
-                else:
-                    pg_loss = algo.policy_gradient_loss(logprobs, advantages[idx], mb_mask)
-                    pg_stats = {}
-                entropy_mean = algo.masked_mean(entropy, mb_mask)
-                loss = pg_loss - a.entropy_coef * entropy_mean
-                if cfg.kl.estimator == "k3":
-                    loss = loss + beta * algo.masked_mean(algo.kl_k3(logprobs, logprobs_ref[idx]), mb_mask)
-                stats = {"loss": loss, "entropy": entropy_mean, **pg_stats}
-                if values is not None:
-                    v_loss = algo.value_loss(values, values_old[idx], returns[idx], mb_mask,
-                                             a.value_clip if a.name == "ppo" else None)
-                    loss = loss + a.value_coef * v_loss
-                    stats.update(loss=loss, value_loss=v_loss)
-                precision.backward(loss * share)
-                # token means over every rank (one all-reduce): the guard, early stop and logs agree on all ranks
-                sums = rt.sum(*(float(v.detach()) * mb_tokens for v in stats.values()))
-                means = {k: s / max(all_tokens, 1.0) for k, s in zip(stats, sums)}
-                grad_norm, applied = guard.step(params, optimizer, means["loss"], scaler=precision.scaler)
-                for k, v in {**means, "grad_norm": grad_norm}.items():
-                    update_stats.setdefault(k, []).append(v)
-                if a.name == "ppo" and epoch == 0 and m == 0:
-                    first_mb.update(first_mb_clip_frac=means["clip_frac"], first_mb_approx_kl=means["approx_kl"])
-                if a.name == "ppo" and a.target_kl is not None and means["approx_kl"] > a.target_kl:
+                idx = order[m * mb_size:(m + 1) * mb_size].to(self.dev_policy)
+                means = self.minibatch_step(s, idx, advantages, returns, beta, params, first_mb, epoch == 0 and m == 0)
+                for k, v in means.items():
+                    per_minibatch.setdefault(k, []).append(v)
+                if self.trust_region and a.target_kl is not None and means["approx_kl"] > a.target_kl:
                     stop_early = True
                     break
             if stop_early:
                 break
-        scheduler.step()
-        step += 1
-        t3 = time.perf_counter()
+        self.scheduler.step()
+        self.step += 1
+        return {**{k: sum(v) / len(v) for k, v in per_minibatch.items()}, **first_mb, "early_stop": int(stop_early)}
 
-        # ------------------------------------------------------------ 5. log and checkpoint
-        # per-row means over every rank's rows (one all-reduce); the KL controller sees the global KL
-        row_sums = {"score": float(scores.sum()), **{k: float(v) * n_rows for k, v in score_stats.items()},
-                    "reward_with_kl": float(rewards.sum()), "kl": float(algo.masked_sum(kl_per_token, mask)),
-                    "response_len": float(mask.sum()), "stop_fraction": float(rollout.stopped.float().sum())}
+    def minibatch_step(self, s: Scored, idx: torch.Tensor, advantages, returns, beta: float, params,
+                       first_mb: dict, first: bool) -> dict[str, float]:
+        """One optimizer step on rows idx -> the minibatch's token means over every rank (+ grad_norm)."""
+        a, rt = self.cfg.algorithm, self.rt
+        mb_mask = s.mask[idx]
+        mb_tokens = float(mb_mask.sum())
+        (all_tokens,) = rt.sum(mb_tokens)
+        # DDP averages the ranks' gradients: weighting each rank's token mean by its share of the
+        # minibatch's tokens (1 on one process) makes the loss the mean over every rank's tokens
+        share = mb_tokens * rt.world_size / max(all_tokens, 1.0)
+        if self.single_pass:
+            logprobs, entropy, values = s.update_forward
+        else:
+            with self.precision.autocast():
+                logprobs, entropy, values = self.forward(s.input_ids[idx], s.attention_mask[idx], s.prompt_width)
+        pg_loss, pg_stats = self.policy_loss(logprobs, s.logprobs_old[idx], advantages[idx], mb_mask, **self.hparams)
+        if first and self.trust_region:  # checklist 2: ratio 1, clip 0, approx-KL 0 before any update
+            ratio_dev = ((logprobs.detach() - s.logprobs_old[idx]).exp() - 1).abs() * mb_mask
+            first_mb["first_mb_ratio_dev"] = float(ratio_dev.max())  # this rank's rows
+        entropy_mean = masked_mean(entropy, mb_mask)
+        kl_penalty = (0.0 if self.kl_in_reward else
+                      beta * masked_mean(self.kl_estimator(logprobs, s.logprobs_ref[idx]), mb_mask))
+        v_loss = (value_loss(values, s.values_old[idx], returns[idx], mb_mask, a.value_clip if self.trust_region else None)
+                  if values is not None else None)
+        # the total loss: policy gradient - entropy bonus + KL penalty (k3: in the loss) + value loss (critic)
+        loss = pg_loss - a.entropy_coef * entropy_mean + kl_penalty + (a.value_coef * v_loss if v_loss is not None else 0.0)
+        stats = {"loss": loss, "entropy": entropy_mean, **pg_stats} | ({"value_loss": v_loss} if v_loss is not None else {})
+        self.precision.backward(loss * share)
+        # token means over every rank (one all-reduce): the guard, early stop and logs agree on all ranks
+        sums = rt.sum(*(float(v.detach()) * mb_tokens for v in stats.values()))
+        means = {k: total / max(all_tokens, 1.0) for k, total in zip(stats, sums)}
+        grad_norm, applied = self.guard.step(params, self.optimizer, means["loss"], scaler=self.precision.scaler)
+        if first and self.trust_region:
+            first_mb.update(first_mb_clip_frac=means["clip_frac"], first_mb_approx_kl=means["approx_kl"])
+        return {**means, "grad_norm": grad_norm}
+
+    # ---------------------------------------------------------------- 5. log and checkpoint
+    def log_and_checkpoint(self, s: Scored, rewards: torch.Tensor, returns: torch.Tensor, beta: float,
+                           update_stats: dict, times: tuple[float, float, float, float]) -> dict | None:
+        """Per-row means over every rank's rows (one all-reduce), the KL controller's update, then the shared
+        end-of-step tail (log, eval, stop request, checkpoint). -> the evaluation's metrics when it evaluated."""
+        cfg, rt, mask = self.cfg, self.rt, s.mask
+        n_rows = s.input_ids.shape[0]
+        row_sums = {"score": float(s.scores.sum()), **{k: float(v) * n_rows for k, v in s.score_stats.items()},
+                    "reward_with_kl": float(rewards.sum()), "kl": float(masked_sum(s.kl_per_token, mask)),
+                    "response_len": float(mask.sum()), "stop_fraction": float(s.rollout.stopped.float().sum())}
         all_rows, *totals = rt.sum(n_rows, *row_sums.values())
         row_means = {k: total / all_rows for k, total in zip(row_sums, totals)}
-        kl_ctl.update(row_means["kl"], int(all_rows))
+        self.kl_ctl.update(row_means["kl"], int(all_rows))  # the global KL
+        t0, t1, t2, t3 = times
+        early_stop = update_stats.pop("early_stop")
         metrics = {
-            **row_means, "kl_coef": beta,
-            **{k: sum(v) / len(v) for k, v in update_stats.items()}, **first_mb,
-            "samples_per_s": all_rows / (t3 - t0),
-            "tokens_per_s": row_means["response_len"] * all_rows / (t3 - t0),
+            **row_means, "kl_coef": beta, **update_stats,
+            "samples_per_s": all_rows / (t3 - t0), "tokens_per_s": row_means["response_len"] * all_rows / (t3 - t0),
             "time_rollout_frac": (t1 - t0) / (t3 - t0), "time_score_frac": (t2 - t1) / (t3 - t0),
-            "time_update_frac": (t3 - t2) / (t3 - t0), "lr": scheduler.get_last_lr()[0], "early_stop": int(stop_early),
+            "time_update_frac": (t3 - t2) / (t3 - t0), "lr": self.scheduler.get_last_lr()[0], "early_stop": early_stop,
         }
-        if values_old is not None:
-            metrics["explained_variance"] = training.global_explained_variance(values_old, returns, mask, rt)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            tracker.log(step, metrics)
-        if step % cfg.eval.every == 0 or step == cfg.max_steps:
-            last_eval = evaluate()
-            tracker.log(step, {k: v for k, v in last_eval.items() if not k.startswith("_")}, kind="eval")
-        stop = signals.stop_requested(rt)  # SIGTERM / SIGINT: checkpoint this step, then exit 143 / 130
-        if step % cfg.checkpoint.every == 0 or step == cfg.max_steps or stop:  # collective; rank 0 writes
-            training.save_checkpoint(run_dir, rt, step, parts, optimizer, scheduler, cfg.checkpoint.keep_last,
-                                     precision, sampler=sampler.state_dict(), kl=kl_ctl.state_dict(),
-                                     running_mean=running_mean.state_dict())
-        rt.barrier()
-        if stop and step < cfg.max_steps:
-            raise signals.stopped(stop, step, cfg.max_steps, run_dir)
+        if s.values_old is not None:
+            metrics["explained_variance"] = distributed.global_explained_variance(s.values_old, returns, mask, rt)
+        return loop.end_of_step(self.step, cfg.max_steps, cfg, rt, self.run_dir, self.tracker, metrics, self.evaluate,
+                                self.save_checkpoint)
 
-    # ---------------------------------------------------------------- save
-    if last_eval is None:
-        last_eval = evaluate()
-    results = {k: v for k, v in last_eval.items() if not k.startswith("_")}
-    policy_manifest = checkpoint.read_manifest(cfg.policy.path)
-    rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
-    training.save_final(run_dir, rt, policy, tokenizer, {  # collective; rank 0 writes
+    def evaluate(self) -> dict:
+        """Greedy held-out responses from the rollout engine: accuracy, length, the reward model's score."""
+        with distributed.gathered(self.policy):  # FSDP2: every rank gathers the weights, rank 0 evaluates
+            if not self.rt.is_main:
+                return {}
+            accuracy, samples, mean_len, responses = held_out_accuracy(
+                self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, self.cfg.eval, self.dev_policy)
+            metrics = {"eval_response_chars": mean_len, "_samples": samples}
+            if accuracy is not None:
+                metrics["eval_accuracy"] = accuracy
+            if self.reward_model is not None:  # the RM's (normalised) score of the greedy held-out responses
+                rm_scores = score_texts(self.reward_model, self.tokenizer, self.eval_prompts, responses, self.dev_reward)
+                metrics["eval_rm_score"] = float(((rm_scores - self.rm_mean) / self.rm_std).mean())
+            return metrics
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
+                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict(),
+                                   kl=self.kl_ctl.state_dict(), running_mean=self.running_mean.state_dict())
+
+    # ================================================================ save
+    def save(self, last_eval: dict) -> dict:
+        cfg, rt, run_dir, before, step = self.cfg, self.rt, self.run_dir, self.before, self.step
+        results = loop.public(last_eval)
+        policy_manifest = checkpoint.read_manifest(cfg.policy.path)
+        rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
+        checkpoint.save_final(run_dir, rt, self.policy, self.tokenizer, {  # collective; rank 0 writes
             "stage": "rl", "run_dir": str(run_dir.root.resolve()), "algorithm": cfg.algorithm.name,
             "parent_model": cfg.policy.path or "embedded tiny model", "sft_run": policy_manifest.get("run_dir"),
             "reward_model": cfg.reward.model.path, "rm_run": rm_manifest.get("run_dir"),
             "reward_functions": list(cfg.reward.functions), "config": dataclasses.asdict(cfg),
-            "data_fingerprint": checkpoint.fingerprint(train_rows), "steps": step, "metrics": results,
-            "metrics_before": {k: v for k, v in before.items() if not k.startswith("_")}, "world_size": rt.world_size,
-            "parameters_held": held, **lora.manifest_entry(adapters)}, hf_model=adapters.final_model() if adapters else None)
-    if rt.is_main:
-        table = {}
-        if "eval_accuracy" in results:
-            table["held-out accuracy before"] = before.get("eval_accuracy", "(resumed)")
-            table["held-out accuracy after"] = results["eval_accuracy"]
-        table["algorithm"] = cfg.algorithm.name
-        table["steps"] = step
-        table["wall time (s)"] = round(time.time() - t_start, 1)
-        table["final model"] = str(run_dir.final)
-        tracker.samples("held-out samples (greedy)", last_eval.get("_samples", []))
-        tracker.table("rl results", table)
-    tracker.close()
-    return results
+            "data_fingerprint": checkpoint.fingerprint(self.train_rows), "steps": step, "metrics": results,
+            "metrics_before": loop.public(before), "world_size": rt.world_size, "parameters_held": self.held,
+            **lora.manifest_entry(self.adapters)}, hf_model=self.adapters.final_model() if self.adapters else None)
+        if rt.is_main:
+            table = {}
+            if "eval_accuracy" in results:
+                table["held-out accuracy before"] = before.get("eval_accuracy", "(resumed)")
+                table["held-out accuracy after"] = results["eval_accuracy"]
+            table["algorithm"] = cfg.algorithm.name
+            table["steps"] = step
+            table["wall time (s)"] = round(time.time() - self.t_start, 1)
+            table["final model"] = str(run_dir.final)
+            self.tracker.samples("held-out samples (greedy)", last_eval.get("_samples", []))
+            self.tracker.table("rl results", table)
+        self.tracker.close()
+        return results

@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import checkpoint, data, lora, runtime, signals, training
-from rlhf_cli.checkpoint import RunDir
+from rlhf_cli import checkpoint, data, distributed, lora, loop
 from rlhf_cli.errors import DataError
-from rlhf_cli.modeling import load_causal_lm, load_tokenizer
-from rlhf_cli.tracking import Tracker
+from rlhf_cli.evaluation import held_out_accuracy
+from rlhf_cli.models import load_causal_lm, load_tokenizer, model_path
+from rlhf_cli.optim import StepGuard, build_optimizer, build_scheduler
+from rlhf_cli.precision import Precision, check_trainable_dtype
+from rlhf_cli.rollout import make_engine
+from rlhf_cli.tracking import Throughput, Tracker
 
 
 def token_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
@@ -54,144 +57,158 @@ def eval_loss(model, examples, cfg, pad_id, device) -> float:
 
 
 def run(cfg, output_dir: Path) -> dict:
+    check_trainable_dtype(cfg.model, "model", cfg.device.type)
+    return loop.run_stage("sft", cfg, output_dir, SFTRecipe)
+
+
+class SFTRecipe:
+    """setup (data, model, optimizer, resume) -> train (train_step, end of step) -> save final/."""
+
+    def __init__(self, cfg, rt, run_dir, t_start: float):
+        self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
+
     # ---------------------------------------------------------------- setup
-    t_start = time.time()
-    training.check_trainable_dtype(cfg.model, "model", cfg.device.type)
-    rt = runtime.setup(cfg.device, cfg.seed)
-    run_dir = RunDir(output_dir, dataclasses.asdict(cfg), "sft", rt.is_main)
-    try:
-        return _train(cfg, rt, run_dir, t_start)
-    finally:
-        run_dir.release()
-        runtime.teardown()
+    def setup(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.path = model_path(cfg.model, self.run_dir.root, cfg.seed, rt)
+        self.tokenizer = load_tokenizer(self.path, "model.path", cfg.model.trust_remote_code)
+        self._setup_data()
+        self._setup_model()
+        self.global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_examples) / self.global_batch))
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        lengths = None if cfg.packing else [ex.length for ex in self.train_examples]  # bucket when padding
+        self.sampler = data.EpochSampler(len(self.train_examples), cfg.seed, lengths, self.global_batch)
+        self.guard = StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
+        self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
+                                sampler=self.sampler)
+        self._announce()
 
+    def _setup_data(self) -> None:
+        cfg, tokenizer = self.cfg, self.tokenizer
+        self.train_rows, self.eval_rows = data.stage_rows(cfg.data, "sft", cfg.seed)
+        self.train_examples, self.truncated = data.tokenize_sft(tokenizer, self.train_rows, cfg.model.max_length,
+                                                                "data.train")
+        self.eval_examples, _ = data.tokenize_sft(tokenizer, self.eval_rows, cfg.model.max_length, "data.eval")
+        if not self.train_examples:
+            raise DataError("data.train has no usable rows")
+        self.eval_prompts = [data.split_sft_row(tokenizer, r, i, "data.eval")[0] for i, r in enumerate(self.eval_rows)]
 
-def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
-    path = training.model_path(cfg.model, run_dir.root, cfg.seed, rt)
-    tokenizer = load_tokenizer(path, "model.path", cfg.model.trust_remote_code)
-    train_rows, eval_rows = data.stage_rows(cfg.data, "sft", cfg.seed)
-    train_examples, truncated = data.tokenize_sft(tokenizer, train_rows, cfg.model.max_length, "data.train")
-    eval_examples, _ = data.tokenize_sft(tokenizer, eval_rows, cfg.model.max_length, "data.eval")
-    if not train_examples:
-        raise DataError("data.train has no usable rows")
-    eval_prompts = [data.split_sft_row(tokenizer, r, i, "data.eval")[0] for i, r in enumerate(eval_rows)]
+    def _setup_model(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.precision = Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
+        model = load_causal_lm(self.path, "model.path", self.precision.weights, rt.device, cfg.model.trust_remote_code)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        # lora.r > 0: only adapters train
+        self.adapters = lora.attach(model, cfg.lora, "CAUSAL_LM", self.path, self.run_dir.root, rt)
+        self.parts = {"model": (self.adapters.state if self.adapters else model, "")}  # LoRA: the adapter tensors only
+        model.train()
+        self.model = model
+        self.ddp_model = distributed.wrap_model(model, rt, cfg.device.distributed)  # before the optimizer (FSDP2)
+        self.engine = make_engine("auto", model, self.tokenizer)  # held-out generation
 
-    precision = training.Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
-    model = load_causal_lm(path, "model.path", precision.weights, rt.device, cfg.model.trust_remote_code)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    adapters = lora.attach(model, cfg.lora, "CAUSAL_LM", path, run_dir.root, rt)  # lora.r > 0: only adapters train
-    parts = {"model": (adapters.state if adapters else model, "")}  # LoRA: checkpoints hold the adapter tensors only
-    model.train()
-    ddp_model = training.wrap_model(model, rt, cfg.device.distributed)  # before the optimizer: FSDP2 shards in place
+    def _announce(self) -> None:
+        cfg, rt, step = self.cfg, self.rt, self.step
+        self.tracker = Tracker(self.run_dir.root, "sft", self.total_steps, step, enabled=rt.is_main,
+                               progress_keys=("loss", "lr", "tokens_per_s"))
+        self.tracker.message(
+            f"sft: {len(self.train_examples)} train / {len(self.eval_examples)} held-out rows, global batch "
+            f"{self.global_batch} = {cfg.batch_size} x {cfg.optim.grad_accum} accum x {rt.world_size} ranks, "
+            f"{self.total_steps} steps, device {rt.device} ({self.precision.describe()}"
+            + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
+            + (f", resuming at step {step}" if step else ""))
+        if self.adapters:
+            self.tracker.message(f"sft: {self.adapters.describe()}")
+        if self.truncated:
+            self.tracker.message(f"sft: {self.truncated} training rows were longer than model.max_length="
+                                 f"{cfg.model.max_length} and were truncated")
 
-    global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_examples) / global_batch))
-    optimizer = training.build_optimizer(model.parameters(), cfg.optim)
-    scheduler = training.build_scheduler(optimizer, cfg.optim, total_steps)
-    lengths = None if cfg.packing else [ex.length for ex in train_examples]  # bucket when padding
-    sampler = data.EpochSampler(len(train_examples), cfg.seed, lengths, global_batch)
-    guard = training.StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
+    # ---------------------------------------------------------------- train
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.before = self.evaluate() if self.step == 0 else {}
+        if self.before:
+            self.tracker.log(0, loop.public(self.before), kind="eval")
+        self.throughput = Throughput()
+        last_eval = None  # {} on ranks other than 0
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            evaluated = loop.end_of_step(self.step, self.total_steps, cfg, self.rt, self.run_dir, self.tracker,
+                                         metrics, self.evaluate, self.save_checkpoint)
+            last_eval = evaluated if evaluated is not None else last_eval
+        return self.save(last_eval if last_eval is not None else self.evaluate())
 
-    step = 0
-    ckpt = run_dir.latest(warn=print if rt.is_main else None)
-    if ckpt is not None:
-        state = training.load_checkpoint(ckpt, rt, parts, optimizer, scheduler, precision)
-        step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
-
-    tracker = Tracker(run_dir.root, "sft", total_steps, step, enabled=rt.is_main, progress_keys=("loss", "lr", "tokens_per_s"))
-    tracker.message(f"sft: {len(train_examples)} train / {len(eval_examples)} held-out rows, global batch {global_batch} "
-                    f"= {cfg.batch_size} x {cfg.optim.grad_accum} accum x {rt.world_size} ranks, {total_steps} steps, "
-                    f"device {rt.device} ({precision.describe()}"
-                    + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
-                    + (f", resuming at step {step}" if step else ""))
-    if adapters:
-        tracker.message(f"sft: {adapters.describe()}")
-    if truncated:
-        tracker.message(f"sft: {truncated} training rows were longer than model.max_length={cfg.model.max_length} and were truncated")
-
-    def evaluate() -> dict:
-        with training.gathered(model):  # FSDP2: every rank gathers the weights, rank 0 evaluates
-            return _evaluate() if rt.is_main else {}
-
-    def _evaluate() -> dict:
-        accuracy, samples, mean_len, _ = training.held_out_accuracy(model, tokenizer, eval_rows, eval_prompts, cfg.eval, rt.device)
-        metrics = {"eval_loss": eval_loss(model, eval_examples, cfg, tokenizer.pad_token_id, rt.device),
-                   "eval_response_chars": mean_len}
-        if accuracy is not None:
-            metrics["eval_accuracy"] = accuracy
-        metrics["_samples"] = samples
-        return metrics
-
-    before = evaluate() if step == 0 else {}
-    if before:
-        tracker.log(0, {k: v for k, v in before.items() if not k.startswith("_")}, kind="eval")
-
-    # ---------------------------------------------------------------- loop
-    throughput = training.Throughput()
-    last_eval = None  # {} on ranks other than 0
-    while step < total_steps:
-        indices = sampler.take(global_batch)  # every rank draws the same global batch ...
-        chunks = [indices[i:i + cfg.batch_size] for i in range(0, global_batch, cfg.batch_size)]
+    def train_step(self) -> dict:
+        """One optimizer step over a global batch (this rank's micro-batches, accumulated) -> its metrics."""
+        cfg, rt, examples, pad_id = self.cfg, self.rt, self.train_examples, self.tokenizer.pad_token_id
+        indices = self.sampler.take(self.global_batch)  # every rank draws the same global batch ...
+        chunks = [indices[i:i + cfg.batch_size] for i in range(0, self.global_batch, cfg.batch_size)]
         mine = chunks[rt.rank::rt.world_size]  # ... and takes its own micro-batches
-        global_tokens = sum(len(train_examples[i].completion_ids) for i in indices)  # loss normaliser
-        global_seq_tokens = sum(train_examples[i].length for i in indices)
+        global_tokens = sum(len(examples[i].completion_ids) for i in indices)  # loss normaliser
+        global_seq_tokens = sum(examples[i].length for i in indices)
         loss_total, padded_tokens, real_tokens = 0.0, 0, 0
         for micro, chunk in enumerate(mine):
-            batch = make_batch([train_examples[i] for i in chunk], cfg, tokenizer.pad_token_id)
+            batch = make_batch([examples[i] for i in chunk], cfg, pad_id)
             padded_tokens += batch["input_ids"].numel()
-            real_tokens += sum(train_examples[i].length for i in chunk)
+            real_tokens += sum(examples[i].length for i in chunk)
             sync = micro == len(mine) - 1
-            with training.no_sync(ddp_model, sync), precision.autocast():
-                loss_sum, _ = token_loss_sum(ddp_model, batch, rt.device)
+            with distributed.no_sync(self.ddp_model, sync), self.precision.autocast():
+                loss_sum, _ = token_loss_sum(self.ddp_model, batch, rt.device)
                 # normalise by the global token count; DDP / FSDP average over ranks, so scale back up
-                precision.backward(loss_sum * rt.world_size / global_tokens)
+                self.precision.backward(loss_sum * rt.world_size / global_tokens)
             loss_total += float(loss_sum.detach())
         loss_total = float(rt.all_reduce_sum(torch.tensor([loss_total], device=rt.device))) / global_tokens
-        grad_norm, applied = guard.step(model.parameters(), optimizer, loss_total, scaler=precision.scaler)
-        scheduler.step()
-        step += 1
+        grad_norm, applied = self.guard.step(self.model.parameters(), self.optimizer, loss_total,
+                                             scaler=self.precision.scaler)
+        self.scheduler.step()
+        self.step += 1
+        logged = self.step % cfg.log_every == 0 or self.step == self.total_steps
+        return {"loss": loss_total, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "applied": int(applied), "epoch": self.sampler.epoch, "pad_fraction": 1 - real_tokens / padded_tokens,
+                # the rate over the steps since the last logged one (a log every log_every steps)
+                "tokens_per_s": self.throughput.rate(global_seq_tokens * cfg.log_every) if logged else None}
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            tracker.log(step, {"loss": loss_total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                               "applied": int(applied), "epoch": sampler.epoch,
-                               "pad_fraction": 1 - real_tokens / padded_tokens,
-                               "tokens_per_s": throughput.rate(global_seq_tokens * cfg.log_every)})
-        else:
-            tracker.advance(step)
-        if step % cfg.eval.every == 0 or step == total_steps:
-            last_eval = evaluate()
-            tracker.log(step, {k: v for k, v in last_eval.items() if not k.startswith("_")}, kind="eval")
-        stop = signals.stop_requested(rt)  # SIGTERM / SIGINT: checkpoint this step, then exit 143 / 130
-        if step % cfg.checkpoint.every == 0 or step == total_steps or stop:  # collective; rank 0 writes
-            training.save_checkpoint(run_dir, rt, step, parts, optimizer, scheduler,
-                                     cfg.checkpoint.keep_last, precision, sampler=sampler.state_dict())
-        rt.barrier()
-        if stop and step < total_steps:
-            raise signals.stopped(stop, step, total_steps, run_dir)
+    def evaluate(self) -> dict:
+        with distributed.gathered(self.model):  # FSDP2: every rank gathers the weights, rank 0 evaluates
+            if not self.rt.is_main:
+                return {}
+            cfg, rt = self.cfg, self.rt
+            accuracy, samples, mean_len, _ = held_out_accuracy(self.engine, self.tokenizer, self.eval_rows,
+                                                               self.eval_prompts, cfg.eval, rt.device)
+            metrics = {"eval_loss": eval_loss(self.model, self.eval_examples, cfg, self.tokenizer.pad_token_id, rt.device),
+                       "eval_response_chars": mean_len}
+            if accuracy is not None:
+                metrics["eval_accuracy"] = accuracy
+            metrics["_samples"] = samples
+            return metrics
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
+                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict())
 
     # ---------------------------------------------------------------- save
-    if last_eval is None:
-        last_eval = evaluate()
-    results = {k: v for k, v in last_eval.items() if not k.startswith("_")}
-    parent = checkpoint.read_manifest(cfg.model.path)
-    training.save_final(run_dir, rt, model, tokenizer, {  # collective; rank 0 writes
-        "stage": "sft", "run_dir": str(run_dir.root.resolve()), "parent_model": cfg.model.path or "embedded tiny model",
-        "parent_run": parent.get("run_dir"), "config": dataclasses.asdict(cfg),
-        "data_fingerprint": checkpoint.fingerprint(train_rows), "steps": step, "metrics": results,
-        "metrics_before": {k: v for k, v in before.items() if not k.startswith("_")}, "world_size": rt.world_size,
-        **lora.manifest_entry(adapters)}, hf_model=adapters.final_model() if adapters else None)
-    if rt.is_main:
-        table = {}
-        for key in ("eval_loss", "eval_accuracy"):
-            if key in results:
-                table[f"held-out {key[5:]} before"] = before.get(key, "(resumed)")
-                table[f"held-out {key[5:]} after"] = results[key]
-        table["steps"] = step
-        table["wall time (s)"] = round(time.time() - t_start, 1)
-        table["final model"] = str(run_dir.final)
-        tracker.samples("held-out samples (greedy)", last_eval.get("_samples", []))
-        tracker.table("sft results", table)
-    tracker.close()
-    return results
+    def save(self, last_eval: dict) -> dict:
+        cfg, rt, run_dir, before = self.cfg, self.rt, self.run_dir, self.before
+        results = loop.public(last_eval)
+        parent = checkpoint.read_manifest(cfg.model.path)
+        checkpoint.save_final(run_dir, rt, self.model, self.tokenizer, {  # collective; rank 0 writes
+            "stage": "sft", "run_dir": str(run_dir.root.resolve()), "parent_model": cfg.model.path or "embedded tiny model",
+            "parent_run": parent.get("run_dir"), "config": dataclasses.asdict(cfg),
+            "data_fingerprint": checkpoint.fingerprint(self.train_rows), "steps": self.step, "metrics": results,
+            "metrics_before": loop.public(before), "world_size": rt.world_size,
+            **lora.manifest_entry(self.adapters)}, hf_model=self.adapters.final_model() if self.adapters else None)
+        if rt.is_main:
+            table = {}
+            for key in ("eval_loss", "eval_accuracy"):
+                if key in results:
+                    table[f"held-out {key[5:]} before"] = before.get(key, "(resumed)")
+                    table[f"held-out {key[5:]} after"] = results[key]
+            table["steps"] = self.step
+            table["wall time (s)"] = round(time.time() - self.t_start, 1)
+            table["final model"] = str(run_dir.final)
+            self.tracker.samples("held-out samples (greedy)", last_eval.get("_samples", []))
+            self.tracker.table("sft results", table)
+        self.tracker.close()
+        return results

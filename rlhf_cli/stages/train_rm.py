@@ -8,7 +8,7 @@ Setup (config, devices, model, data, optimizer, resume) -> loop -> save final/.
 Any causal LM (or sequence classifier) becomes backbone + a fresh one-output
 head. Each response gets an EOS appended and the score is read at the last
 real token (that EOS), so `AutoModelForSequenceClassification.from_pretrained(
-final/)` and `rlhf_cli.modeling.score_texts` score exactly as training did.
+final/)` and `rlhf_cli.scoring.score_texts` score exactly as training did.
 Chosen and rejected sequences go through ONE forward pass per micro-batch.
 """
 
@@ -17,53 +17,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, lora, runtime, signals, training
+from rlhf_cli import checkpoint, data, distributed, lora, loop
 from rlhf_cli.algorithms.reward import pairwise_loss
-from rlhf_cli.checkpoint import RunDir
+from rlhf_cli.data import Pair, tokenize_pairs
 from rlhf_cli.errors import DataError
-from rlhf_cli.modeling import last_token_scores, load_scalar_head_model, load_tokenizer, pad_right
-from rlhf_cli.tracking import Tracker
-
-
-@dataclass
-class Pair:
-    """One tokenized preference pair; chosen/rejected ids end with EOS."""
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    margin: float = 0.0
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
-
-
-def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, key: str, use_margin: bool) -> tuple[list[Pair], int]:
-    """-> (pairs, number dropped). A pair longer than max_length is dropped, not cut:
-    cutting would remove the EOS the score is read at, or the very tokens that differ."""
-    pairs, dropped = [], 0
-    eos = tokenizer.eos_token_id
-    for i, row in enumerate(rows):
-        prompt, chosen, rejected = data.split_pair_row(tokenizer, row, i, key)
-        margin = row.get("margin") if use_margin else None
-        try:
-            margin = 0.0 if margin is None else float(margin)
-        except (TypeError, ValueError):
-            raise DataError(f"{key}: row {i} has margin {margin!r}, not a number; fix it or set margin_from_data=false") from None
-        if not math.isfinite(margin):
-            raise DataError(f"{key}: row {i} has a non-finite margin ({margin}); fix it or set margin_from_data=false")
-        pair = Pair(data.encode(tokenizer, prompt), data.encode(tokenizer, chosen) + [eos],
-                    data.encode(tokenizer, rejected) + [eos], margin)
-        if pair.length > max_length:
-            dropped += 1
-            continue
-        pairs.append(pair)
-    return pairs, dropped
+from rlhf_cli.models import load_scalar_head_model, load_tokenizer, model_path
+from rlhf_cli.optim import StepGuard, build_optimizer, build_scheduler
+from rlhf_cli.precision import Precision, check_trainable_dtype
+from rlhf_cli.scoring import last_token_scores, pad_right
+from rlhf_cli.tracking import Throughput, Tracker
 
 
 def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -123,150 +89,166 @@ def _samples(scorer, tokenizer, pairs: list[Pair], cfg, device) -> list[tuple[st
 
 
 def run(cfg, output_dir: Path) -> dict:
+    check_trainable_dtype(cfg.model, "model", cfg.device.type)
+    return loop.run_stage("train-rm", cfg, output_dir, RewardModelRecipe)
+
+
+class RewardModelRecipe:
+    """setup (data, model, optimizer, resume) -> train (train_step, end of step) -> save final/."""
+
+    def __init__(self, cfg, rt, run_dir, t_start: float):
+        self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
+
     # ---------------------------------------------------------------- setup
-    t_start = time.time()
-    training.check_trainable_dtype(cfg.model, "model", cfg.device.type)
-    rt = runtime.setup(cfg.device, cfg.seed)
-    run_dir = RunDir(output_dir, dataclasses.asdict(cfg), "train-rm", rt.is_main)
-    try:
-        return _train(cfg, rt, run_dir, t_start)
-    finally:
-        run_dir.release()
-        runtime.teardown()
+    def setup(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.path = model_path(cfg.model, self.run_dir.root, cfg.seed, rt)
+        self.tokenizer = load_tokenizer(self.path, "model.path", cfg.model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        self._setup_data()
+        self._setup_model()
+        self.global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_pairs) / self.global_batch))
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.sampler = data.EpochSampler(len(self.train_pairs), cfg.seed, [p.length for p in self.train_pairs],
+                                         self.global_batch)
+        self.guard = StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
+        self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
+                                sampler=self.sampler)
+        self._announce()
 
+    def _setup_data(self) -> None:
+        cfg, tokenizer, max_length = self.cfg, self.tokenizer, self.cfg.model.max_length
+        self.train_rows, eval_rows = data.stage_rows(cfg.data, "pairs", cfg.seed)
+        self.train_pairs, self.train_dropped = tokenize_pairs(tokenizer, self.train_rows, max_length, "data.train",
+                                                              cfg.margin_from_data)
+        self.eval_pairs, self.eval_dropped = tokenize_pairs(tokenizer, eval_rows, max_length, "data.eval",
+                                                            cfg.margin_from_data)
+        for key, pairs, rows in (("data.train", self.train_pairs, self.train_rows), ("data.eval", self.eval_pairs, eval_rows)):
+            if not pairs:
+                raise DataError(f"{key}: none of its {len(rows)} pairs fit in model.max_length={max_length} tokens "
+                                f"(prompt + longer response + EOS); raise model.max_length or give more data")
 
-def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
-    path = training.model_path(cfg.model, run_dir.root, cfg.seed, rt)
-    tokenizer = load_tokenizer(path, "model.path", cfg.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id
-    train_rows, eval_rows = data.stage_rows(cfg.data, "pairs", cfg.seed)
-    max_length = cfg.model.max_length
-    train_pairs, train_dropped = tokenize_pairs(tokenizer, train_rows, max_length, "data.train", cfg.margin_from_data)
-    eval_pairs, eval_dropped = tokenize_pairs(tokenizer, eval_rows, max_length, "data.eval", cfg.margin_from_data)
-    for key, pairs, rows in (("data.train", train_pairs, train_rows), ("data.eval", eval_pairs, eval_rows)):
-        if not pairs:
-            raise DataError(f"{key}: none of its {len(rows)} pairs fit in model.max_length={max_length} tokens "
-                            f"(prompt + longer response + EOS); raise model.max_length or give more data")
+    def _setup_model(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.precision = Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
+        model = load_scalar_head_model(self.path, "model.path", self.precision.weights, rt.device,
+                                       cfg.model.trust_remote_code)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        # lora.r > 0: adapters + score head train
+        self.adapters = lora.attach(model, cfg.lora, "SEQ_CLS", self.path, self.run_dir.root, rt)
+        model.train()
+        self.model, self.scorer = model, Scorer(model)
+        # before the optimizer: FSDP2 shards in place, with the Scorer as its root (its forward gathers the head)
+        self.ddp_scorer = distributed.wrap_model(self.scorer, rt, cfg.device.distributed)
+        self.parts = {"model": (self.scorer, "model.")}  # checkpoint tensors: the HF model's own keys
+        if self.adapters:
+            self.parts = {"model": (self.adapters.state, "")}  # LoRA: the adapters and the score head only
 
-    precision = training.Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
-    model = load_scalar_head_model(path, "model.path", precision.weights, rt.device, cfg.model.trust_remote_code)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    adapters = lora.attach(model, cfg.lora, "SEQ_CLS", path, run_dir.root, rt)  # lora.r > 0: adapters + score head train
-    model.train()
-    scorer = Scorer(model)
-    # before the optimizer: FSDP2 shards in place, with the Scorer as its root (its forward gathers the head)
-    ddp_scorer = training.wrap_model(scorer, rt, cfg.device.distributed)
-    parts = {"model": (scorer, "model.")}  # checkpoint tensors: the HF model's own keys
-    if adapters:
-        parts = {"model": (adapters.state, "")}  # LoRA: the adapters and the score head only
+    def _announce(self) -> None:
+        cfg, rt, step = self.cfg, self.rt, self.step
+        self.tracker = Tracker(self.run_dir.root, "train-rm", self.total_steps, step, enabled=rt.is_main,
+                               progress_keys=("loss", "accuracy", "lr"))
+        tracker_message = self.tracker.message
+        tracker_message(f"train-rm: {len(self.train_pairs)} train / {len(self.eval_pairs)} held-out pairs, global batch "
+                        f"{self.global_batch} = {cfg.batch_size} x {cfg.optim.grad_accum} accum x {rt.world_size} "
+                        f"ranks, {self.total_steps} steps, device {rt.device} ({self.precision.describe()}"
+                        + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
+                        + (f", resuming at step {step}" if step else ""))
+        if self.adapters:
+            tracker_message(f"train-rm: {self.adapters.describe()}")
+        for key, dropped, kept in (("training", self.train_dropped, self.train_pairs),
+                                   ("held-out", self.eval_dropped, self.eval_pairs)):
+            if dropped:
+                tracker_message(f"train-rm: dropped {dropped} of {dropped + len(kept)} {key} pairs longer than "
+                                f"model.max_length={cfg.model.max_length} tokens (raise model.max_length to keep them)")
+        if self.pad_id == self.tokenizer.eos_token_id:
+            tracker_message("train-rm: warning: the tokenizer pads with its EOS token, so plain "
+                            "AutoModelForSequenceClassification reads padded batches one token early; score with "
+                            "rlhf_cli.scoring.score_texts")
 
-    global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_pairs) / global_batch))
-    optimizer = training.build_optimizer(model.parameters(), cfg.optim)
-    scheduler = training.build_scheduler(optimizer, cfg.optim, total_steps)
-    sampler = data.EpochSampler(len(train_pairs), cfg.seed, [p.length for p in train_pairs], global_batch)
-    guard = training.StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
+    # ---------------------------------------------------------------- train
+    def train(self) -> dict:
+        self.before = self.evaluate() if self.step == 0 else {}
+        if self.before:
+            self.tracker.log(0, self.before, kind="eval")
+        self.throughput = Throughput()
+        last_eval = None  # {} on ranks other than 0
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            evaluated = loop.end_of_step(self.step, self.total_steps, self.cfg, self.rt, self.run_dir, self.tracker,
+                                         metrics, self.evaluate, self.save_checkpoint)
+            last_eval = evaluated if evaluated is not None else last_eval
+        return self.save(last_eval if last_eval is not None else self.evaluate())
 
-    step = 0
-    ckpt = run_dir.latest(warn=print if rt.is_main else None)
-    if ckpt is not None:
-        state = training.load_checkpoint(ckpt, rt, parts, optimizer, scheduler, precision)
-        step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
-
-    tracker = Tracker(run_dir.root, "train-rm", total_steps, step, enabled=rt.is_main,
-                      progress_keys=("loss", "accuracy", "lr"))
-    tracker.message(f"train-rm: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs, global batch {global_batch} "
-                    f"= {cfg.batch_size} x {cfg.optim.grad_accum} accum x {rt.world_size} ranks, {total_steps} steps, "
-                    f"device {rt.device} ({precision.describe()}"
-                    + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
-                    + (f", resuming at step {step}" if step else ""))
-    if adapters:
-        tracker.message(f"train-rm: {adapters.describe()}")
-    for key, dropped, kept in (("training", train_dropped, train_pairs), ("held-out", eval_dropped, eval_pairs)):
-        if dropped:
-            tracker.message(f"train-rm: dropped {dropped} of {dropped + len(kept)} {key} pairs longer than "
-                            f"model.max_length={max_length} tokens (raise model.max_length to keep them)")
-    if pad_id == tokenizer.eos_token_id:
-        tracker.message("train-rm: warning: the tokenizer pads with its EOS token, so plain AutoModelForSequenceClassification "
-                        "reads padded batches one token early; score with rlhf_cli.modeling.score_texts")
-
-    def evaluate() -> dict:
-        with training.gathered(scorer):  # FSDP2: every rank gathers the weights, rank 0 evaluates
-            return evaluate_pairs(scorer, eval_pairs, cfg.eval.batch_size, pad_id, rt.device) if rt.is_main else {}
-
-    before = evaluate() if step == 0 else {}
-    if before:
-        tracker.log(0, before, kind="eval")
-
-    # ---------------------------------------------------------------- loop
-    throughput = training.Throughput()
-    last_eval = None  # {} on ranks other than 0
-    while step < total_steps:
-        indices = sampler.take(global_batch)  # every rank draws the same global batch ...
+    def train_step(self) -> dict:
+        """One optimizer step over a global batch of pairs (this rank's micro-batches, accumulated) -> its metrics."""
+        cfg, rt, global_batch = self.cfg, self.rt, self.global_batch
+        indices = self.sampler.take(global_batch)  # every rank draws the same global batch ...
         chunks = [indices[i:i + cfg.batch_size] for i in range(0, global_batch, cfg.batch_size)]
         mine = chunks[rt.rank::rt.world_size]  # ... and takes its own micro-batches
         sums = torch.zeros(4, dtype=torch.float64)  # pair-weighted loss, bt_loss, accuracy, margin
         for micro, chunk in enumerate(mine):
-            batch = pair_batch([train_pairs[i] for i in chunk], pad_id)
+            batch = pair_batch([self.train_pairs[i] for i in chunk], self.pad_id)
             sync = micro == len(mine) - 1
-            with training.no_sync(ddp_scorer, sync), precision.autocast():
-                chosen, rejected = pair_scores(ddp_scorer, batch, rt.device)  # (B,), (B,)
+            with distributed.no_sync(self.ddp_scorer, sync), self.precision.autocast():
+                chosen, rejected = pair_scores(self.ddp_scorer, batch, rt.device)  # (B,), (B,)
                 loss, stats = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_coef)
                 # weight each micro-batch by its share of the global batch; DDP / FSDP average over ranks, so scale back up
-                precision.backward(loss * len(chunk) * rt.world_size / global_batch)
+                self.precision.backward(loss * len(chunk) * rt.world_size / global_batch)
             sums += len(chunk) * torch.tensor([float(loss.detach()), float(stats["bt_loss"]),
                                                float(stats["accuracy"]), float(stats["margin"])], dtype=torch.float64)
         loss_value, bt_value, accuracy, margin = (rt.all_reduce_sum(sums.to(rt.device)).cpu() / global_batch).tolist()
-        grad_norm, applied = guard.step(scorer.parameters(), optimizer, loss_value, scaler=precision.scaler)
-        scheduler.step()
-        step += 1
+        grad_norm, applied = self.guard.step(self.scorer.parameters(), self.optimizer, loss_value,
+                                             scaler=self.precision.scaler)
+        self.scheduler.step()
+        self.step += 1
+        logged = self.step % cfg.log_every == 0 or self.step == self.total_steps
+        return {"loss": loss_value, "bt_loss": bt_value, "accuracy": accuracy, "margin": margin,
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "applied": int(applied),
+                "epoch": self.sampler.epoch,
+                "pairs_per_s": self.throughput.rate(global_batch * cfg.log_every) if logged else None}
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            tracker.log(step, {"loss": loss_value, "bt_loss": bt_value, "accuracy": accuracy, "margin": margin,
-                               "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "applied": int(applied),
-                               "epoch": sampler.epoch, "pairs_per_s": throughput.rate(global_batch * cfg.log_every)})
-        else:
-            tracker.advance(step)
-        if step % cfg.eval.every == 0 or step == total_steps:
-            last_eval = evaluate()
-            tracker.log(step, last_eval, kind="eval")
-        stop = signals.stop_requested(rt)  # SIGTERM / SIGINT: checkpoint this step, then exit 143 / 130
-        if step % cfg.checkpoint.every == 0 or step == total_steps or stop:  # collective; rank 0 writes
-            training.save_checkpoint(run_dir, rt, step, parts, optimizer, scheduler, cfg.checkpoint.keep_last,
-                                     precision, sampler=sampler.state_dict())
-        rt.barrier()
-        if stop and step < total_steps:
-            raise signals.stopped(stop, step, total_steps, run_dir)
+    def evaluate(self) -> dict:
+        with distributed.gathered(self.scorer):  # FSDP2: every rank gathers the weights, rank 0 evaluates
+            if not self.rt.is_main:
+                return {}
+            return evaluate_pairs(self.scorer, self.eval_pairs, self.cfg.eval.batch_size, self.pad_id, self.rt.device)
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
+                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict())
 
     # ---------------------------------------------------------------- save
-    if last_eval is None:
-        last_eval = evaluate()
-    results = dict(last_eval)
-    parent = checkpoint.read_manifest(cfg.model.path)
-    manifest = {} if not rt.is_main else {
-            "stage": "train-rm", "run_dir": str(run_dir.root.resolve()), "parent_model": cfg.model.path or "embedded tiny model",
-            "parent_run": parent.get("run_dir"), "config": dataclasses.asdict(cfg),
-            "data_fingerprint": checkpoint.fingerprint(train_rows), "steps": step, "metrics": results,
-            "metrics_before": before,
+    def save(self, results: dict) -> dict:
+        cfg, rt, run_dir, before = self.cfg, self.rt, self.run_dir, self.before
+        parent = checkpoint.read_manifest(cfg.model.path)
+        manifest = {} if not rt.is_main else {
+            "stage": "train-rm", "run_dir": str(run_dir.root.resolve()),
+            "parent_model": cfg.model.path or "embedded tiny model", "parent_run": parent.get("run_dir"),
+            "config": dataclasses.asdict(cfg), "data_fingerprint": checkpoint.fingerprint(self.train_rows),
+            "steps": self.step, "metrics": results, "metrics_before": before,
             # RL standardises rewards with these (held-out chosen + rejected scores)
             "score_mean": results["eval_score_mean"], "score_std": results["eval_score_std"],
             "eval_accuracy": results["eval_accuracy"],
-            "scoring": "prompt + response + EOS, score read at the last real token (rlhf_cli.modeling.score_texts)",
-            "pairs": {"train": len(train_pairs), "eval": len(eval_pairs),
-                      "dropped_train": train_dropped, "dropped_eval": eval_dropped}, "world_size": rt.world_size}
-    training.save_final(run_dir, rt, scorer, tokenizer, {**manifest, **lora.manifest_entry(adapters)}, prefix="model.",
-                        hf_model=adapters.final_model() if adapters else model)  # collective
-    with training.gathered(scorer):
-        shown = _samples(scorer, tokenizer, eval_pairs, cfg, rt.device) if rt.is_main else []
-    if rt.is_main:
-        table = {"held-out pairwise accuracy before": before.get("eval_accuracy", "(resumed)"),
-                 "held-out pairwise accuracy after": results["eval_accuracy"],
-                 "held-out mean margin r_c - r_r": results["eval_margin"],
-                 "held-out score mean / std": f"{results['eval_score_mean']:.3g} / {results['eval_score_std']:.3g}",
-                 "steps": step, "wall time (s)": round(time.time() - t_start, 1), "final model": str(run_dir.final)}
-        tracker.samples("held-out pairs (score of chosen / rejected)", shown)
-        tracker.table("train-rm results", table)
-    tracker.close()
-    return results
+            "scoring": "prompt + response + EOS, score read at the last real token (rlhf_cli.scoring.score_texts)",
+            "pairs": {"train": len(self.train_pairs), "eval": len(self.eval_pairs),
+                      "dropped_train": self.train_dropped, "dropped_eval": self.eval_dropped},
+            "world_size": rt.world_size}
+        checkpoint.save_final(run_dir, rt, self.scorer, self.tokenizer, {**manifest, **lora.manifest_entry(self.adapters)},
+                              prefix="model.", hf_model=self.adapters.final_model() if self.adapters else self.model)
+        with distributed.gathered(self.scorer):
+            shown = _samples(self.scorer, self.tokenizer, self.eval_pairs, cfg, rt.device) if rt.is_main else []
+        if rt.is_main:
+            table = {"held-out pairwise accuracy before": before.get("eval_accuracy", "(resumed)"),
+                     "held-out pairwise accuracy after": results["eval_accuracy"],
+                     "held-out mean margin r_c - r_r": results["eval_margin"],
+                     "held-out score mean / std": f"{results['eval_score_mean']:.3g} / {results['eval_score_std']:.3g}",
+                     "steps": self.step, "wall time (s)": round(time.time() - self.t_start, 1),
+                     "final model": str(run_dir.final)}
+            self.tracker.samples("held-out pairs (score of chosen / rejected)", shown)
+            self.tracker.table("train-rm results", table)
+        self.tracker.close()
+        return dict(results)

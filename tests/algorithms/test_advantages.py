@@ -8,7 +8,6 @@ from rlhf_cli.algorithms.advantages import (
     BASELINES,
     discounted_returns,
     gae,
-    get_advantage_estimator,
     nstep_advantages,
     reinforce_advantages,
 )
@@ -70,7 +69,7 @@ def test_discounted_returns_brute_force(gamma):
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (1.0, 0.95), (0.99, 0.95), (0.9, 0.0), (0.5, 0.7)])
 def test_gae_brute_force(gamma, lam):
     rewards, values, mask, lengths = ragged_batch(1)
-    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     torch.testing.assert_close(advantages, brute_gae(rewards, values, lengths, gamma, lam))
     assert torch.all(advantages[~mask] == 0) and torch.all(returns[~mask] == 0)
     # returns are taken before whitening: exactly A + V on real tokens
@@ -79,20 +78,20 @@ def test_gae_brute_force(gamma, lam):
 
 def test_gae_lambda_one_gamma_one_is_return_minus_value():
     rewards, values, mask, lengths = ragged_batch(2)
-    advantages, returns = gae(rewards, values, mask, 1.0, 1.0)
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     torch.testing.assert_close(returns, brute_returns(rewards, lengths, 1.0))
 
 
 def test_gae_detaches_inputs():
     values = torch.zeros(2, 3, requires_grad=True)
-    advantages, returns = gae(torch.ones(2, 3), values, torch.ones(2, 3), 1.0, 0.95)
+    advantages, returns = gae(torch.ones(2, 3), values, torch.ones(2, 3), gamma=1.0, lam=0.95)
     assert not advantages.requires_grad and not returns.requires_grad
 
 
 @pytest.mark.parametrize("gamma,n", [(1.0, 1), (0.9, 2), (0.99, 3), (0.8, 6)])
 def test_nstep_brute_force(gamma, n):
     rewards, values, mask, lengths = ragged_batch(3)
-    advantages, returns = nstep_advantages(rewards, values, mask, gamma, n)
+    advantages, returns = nstep_advantages(rewards, values, mask, gamma=gamma, nstep=n)
     torch.testing.assert_close(returns, brute_nstep(rewards, values, lengths, gamma, n))
     expected_advantages = torch.where(mask, returns - values, torch.zeros_like(values))
     torch.testing.assert_close(advantages, expected_advantages)
@@ -102,15 +101,15 @@ def test_nstep_brute_force(gamma, n):
 @pytest.mark.parametrize("n", [7, 8, 100])
 def test_nstep_long_horizon_equals_gae_lambda_one(n):
     rewards, values, mask, _ = ragged_batch(4)
-    nstep = nstep_advantages(rewards, values, mask, 0.9, n)
-    full = gae(rewards, values, mask, 0.9, 1.0)
+    nstep = nstep_advantages(rewards, values, mask, gamma=0.9, nstep=n)
+    full = gae(rewards, values, mask, gamma=0.9, lam=1.0)
     torch.testing.assert_close(nstep[0], full[0])
     torch.testing.assert_close(nstep[1], full[1])
 
 
 def test_nstep_one_equals_gae_lambda_zero():
     rewards, values, mask, _ = ragged_batch(5)
-    torch.testing.assert_close(nstep_advantages(rewards, values, mask, 0.9, 1)[0], gae(rewards, values, mask, 0.9, 0.0)[0])
+    torch.testing.assert_close(nstep_advantages(rewards, values, mask, gamma=0.9, nstep=1)[0], gae(rewards, values, mask, gamma=0.9, lam=0.0)[0])
 
 
 def scores_at_last_token(scores, lengths, num_tokens=3):
@@ -128,21 +127,21 @@ def broadcast(per_row, mask):
 
 def test_baseline_none():
     rewards, mask = scores_at_last_token([1.0, 2.0, 3.0, 6.0], [3, 2, 1, 3])
-    advantages, returns = reinforce_advantages(rewards, mask, 1.0, "none", group_size=2)
+    advantages, returns = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="none", group_size=2)
     torch.testing.assert_close(advantages, broadcast([1.0, 2.0, 3.0, 6.0], mask))
     torch.testing.assert_close(returns, advantages)
 
 
 def test_baseline_rloo_hand_values():
     rewards, mask = scores_at_last_token([1.0, 2.0, 3.0, 6.0], [3, 2, 1, 3])
-    advantages, returns = reinforce_advantages(rewards, mask, 1.0, "rloo", group_size=2)
+    advantages, returns = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=2)
     torch.testing.assert_close(advantages, broadcast([-1.0, 1.0, -3.0, 3.0], mask))
     torch.testing.assert_close(returns, broadcast([1.0, 2.0, 3.0, 6.0], mask))
 
 
 def test_baseline_rloo_group_of_three():
     rewards, mask = scores_at_last_token([0.0, 3.0, 6.0], [1, 2, 3])
-    advantages, _ = reinforce_advantages(rewards, mask, 1.0, "rloo", group_size=3)
+    advantages, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=3)
     # baselines: mean(3,6)=4.5, mean(0,6)=3, mean(0,3)=1.5
     torch.testing.assert_close(advantages, broadcast([-4.5, 0.0, 4.5], mask))
 
@@ -150,14 +149,14 @@ def test_baseline_rloo_group_of_three():
 def test_baseline_rloo_per_token_uses_return_to_go():
     rewards = torch.tensor([[1.0, 2.0], [0.0, 4.0]])
     mask = torch.ones(2, 2)
-    advantages, _ = reinforce_advantages(rewards, mask, 1.0, "rloo", group_size=2)
+    advantages, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=2)
     # G = [[3, 2], [4, 4]]; s = [3, 4]; baselines [4, 3]
     torch.testing.assert_close(advantages, torch.tensor([[-1.0, -2.0], [1.0, 1.0]]))
 
 
 def test_baseline_group_norm_hand_values():
     rewards, mask = scores_at_last_token([1.0, 3.0, 2.0, 2.0], [3, 2, 1, 3])
-    advantages, _ = reinforce_advantages(rewards, mask, 1.0, "group_norm", group_size=2, eps=1e-6)
+    advantages, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_norm", group_size=2, eps=1e-6)
     # group 1: mean 2, population std 1 -> [-1, 1] (/(1 + 1e-6)); group 2: all equal -> 0
     expected = broadcast([-1.0 / (1 + 1e-6), 1.0 / (1 + 1e-6), 0.0, 0.0], mask)
     torch.testing.assert_close(advantages, expected)
@@ -172,9 +171,9 @@ def test_group_norm_normalises_only_the_scores_when_given():
     lengths = mask.sum(-1)
     rewards = beta_kl.clone()
     rewards[torch.arange(4), lengths - 1] += scores
-    blown, _ = reinforce_advantages(rewards, mask, 1.0, "group_norm", group_size=2)
+    blown, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_norm", group_size=2)
     assert blown[0].abs().max() > 100  # the failure mode: 0.03 of KL divided by a std of 0.0
-    advantages, returns = reinforce_advantages(rewards, mask, 1.0, "group_norm", group_size=2, scores=scores)
+    advantages, returns = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_norm", group_size=2, scores=scores)
     # group 1: equal scores -> normalised 0; A = KL return-to-go only
     torch.testing.assert_close(advantages[0], torch.tensor([-0.03, -0.02, 0.0]))
     torch.testing.assert_close(advantages[1], torch.tensor([-0.03, 0.0, 0.0]))
@@ -185,20 +184,20 @@ def test_group_norm_normalises_only_the_scores_when_given():
     torch.testing.assert_close(returns, discounted_returns(rewards, mask, 1.0))
     plain, mask2 = scores_at_last_token([1.0, 3.0, 2.0, 2.0], [3, 2, 1, 3])
     torch.testing.assert_close(
-        reinforce_advantages(plain, mask2, 1.0, "group_norm", group_size=2, scores=torch.tensor([1.0, 3.0, 2.0, 2.0]))[0],
-        reinforce_advantages(plain, mask2, 1.0, "group_norm", group_size=2)[0])
+        reinforce_advantages(plain, None, mask2, gamma=1.0, baseline="group_norm", group_size=2, scores=torch.tensor([1.0, 3.0, 2.0, 2.0]))[0],
+        reinforce_advantages(plain, None, mask2, gamma=1.0, baseline="group_norm", group_size=2)[0])
 
 
 def test_baseline_running_mean():
     running_mean = RunningMean()
     rewards, mask = scores_at_last_token([1.0, 3.0], [3, 2])
     # first batch: baseline = mean of this batch = 2
-    advantages, _ = reinforce_advantages(rewards, mask, 1.0, "mean", group_size=1, running_mean=running_mean)
+    advantages, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="mean", group_size=1, running_mean=running_mean)
     torch.testing.assert_close(advantages, broadcast([-1.0, 1.0], mask))
     assert (running_mean.value, running_mean.count) == (2.0, 2)
     # second batch uses the past mean (2), then folds in [6, 8] -> mean of [1, 3, 6, 8] = 4.5
     rewards, mask = scores_at_last_token([6.0, 8.0], [1, 3])
-    advantages, _ = reinforce_advantages(rewards, mask, 1.0, "mean", group_size=1, running_mean=running_mean)
+    advantages, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="mean", group_size=1, running_mean=running_mean)
     torch.testing.assert_close(advantages, broadcast([4.0, 6.0], mask))
     assert (running_mean.value, running_mean.count) == (4.5, 4)
 
@@ -206,20 +205,20 @@ def test_baseline_running_mean():
 def test_baseline_errors():
     rewards, mask = scores_at_last_token([1.0, 2.0, 3.0], [1, 2, 3])
     with pytest.raises(ValueError, match="group_size >= 2"):
-        reinforce_advantages(rewards, mask, 1.0, "rloo", group_size=1)
+        reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=1)
     with pytest.raises(ValueError, match="not divisible"):
-        reinforce_advantages(rewards, mask, 1.0, "rloo", group_size=2)
+        reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=2)
     with pytest.raises(ValueError, match="RunningMean"):
-        reinforce_advantages(rewards, mask, 1.0, "mean", group_size=1)
+        reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="mean", group_size=1)
     with pytest.raises(ValueError, match="valid: none, mean, rloo, group_norm"):
-        reinforce_advantages(rewards, mask, 1.0, "median", group_size=1)
+        reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="median", group_size=1)
 
 
 def test_reinforce_zero_on_padding_with_garbage():
     rewards, _, mask, _ = ragged_batch(6, batch_size=6)
     for baseline in BASELINES:
         advantages, returns = reinforce_advantages(
-            rewards, mask, 0.95, baseline, group_size=3, running_mean=RunningMean()
+            rewards, None, mask, gamma=0.95, baseline=baseline, group_size=3, running_mean=RunningMean()
         )
         assert torch.all(advantages[~mask] == 0) and torch.all(returns[~mask] == 0)
         assert advantages.abs().max() < 1e3
@@ -227,6 +226,7 @@ def test_reinforce_zero_on_padding_with_garbage():
 
 def test_registry():
     assert set(ADVANTAGE_ESTIMATORS) == {"reinforce", "gae", "nstep"}
-    assert get_advantage_estimator("gae") is gae
+    assert ADVANTAGE_ESTIMATORS.get("gae") is gae
+    assert [ADVANTAGE_ESTIMATORS.trait(n, "needs_values") for n in ("reinforce", "gae", "nstep")] == [False, True, True]
     with pytest.raises(ValueError, match="valid: gae, nstep, reinforce"):
-        get_advantage_estimator("vtrace")
+        ADVANTAGE_ESTIMATORS.get("vtrace")

@@ -21,7 +21,8 @@ MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
 def test_policy_gradient_loss_by_hand_and_detaches_advantages():
     logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -100.0, -100.0]], requires_grad=True)
     advantages = torch.tensor([[1.0, 2.0, -1.0], [4.0, 50.0, 50.0]], requires_grad=True)
-    loss = policy_gradient_loss(logprobs, advantages, MASK)
+    loss, stats = policy_gradient_loss(logprobs, None, advantages, MASK)
+    assert stats == {}
     # -(1*-1 + 2*-2 + -1*-3 + 4*-0.5) / 4 = -(-1 - 4 + 3 - 2) / 4 = 1
     assert loss.item() == pytest.approx(1.0)
     loss.backward()
@@ -125,6 +126,9 @@ def test_explained_variance():
 
 
 def test_policy_loss_registry():
-    assert POLICY_LOSSES["reinforce"] is policy_gradient_loss
-    assert POLICY_LOSSES["a2c"] is policy_gradient_loss
-    assert POLICY_LOSSES["ppo"] is ppo_policy_loss
+    assert POLICY_LOSSES.get("reinforce") is policy_gradient_loss
+    assert POLICY_LOSSES.get("a2c") is policy_gradient_loss
+    assert POLICY_LOSSES.get("ppo") is ppo_policy_loss
+    assert list(POLICY_LOSSES) == ["reinforce", "a2c", "ppo"]  # the order config messages list them in
+    assert [POLICY_LOSSES.trait(n, "needs_critic") for n in POLICY_LOSSES] == [False, True, True]
+    assert [POLICY_LOSSES.trait(n, "trust_region") for n in POLICY_LOSSES] == [False, False, True]

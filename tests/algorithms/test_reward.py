@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_cli.algorithms import REWARD_LOSSES, pairwise_loss
+from rlhf_cli.algorithms import pairwise_loss
 
 LOG2 = math.log(2.0)
 SOFTPLUS_MINUS_2 = math.log(1.0 + math.exp(-2.0))  # -log sigmoid(2) = 0.12693
@@ -63,6 +63,3 @@ def test_large_gaps_are_finite():
     assert math.isfinite(loss.item())
     assert loss.item() == pytest.approx(50.0, abs=1e-4)
 
-
-def test_registry_names_the_loss():
-    assert REWARD_LOSSES["bradley_terry"] is pairwise_loss

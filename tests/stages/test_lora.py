@@ -14,11 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
-from rlhf_cli import data, training
-from rlhf_cli.cli import compose_config
+from rlhf_cli import data
+from rlhf_cli.compose import compose_config
 from rlhf_cli.config import DeviceConfig, LoRAConfig, SFTConfig
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.modeling import load_causal_lm, load_scalar_head_model, load_tokenizer
+from rlhf_cli.evaluation import held_out_accuracy
+from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
+from rlhf_cli.rollout import make_engine
 from rlhf_cli.stages.sft import eval_loss
 from rlhf_cli.stages.train_rm import Scorer, evaluate_pairs, tokenize_pairs
 
@@ -84,12 +86,12 @@ def test_sft_adapter_final_loads_with_peft_and_computes_what_the_run_did(sft_lor
     # the held-out loss the run logged at its last step, recomputed by the model peft loaded
     assert eval_loss(model, examples, cfg, tok.pad_token_id, "cpu") == pytest.approx(info["metrics"]["eval_loss"], rel=1e-5)
     prompts = [data.split_sft_row(tok, r, i, "data.eval")[0] for i, r in enumerate(eval_rows)]
-    accuracy, _, mean_chars, texts = training.held_out_accuracy(model, tok, eval_rows, prompts, cfg.eval, "cpu")
+    accuracy, _, mean_chars, texts = held_out_accuracy(make_engine("auto", model, tok), tok, eval_rows, prompts, cfg.eval, "cpu")
     assert mean_chars == info["metrics"]["eval_response_chars"] and accuracy == info["metrics"]["eval_accuracy"]
     # an adapter dir is a model path everywhere: our loader merges it into its base, same greedy texts
     merged = load_causal_lm(str(final), "model.path")
     assert all(p.requires_grad for p in merged.parameters())  # trainable again after peft's freezing
-    assert training.held_out_accuracy(merged, tok, eval_rows, prompts, cfg.eval, "cpu")[3] == texts
+    assert held_out_accuracy(make_engine("auto", merged, tok), tok, eval_rows, prompts, cfg.eval, "cpu")[3] == texts
 
 
 def test_sft_merged_final_loads_with_plain_transformers_and_matches_the_adapter(sft_lora):

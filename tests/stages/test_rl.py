@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
 from rlhf_cli import data, task
-from rlhf_cli.modeling import (load_causal_lm, load_tokenizer, response_logprobs, response_mask_from_tokens,
-                               sample)
-from rlhf_cli.stages.rl import frozen
-from rlhf_cli.training import StepGuard
+from rlhf_cli.logprobs import response_logprobs
+from rlhf_cli.models import load_causal_lm, load_tokenizer
+from rlhf_cli.rollout import response_mask_from_tokens, sample
+from rlhf_cli.models import frozen
+from rlhf_cli.optim import StepGuard
 
 SMALL = ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "eval.every=1000", "data.num_eval=20",
          "data.num_train=200", "log_every=1"]
@@ -184,7 +185,7 @@ def test_ppo_first_minibatch_has_ratio_one_even_with_dropout_in_the_config(tmp_p
 def test_shared_critic_is_the_policy_forward_plus_a_zero_value_head(policy):
     """critic.init=shared: the same log-probs as the policy's own forward, values 0 at the start, and the
     value loss trains the head and the backbone it shares with the policy."""
-    from rlhf_cli.modeling import PolicyWithValueHead
+    from rlhf_cli.logprobs import PolicyWithValueHead
 
     tok, frozen_model = policy
     model = load_causal_lm(str(frozen_model.name_or_path), "p")
@@ -210,7 +211,7 @@ def test_shared_critic_log_probs_are_the_models_own_when_it_scales_its_logits():
     log-probs still equal the model's forward (they come from it), values from what feeds the head."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_cli.modeling import PolicyWithValueHead
+    from rlhf_cli.logprobs import PolicyWithValueHead
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("granite", vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

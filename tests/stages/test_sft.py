@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from rlhf_cli import data, task
-from rlhf_cli.modeling import load_causal_lm, load_tokenizer
+from rlhf_cli.models import load_causal_lm, load_tokenizer
 from rlhf_cli.stages.sft import token_loss_sum
 
 QUICK = ["data.num_train=96", "data.num_eval=16", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=8",

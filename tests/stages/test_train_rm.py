@@ -16,8 +16,9 @@ from conftest import assert_one_line_error, run_cli
 from rlhf_cli import data, task
 from rlhf_cli.embedded import build_tokenizer
 from rlhf_cli.errors import DataError
-from rlhf_cli.modeling import (last_token_scores, load_scalar_head_model, load_tokenizer, pad_right, scalar_head,
-                               score_texts, scoring_ids, token_values)
+from rlhf_cli.models import load_scalar_head_model, load_tokenizer, scalar_head
+from rlhf_cli.logprobs import token_values
+from rlhf_cli.scoring import last_token_scores, pad_right, score_texts, scoring_ids
 from rlhf_cli.stages.train_rm import pair_batch, tokenize_pairs
 
 QUICK = ["data.num_train=64", "data.num_eval=16", "batch_size=8", "eval.every=1000", "log_every=1",

@@ -1,0 +1,85 @@
+"""What every stage does around its own training step: run/teardown, resume, and the end-of-step tail.
+
+Three functions the recipes call (stages/sft.py, train_rm.py, rl.py), not a base class:
+
+- `run_stage`: the runtime (devices, torch.distributed), the locked run dir, the
+  recipe's setup and train, then the run dir released and torch.distributed torn down
+  whatever happened.
+- `resume`: the newest complete checkpoint, if any, into the models, optimizer,
+  scheduler, RNG states and the recipe's own stateful objects; -> the step to continue at.
+- `end_of_step`: log, evaluate, honour a stop request (SIGTERM / SIGINT), checkpoint,
+  barrier, in that order, on the cadences the config sets.
+
+The phases a recipe names (`train`, `train_step` or RL's `rollout` / `score` /
+`advantages` / `update`, `evaluate`) are what tests/test_faults.py kills inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+from rlhf_cli import checkpoint, runtime, signals
+from rlhf_cli.checkpoint import RunDir
+
+
+def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable, placement=None) -> dict:
+    """make_recipe(cfg, rt, run_dir, t_start) -> a recipe; its setup() then train() -> the final metrics."""
+    t_start = time.time()
+    rt = runtime.setup(cfg.device, cfg.seed, placement)  # every device resolved before anything loads
+    run_dir = RunDir(output_dir, dataclasses.asdict(cfg), stage, rt.is_main)
+    try:
+        recipe = make_recipe(cfg, rt, run_dir, t_start)
+        recipe.setup()
+        return recipe.train()
+    finally:
+        run_dir.release()
+        runtime.teardown()
+
+
+def resume(run_dir: RunDir, rt, parts: dict, optimizer, scheduler, precision, **stateful) -> int:
+    """Load the newest complete checkpoint (none: a fresh run) -> its step (0 when fresh).
+
+    parts: name -> (module, key prefix) as saved; stateful: name -> an object whose
+    load_state_dict takes what the checkpoint holds under that name (sampler, KL controller ...).
+    """
+    ckpt = run_dir.latest(warn=print if rt.is_main else None)
+    if ckpt is None:
+        return 0
+    state = checkpoint.load_checkpoint(ckpt, rt, parts, optimizer, scheduler, precision)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    return int(state["step"])
+
+
+def public(metrics: dict) -> dict:
+    """The metrics without the keys (`_samples`) that are for the final table, not for metrics.jsonl."""
+    return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+def end_of_step(step: int, total_steps: int, cfg, rt, run_dir: RunDir, tracker, metrics: dict,
+                evaluate: Callable[[], dict], save_checkpoint: Callable[[], None]) -> dict | None:
+    """After optimizer step `step` (1-based): log, evaluate, stop request, checkpoint, barrier.
+
+    Collective (every rank calls it). Returns the evaluation's metrics when it evaluated
+    ({} on ranks other than 0), else None. Raises signals.Interrupted after checkpointing
+    when a SIGTERM / SIGINT arrived before the last step.
+    """
+    last = step == total_steps
+    if step % cfg.log_every == 0 or last:
+        tracker.log(step, metrics)
+    else:
+        tracker.advance(step)
+    evaluated = None
+    if step % cfg.eval.every == 0 or last:
+        evaluated = evaluate()
+        tracker.log(step, public(evaluated), kind="eval")
+    stop = signals.stop_requested(rt)  # SIGTERM / SIGINT: checkpoint this step, then exit 143 / 130
+    if step % cfg.checkpoint.every == 0 or last or stop:  # collective; rank 0 writes
+        save_checkpoint()
+    rt.barrier()
+    if stop and not last:
+        raise signals.stopped(stop, step, total_steps, run_dir)
+    return evaluated

@@ -1,0 +1,210 @@
+"""Rollout engines: step 1 of the RL recipe asks an engine for responses and knows nothing else about it.
+
+    engine = make_engine(cfg.rollout.engine, policy, tokenizer)      # auto / lean / hf
+    engine.sync_weights(policy)                                      # before a rollout whose weights must be current
+    rollout = engine.generate(prompt_ids, prompt_mask, SamplingParams(max_new_tokens=40, noise_key=(seed, step, row0)))
+
+A `Rollout` holds the tokens, masks, stop flags and the engine's own (behaviour)
+log-probs; the log-probs the update uses come from the training model (stages/rl.py,
+step 2), so an engine whose numerics differ from training only shows up as a gap
+between the two, never as a wrong gradient.
+
+Today's engine, `LocalEngine`, decodes with the training model itself (no weight
+copy; `sync_weights` has nothing to do) through one of decoding.py's decoders:
+`lean` (Llama family, preallocated KV cache), `hf` (the model's own forward), or
+`auto` (lean where it applies). Token t of row r is drawn by inverse CDF from
+uniform noise keyed by (seed, step, global row), so what a row samples depends on
+neither the batch around it nor the number of ranks, and a resumed run samples
+what the uninterrupted one did. Under FSDP2 the caller holds the policy's weights
+gathered around `generate` (distributed.gathered: collective, every rank).
+
+Adding an engine, without touching the recipe:
+- vLLM, colocated on the training GPU: a class with the same two methods, registered
+  in ENGINES under its `rollout.engine` name. `sync_weights` pushes the policy's
+  weights into vLLM's copy (LoRA merged first; FSDP2 shards gathered with
+  distributed.full_state_dict); `generate` maps SamplingParams to vLLM's, seeding
+  each request from `noise_key` (seed, step, row) so ranks and resumes stay
+  reproducible, and returns a Rollout with vLLM's log-probs as behaviour log-probs.
+- Remote rollout workers (another process or node generating while the learner
+  trains): an engine whose `generate` receives rollouts from the workers and whose
+  `sync_weights` streams the weights to them (torch.distributed broadcast); a
+  Rollout made with older weights carries them in its behaviour log-probs, which
+  the loss can correct for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_cli import runtime
+from rlhf_cli.decoding import make_decoder
+
+
+@dataclass
+class Rollout:
+    """Sampled responses. prompt_ids (B, P) left-padded; response_ids (B, T)."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor  # 1 up to and including the first stop token
+    logprobs: torch.Tensor  # (B, T) under logits / T at sampling time
+    stopped: torch.Tensor  # (B,) bool: emitted the stop token
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], 1)
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one rollout batch."""
+    max_new_tokens: int
+    temperature: float = 1.0  # log-probs everywhere are of softmax(logits / T)
+    top_k: int | None = None  # biases the KL estimate (log-probs are of the unfiltered policy)
+    top_p: float | None = None
+    greedy: bool = False  # held-out evaluation
+    noise_key: tuple[int, int, int] | None = None  # (seed, step, global index of the batch's first row)
+
+
+class RolloutEngine(Protocol):
+    """What the RL recipe and held-out evaluation ask of an engine (see the module docstring)."""
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams) -> Rollout:
+        """Left-padded prompts (B, P) on the engine's device -> B responses (a prompt repeated K times: K rows)."""
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Make the engine sample from `policy`'s current weights."""
+
+
+class LocalEngine:
+    """Decodes with the training model itself, through decoding.py's `lean` or `hf` decoder (`auto`:
+    lean where it applies). Runs the model in eval mode (dropout off) and restores its mode after."""
+
+    def __init__(self, model: torch.nn.Module, eos_id: int, pad_id: int, decoder: str = "auto"):
+        self.model, self.eos_id, self.pad_id, self.decoder = model, eos_id, pad_id, decoder
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Nothing to copy: the engine holds the training model itself."""
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams) -> Rollout:
+        noise = None
+        if params.noise_key is not None:  # (B, max_new_tokens): row g of the global batch draws with its own noise
+            seed, step, first_row = params.noise_key
+            noise = runtime.keyed_uniform(seed, step, first_row, prompt_ids.shape[0], params.max_new_tokens,
+                                          prompt_ids.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sample(self.model, prompt_ids, prompt_mask, params.max_new_tokens, self.eos_id, self.pad_id,
+                          params.temperature, greedy=params.greedy, top_k=params.top_k, top_p=params.top_p,
+                          noise=noise, engine=self.decoder)
+        finally:
+            self.model.train(was_training)
+
+
+ENGINES = {"auto": LocalEngine, "lean": LocalEngine, "hf": LocalEngine}  # rollout.engine -> engine class
+
+
+def make_engine(name: str, model: torch.nn.Module, tokenizer) -> RolloutEngine:
+    """The engine `rollout.engine` names, sampling from `model` (the unwrapped policy)."""
+    return ENGINES[name](model, tokenizer.eos_token_id, tokenizer.pad_token_id, decoder=name)
+
+
+def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 on tokens up to and including the first EOS; (mask (B,T) float, stopped (B,) bool)."""
+    is_eos = (tokens == eos_id).long()
+    before_or_at_first = (is_eos.cumsum(-1) - is_eos) == 0
+    return before_or_at_first.float(), is_eos.any(-1)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
+           temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+           top_k: int | None = None, top_p: float | None = None, noise: torch.Tensor | None = None,
+           engine: str = "auto") -> Rollout:
+    """Batched sampling with a KV cache (decoding.py's engines); a row leaves the batch once it has
+    emitted EOS, and sampling ends when every row has.
+
+    Log-probs are of the unfiltered distribution softmax(logits / T), the one
+    training uses (top-k / top-p bias the KL estimate; the RL stage logs that).
+    With `noise` ((B, max_new_tokens) uniforms in [0, 1), e.g. runtime.keyed_uniform)
+    token t of row b is drawn by inverse CDF from noise[b, t]: a row's draw depends on
+    its own noise only, not on the batch around it (so not on the number of ranks).
+    """
+    batch = prompt_ids.shape[0]
+    device = prompt_ids.device
+    decoder = make_decoder(model, engine, prompt_ids.shape[1] + max_new_tokens)
+    # each distinct prompt is prefilled once (rl samples K responses per prompt), then its cache is copied
+    distinct, copies = (torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
+                        if decoder.can_keep else (prompt_ids, None))
+    if distinct.shape[0] < batch:
+        P = prompt_ids.shape[1]
+        logits = decoder.prefill(distinct[:, :P], distinct[:, P:], max_new_tokens)[copies]
+        decoder.keep(copies)
+    else:
+        logits = decoder.prefill(prompt_ids, prompt_mask, max_new_tokens)
+    response = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(batch, max_new_tokens, device=device)
+    rows = torch.arange(batch, device=device)  # the original row of each row still decoding
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        logits = logits.float() / temperature  # (rows, V)
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            probs = F.softmax(_top_k_top_p(logits, top_k, top_p), -1)
+            if noise is not None:  # inverse CDF, float64 so the cumulative sum stays exact enough
+                cdf = probs.double().cumsum(-1)
+                u = noise[rows, t, None].to(cdf) * cdf[:, -1:]
+                token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+            else:
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.where(done, pad_id, token)  # a stopped row not yet dropped writes padding
+        response[rows, t] = token
+        logprobs[rows, t] = F.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        steps = t + 1
+        done = done | (token == eos_id)
+        going = ~done
+        n_going = int(going.sum())  # one host sync per token: stop, or drop the rows that stopped
+        if n_going == 0 or t + 1 == max_new_tokens:
+            break
+        if decoder.can_keep and n_going <= rows.shape[0] * 7 // 8:  # a cache copy costs about a step: in eighths
+            keep = going.nonzero().squeeze(-1)
+            decoder.keep(keep)
+            rows, token, done = rows[keep], token[keep], done[keep]
+        logits = decoder.step(token)
+    response = response[:, :steps]
+    response_mask, stopped = response_mask_from_tokens(response, eos_id)
+    response = torch.where(response_mask.bool(), response, torch.full_like(response, pad_id))
+    return Rollout(prompt_ids, prompt_mask.long(), response, response_mask, logprobs[:, :steps] * response_mask,
+                   stopped)
+
+
+def _top_k_top_p(logits, top_k, top_p):
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = F.softmax(sorted_logits, -1).cumsum(-1)
+        remove = cum - F.softmax(sorted_logits, -1) > top_p
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    lengths = rollout.response_mask.sum(-1).long().tolist()
+    texts = []
+    for ids, n, stopped in zip(rollout.response_ids.tolist(), lengths, rollout.stopped.tolist()):
+        ids = ids[: n - 1] if stopped else ids[:n]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
