@@ -23,7 +23,10 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf_cli.compose import CONF_DIR, compose_config, config_name, split_args  # noqa: F401 (compose_config: tests)
+from rlhf_cli import signals
+from rlhf_cli.compose import CONF_DIR, compose_all, config_name, split_args
+from rlhf_cli.errors import UserError
+from rlhf_cli.tracking import console
 
 EXIT_USAGE = 2
 STAGES = {
@@ -41,8 +44,6 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # a write 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
     from rich.markup import escape
-
-    from rlhf_cli.tracking import console
 
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # brackets in messages stay text
     sys.exit(code)
@@ -74,10 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in rest):
         print_stage_help(stage)
         return
-    from rlhf_cli import signals
-    from rlhf_cli.compose import compose_all
-    from rlhf_cli.errors import UserError
-
     try:  # every problem with the command line or the config: one line, exit 2, before anything loads
         overrides, hydra_args = split_args(rest)
         multirun = any(a in ("-m", "--multirun") for a in hydra_args)
@@ -98,8 +95,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_tool(name: str, args: list[str]) -> None:
     import importlib
-
-    from rlhf_cli.errors import UserError
 
     try:
         importlib.import_module(TOOLS[name][0]).main(args)
@@ -144,9 +139,6 @@ def _task_function(stage: str, runner):
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
-        from rlhf_cli import signals
-        from rlhf_cli.errors import UserError
-
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             config = OmegaConf.to_object(cfg)
@@ -186,8 +178,6 @@ def fail_if_disk_full(exc: BaseException, output_dir) -> None:
 def print_stages(stages: dict) -> None:
     from rich.table import Table
 
-    from rlhf_cli.tracking import console
-
     console.print("usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)",
                   markup=False)
     for kind, commands in (("stage", stages), ("tool", TOOLS)):
@@ -207,7 +197,6 @@ def print_stage_help(stage: str) -> None:
     from rich.table import Table
 
     from rlhf_cli.config import STAGE_SCHEMAS, field_docs
-    from rlhf_cli.tracking import console
 
     console.print(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]", markup=False)
     groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())

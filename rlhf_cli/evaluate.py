@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_cli.config import EvalConfig, check_choice, check_positive, doc
+from rlhf_cli import task
+from rlhf_cli.config import EvalConfig, check_choice, check_positive, doc, field_docs, leaf_keys
 from rlhf_cli.errors import ConfigError, UserError
+from rlhf_cli.rewards import call_reward, import_reward_function
+from rlhf_cli.tracking import console, fmt_value
 
 DEFAULT_RULE = EvalConfig.rule  # the stages' rule; read here without importing torch (evaluation.DEFAULT_RULE)
 
@@ -74,8 +77,6 @@ def parse_overrides(schema, overrides: list[str], tool: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from rlhf_cli.config import leaf_keys
-
     keys = leaf_keys(schema)
     for o in overrides:
         key = o.split("=", 1)[0]
@@ -121,9 +122,6 @@ def parse_args(args: list[str]) -> tuple[str, list[str], str | None]:
 def print_help() -> None:
     from rich.table import Table
 
-    from rlhf_cli.config import field_docs
-    from rlhf_cli.tracking import console
-
     console.print(__doc__.strip(), markup=False)
     table = Table(title="keys of `rlhf eval`")
     for col in ("key", "default", "doc"):
@@ -166,7 +164,6 @@ def main(args: list[str]) -> None:
         from rlhf_cli.checkpoint import write_json
 
         write_json(Path(json_out).expanduser(), result)
-        from rlhf_cli.tracking import console
 
         console.print(f"wrote {json_out}", markup=False)
 
@@ -180,9 +177,10 @@ def _from_run(manifest: dict, dotted: str, fallback):
 
 def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     """Greedy held-out generations of the policy at ckpt -> a JSON-ready result dict."""
+    # torch and the model code load here, not at the top: `rlhf eval --help` and bad arguments answer at once
     import torch
 
-    from rlhf_cli import data, task
+    from rlhf_cli import data
     from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.evaluation import held_out_accuracy
     from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
@@ -218,8 +216,6 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     tokenizer = load_tokenizer(str(ckpt), "CHECKPOINT", cfg.trust_remote_code)
     prompts = [data.prompt_text(tokenizer, row, i, "data.eval") for i, row in enumerate(rows)]
     if eval_cfg.rule and eval_cfg.rule != DEFAULT_RULE:
-        from rlhf_cli.rewards import import_reward_function
-
         import_reward_function(eval_cfg.rule, "eval.rule")
 
     device = resolve_device(cfg.device)
@@ -254,8 +250,6 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
 
 def _checks(rows, prompts, responses, rule: str) -> list[bool]:
     """Per-row verdicts of the rule (held_out_accuracy returns only the mean and a few samples)."""
-    from rlhf_cli.rewards import call_reward, import_reward_function
-
     fn = import_reward_function(rule, "eval.rule")
     return [bool(call_reward(fn, rule, p, r, row)) for p, r, row in zip(prompts, responses, rows)]
 
@@ -263,8 +257,6 @@ def _checks(rows, prompts, responses, rule: str) -> list[bool]:
 def show(result: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
-
-    from rlhf_cli.tracking import console, fmt_value
 
     with_rm = any("rm_score" in g for g in result["samples"])
     samples = Table(title="sample generations (greedy)", show_lines=True)

@@ -17,17 +17,25 @@ The phases a recipe names (`train`, `train_step` or RL's `rollout` / `score` /
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Callable
 
 from rlhf_cli import checkpoint, runtime, signals
 from rlhf_cli.checkpoint import RunDir
+from rlhf_cli.precision import check_trainable_dtype
 
 
-def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable, placement=None) -> dict:
-    """make_recipe(cfg, rt, run_dir, t_start) -> a recipe; its setup() then train() -> the final metrics."""
+def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable, model_key: str = "model",
+              placement=None) -> dict:
+    """make_recipe(cfg, rt, run_dir, t_start) -> a recipe; its setup() then train() -> the final metrics.
+
+    model_key: the config group of the model that trains (its dtype is checked against its device first);
+    placement: rl's per-model devices."""
     t_start = time.time()
+    device_spec = (getattr(placement, model_key, None) if placement is not None else None) or cfg.device.type
+    check_trainable_dtype(getattr(cfg, model_key), model_key, device_spec)
     rt = runtime.setup(cfg.device, cfg.seed, placement)  # every device resolved before anything loads
     run_dir = RunDir(output_dir, dataclasses.asdict(cfg), stage, rt.is_main)
     try:
@@ -52,6 +60,25 @@ def resume(run_dir: RunDir, rt, parts: dict, optimizer, scheduler, precision, **
     for name, obj in stateful.items():
         obj.load_state_dict(state[name])
     return int(state["step"])
+
+
+def batch_plan(cfg, rt, n_items: int) -> tuple[int, int]:
+    """sft / train-rm: -> (global batch = per-device batch x accumulation x ranks, total steps:
+    max_steps, else `epochs` passes over n_items)."""
+    global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
+    return global_batch, cfg.max_steps or max(1, math.ceil(cfg.epochs * n_items / global_batch))
+
+
+def report(stage: str, rt, tracker, run_dir: RunDir, table: dict, step: int, t_start: float, samples_title: str,
+           samples: list) -> None:
+    """Rank 0 prints the held-out samples and the closing table (+ steps, wall time, final model); every
+    rank closes its tracker."""
+    if rt.is_main:
+        table = {**table, "steps": step, "wall time (s)": round(time.time() - t_start, 1),
+                 "final model": str(run_dir.final)}
+        tracker.samples(samples_title, samples)
+        tracker.table(f"{stage} results", table)
+    tracker.close()
 
 
 def public(metrics: dict) -> dict:

@@ -116,6 +116,12 @@ def model_path(model_cfg, run_root: Path, seed: int, rt: runtime.Runtime) -> str
     return str(base)
 
 
+def model_and_tokenizer(model_cfg, key: str, run_root: Path, seed: int, rt: runtime.Runtime):
+    """-> (the path of `key`'s model (the embedded one written into the run when unset), its tokenizer)."""
+    path = model_path(model_cfg, run_root, seed, rt)
+    return path, load_tokenizer(path, f"{key}.path", model_cfg.trust_remote_code)
+
+
 def frozen(model):
     """Eval mode (dropout off) and no gradients: the reference and the reward model."""
     model.eval()

@@ -10,9 +10,19 @@ from rlhf_cli.errors import UserError
 
 
 def build_optimizer(params, optim_cfg, lr: float | None = None) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """AdamW over the parameters that require gradients, or over param groups (dicts) as given."""
+    params = list(params)
+    if not (params and isinstance(params[0], dict)):
+        params = [p for p in params if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr or optim_cfg.lr, betas=tuple(optim_cfg.betas),
                              weight_decay=optim_cfg.weight_decay)
+
+
+def build(params, optim_cfg, total_steps: int):
+    """-> (optimizer, scheduler, step guard): what every stage trains with (params: tensors or param groups)."""
+    optimizer = build_optimizer(params, optim_cfg)
+    return (optimizer, build_scheduler(optimizer, optim_cfg, total_steps),
+            StepGuard(optim_cfg.max_grad_norm, optim_cfg.max_bad_steps))
 
 
 def build_scheduler(optimizer, optim_cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.tracking import console
 
 # (family, pattern) in panel order; a key joins the first family it matches
 FAMILIES = [("loss", r"loss$"), ("reward", r"(score|reward)"), ("KL", r"(^|_)kl$"),
@@ -167,8 +168,6 @@ def plot(runs: list[tuple[str, Path]], out: Path, wanted: list[str] | None = Non
 
 
 def main(args: list[str]) -> None:
-    from rlhf_cli.tracking import console
-
     if any(a in ("-h", "--help") for a in args):
         console.print(__doc__.strip(), markup=False)
         return

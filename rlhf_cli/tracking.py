@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rlhf_cli.errors import ConfigError
 
 console = Console(stderr=True, highlight=False)
 
@@ -66,8 +67,6 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            from rlhf_cli.errors import ConfigError
-
             raise ConfigError("logging.wandb=true but wandb is not installed; pip install wandb, "
                               "or set logging.wandb=false") from None
         root = Path(run_dir).resolve()

@@ -18,7 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rlhf_cli import compose
 from rlhf_cli.errors import DataError, UserError
+from rlhf_cli.rewards import import_reward_function
+from rlhf_cli.tracking import console
+
+# The modules that import torch (data, models, lora, checkpoint, embedded) and hydra (config) load inside
+# the functions that need them: `rlhf validate --help` and a bad stage name answer at once.
 
 DATA_KINDS = {"sft": "sft", "train-rm": "pairs", "rl": "prompts"}
 
@@ -38,12 +44,9 @@ class _StructureOnly:
 
 
 def main(args: list[str]) -> None:
-    from rlhf_cli import compose
     from rlhf_cli.config import STAGE_SCHEMAS
 
     if not args or args[0] in ("-h", "--help"):
-        from rlhf_cli.tracking import console
-
         console.print(__doc__.strip(), highlight=False, markup=False)
         return
     stage, rest = args[0], args[1:]
@@ -69,7 +72,6 @@ def main(args: list[str]) -> None:
                 lines.append(line)
     if not multirun:
         lines.append(output_dir_state(cfg))
-    from rlhf_cli.tracking import console
 
     what = f"{len(configs)} sweep combinations" if multirun else "config"
     console.print(f"ok: rlhf {stage} {what}, data and model paths check out")
@@ -81,7 +83,6 @@ def check_run(stage: str, cfg, cache: dict) -> list[str]:
     """Model paths, reward functions, eval rule and data of one composed config -> summary lines."""
     from rlhf_cli import lora
     from rlhf_cli.models import check_model_dir
-    from rlhf_cli.rewards import import_reward_function
 
     model_cfg = cfg.policy if stage == "rl" else cfg.model
     model_key = "policy.path" if stage == "rl" else "model.path"

@@ -18,6 +18,7 @@ for the others).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from rlhf_cli.algorithms.core import RunningMean, bool_mask
 from rlhf_cli.algorithms.registry import Registry
@@ -58,16 +59,8 @@ def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor, gamma
 
 
 @ADVANTAGE_ESTIMATORS.register("gae", needs_values=True)
-def gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    response_mask: torch.Tensor,
-    scores: torch.Tensor | None = None,
-    *,
-    gamma: float,
-    lam: float,
-    **hparams,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, scores: Tensor | None = None, *,
+        gamma: float, lam: float, **hparams) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16).
 
     Formula: ``delta[t] = r[t] + gamma V[t+1] - V[t]``,
@@ -103,16 +96,8 @@ def gae(
 
 
 @ADVANTAGE_ESTIMATORS.register("nstep", needs_values=True)
-def nstep_advantages(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    response_mask: torch.Tensor,
-    scores: torch.Tensor | None = None,
-    *,
-    gamma: float,
-    nstep: int,
-    **hparams,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def nstep_advantages(rewards: Tensor, values: Tensor, response_mask: Tensor, scores: Tensor | None = None, *,
+                     gamma: float, nstep: int, **hparams) -> tuple[Tensor, Tensor]:
     """n-step TD advantages (Mnih et al. 2016, A3C; GAE with lambda = 1 truncated at n).
 
     Formula (n = ``nstep``): ``R[t] = sum_{k=0}^{n-1} gamma^k r[t+k] + gamma^n V[t+n]``,

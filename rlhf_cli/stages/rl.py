@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop
+from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, kl_k1, masked_mean, masked_sum, place_step_rewards, token_rewards,
                                  value_loss)
@@ -42,8 +42,7 @@ from rlhf_cli.evaluation import held_out_accuracy
 from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
 from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model, load_tokenizer,
                              model_path)
-from rlhf_cli.optim import StepGuard, build_scheduler
-from rlhf_cli.precision import Precision, check_trainable_dtype
+from rlhf_cli.precision import Precision
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses, make_engine
 from rlhf_cli.scoring import last_token_scores, score_texts
@@ -53,11 +52,6 @@ from rlhf_cli.tracking import Tracker
 def char_to_token_ends(tokenizer, response_ids: list[int]) -> list[int]:
     """Decoded text length after each token (to place process rewards on step ends)."""
     return [len(tokenizer.decode(response_ids[: t + 1], skip_special_tokens=True)) for t in range(len(response_ids))]
-
-
-def run(cfg, output_dir: Path) -> dict:
-    check_trainable_dtype(cfg.policy, "policy", cfg.placement.policy or cfg.device.type)
-    return loop.run_stage("rl", cfg, output_dir, RLRecipe, placement=cfg.placement)
 
 
 @dataclass
@@ -192,10 +186,7 @@ class RLRecipe:
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]  # LoRA: the adapters
         if critic is not None:
             groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.optim.lr})
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.max_steps)
-        self.guard = StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
+        self.optimizer, self.scheduler, self.guard = optim.build(groups, cfg.optim, cfg.max_steps)
         self.kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.target
                        else FixedKLController(cfg.kl.coef))
         self.running_mean = distributed.GlobalRunningMean(rt)  # the 'mean' baseline over every rank's rows
@@ -465,16 +456,15 @@ class RLRecipe:
             "data_fingerprint": checkpoint.fingerprint(self.train_rows), "steps": step, "metrics": results,
             "metrics_before": loop.public(before), "world_size": rt.world_size, "parameters_held": self.held,
             **lora.manifest_entry(self.adapters)}, hf_model=self.adapters.final_model() if self.adapters else None)
-        if rt.is_main:
-            table = {}
-            if "eval_accuracy" in results:
-                table["held-out accuracy before"] = before.get("eval_accuracy", "(resumed)")
-                table["held-out accuracy after"] = results["eval_accuracy"]
-            table["algorithm"] = cfg.algorithm.name
-            table["steps"] = step
-            table["wall time (s)"] = round(time.time() - self.t_start, 1)
-            table["final model"] = str(run_dir.final)
-            self.tracker.samples("held-out samples (greedy)", last_eval.get("_samples", []))
-            self.tracker.table("rl results", table)
-        self.tracker.close()
+        table = {}
+        if "eval_accuracy" in results:
+            table["held-out accuracy before"] = before.get("eval_accuracy", "(resumed)")
+            table["held-out accuracy after"] = results["eval_accuracy"]
+        table["algorithm"] = cfg.algorithm.name
+        loop.report("rl", rt, self.tracker, run_dir, table, step, self.t_start, "held-out samples (greedy)",
+                    last_eval.get("_samples", []))
         return results
+
+
+def run(cfg, output_dir: Path) -> dict:
+    return loop.run_stage("rl", cfg, output_dir, RLRecipe, model_key="policy", placement=cfg.placement)

@@ -12,19 +12,16 @@ block-diagonal causal mask (no attention across examples, no padding waste).
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop
+from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.errors import DataError
 from rlhf_cli.evaluation import held_out_accuracy
-from rlhf_cli.models import load_causal_lm, load_tokenizer, model_path
-from rlhf_cli.optim import StepGuard, build_optimizer, build_scheduler
-from rlhf_cli.precision import Precision, check_trainable_dtype
+from rlhf_cli.models import load_causal_lm, model_and_tokenizer
+from rlhf_cli.precision import Precision
 from rlhf_cli.rollout import make_engine
 from rlhf_cli.tracking import Throughput, Tracker
 
@@ -56,13 +53,9 @@ def eval_loss(model, examples, cfg, pad_id, device) -> float:
     return total / max(1, count)
 
 
-def run(cfg, output_dir: Path) -> dict:
-    check_trainable_dtype(cfg.model, "model", cfg.device.type)
-    return loop.run_stage("sft", cfg, output_dir, SFTRecipe)
-
-
 class SFTRecipe:
-    """setup (data, model, optimizer, resume) -> train (train_step, end of step) -> save final/."""
+    """setup (data, model, optimizer, resume) -> train (train_step, then the end-of-step tail) -> save final/.
+    One step: a global batch of packed (or length-bucketed) rows, split into micro-batches per rank."""
 
     def __init__(self, cfg, rt, run_dir, t_start: float):
         self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
@@ -70,17 +63,13 @@ class SFTRecipe:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
-        self.path = model_path(cfg.model, self.run_dir.root, cfg.seed, rt)
-        self.tokenizer = load_tokenizer(self.path, "model.path", cfg.model.trust_remote_code)
+        self.path, self.tokenizer = model_and_tokenizer(cfg.model, "model", self.run_dir.root, cfg.seed, rt)
         self._setup_data()
         self._setup_model()
-        self.global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_examples) / self.global_batch))
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.global_batch, self.total_steps = loop.batch_plan(cfg, rt, len(self.train_examples))
+        self.optimizer, self.scheduler, self.guard = optim.build(self.model.parameters(), cfg.optim, self.total_steps)
         lengths = None if cfg.packing else [ex.length for ex in self.train_examples]  # bucket when padding
         self.sampler = data.EpochSampler(len(self.train_examples), cfg.seed, lengths, self.global_batch)
-        self.guard = StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
         self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
                                 sampler=self.sampler)
         self._announce()
@@ -199,16 +188,15 @@ class SFTRecipe:
             "data_fingerprint": checkpoint.fingerprint(self.train_rows), "steps": self.step, "metrics": results,
             "metrics_before": loop.public(before), "world_size": rt.world_size,
             **lora.manifest_entry(self.adapters)}, hf_model=self.adapters.final_model() if self.adapters else None)
-        if rt.is_main:
-            table = {}
-            for key in ("eval_loss", "eval_accuracy"):
-                if key in results:
-                    table[f"held-out {key[5:]} before"] = before.get(key, "(resumed)")
-                    table[f"held-out {key[5:]} after"] = results[key]
-            table["steps"] = self.step
-            table["wall time (s)"] = round(time.time() - self.t_start, 1)
-            table["final model"] = str(run_dir.final)
-            self.tracker.samples("held-out samples (greedy)", last_eval.get("_samples", []))
-            self.tracker.table("sft results", table)
-        self.tracker.close()
+        table = {}
+        for key in ("eval_loss", "eval_accuracy"):
+            if key in results:
+                table[f"held-out {key[5:]} before"] = before.get(key, "(resumed)")
+                table[f"held-out {key[5:]} after"] = results[key]
+        loop.report("sft", rt, self.tracker, run_dir, table, self.step, self.t_start, "held-out samples (greedy)",
+                    last_eval.get("_samples", []))
         return results
+
+
+def run(cfg, output_dir: Path) -> dict:
+    return loop.run_stage("sft", cfg, output_dir, SFTRecipe)

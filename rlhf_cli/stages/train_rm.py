@@ -15,19 +15,16 @@ Chosen and rejected sequences go through ONE forward pass per micro-batch.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop
+from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms.reward import pairwise_loss
 from rlhf_cli.data import Pair, tokenize_pairs
 from rlhf_cli.errors import DataError
-from rlhf_cli.models import load_scalar_head_model, load_tokenizer, model_path
-from rlhf_cli.optim import StepGuard, build_optimizer, build_scheduler
-from rlhf_cli.precision import Precision, check_trainable_dtype
+from rlhf_cli.models import load_scalar_head_model, model_and_tokenizer
+from rlhf_cli.precision import Precision
 from rlhf_cli.scoring import last_token_scores, pad_right
 from rlhf_cli.tracking import Throughput, Tracker
 
@@ -88,13 +85,11 @@ def _samples(scorer, tokenizer, pairs: list[Pair], cfg, device) -> list[tuple[st
              "right" if c > r else "wrong") for p, c, r in zip(shown, chosen, rejected)]
 
 
-def run(cfg, output_dir: Path) -> dict:
-    check_trainable_dtype(cfg.model, "model", cfg.device.type)
-    return loop.run_stage("train-rm", cfg, output_dir, RewardModelRecipe)
-
-
 class RewardModelRecipe:
-    """setup (data, model, optimizer, resume) -> train (train_step, end of step) -> save final/."""
+    """setup (data, model, optimizer, resume) -> train (train_step, then the end-of-step tail) -> save final/.
+
+    One step: a global batch of preference pairs; each micro-batch scores its chosen and rejected
+    sequences in one forward (pair_batch) and takes the pairwise loss (algorithms/reward.py)."""
 
     def __init__(self, cfg, rt, run_dir, t_start: float):
         self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
@@ -102,18 +97,14 @@ class RewardModelRecipe:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
-        self.path = model_path(cfg.model, self.run_dir.root, cfg.seed, rt)
-        self.tokenizer = load_tokenizer(self.path, "model.path", cfg.model.trust_remote_code)
+        self.path, self.tokenizer = model_and_tokenizer(cfg.model, "model", self.run_dir.root, cfg.seed, rt)
         self.pad_id = self.tokenizer.pad_token_id
         self._setup_data()
         self._setup_model()
-        self.global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_pairs) / self.global_batch))
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.global_batch, self.total_steps = loop.batch_plan(cfg, rt, len(self.train_pairs))
+        self.optimizer, self.scheduler, self.guard = optim.build(self.model.parameters(), cfg.optim, self.total_steps)
         self.sampler = data.EpochSampler(len(self.train_pairs), cfg.seed, [p.length for p in self.train_pairs],
                                          self.global_batch)
-        self.guard = StepGuard(cfg.optim.max_grad_norm, cfg.optim.max_bad_steps)
         self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
                                 sampler=self.sampler)
         self._announce()
@@ -241,14 +232,15 @@ class RewardModelRecipe:
                               prefix="model.", hf_model=self.adapters.final_model() if self.adapters else self.model)
         with distributed.gathered(self.scorer):
             shown = _samples(self.scorer, self.tokenizer, self.eval_pairs, cfg, rt.device) if rt.is_main else []
-        if rt.is_main:
-            table = {"held-out pairwise accuracy before": before.get("eval_accuracy", "(resumed)"),
-                     "held-out pairwise accuracy after": results["eval_accuracy"],
-                     "held-out mean margin r_c - r_r": results["eval_margin"],
-                     "held-out score mean / std": f"{results['eval_score_mean']:.3g} / {results['eval_score_std']:.3g}",
-                     "steps": self.step, "wall time (s)": round(time.time() - self.t_start, 1),
-                     "final model": str(run_dir.final)}
-            self.tracker.samples("held-out pairs (score of chosen / rejected)", shown)
-            self.tracker.table("train-rm results", table)
-        self.tracker.close()
+        table = {} if not rt.is_main else {
+            "held-out pairwise accuracy before": before.get("eval_accuracy", "(resumed)"),
+            "held-out pairwise accuracy after": results["eval_accuracy"],
+            "held-out mean margin r_c - r_r": results["eval_margin"],
+            "held-out score mean / std": f"{results['eval_score_mean']:.3g} / {results['eval_score_std']:.3g}"}
+        loop.report("train-rm", rt, self.tracker, run_dir, table, self.step, self.t_start,
+                    "held-out pairs (score of chosen / rejected)", shown)
         return dict(results)
+
+
+def run(cfg, output_dir: Path) -> dict:
+    return loop.run_stage("train-rm", cfg, output_dir, RewardModelRecipe)
