@@ -5,8 +5,10 @@ traceback, and nothing written that a later run would trust (no final/, no compl
 
 Config problems fail before any model loads (well under a second each); data, model and disk problems
 need the stage's imports, so every case is launched at once (a few at a time) as a real
-`python -m rlhf_cli` subprocess. Older one-line-error tests live beside their stage (tests/cli,
-tests/stages); this table covers every kind the issue lists across the three stages.
+`python -m rlhf_cli` subprocess. This is the one bad-input table of the suite: every kind the issue
+lists across the three stages (the eval tool's arguments are in tests/cli/test_tools.py). Column
+`before_run`: refused while composing (no run directory at all) or by the stage (run directory made);
+every row: exit 2, one line, no final/, no complete checkpoint, no half-written debris.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Callable
 import torch
 
 from conftest import assert_one_line_error
+from helpers import write_jsonl as jsonl
+from helpers import write_text as write
 from rlhf_cli import task
 
 SFT = ["data.num_train=16", "data.num_eval=4", "batch_size=4", "max_steps=2", "eval.every=1000", "eval.max_new_tokens=4",
@@ -46,16 +50,8 @@ class Case:
     rlimit_fsize: int | None = None  # bytes: writes past it fail with EFBIG, as on a full disk
     marker: str | None = None  # a file that must NOT exist afterwards (code that must not have run)
     extra: list[str] = field(default_factory=list)
-
-
-def write(path: Path, text: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
-    return path
-
-
-def jsonl(path: Path, rows: list) -> Path:
-    return write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    before_run: bool = True  # refused while composing the config: not even the run directory is made (False:
+    #                          refused by the stage, after the run directory exists: no final/, no complete checkpoint)
 
 
 def copy_model(src: Path, dst: Path, weights: bool = True) -> Path:
@@ -107,6 +103,10 @@ def long_pairs(d: Path, m: Path) -> list[str]:
     return [f"data.train={jsonl(d / 'long.jsonl', rows)}"]
 
 
+def malformed_line(d: Path, m: Path) -> list[str]:
+    return [f"data.train={write(d / 'bad.jsonl', json.dumps({'prompt': 'a', 'completion': 'b'}) + chr(10) + '{oops' + chr(10))}"]
+
+
 CASES: dict[str, Case] = {
     # ---- config: typos, types, ranges, choices (fail before anything loads)
     "sft typo": Case("sft", lambda d, m: ["optim.max_bad_step=3"], "did you mean optim.max_bad_steps"),
@@ -137,24 +137,65 @@ CASES: dict[str, Case] = {
     "train-rm batch_size 0": Case("train-rm", lambda d, m: ["batch_size=0"], "batch_size must be > 0"),
     # ---- output dir: unwritable, full disk
     "output_dir is a file": Case("sft", lambda d, m: [], "not writable", extra=["output_dir=afile"]),
-    "disk full as the run starts": Case("rl", lambda d, m: [], "could not write: file too large", rlimit_fsize=1500),
+    "disk full as the run starts": Case("rl", lambda d, m: [], "could not write: file too large", rlimit_fsize=1500, before_run=False),
     "disk full writing the base model": Case("sft", lambda d, m: ["model.path=null"], "file too large (disk full",
-                                             rlimit_fsize=8000),
+                                             rlimit_fsize=8000, before_run=False),
     "disk full during a checkpoint": Case("sft", lambda d, m: [f"model.path={m}", "checkpoint.every=1"],
-                                          "could not write checkpoint", rlimit_fsize=1_000_000),
+                                          "could not write checkpoint", rlimit_fsize=1_000_000, before_run=False),
     # ---- data: missing, empty, corrupt, wrong columns, bad values, over-long
-    "rl missing file": Case("rl", lambda d, m: [f"data.train={d / 'nope.jsonl'}"], "file not found"),
+    "rl missing file": Case("rl", lambda d, m: [f"data.train={d / 'nope.jsonl'}"], "file not found", before_run=False),
     "sft empty eval file": Case("sft", lambda d, m: [f"data.train={jsonl(d / 't.jsonl', task.sft_rows(16))}",
-                                                     f"data.eval={write(d / 'e.jsonl', '')}"], "has no rows"),
+                                                     f"data.eval={write(d / 'e.jsonl', '')}"], "has no rows", before_run=False),
     "train-rm corrupt json": Case("train-rm", lambda d, m: [f"data.train={write(d / 'c.json', '{not json')}"],
-                                  "could not read"),
+                                  "could not read", before_run=False),
     "sft csv wrong columns": Case("sft", lambda d, m: ["data.train=" + str(write(d / "q.csv", "question,answer\nhi,1\n"))],
-                                  "needs prompt/completion or messages"),
-    "train-rm every pair over-long": Case("train-rm", long_pairs, "none of its"),
+                                  "needs prompt/completion or messages", before_run=False),
+    "train-rm every pair over-long": Case("train-rm", long_pairs, "none of its", before_run=False),
     # ---- models and tokenizers
-    "rl mismatched tokenizer": Case("rl", other_tokenizer, "uses a different tokenizer from the policy"),
-    "sft remote code not trusted": Case("sft", remote_code, "contains custom code", marker="code-ran"),
-    "sft pickled weights refused": Case("sft", pickled_weights, "does not load", marker="code-ran"),
+    "rl reward model with another tokenizer": Case("rl", lambda d, m: ["reward=rule_rm",
+                                                                    f"reward.model.path={other_tokenizer(d, m)[0].split('=', 1)[1]}"],
+                                                   "uses a different tokenizer from the policy", before_run=False),
+    "rl mismatched tokenizer": Case("rl", other_tokenizer, "uses a different tokenizer from the policy", before_run=False),
+    "sft remote code not trusted": Case("sft", remote_code, "contains custom code", marker="code-ran", before_run=False),
+    "sft pickled weights refused": Case("sft", pickled_weights, "does not load", marker="code-ran", before_run=False),
+    # ---- (formerly tests/cli/test_cli.py) sft config values, data files and model paths
+    "sft typo optim.lrr": Case("sft", lambda d, m: ["optim.lrr=1"], "did you mean optim.lr"),
+    "sft typo batch_sise": Case("sft", lambda d, m: ["batch_sise=4"], "did you mean batch_size"),
+    "sft lr not a number": Case("sft", lambda d, m: ["optim.lr=abc"], "optim.lr"),
+    "sft negative lr": Case("sft", lambda d, m: ["optim.lr=-1"], "optim.lr must be > 0"),
+    "sft max_steps 0": Case("sft", lambda d, m: ["max_steps=0"], "max_steps must be > 0"),
+    "sft unknown dtype": Case("sft", lambda d, m: ["model.dtype=fp8"], "model.dtype"),
+    "sft unknown device option": Case("sft", lambda d, m: ["device=tpu"], "device"),
+    "sft absent cuda device": Case("sft", lambda d, m: ["device.type=cuda:7"], "cuda", before_run=False),
+    "sft betas one value": Case("sft", lambda d, m: ["optim.betas=[0.9]"], "optim.betas"),
+    "sft missing file": Case("sft", lambda d, m: [f"data.train={d / 'nope.jsonl'}"], "file not found", before_run=False),
+    "sft malformed line": Case("sft", malformed_line, "line 2 is not valid JSON", before_run=False),
+    "sft wrong fields": Case("sft", lambda d, m: [f"data.train={jsonl(d / 'f.jsonl', [{'question': 'a', 'answer': 'b'}])}"],
+                             "needs prompt/completion or messages", before_run=False),
+    "sft empty train file": Case("sft", lambda d, m: [f"data.train={write(d / 'e.jsonl', chr(10))}"], "has no rows", before_run=False),
+    "sft unsupported file type": Case("sft", lambda d, m: [f"data.train={write(d / 'x.txt', 'hi')}"],
+                                      "unsupported file type .txt", before_run=False),
+    "sft model path missing": Case("sft", lambda d, m: [f"model.path={d / 'no_model'}"], "does not exist", before_run=False),
+    "sft model path not a model": Case("sft", lambda d, m: [f"model.path={d}"], "not a Hugging Face model directory", before_run=False),
+    # ---- (formerly tests/stages/test_rl.py) rl reward sources, algorithm and engine combinations
+    "rl no reward source": Case("rl", lambda d, m: ["reward.functions=[]"], "no reward source"),
+    "rl reward module missing": Case("rl", lambda d, m: ["reward.functions=[nosuchmodule:f]"],
+                                     "cannot import module 'nosuchmodule'", before_run=False),
+    "rl reward function missing": Case("rl", lambda d, m: ["reward.functions=[rlhf_cli.task:nosuch]"],
+                                       "has no function 'nosuch'", before_run=False),
+    "rl rloo with one sample": Case("rl", lambda d, m: ["algorithm.baseline=rloo", "rollout.samples_per_prompt=1"],
+                                    "samples_per_prompt >= 2"),
+    "rl ppo minibatches 3": Case("rl", lambda d, m: ["algorithm=ppo", "algorithm.minibatches=3"], "does not divide"),
+    "rl reinforce two epochs": Case("rl", lambda d, m: ["algorithm=reinforce", "algorithm.epochs=2"], "one pass"),
+    "rl unknown critic init": Case("rl", lambda d, m: ["algorithm=ppo", "critic.init=value"],
+                                   "critic.init='value' is not one of reward, policy, shared"),
+    "rl shared critic with a path": Case("rl", lambda d, m: ["algorithm=ppo", "critic.init=shared", "critic.path=x"],
+                                         "critic.path is unused with critic.init=shared"),
+    "rl shared critic under fsdp": Case("rl", lambda d, m: ["algorithm=ppo", "critic.init=shared",
+                                                            "device.distributed=fsdp"], "critic.init=shared is not supported with"),
+    "rl unknown engine": Case("rl", lambda d, m: ["rollout.engine=vllm"], "rollout.engine='vllm' is not one of auto, lean, hf"),
+    "rl lean engine under fsdp": Case("rl", lambda d, m: ["rollout.engine=lean", "device.distributed=fsdp"],
+                                      "rollout.engine=lean cannot decode an FSDP-sharded policy"),
 }
 
 
@@ -199,10 +240,13 @@ def test_bad_inputs_table(tmp_path, tiny_model_dir):
             assert not (run / "final").exists(), "final/ written"
             assert not [p for p in (run / "checkpoints").glob("step-*") if (p / "manifest.json").exists()], \
                 "a complete checkpoint written"
-            assert not list((run / "checkpoints").glob(".tmp-*")) if case.rlimit_fsize else True, "debris left"
+            assert not list((run / "checkpoints").glob(".tmp-*")) and not list(run.glob(".tmp*")), "debris left"
+            assert run.exists() == (not case.before_run), \
+                "the run directory was made" if case.before_run else "refused before the run: set before_run=True"
             if case.marker:
                 assert not (d / case.marker).exists(), "code from the input ran"
         except AssertionError as e:
             failures.append(f"--- {name}: {str(e)[:1500]}")
-        print(f"{name:32} exit {proc.returncode}  {(proc.stdout + proc.stderr).strip().splitlines()[-1][:160]}")
+        print(f"{name:32} exit {proc.returncode} run dir {'made' if (d / 'out').exists() else 'absent':6} "
+              f"{(proc.stdout + proc.stderr).strip().splitlines()[-1][:160]}")
     assert not failures, "\n".join(failures)

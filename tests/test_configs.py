@@ -22,8 +22,14 @@ def test_every_primary_config_composes():
 @pytest.mark.parametrize("stage,group,option", [(s, g, o) for s, groups in GROUP_OPTIONS.items()
                                                 for g, opts in groups.items() for o in opts])
 def test_every_group_option_composes(stage, group, option):
+    """Every value the option's file sets reaches the composed config (under the group's key)."""
+    from omegaconf import OmegaConf
+
     cfg = compose_config(stage, [f"{group}={option}"])
-    assert cfg is not None
+    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    assert values, f"{group}/{option}.yaml sets nothing"
+    for key, value in values.items():
+        assert getattr(getattr(cfg, group), key) == value, key
 
 
 def test_every_group_file_is_covered_or_needs_a_value():
@@ -40,10 +46,13 @@ def test_rm_reward_composes_with_a_path():
 
 
 def test_algorithm_configs_match_their_algorithm():
-    for name in ("reinforce", "a2c", "ppo"):
+    from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+    assert sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml")) == sorted(POLICY_LOSSES)
+    for name in POLICY_LOSSES:  # one YAML per registered policy loss, naming it
         cfg = compose_config("rl", [f"algorithm={name}"])
-        assert cfg.algorithm.name == name
-        assert cfg.algorithm.needs_critic == (name != "reinforce")
+        assert cfg.algorithm.name == name and cfg.algorithm.advantage in ADVANTAGE_ESTIMATORS
+        assert cfg.algorithm.needs_critic == (name != "reinforce") == POLICY_LOSSES.trait(name, "needs_critic")
 
 
 def test_cross_field_checks():

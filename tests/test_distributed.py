@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
+from helpers import load_weights as weights
+from helpers import read_metrics as metric_rows
 
 pytestmark = pytest.mark.distributed
 COMMON = ["data.num_train=64", "data.num_eval=8", "eval.every=100", "eval.max_new_tokens=4", "optim.warmup_steps=0",
@@ -50,10 +52,6 @@ def text(proc: subprocess.CompletedProcess) -> str:
     return " ".join((proc.stdout + proc.stderr).split())
 
 
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
-
-
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -64,10 +62,6 @@ def relative_l2(a: dict, b: dict, base: dict) -> float:
     diff = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in a)
     step = sum(float(((b[k] - base[k]).double() ** 2).sum()) for k in b)
     return (diff / step) ** 0.5
-
-
-def metric_rows(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def trainer_state(ckpt) -> dict:
@@ -345,7 +339,9 @@ def test_fp16_trains_with_fp32_master_weights_and_loss_scaling_on_cuda(tmp_path)
     assert "fp32 master weights, fp16 autocast, loss scaling" in text(proc)
     assert all(v.dtype == torch.float32 for v in weights(tmp_path / "run").values())
     assert "grad_scaler" in trainer_state(tmp_path / "run" / "checkpoints" / "step-000003")
-    assert all(r["applied"] in (0, 1) for r in metric_rows(tmp_path / "run") if r["kind"] == "train")
+    # the scaler may skip the first steps (overflow while the scale settles), not the last one
+    applied = [r["applied"] for r in metric_rows(tmp_path / "run") if r["kind"] == "train"]
+    assert applied and applied[-1] == 1, applied
 
 
 @pytest.mark.gpu

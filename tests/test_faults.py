@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, assert_one_line_error, run_cli
+from helpers import assert_same_weights, read_metrics
+from helpers import write_jsonl as _write_jsonl
 
 INJECTOR = r'''
 """Test-only fault injector (tests/test_faults.py): SIGKILLs this process at the moment FAULT_KILL names.
@@ -163,24 +165,7 @@ def step_of(ckpt: Path | None) -> int:
 
 
 def train_steps(run: Path) -> list[int]:
-    if not (run / "metrics.jsonl").exists():
-        return []
-    steps = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line torn by the kill
-        if row["kind"] == "train":
-            steps.append(row["step"])
-    return steps
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a), load_file(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    return [row["step"] for row in read_metrics(run, "train")]  # a line torn by a kill is skipped
 
 
 # A rule reward that varies on the tiny untrained policy (the task's correctness rule is 0 for every
@@ -495,11 +480,6 @@ def test_second_run_at_the_same_output_dir_refuses_while_the_first_goes_on(tmp_p
 
 
 # ---------------------------------------------------------------- NaN / inf
-
-
-def _write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_a_non_finite_step_is_not_applied_and_the_run_goes_on(tmp_path, tiny_model_dir):

@@ -7,17 +7,13 @@ import random
 import string
 
 from conftest import run_cli
+from helpers import write_jsonl as _write_jsonl
 
 REWARD_MODULE = '''
 def exact(prompt, response, target=None, **row):
     """1 when the response is the letter written three times."""
     return 1.0 if response.strip() == target else 0.0
 '''
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _task(tmp_path):

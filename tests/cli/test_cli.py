@@ -7,16 +7,29 @@ import os
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, run_cli
+from helpers import QUICK_SFT as TINY
 
-TINY = ["data.num_train=32", "data.num_eval=8", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=4"]
 
 
 def test_help_lists_only_existing_stages(tmp_path):
+    """The stage table names exactly the stages with a runner module, the tool table exactly the tools."""
+    from rlhf_cli.config import STAGE_SCHEMAS
+
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
-    for stage in ("sft", "train-rm", "rl"):
-        assert stage in proc.stderr
+    tables, current = [], None
+    for line in proc.stderr.splitlines():
+        if line.startswith("┃"):
+            current = []
+            tables.append(current)
+        elif line.startswith("│") and current is not None and line.split("│")[1].strip():
+            current.append(line.split("│")[1].strip())
+    runners = sorted(p.stem.replace("_", "-") for p in (REPO / "rlhf_cli" / "stages").glob("*.py")
+                     if p.stem != "__init__")
+    assert len(tables) == 2
+    assert sorted(tables[0]) == runners == sorted(STAGE_SCHEMAS)
+    assert tables[1] == ["validate", "eval", "plot"]
 
 
 def test_stage_help_lists_groups_and_documented_keys(tmp_path):
@@ -57,58 +70,11 @@ def test_multirun_sweep_gives_each_job_its_own_dir(tmp_path):
     assert seeds == {1, 2}
 
 
-# input -> message fragment; each must exit 2 with one line, no traceback, before any model loads
-CONFIG_ERRORS = [
-    (["optim.lrr=1"], "did you mean optim.lr"),
-    (["batch_sise=4"], "did you mean batch_size"),
-    (["optim.lr=abc"], "optim.lr"),
-    (["optim.lr=-1"], "optim.lr must be > 0"),
-    (["max_steps=0"], "max_steps must be > 0"),
-    (["model.dtype=fp8"], "model.dtype"),
-    (["device=tpu"], "device"),
-    (["device.type=cuda:7"], "cuda"),
-    (["optim.betas=[0.9]"], "optim.betas"),
-]
-
-
-@pytest.mark.parametrize("overrides,fragment", CONFIG_ERRORS)
-def test_config_errors_are_one_line_and_write_nothing(tmp_path, overrides, fragment):
-    proc = run_cli("sft", "output_dir=out", *overrides, cwd=tmp_path)
-    assert_one_line_error(proc, fragment)
-    if "cuda" not in fragment:  # the device is checked at setup, still before any model or data loads
-        assert not (tmp_path / "out").exists()
-    assert not (tmp_path / "out" / "final").exists() and not (tmp_path / "out" / "base").exists()
+# bad config values, data files and model paths: the one table in tests/test_bad_inputs.py
 
 
 def test_unknown_stage_suggests_the_closest(tmp_path):
     assert_one_line_error(run_cli("stf", cwd=tmp_path), "did you mean 'sft'")
-
-
-def _write(path, text):
-    path.write_text(text)
-    return path
-
-
-DATA_ERRORS = {
-    "missing file": (lambda d: ["data.train=" + str(d / "nope.jsonl")], "file not found"),
-    "malformed line": (lambda d: ["data.train=" + str(_write(d / "bad.jsonl", '{"prompt": "a", "completion": "b"}\n{oops\n'))],
-                       "line 2 is not valid JSON"),
-    "wrong fields": (lambda d: ["data.train=" + str(_write(d / "f.jsonl", '{"question": "a", "answer": "b"}\n'))],
-                     "needs prompt/completion or messages"),
-    "empty file": (lambda d: ["data.train=" + str(_write(d / "e.jsonl", "\n"))], "has no rows"),
-    "unsupported type": (lambda d: ["data.train=" + str(_write(d / "x.txt", "hi"))], "unsupported file type .txt"),
-    "model path missing": (lambda d: ["model.path=" + str(d / "no_model")], "does not exist"),
-    "model path not a model": (lambda d: ["model.path=" + str(d)], "not a Hugging Face model directory"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(DATA_ERRORS))
-def test_bad_data_and_model_paths(tmp_path, case):
-    make, fragment = DATA_ERRORS[case]
-    args = make(tmp_path)
-    proc = run_cli("sft", "output_dir=out", "max_steps=1", *TINY, *args, cwd=tmp_path)
-    assert_one_line_error(proc, fragment)
-    assert not (tmp_path / "out" / "final").exists() and not list((tmp_path / "out" / "checkpoints").glob("step-*"))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

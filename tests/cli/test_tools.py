@@ -12,6 +12,7 @@ import json
 import pytest
 
 from conftest import assert_one_line_error, run_cli
+from helpers import read_metrics as metric_lines
 
 TINY = ["data.num_train=32", "data.num_eval=8", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=6"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,10 +35,6 @@ def reward_model(sweep):
                    cwd=sweep.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return sweep.parent / "rm" / "final"
-
-
-def metric_lines(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------- logging

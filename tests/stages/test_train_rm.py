@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
+from helpers import QUICK_RM as QUICK
 from rlhf_cli import data, task
 from rlhf_cli.embedded import build_tokenizer
 from rlhf_cli.errors import DataError
@@ -21,8 +22,6 @@ from rlhf_cli.logprobs import token_values
 from rlhf_cli.scoring import last_token_scores, pad_right, score_texts, scoring_ids
 from rlhf_cli.stages.train_rm import pair_batch, tokenize_pairs
 
-QUICK = ["data.num_train=64", "data.num_eval=16", "batch_size=8", "eval.every=1000", "log_every=1",
-         "optim.warmup_steps=0", "optim.min_lr_ratio=1.0"]
 
 
 def _write_jsonl(path, rows):

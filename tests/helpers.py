@@ -1,0 +1,67 @@
+"""Helpers the tests share: files written by a test, metrics and weights read back, quick argument lists.
+
+Import what you need: `from helpers import write_jsonl, read_metrics, QUICK_SFT`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# ---------------------------------------------------------------- quick argument lists (a few seconds a run)
+# sft / train-rm / rl on the tiny model: small data, no evaluation until the end, short responses
+QUICK_SFT = ["data.num_train=32", "data.num_eval=8", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=4"]
+QUICK_RM = ["data.num_train=64", "data.num_eval=16", "batch_size=8", "eval.every=1000", "log_every=1",
+            "optim.warmup_steps=0", "optim.min_lr_ratio=1.0"]
+QUICK_RL = ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "eval.every=1000", "data.num_eval=20",
+            "data.num_train=200", "log_every=1"]
+ONE_THREAD = ["device=cpu", "device.threads=1"]  # tiny matmuls: a second thread only waits on a shared machine
+
+
+# ---------------------------------------------------------------- files a test writes
+def write_text(path: Path, text: str | bytes) -> Path:
+    """Write text (or bytes), making parent dirs; -> the path (for key=path overrides)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """One JSON object per line; -> the path."""
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------- what a run wrote
+def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The rows of <run_dir>/metrics.jsonl (only those of `kind`, 'train' or 'eval', when given); a line
+    torn by a kill is skipped; no file: []."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def load_weights(where: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or the model.safetensors of a run's final/ (or of a model dir)."""
+    where = Path(where)
+    if where.is_dir():
+        where = where / "final" / "model.safetensors" if (where / "final").is_dir() else where / "model.safetensors"
+    return load_file(where)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Bit-identical tensors under the same names."""
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
