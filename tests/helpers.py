@@ -20,6 +20,37 @@ QUICK_RL = ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "eval.
             "data.num_train=200", "log_every=1"]
 ONE_THREAD = ["device=cpu", "device.threads=1"]  # tiny matmuls: a second thread only waits on a shared machine
 
+# per test module, each tuned to what its tests need
+# test_bad_inputs.py: two steps, no evaluation, one thread (many subprocesses at once)
+BAD_INPUT_SFT = ["data.num_train=16", "data.num_eval=4", "batch_size=4", "max_steps=2", "eval.every=1000",
+                 "eval.max_new_tokens=4", "model.max_length=64", "device=cpu", "device.threads=1"]
+BAD_INPUT_RM = ["data.num_train=16", "data.num_eval=4", "batch_size=4", "max_steps=2", "eval.every=1000",
+                "model.max_length=96", "device=cpu", "device.threads=1"]
+BAD_INPUT_RL = ["data.num_train=8", "data.num_eval=4", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+                "rollout.max_new_tokens=4", "max_steps=2", "eval.every=1000", "eval.max_new_tokens=4", "device=cpu",
+                "device.threads=1"]
+# test_distributed.py: three steps; RL with 4 prompts x 2 samples and a reward that varies on an untrained model
+DIST_COMMON = ["data.num_train=64", "data.num_eval=8", "eval.every=100", "eval.max_new_tokens=4", "optim.warmup_steps=0",
+               "optim.min_lr_ratio=1.0", "max_steps=3", "log_every=1", "device=cpu", "device.threads=1"]
+DIST_RL = ["data.num_train=64", "data.num_eval=4", "eval.every=100", "eval.max_new_tokens=4", "device=cpu",
+           "device.threads=1", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+           "rollout.max_new_tokens=6", "reward.functions=[spread_reward:spread]", "checkpoint.every=1"]
+# test_faults.py: tiny but complete: evaluation every 3 steps, a checkpoint every 2, pruning with keep_last=2
+FAULTS_COMMON = ["eval.every=3", "eval.max_new_tokens=8", "checkpoint.every=2", "checkpoint.keep_last=2", "log_every=1",
+                 "device=cpu", "device.threads=1"]
+FAULTS_SFT = ["data.num_train=32", "data.num_eval=4", "batch_size=4", "model.max_length=64", "eval.every=1000",
+              "eval.max_new_tokens=4", "optim.warmup_steps=0", "log_every=1", "device=cpu", "device.threads=1"]
+# cli/test_tools.py
+TOOLS_TINY = ["data.num_train=32", "data.num_eval=8", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=6"]
+# stages/test_lora.py: a high learning rate so that four-rank adapters move in a few steps
+LORA_QUICK = ["data.num_train=96", "data.num_eval=16", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=8",
+              "optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "optim.lr=2e-2", "log_every=1", "checkpoint.every=3",
+              "device=cpu", "device.threads=1"]
+LORA_ADAPTERS = ["lora.r=4", "lora.alpha=8"]
+# stages/test_sft.py
+SFT_QUICK = ["data.num_train=96", "data.num_eval=16", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=8",
+             "optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "log_every=1"]
+
 
 # ---------------------------------------------------------------- files a test writes
 def write_text(path: Path, text: str | bytes) -> Path:

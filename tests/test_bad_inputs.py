@@ -27,17 +27,11 @@ from typing import Callable
 import torch
 
 from conftest import assert_one_line_error
+from helpers import BAD_INPUT_SFT as SFT, BAD_INPUT_RM as RM, BAD_INPUT_RL as RL
 from helpers import write_jsonl as jsonl
 from helpers import write_text as write
 from rlhf_cli import task
 
-SFT = ["data.num_train=16", "data.num_eval=4", "batch_size=4", "max_steps=2", "eval.every=1000", "eval.max_new_tokens=4",
-       "model.max_length=64", "device=cpu", "device.threads=1"]
-RM = ["data.num_train=16", "data.num_eval=4", "batch_size=4", "max_steps=2", "eval.every=1000", "model.max_length=96",
-      "device=cpu", "device.threads=1"]
-RL = ["data.num_train=8", "data.num_eval=4", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
-      "rollout.max_new_tokens=4", "max_steps=2", "eval.every=1000", "eval.max_new_tokens=4", "device=cpu",
-      "device.threads=1"]
 BASE = {"sft": SFT, "train-rm": RM, "rl": RL}
 MODEL_KEY = {"sft": "model.path", "train-rm": "model.path", "rl": "policy.path"}
 

@@ -21,16 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
+from helpers import DIST_COMMON as COMMON, DIST_RL as RL_COMMON
 from helpers import load_weights as weights
 from helpers import read_metrics as metric_rows
 
 pytestmark = pytest.mark.distributed
-COMMON = ["data.num_train=64", "data.num_eval=8", "eval.every=100", "eval.max_new_tokens=4", "optim.warmup_steps=0",
-          "optim.min_lr_ratio=1.0", "max_steps=3", "log_every=1", "device=cpu", "device.threads=1"]
-# RL: 4 prompts x 2 samples per step; a reward that varies between samples of an untrained model
-RL_COMMON = ["data.num_train=64", "data.num_eval=4", "eval.every=100", "eval.max_new_tokens=4", "device=cpu",
-             "device.threads=1", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
-             "rollout.max_new_tokens=6", "reward.functions=[spread_reward:spread]", "checkpoint.every=1"]
 SPREAD_REWARD = '''
 def spread(prompt, response, **row):
     """Differs between samples even from an untrained model, so advantages and gradients are non-zero."""

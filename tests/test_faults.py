@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, assert_one_line_error, run_cli
+from helpers import FAULTS_COMMON as COMMON, FAULTS_SFT as QUICK_SFT
 from helpers import assert_same_weights, read_metrics
 from helpers import write_jsonl as _write_jsonl
 
@@ -120,9 +121,6 @@ def test_the_injectors_phases_are_methods_of_the_recipes():
             assert getattr(classes[cls], method).__qualname__ == name
 
 
-# Tiny but complete: evaluation every 3 steps, a checkpoint every 2, pruning with keep_last=2.
-COMMON = ["eval.every=3", "eval.max_new_tokens=8", "checkpoint.every=2", "checkpoint.keep_last=2", "log_every=1",
-          "device=cpu", "device.threads=1"]
 STAGE_ARGS = {
     "sft": lambda model: [f"model.path={model}", "data.num_train=32", "data.num_eval=4", "batch_size=4",
                           "model.max_length=64", "optim.warmup_steps=0", *COMMON],
@@ -377,9 +375,6 @@ def test_twenty_kills_per_stage_end_bit_identical(tmp_path, tiny_model_dir, inje
 
 # ---------------------------------------------------------------- corrupt, partial and pruned checkpoints
 
-QUICK_SFT = ["data.num_train=32", "data.num_eval=4", "batch_size=4", "model.max_length=64", "eval.every=1000",
-             "eval.max_new_tokens=4", "optim.warmup_steps=0", "log_every=1", "device=cpu", "device.threads=1"]
-
 
 def test_truncated_checkpoint_is_reported_and_skipped_for_the_previous_one(tmp_path, tiny_model_dir):
     args = [f"model.path={tiny_model_dir}", *QUICK_SFT, "max_steps=4", "checkpoint.every=1", "checkpoint.keep_last=3"]
@@ -427,7 +422,6 @@ def test_keep_last_never_deletes_the_only_good_checkpoint(tmp_path):
         assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-000009"]
     finally:
         run.release()
-
 
 
 # ---------------------------------------------------------------- two runs at one output_dir

@@ -12,9 +12,9 @@ import json
 import pytest
 
 from conftest import assert_one_line_error, run_cli
+from helpers import TOOLS_TINY as TINY
 from helpers import read_metrics as metric_lines
 
-TINY = ["data.num_train=32", "data.num_eval=8", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=6"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

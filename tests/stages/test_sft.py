@@ -9,13 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
+from helpers import SFT_QUICK as QUICK
 from helpers import read_metrics
 from rlhf_cli import data, task
 from rlhf_cli.models import load_causal_lm, load_tokenizer
 from rlhf_cli.stages.sft import token_loss_sum
-
-QUICK = ["data.num_train=96", "data.num_eval=16", "batch_size=8", "eval.every=1000", "eval.max_new_tokens=8",
-         "optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "log_every=1"]
 
 
 def test_default_sft_learns_the_format_and_reloads_with_plain_transformers(sft_run):
