@@ -339,13 +339,15 @@ def model_summary(path: str) -> dict:
 
 
 def scoring_ids(tokenizer, prompt: str, response: str) -> list[int]:
-    """Token ids a reward model scores: prompt + response + EOS, each part tokenized on its own.
+    """Token ids a reward model scores: the text prompt + response tokenized whole, nothing appended.
 
-    train-rm trains on exactly these sequences, so the score is read at the EOS token.
+    train-rm trains on exactly these sequences and reads the score at the last token, which is
+    what any client of the saved final/ does (its tokenizer on prompt + response, the one logit).
+    Special tokens are not added: rendered chat prompts already carry theirs.
     """
     from rlhf_cli.data import encode
 
-    return encode(tokenizer, prompt) + encode(tokenizer, response) + [tokenizer.eos_token_id]
+    return encode(tokenizer, prompt + response)
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,7 +363,7 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], device, batch_size: int = 64) -> torch.Tensor:
-    """Reward-model scores of (prompt, response) texts, read at the appended EOS: (N,) float32 on CPU.
+    """Reward-model scores of (prompt, response) texts, read at the last token: (N,) float32 on CPU.
 
     Prompts are already rendered text (chat prompts through the chat template).
     The same sequences and score position as train-rm's training and eval.

@@ -32,8 +32,9 @@ import torch
 from rlhf_cli import algorithms as algo
 from rlhf_cli import checkpoint, data, lora, runtime, signals, training
 from rlhf_cli.checkpoint import RunDir
+from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
-from rlhf_cli.modeling import (PolicyWithValueHead, Rollout, decode_responses, last_token_scores, load_causal_lm,
+from rlhf_cli.modeling import (PolicyWithValueHead, Rollout, decode_responses, load_causal_lm,
                                load_scalar_head_model, load_tokenizer, response_logprobs, sample, score_texts,
                                token_values)
 from rlhf_cli.rewards import call_reward, import_reward_function
@@ -178,6 +179,9 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
                     + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
                     + (f"; {adapters.describe()}" if adapters else "")
                     + ("; reference = the policy with adapters off" if isinstance(reference, lora.AdaptersOff) else ""))
+    if cfg.kl.coef in (KL_COEF_RULES_ONLY, KL_COEF_WITH_RM):
+        tracker.message(f"rl: kl.coef {cfg.kl.coef} ({'a reward model is in the reward' if reward_model is not None else 'rule rewards alone'}"
+                        f"; the default by reward source unless set)")
     if cfg.rollout.top_k or cfg.rollout.top_p:
         tracker.message("rl: top-k/top-p sampling biases the KL estimate (log-probs are of the unfiltered policy)")
 
@@ -204,9 +208,8 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
                     rule_total[b] += v
         stats = {"rule_reward": rule_total.mean()} if reward_fns else {}
         if reward_model is not None:
-            with torch.no_grad():
-                rm = last_token_scores(reward_model, rollout.input_ids.to(dev_reward), rollout.attention_mask.to(dev_reward))
-            rm = (rm.float().cpu() - rm_mean) / rm_std
+            # the response's text re-tokenized with its prompt, as train-rm trained and any client scores
+            rm = (score_texts(reward_model, tokenizer, prompts, texts, dev_reward) - rm_mean) / rm_std
             scores += cfg.reward.model.weight * rm
             stats["rm_score"] = rm.mean()
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
@@ -358,7 +361,11 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
 
         # ------------------------------------------------------------ 5. log and checkpoint
         # per-row means over every rank's rows (one all-reduce); the KL controller sees the global KL
+        # groups whose K outcome totals (score + process rewards) are all equal: no signal for a group baseline
+        outcome = (scores + step_rewards.sum(-1)).view(-1, K)  # (prompts, K)
+        flat_groups = float((outcome.max(1).values - outcome.min(1).values <= 1e-6).sum()) * K
         row_sums = {"score": float(scores.sum()), **{k: float(v) * n_rows for k, v in score_stats.items()},
+                    "zero_signal_group_frac": flat_groups,
                     "reward_with_kl": float(rewards.sum()), "kl": float(algo.masked_sum(kl_per_token, mask)),
                     "response_len": float(mask.sum()), "stop_fraction": float(rollout.stopped.float().sum())}
         all_rows, *totals = rt.sum(n_rows, *row_sums.values())

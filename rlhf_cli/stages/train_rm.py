@@ -6,9 +6,11 @@
 
 Setup (config, devices, model, data, optimizer, resume) -> loop -> save final/.
 Any causal LM (or sequence classifier) becomes backbone + a fresh one-output
-head. Each response gets an EOS appended and the score is read at the last
-real token (that EOS), so `AutoModelForSequenceClassification.from_pretrained(
-final/)` and `rlhf_cli.modeling.score_texts` score exactly as training did.
+head. A pair's sides are scored as the text `prompt + response`, tokenized
+whole with the saved tokenizer and nothing appended, and the score is read at
+the last token: what any client does (`tokenizer(prompt + response)` into
+`AutoModelForSequenceClassification.from_pretrained(final/)`, TRL's reward
+functions, a serving stack), so every client gets the stage's score.
 Chosen and rejected sequences go through ONE forward pass per micro-batch.
 """
 
@@ -26,28 +28,27 @@ from rlhf_cli import checkpoint, data, lora, runtime, signals, training
 from rlhf_cli.algorithms.reward import pairwise_loss
 from rlhf_cli.checkpoint import RunDir
 from rlhf_cli.errors import DataError
-from rlhf_cli.modeling import last_token_scores, load_scalar_head_model, load_tokenizer, pad_right
+from rlhf_cli.modeling import last_token_scores, load_scalar_head_model, load_tokenizer, pad_right, scoring_ids
 from rlhf_cli.tracking import Tracker
 
 
 @dataclass
 class Pair:
-    """One tokenized preference pair; chosen/rejected ids end with EOS."""
-    prompt_ids: list[int]
+    """One tokenized preference pair: each side is `prompt + response` tokenized whole (scoring_ids)."""
+    prompt: str
     chosen_ids: list[int]
     rejected_ids: list[int]
     margin: float = 0.0
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+        return max(len(self.chosen_ids), len(self.rejected_ids))
 
 
 def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, key: str, use_margin: bool) -> tuple[list[Pair], int]:
     """-> (pairs, number dropped). A pair longer than max_length is dropped, not cut:
-    cutting would remove the EOS the score is read at, or the very tokens that differ."""
+    cutting would remove the last token the score is read at, or the very tokens that differ."""
     pairs, dropped = [], 0
-    eos = tokenizer.eos_token_id
     for i, row in enumerate(rows):
         prompt, chosen, rejected = data.split_pair_row(tokenizer, row, i, key)
         margin = row.get("margin") if use_margin else None
@@ -57,8 +58,7 @@ def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, key: str, use_m
             raise DataError(f"{key}: row {i} has margin {margin!r}, not a number; fix it or set margin_from_data=false") from None
         if not math.isfinite(margin):
             raise DataError(f"{key}: row {i} has a non-finite margin ({margin}); fix it or set margin_from_data=false")
-        pair = Pair(data.encode(tokenizer, prompt), data.encode(tokenizer, chosen) + [eos],
-                    data.encode(tokenizer, rejected) + [eos], margin)
+        pair = Pair(prompt, scoring_ids(tokenizer, prompt, chosen), scoring_ids(tokenizer, prompt, rejected), margin)
         if pair.length > max_length:
             dropped += 1
             continue
@@ -68,7 +68,7 @@ def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, key: str, use_m
 
 def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one right-padded batch: input_ids, attention_mask (2B, L); margin (B,)."""
-    sequences = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     ids, mask = pad_right(sequences, pad_id)
     return {"input_ids": ids, "attention_mask": mask, "margin": torch.tensor([p.margin for p in pairs])}
 
@@ -118,7 +118,8 @@ def _samples(scorer, tokenizer, pairs: list[Pair], cfg, device) -> list[tuple[st
         return []
     chosen, rejected = pair_scores(scorer.eval(), pair_batch(shown, tokenizer.pad_token_id), device)
     text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    return [(text(p.prompt_ids), f"{text(p.chosen_ids)}  ({float(c):+.2f})\n{text(p.rejected_ids)}  ({float(r):+.2f})",
+    return [(p.prompt, f"{text(p.chosen_ids)[len(p.prompt):]}  ({float(c):+.2f})\n"
+                       f"{text(p.rejected_ids)[len(p.prompt):]}  ({float(r):+.2f})",
              "right" if c > r else "wrong") for p, c, r in zip(shown, chosen, rejected)]
 
 
@@ -188,9 +189,6 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
         if dropped:
             tracker.message(f"train-rm: dropped {dropped} of {dropped + len(kept)} {key} pairs longer than "
                             f"model.max_length={max_length} tokens (raise model.max_length to keep them)")
-    if pad_id == tokenizer.eos_token_id:
-        tracker.message("train-rm: warning: the tokenizer pads with its EOS token, so plain AutoModelForSequenceClassification "
-                        "reads padded batches one token early; score with rlhf_cli.modeling.score_texts")
 
     def evaluate() -> dict:
         with training.gathered(scorer):  # FSDP2: every rank gathers the weights, rank 0 evaluates
@@ -253,7 +251,8 @@ def _train(cfg, rt, run_dir: RunDir, t_start: float) -> dict:
             # RL standardises rewards with these (held-out chosen + rejected scores)
             "score_mean": results["eval_score_mean"], "score_std": results["eval_score_std"],
             "eval_accuracy": results["eval_accuracy"],
-            "scoring": "prompt + response + EOS, score read at the last real token (rlhf_cli.modeling.score_texts)",
+            "scoring": "tokenizer(prompt + response), nothing appended; score read at the last token "
+                       "(rlhf_cli.modeling.score_texts, plain AutoModelForSequenceClassification)",
             "pairs": {"train": len(train_pairs), "eval": len(eval_pairs),
                       "dropped_train": train_dropped, "dropped_eval": eval_dropped}, "world_size": rt.world_size}
     training.save_final(run_dir, rt, scorer, tokenizer, {**manifest, **lora.manifest_entry(adapters)}, prefix="model.",
