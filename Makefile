@@ -6,13 +6,14 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: install demo test test-slow bench bench-trl clean help
+.PHONY: install demo test test-slow bench bench-trl suite clean help
 
 help:
 	@echo "make demo    install, then sft -> train-rm -> rl on the embedded default (CPU, minutes)"
 	@echo "make test    install, then the test suite (slow tests: make test-slow)"
 	@echo "make bench   throughput of every stage, tiny and ~25M models (bench/latest.json)"
 	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
+	@echo "make suite   sft -> train-rm -> rl (3 algorithms x rule/RM) on the task suite with defaults (runs/suite/suite.md)"
 
 install: $(VENV)/.installed
 
@@ -41,6 +42,10 @@ bench-trl: install
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
 	$(BIN)/pip install -q -e ".[bench]" -c $(VENV)/torch-pin.txt
 	$(BIN)/python scripts/bench_trl.py $(BENCH_ARGS)
+
+# the task suite with default settings: one table, resumable per cell (SUITE_ARGS='--jobs 2' on a quiet machine)
+suite: install
+	$(BIN)/python scripts/suite.py --runs $(RUNS)/suite $(SUITE_ARGS)
 
 clean:
 	rm -rf $(RUNS) outputs multirun .pytest_cache

@@ -4,7 +4,6 @@ validation with one-line errors, tokenization, packing and batching."""
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,42 +237,6 @@ def tokenize_sft(tokenizer, rows: list[dict], max_length: int, key: str) -> tupl
             c = c[: max_length - len(p)]
         examples.append(Example(p, c))
     return examples, truncated
-
-
-@dataclass
-class Pair:
-    """One tokenized preference pair; chosen/rejected ids end with EOS."""
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    margin: float = 0.0
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
-
-
-def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, key: str, use_margin: bool) -> tuple[list[Pair], int]:
-    """-> (pairs, number dropped). A pair longer than max_length is dropped, not cut:
-    cutting would remove the EOS the score is read at, or the very tokens that differ."""
-    pairs, dropped = [], 0
-    eos = tokenizer.eos_token_id
-    for i, row in enumerate(rows):
-        prompt, chosen, rejected = split_pair_row(tokenizer, row, i, key)
-        margin = row.get("margin") if use_margin else None
-        try:
-            margin = 0.0 if margin is None else float(margin)
-        except (TypeError, ValueError):
-            raise DataError(f"{key}: row {i} has margin {margin!r}, not a number; fix it or set margin_from_data=false") from None
-        if not math.isfinite(margin):
-            raise DataError(f"{key}: row {i} has a non-finite margin ({margin}); fix it or set margin_from_data=false")
-        pair = Pair(encode(tokenizer, prompt), encode(tokenizer, chosen) + [eos],
-                    encode(tokenizer, rejected) + [eos], margin)
-        if pair.length > max_length:
-            dropped += 1
-            continue
-        pairs.append(pair)
-    return pairs, dropped
 
 
 def packed_batch(examples: list[Example], row_length: int, pad_id: int) -> dict[str, torch.Tensor]:

@@ -82,7 +82,7 @@ class TrainableTensors:
     head), under their names in the model. The frozen base is not saved: a resumed run reloads it
     from the same model path (the saved config pins it), so the weights continue exactly.
 
-    Duck-types the state_dict / load_state_dict pair that training.save_checkpoint and
+    Duck-types the state_dict / load_state_dict pair that checkpoint.save_checkpoint and
     load_checkpoint call on a model.
     """
 

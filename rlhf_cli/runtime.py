@@ -31,7 +31,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     placement: dict[str, torch.device] = field(default_factory=dict)  # rl: model name -> device
-    mesh: object = None  # the FSDP2 DeviceMesh, made once by training.wrap_model
+    mesh: object = None  # the FSDP2 DeviceMesh, made once by distributed.wrap_model
 
     @property
     def is_main(self) -> bool:

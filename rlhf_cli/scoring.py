@@ -1,15 +1,20 @@
 """Reward-model scores: the scalar head read at the last real token of each row.
 
-train-rm trains on exactly the sequences `scoring_ids` builds (prompt + response + EOS,
-each part tokenized on its own), so rl, held-out evaluation and `rlhf eval` score
-the way the reward model was trained.
+train-rm trains on exactly the sequences `scoring_ids` builds (the text prompt + response
+tokenized whole, nothing appended), so rl (which re-scores the decoded response text),
+held-out evaluation, `rlhf eval` and any client of final/ score the way it was trained.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
+from rlhf_cli import data
 from rlhf_cli.data import encode
+from rlhf_cli.errors import DataError
 from rlhf_cli.logprobs import token_values
 
 
@@ -22,11 +27,13 @@ def last_token_scores(model, input_ids, attention_mask) -> torch.Tensor:
 
 
 def scoring_ids(tokenizer, prompt: str, response: str) -> list[int]:
-    """Token ids a reward model scores: prompt + response + EOS, each part tokenized on its own.
+    """Token ids a reward model scores: the text prompt + response tokenized whole, nothing appended.
 
-    train-rm trains on exactly these sequences, so the score is read at the EOS token.
+    train-rm trains on exactly these sequences and reads the score at the last token, which is
+    what any client of the saved final/ does (its tokenizer on prompt + response, the one logit).
+    Special tokens are not added: rendered chat prompts already carry theirs.
     """
-    return encode(tokenizer, prompt) + encode(tokenizer, response) + [tokenizer.eos_token_id]
+    return encode(tokenizer, prompt + response)
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +49,7 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], device, batch_size: int = 64) -> torch.Tensor:
-    """Reward-model scores of (prompt, response) texts, read at the appended EOS: (N,) float32 on CPU.
+    """Reward-model scores of (prompt, response) texts, read at the last token: (N,) float32 on CPU.
 
     Prompts are already rendered text (chat prompts through the chat template).
     The same sequences and score position as train-rm's training and eval.
@@ -56,3 +63,40 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], devi
         scores.append(last_token_scores(model, ids.to(device), mask.to(device)).cpu())
     model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+# ---------------------------------------------------------------- preference pairs (train-rm, rlhf validate)
+
+
+@dataclass
+class Pair:
+    """One tokenized preference pair: each side is `prompt + response` tokenized whole (scoring_ids)."""
+    prompt: str
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, key: str, use_margin: bool) -> tuple[list[Pair], int]:
+    """-> (pairs, number dropped). A pair longer than max_length is dropped, not cut:
+    cutting would remove the last token the score is read at, or the very tokens that differ."""
+    pairs, dropped = [], 0
+    for i, row in enumerate(rows):
+        prompt, chosen, rejected = data.split_pair_row(tokenizer, row, i, key)
+        margin = row.get("margin") if use_margin else None
+        try:
+            margin = 0.0 if margin is None else float(margin)
+        except (TypeError, ValueError):
+            raise DataError(f"{key}: row {i} has margin {margin!r}, not a number; fix it or set margin_from_data=false") from None
+        if not math.isfinite(margin):
+            raise DataError(f"{key}: row {i} has a non-finite margin ({margin}); fix it or set margin_from_data=false")
+        pair = Pair(prompt, scoring_ids(tokenizer, prompt, chosen), scoring_ids(tokenizer, prompt, rejected), margin)
+        if pair.length > max_length:
+            dropped += 1
+            continue
+        pairs.append(pair)
+    return pairs, dropped

@@ -126,7 +126,9 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
             examples, cut = data.tokenize_sft(tokenizer, rows, limit, key)
             counts[key] = (len(examples), f"{cut} truncated to model.max_length={limit}")
         elif stage == "train-rm":
-            pairs, dropped = data.tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
+            from rlhf_cli.scoring import tokenize_pairs
+
+            pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
             counts[key] = (len(pairs), f"{dropped} dropped as longer than model.max_length={limit}")
         else:
             long = 0

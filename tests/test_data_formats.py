@@ -16,7 +16,7 @@ import pytest
 from rlhf_cli import data
 from rlhf_cli.embedded import build_tokenizer
 from rlhf_cli.errors import DataError
-from rlhf_cli.data import tokenize_pairs
+from rlhf_cli.scoring import tokenize_pairs
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "2+2?"}
@@ -85,9 +85,8 @@ def test_preference_formats_tokenize_to_prompt_chosen_rejected(tmp_path, tok, na
     loaded = data.load_rows(write(tmp_path / f"pairs.{suffix}", rows * 2), "data.train")
     pairs, dropped = tokenize_pairs(tok, loaded, max_length=160, key="data.train", use_margin=True)
     assert dropped == 0 and len(pairs) == 2
-    eos = tok.eos_token_id
-    assert pairs[0].prompt_ids == ids(tok, prompt)
-    assert pairs[0].chosen_ids == ids(tok, chosen) + [eos] and pairs[0].rejected_ids == ids(tok, rejected) + [eos]
+    assert pairs[0].prompt == prompt
+    assert pairs[0].chosen_ids == ids(tok, prompt + chosen) and pairs[0].rejected_ids == ids(tok, prompt + rejected)
 
 
 @pytest.mark.parametrize("suffix,prompt,expected", [

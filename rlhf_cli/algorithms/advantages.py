@@ -162,7 +162,7 @@ def reinforce_advantages(
       (``running_mean.count == 0``) m is the mean of this batch's ``s``.
       ``running_mean`` is then updated with this batch's ``s`` (in place).
       Under torchrun pass an all-reducing running mean
-      (``training.GlobalRunningMean``): m is then the mean over every rank's rows.
+      (``distributed.GlobalRunningMean``): m is then the mean over every rank's rows.
     - ``'rloo'`` (Ahmadian et al. 2024, "Back to Basics", leave-one-out):
       ``A[b,t] = G[b,t] - (1/(K-1)) sum_{j in group, j != b} s_j``; K >= 2.
     - ``'group_norm'`` (Shao et al. 2024, GRPO, outcome supervision):

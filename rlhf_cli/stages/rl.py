@@ -37,6 +37,7 @@ from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, kl_k1, masked_mean, masked_sum, place_step_rewards, token_rewards,
                                  value_loss)
+from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy
 from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
@@ -45,7 +46,7 @@ from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_
 from rlhf_cli.precision import Precision
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses, make_engine
-from rlhf_cli.scoring import last_token_scores, score_texts
+from rlhf_cli.scoring import score_texts
 from rlhf_cli.tracking import Tracker
 
 
@@ -210,6 +211,9 @@ class RLRecipe:
             + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
             + (f"; {self.adapters.describe()}" if self.adapters else "")
             + ("; reference = the policy with adapters off" if isinstance(self.reference, lora.AdaptersOff) else ""))
+        if cfg.kl.coef in (KL_COEF_RULES_ONLY, KL_COEF_WITH_RM):
+            say(f"rl: kl.coef {cfg.kl.coef} ({'a reward model is in the reward' if self.reward_model is not None else 'rule rewards alone'}"
+                f"; the default by reward source unless set)")
         if cfg.rollout.top_k or cfg.rollout.top_p:
             say("rl: top-k/top-p sampling biases the KL estimate (log-probs are of the unfiltered policy)")
 
@@ -296,10 +300,8 @@ class RLRecipe:
                     rule_total[b] += v
         stats = {"rule_reward": rule_total.mean()} if self.reward_fns else {}
         if self.reward_model is not None:
-            with torch.no_grad():
-                rm = last_token_scores(self.reward_model, rollout.input_ids.to(self.dev_reward),
-                                       rollout.attention_mask.to(self.dev_reward))
-            rm = (rm.float().cpu() - self.rm_mean) / self.rm_std
+            # the response's text re-tokenized with its prompt, as train-rm trained and any client scores
+            rm = (score_texts(self.reward_model, tokenizer, prompts, texts, self.dev_reward) - self.rm_mean) / self.rm_std
             scores += cfg.reward.model.weight * rm
             stats["rm_score"] = rm.mean()
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
@@ -403,7 +405,11 @@ class RLRecipe:
         end-of-step tail (log, eval, stop request, checkpoint). -> the evaluation's metrics when it evaluated."""
         cfg, rt, mask = self.cfg, self.rt, s.mask
         n_rows = s.input_ids.shape[0]
+        # groups whose K outcome totals (score + process rewards) are all equal: no signal for a group baseline
+        outcome = (s.scores + s.step_rewards.sum(-1)).view(-1, self.K)  # (prompts, K)
+        flat_groups = float((outcome.max(1).values - outcome.min(1).values <= 1e-6).sum()) * self.K
         row_sums = {"score": float(s.scores.sum()), **{k: float(v) * n_rows for k, v in s.score_stats.items()},
+                    "zero_signal_group_frac": flat_groups,
                     "reward_with_kl": float(rewards.sum()), "kl": float(masked_sum(s.kl_per_token, mask)),
                     "response_len": float(mask.sum()), "stop_fraction": float(s.rollout.stopped.float().sum())}
         all_rows, *totals = rt.sum(n_rows, *row_sums.values())

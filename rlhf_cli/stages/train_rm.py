@@ -6,9 +6,11 @@
 
 Setup (config, devices, model, data, optimizer, resume) -> loop -> save final/.
 Any causal LM (or sequence classifier) becomes backbone + a fresh one-output
-head. Each response gets an EOS appended and the score is read at the last
-real token (that EOS), so `AutoModelForSequenceClassification.from_pretrained(
-final/)` and `rlhf_cli.scoring.score_texts` score exactly as training did.
+head. A pair's sides are scored as the text `prompt + response`, tokenized
+whole with the saved tokenizer and nothing appended, and the score is read at
+the last token: what any client does (`tokenizer(prompt + response)` into
+`AutoModelForSequenceClassification.from_pretrained(final/)`, TRL's reward
+functions, a serving stack), so every client gets the stage's score.
 Chosen and rejected sequences go through ONE forward pass per micro-batch.
 """
 
@@ -21,17 +23,16 @@ import torch
 
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms.reward import pairwise_loss
-from rlhf_cli.data import Pair, tokenize_pairs
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import load_scalar_head_model, model_and_tokenizer
 from rlhf_cli.precision import Precision
-from rlhf_cli.scoring import last_token_scores, pad_right
+from rlhf_cli.scoring import Pair, last_token_scores, pad_right, tokenize_pairs
 from rlhf_cli.tracking import Throughput, Tracker
 
 
 def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one right-padded batch: input_ids, attention_mask (2B, L); margin (B,)."""
-    sequences = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     ids, mask = pad_right(sequences, pad_id)
     return {"input_ids": ids, "attention_mask": mask, "margin": torch.tensor([p.margin for p in pairs])}
 
@@ -81,7 +82,8 @@ def _samples(scorer, tokenizer, pairs: list[Pair], cfg, device) -> list[tuple[st
         return []
     chosen, rejected = pair_scores(scorer.eval(), pair_batch(shown, tokenizer.pad_token_id), device)
     text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    return [(text(p.prompt_ids), f"{text(p.chosen_ids)}  ({float(c):+.2f})\n{text(p.rejected_ids)}  ({float(r):+.2f})",
+    return [(p.prompt, f"{text(p.chosen_ids)[len(p.prompt):]}  ({float(c):+.2f})\n"
+                       f"{text(p.rejected_ids)[len(p.prompt):]}  ({float(r):+.2f})",
              "right" if c > r else "wrong") for p, c, r in zip(shown, chosen, rejected)]
 
 
@@ -155,10 +157,6 @@ class RewardModelRecipe:
             if dropped:
                 tracker_message(f"train-rm: dropped {dropped} of {dropped + len(kept)} {key} pairs longer than "
                                 f"model.max_length={cfg.model.max_length} tokens (raise model.max_length to keep them)")
-        if self.pad_id == self.tokenizer.eos_token_id:
-            tracker_message("train-rm: warning: the tokenizer pads with its EOS token, so plain "
-                            "AutoModelForSequenceClassification reads padded batches one token early; score with "
-                            "rlhf_cli.scoring.score_texts")
 
     # ---------------------------------------------------------------- train
     def train(self) -> dict:
@@ -224,7 +222,8 @@ class RewardModelRecipe:
             # RL standardises rewards with these (held-out chosen + rejected scores)
             "score_mean": results["eval_score_mean"], "score_std": results["eval_score_std"],
             "eval_accuracy": results["eval_accuracy"],
-            "scoring": "prompt + response + EOS, score read at the last real token (rlhf_cli.scoring.score_texts)",
+            "scoring": "tokenizer(prompt + response), nothing appended; score read at the last token "
+                       "(rlhf_cli.scoring.score_texts, plain AutoModelForSequenceClassification)",
             "pairs": {"train": len(self.train_pairs), "eval": len(self.eval_pairs),
                       "dropped_train": self.train_dropped, "dropped_eval": self.eval_dropped},
             "world_size": rt.world_size}

@@ -40,13 +40,13 @@ def _random_head_model(model_dir):
 # ---------------------------------------------------------------- scores and batches
 
 
-def test_score_is_read_at_the_eos_under_left_and_right_padding(tiny_model_dir):
+def test_score_is_read_at_the_last_token_under_left_and_right_padding(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir), "model.path")
     model = _random_head_model(tiny_model_dir)
     texts = [("Solve mod 10: 7+2-3+1\n", "7+2=9. 9-3=6. 6+1=7. Answer: 7"), ("Solve mod 10: 1+1\n", "1+1=2. Answer: 2"),
              ("Q\n", "A")]
     seqs = [scoring_ids(tok, p, r) for p, r in texts]
-    assert all(s[-1] == tok.eos_token_id for s in seqs) and len({len(s) for s in seqs}) == 3
+    assert all(s == data.encode(tok, p + r) for s, (p, r) in zip(seqs, texts)) and len({len(s) for s in seqs}) == 3
     with torch.no_grad():
         right = last_token_scores(model, *pad_right(seqs, tok.pad_token_id))
         left = last_token_scores(model, *data.left_pad(seqs, tok.pad_token_id))
@@ -61,7 +61,7 @@ def test_score_is_read_at_the_eos_under_left_and_right_padding(tiny_model_dir):
     torch.testing.assert_close(score_texts(model, tok, *zip(*texts), "cpu", batch_size=2), right, atol=1e-5, rtol=1e-5)
 
 
-def test_pairs_tokenize_with_eos_margins_and_a_drop_count():
+def test_pairs_tokenize_as_whole_text_with_margins_and_a_drop_count():
     tok = build_tokenizer()
     rows = [{"prompt": "P\n", "chosen": "good", "rejected": "bad", "margin": 1.5},
             {"prompt": "P\n", "chosen": "a much longer chosen response " * 4, "rejected": "x"},
@@ -73,12 +73,13 @@ def test_pairs_tokenize_with_eos_margins_and_a_drop_count():
     pairs, dropped = tokenize_pairs(tok, rows, 40, "data.train", use_margin=True)
     assert dropped == 1 and len(pairs) == 3  # the long pair is dropped, never cut
     assert [p.margin for p in pairs] == [1.5, 0.0, 0.0]
-    assert pairs[0].chosen_ids == data.encode(tok, "good") + [tok.eos_token_id]
-    assert pairs[1].prompt_ids == pairs[2].prompt_ids == data.encode(tok, "<|user|>hi\n<|assistant|>")
+    assert pairs[0].chosen_ids == data.encode(tok, "P\ngood")  # the text a client scores, nothing appended
+    assert pairs[1].prompt == pairs[2].prompt == "<|user|>hi\n<|assistant|>"
+    assert pairs[1].chosen_ids == data.encode(tok, "<|user|>hi\n<|assistant|>yes")
     assert tokenize_pairs(tok, rows[:1], 40, "data.train", use_margin=False)[0][0].margin == 0.0
     batch = pair_batch(pairs, tok.pad_token_id)  # chosen rows, then rejected rows, one batch
     assert batch["input_ids"].shape[0] == 6 and batch["margin"].tolist() == [1.5, 0.0, 0.0]
-    assert batch["attention_mask"][3].sum() == len(pairs[0].prompt_ids + pairs[0].rejected_ids)
+    assert batch["attention_mask"][3].sum() == len(data.encode(tok, "P\nbad"))
     with pytest.raises(DataError, match="not a number"):
         tokenize_pairs(tok, [{**rows[0], "margin": "big"}], 40, "data.train", use_margin=True)
 
@@ -116,6 +117,19 @@ def test_train_rm_beats_chance_and_final_reloads_with_plain_transformers(tmp_pat
                                                          tok.pad_token_id))
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours_left, ours, atol=1e-4, rtol=1e-4)
+    # any client: its own tokenizer on prompt + response, the one logit (no EOS to append, nothing to know)
+    from transformers import AutoTokenizer
+
+    client_tok = AutoTokenizer.from_pretrained(final)
+    with torch.no_grad():
+        alone = torch.stack([hf(**client_tok(p + r, return_tensors="pt")).logits[0, 0]
+                             for p, r in list(zip(prompts, responses))[::20]])
+        # TRL's reward functions (GRPOTrainer): right-padded batch, add_special_tokens=False, logits[:, 0]
+        trl_inputs = client_tok(text=[p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True,
+                                padding_side="right", add_special_tokens=False)
+        trl_scores = hf(**trl_inputs).logits[:, 0]
+    torch.testing.assert_close(alone, ours[::20], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trl_scores, ours, atol=1e-4, rtol=1e-4)
     # the manifest's accuracy and score statistics are those of these held-out pairs
     gap = ours[:100] - ours[100:]
     assert manifest["eval_accuracy"] == pytest.approx(float((gap > 0).float().mean() + 0.5 * (gap == 0).float().mean()))

@@ -1,0 +1,82 @@
+"""The task suite (rlhf_cli/tasks): files, held-out separation, rules, and each task's designed flaw."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from rlhf_cli import data
+from rlhf_cli.embedded import build_tokenizer
+from rlhf_cli.rewards import call_reward, import_reward_function
+from rlhf_cli.tasks import HELD_OUT, TASKS, TUNING, rows, write
+
+FILES = ("sft_train", "sft_eval", "pairs_train", "pairs_eval", "prompts_train", "prompts_eval")
+
+
+def _prompt(row: dict) -> str:
+    p = row.get("prompt") if "prompt" in row else row["messages"][0]
+    return p if isinstance(p, str) else json.dumps(p) if isinstance(p, list) else p["content"]
+
+
+def test_at_least_five_tasks_some_held_out_of_tuning():
+    assert len(TASKS) >= 5 and set(TUNING) | set(HELD_OUT) == set(TASKS) and not set(TUNING) & set(HELD_OUT)
+    assert 1 <= len(HELD_OUT) <= 2
+    kinds = {(t.chat, t.summary.split(";")[3].strip()) for t in TASKS.values()}  # (format, reward shape)
+    assert {c for c, _ in kinds} == {True, False}
+    assert {"binary", "partial credit", "process reward"} <= {k for _, k in kinds}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_files_load_and_held_out_prompts_never_train(tmp_path, name):
+    task = TASKS[name]
+    d = write(task, tmp_path / name)
+    loaded = {f: data.load_rows(str(d / f"{f}.jsonl"), "data.train") for f in FILES}
+    assert len(loaded["sft_train"]) == task.n_sft and len(loaded["prompts_eval"]) == task.n_eval
+    held = {_prompt(r) for r in loaded["prompts_eval"]}
+    assert len(held) == task.n_eval  # distinct
+    for f in ("sft_train", "pairs_train", "prompts_train"):
+        assert not held & {_prompt(r) for r in loaded[f]}, f
+    assert rows(task, seed=0) == rows(task, seed=0) and rows(task, seed=1) != rows(task, seed=0)
+    tok = build_tokenizer()
+    tok.chat_template = tok.chat_template  # the embedded tokenizer renders chat rows
+    for i, r in enumerate(loaded["sft_train"][:50]):
+        prompt, completion = data.split_sft_row(tok, r, i, "data.train")
+        assert len(data.encode(tok, prompt + completion)) <= 160  # fits the default policy.max_length
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_rules_reward_gold_over_rejected_and_demos_carry_the_designed_flaw(name):
+    task = TASKS[name]
+    reward, correct = import_reward_function(task.reward), import_reward_function(task.correct)
+    rng = random.Random(0)
+    wrong_demos = 0
+    for _ in range(300):
+        prob = task.problem(rng)
+        gold, rejected = task.gold(prob), task.wrong(prob, rng)
+        row = {"answer": prob["answer"]}
+
+        def total(text):
+            v = call_reward(reward, task.reward, prob["prompt"], text, row)
+            return v if isinstance(v, float) else sum(x for _, x in v)
+
+        assert correct(prob["prompt"], gold, **row) == 1.0 and correct(prob["prompt"], rejected, **row) == 0.0
+        assert total(gold) > total(rejected)
+        assert total(gold + " extra") < total(gold)
+        wrong_demos += correct(prob["prompt"], task.demo(prob, rng), **row) == 0.0
+    if name == "maxof":  # the flaw is too few rows, not wrong ones
+        assert wrong_demos == 0 and task.n_sft <= 500
+    else:  # systematic slips or random noise: a good share of demonstrations is wrong
+        assert 0.2 <= wrong_demos / 300 <= 0.7, wrong_demos
+
+
+def test_process_reward_places_one_value_per_step():
+    task = TASKS["addcarry"]
+    fn = import_reward_function(task.reward)
+    prompt = "Add 47 and 38.\n"
+    right = "units 7+8=15, carry 1. tens 4+3+1=8. Answer: 85"
+    slipped = "units 7+8=15, carry 1. tens 4+3=7. Answer: 75"
+    assert fn(prompt, right, answer="85") == [(21, 0.2), (35, 0.2), (len(right), 1.0)]
+    assert fn(prompt, slipped, answer="85") == [(21, 0.2), (33, -0.2), (len(slipped), 0.0)]
+    assert right[:21].endswith("carry 1") and right[:35].endswith("4+3+1=8")
