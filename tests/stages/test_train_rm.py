@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
 from helpers import QUICK_RM as QUICK
+from helpers import write_jsonl as _write_jsonl
 from rlhf_cli import data, task
 from rlhf_cli.embedded import build_tokenizer
 from rlhf_cli.errors import DataError
@@ -21,12 +22,6 @@ from rlhf_cli.models import load_scalar_head_model, load_tokenizer, scalar_head
 from rlhf_cli.logprobs import token_values
 from rlhf_cli.scoring import last_token_scores, pad_right, score_texts, scoring_ids
 from rlhf_cli.stages.train_rm import pair_batch, tokenize_pairs
-
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _random_head_model(model_dir):
