@@ -21,46 +21,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from rlhf_cli.rewards import import_reward_function, row_kwargs
 from rlhf_cli.tasks import HELD_OUT, TASKS, write
+
+hf_logging.disable_progress_bar()  # imported eagerly: transformers' lazy imports race in --jobs threads
 
 ALGORITHMS = ("reinforce", "a2c", "ppo")
 REWARDS = ("rule", "rm")
 
 
 def run_stage(out: Path, stage: str, overrides: list[str], log) -> float:
-    """Run one stage unless its final/ exists; -> CPU seconds of the subprocess (0 when already done)."""
-    manifest = out / "final" / "manifest.json"
+    """Run one stage unless its final/ exists; -> its CPU seconds (read back from a done run's cpu file).
+    The stage's output goes to <out>.log beside its run directory."""
+    manifest, cpu_file = out / "final" / "manifest.json", out.parent / f"{out.name}.cpu_s"
     if manifest.exists():
-        return json.loads(manifest.read_text()).get("suite_cpu_s", 0.0)
+        return float(cpu_file.read_text()) if cpu_file.exists() else 0.0
     cmd = [sys.executable, "-m", "rlhf_cli", stage, f"output_dir={out}", *overrides]
     log(f"start  {out}")
     t0 = time.time()
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # exact with --jobs 1
-    log(f"done   {out} in {time.time() - t0:.0f} s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.log", "w") as stage_log:
+        proc = subprocess.Popen(cmd, stdout=stage_log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, whatever else runs
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {os.waitstatus_to_exitcode(status)}); "
+                         f"see {out.parent / f'{out.name}.log'}")
+    cpu = usage.ru_utime + usage.ru_stime
+    cpu_file.write_text(f"{cpu:.1f}\n")
+    log(f"done   {out} in {time.time() - t0:.0f} s ({cpu:.0f} CPU s)")
     return cpu
 
 
 def plain_transformers_pairwise_accuracy(rm_dir: Path, pairs_file: Path) -> float:
     """Held-out pairwise accuracy as an outside client reads the RM: tokenizer(prompt + response), one logit."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(rm_dir)
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     right = 0.0
@@ -80,33 +84,29 @@ def sampled_room(model_dir: Path, prompts_file: Path, rule: str, k: int = 8, see
 
     pass@k - greedy is the room RL has: on-policy RL sharpens what sampling already finds, so a task
     whose errors are confident (pass@k close to greedy) leaves it little to do."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from rlhf_cli.rewards import import_reward_function
-
-    hf_logging.disable_progress_bar()
     correct = import_reward_function(rule)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.manual_seed(seed)
     rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    prompts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+               if isinstance(r["prompt"], list) else r["prompt"] for r in rows]
     greedy = pass1 = passk = 0.0
-    for row in rows:
-        prompt = row["prompt"]
-        if isinstance(prompt, list):
-            prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-        n = ids["input_ids"].shape[1]
-        common = dict(max_new_tokens=100, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(max_new_tokens=100, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for i in range(0, len(rows), 50):  # batches of 50 prompts (x k samples), left-padded
+        batch = tok(prompts[i:i + 50], return_tensors="pt", padding=True, add_special_tokens=False)
+        n = batch["input_ids"].shape[1]
         with torch.no_grad():
-            g = model.generate(**ids, do_sample=False, **common)
-            s = model.generate(**ids, do_sample=True, temperature=1.0, top_k=0, num_return_sequences=k, **common)
-        rights = [correct(prompt, tok.decode(o[n:], skip_special_tokens=True), **row) for o in s]
-        greedy += correct(prompt, tok.decode(g[0, n:], skip_special_tokens=True), **row)
-        pass1 += sum(rights) / k
-        passk += max(rights)
+            g = model.generate(**batch, do_sample=False, **common)
+            s = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, num_return_sequences=k, **common)
+        for j, row in enumerate(rows[i:i + 50]):
+            kw = row_kwargs(row)
+            greedy += correct(prompts[i + j], tok.decode(g[j, n:], skip_special_tokens=True), **kw)
+            rights = [correct(prompts[i + j], tok.decode(o[n:], skip_special_tokens=True), **kw)
+                      for o in s[j * k:(j + 1) * k]]
+            pass1 += sum(rights) / k
+            passk += max(rights)
     return {"greedy": greedy / len(rows), "pass@1": pass1 / len(rows), f"pass@{k}": passk / len(rows)}
 
 
@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--rewards", default=",".join(REWARDS))
     parser.add_argument("--jobs", type=int, default=1, help="cells at a time (each with one thread)")
     parser.add_argument("--rl-args", default="", help="extra overrides for every rl run (space-separated)")
+    parser.add_argument("--sft-args", default="", help="extra overrides for every sft run")
+    parser.add_argument("--rm-args", default="", help="extra overrides for every train-rm run")
     args = parser.parse_args()
     runs = Path(args.runs).resolve()
     data = runs / "data"
@@ -155,9 +157,10 @@ def main() -> None:
         write(t, data / task)
         d = data / task
         sft_cpu = run_stage(runs / task / "sft", "sft", [f"data.train={d / 'sft_train.jsonl'}",
-                            f"data.eval={d / 'sft_eval.jsonl'}", f"eval.rule={t.correct}", *common], log)
+                            f"data.eval={d / 'sft_eval.jsonl'}", f"eval.rule={t.correct}", *common, *args.sft_args.split()], log)
         rm_cpu = run_stage(runs / task / "rm", "train-rm", [f"model.path={runs / task / 'sft' / 'final'}",
-                           f"data.train={d / 'pairs_train.jsonl'}", f"data.eval={d / 'pairs_eval.jsonl'}", *common], log)
+                           f"data.train={d / 'pairs_train.jsonl'}", f"data.eval={d / 'pairs_eval.jsonl'}", *common,
+                           *args.rm_args.split()], log)
         sft_m = json.loads((runs / task / "sft" / "final" / "manifest.json").read_text())
         rm_m = json.loads((runs / task / "rm" / "final" / "manifest.json").read_text())
         return {"task": task, "summary": t.summary, "held_out_task": task in HELD_OUT,
