@@ -90,8 +90,9 @@ def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None
     if fresh_head:
         with torch.no_grad():
             scalar_head(model).weight.zero_()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+    if model.config.pad_token_id is None:  # Llama 3 layouts: no pad, eos_token_id a list of stop ids
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
     return model.to(device) if device is not None else model
 
 

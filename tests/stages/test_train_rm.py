@@ -187,3 +187,16 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
         stdout, stderr = proc.communicate(timeout=300)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         assert_one_line_error(result, table[name][1])
+
+
+def test_a_config_with_no_pad_and_a_list_of_stop_ids_gets_an_int_pad(tmp_path):
+    """Llama 3's layout (no pad token, eos_token_id a list): the reward model's pad id is one id, never the list."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=None, eos_token_id=[5, 7])
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama3")
+    model = load_scalar_head_model(str(tmp_path / "llama3"), "model.path")
+    assert model.config.pad_token_id == 5
+    ids = torch.tensor([[1, 2, 3], [4, 5, 5]])
+    assert last_token_scores(model, ids, torch.tensor([[1, 1, 1], [1, 1, 0]])).shape == (2,)
