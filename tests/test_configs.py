@@ -71,3 +71,19 @@ def _rule():
     from rlhf_cli.config import RewardConfig
 
     return RewardConfig(functions=["rlhf_cli.task:correctness_reward"])
+
+
+@pytest.mark.parametrize("overrides, coef", [
+    (["reward=rule"], 0.05),                                            # rule rewards alone
+    (["reward=rm", "reward.model.path=/some/rm"], 0.2),                 # a learned RM alone: stronger KL
+    (["reward=rule_rm", "reward.model.path=/some/rm"], 0.2),            # any RM in the reward
+    (["reward=rm", "reward.model.path=/some/rm", "kl.coef=0.01"], 0.01),  # a set value always wins
+])
+def test_kl_coef_defaults_by_reward_source(overrides, coef):
+    from dataclasses import asdict
+
+    from rlhf_cli.config import KLConfig
+
+    assert KLConfig().coef is None  # null in the schema: resolved once the reward sources are known
+    cfg = compose_config("rl", overrides)
+    assert cfg.kl.coef == coef and asdict(cfg)["kl"]["coef"] == coef  # the saved config holds the value in force
