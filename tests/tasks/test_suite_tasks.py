@@ -40,7 +40,6 @@ def test_files_load_and_held_out_prompts_never_train(tmp_path, name):
         assert not held & {_prompt(r) for r in loaded[f]}, f
     assert rows(task, seed=0) == rows(task, seed=0) and rows(task, seed=1) != rows(task, seed=0)
     tok = build_tokenizer()
-    tok.chat_template = tok.chat_template  # the embedded tokenizer renders chat rows
     for i, r in enumerate(loaded["sft_train"][:50]):
         prompt, completion = data.split_sft_row(tok, r, i, "data.train")
         assert len(data.encode(tok, prompt + completion)) <= 160  # fits the default policy.max_length
