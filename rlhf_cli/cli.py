@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e), code=e.exit_code)
     if not multirun and os.environ.get("RANK", "0") == "0" and not {"--cfg", "-c", "--info", "-i"} & set(hydra_args):
         check_not_in_use(configs[0].output_dir)
+        check_same_run(configs[0])
     if multirun:  # name each job's dir by the swept keys only: runs/rl/algorithm=ppo,seed=1
         fixed = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "," not in o.split("=", 1)[-1]
                  and not o.startswith("hydra.")]
@@ -110,6 +111,19 @@ def check_not_in_use(output_dir: str) -> None:
     if holder is not None:
         fail(f"{output_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}); "
              f"wait for it to finish or stop it, or choose another output_dir=...")
+
+
+def check_same_run(config) -> None:
+    """Refuse a rerun whose config differs in more than safe-to-change keys before Hydra writes .hydra/
+    into the run (RunDir checks again under the run's lock)."""
+    import dataclasses
+
+    from rlhf_cli.checkpoint import rerun_changes
+
+    try:
+        rerun_changes(Path(config.output_dir), dataclasses.asdict(config))
+    except UserError as e:
+        fail(str(e), code=e.exit_code)
 
 
 def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:

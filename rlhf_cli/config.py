@@ -82,7 +82,12 @@ class OptimConfig:
     min_lr_ratio: float = doc(0.1, "cosine decays to lr * min_lr_ratio")
     max_grad_norm: Optional[float] = doc(1.0, "clip the global grad norm to this (null = no clipping)")
     grad_accum: int = doc(1, "micro-batches accumulated per optimizer step")
-    max_bad_steps: int = doc(5, "stop after this many updates in a row with a NaN/inf loss or gradient (each is skipped)")
+    max_bad_steps: int = doc(5, "stop after this many updates in a row with a NaN/inf loss or gradient, or a grad-norm "
+                                "spike (each is skipped)")
+    max_grad_spike: Optional[float] = doc(100.0, "skip an update whose pre-clip grad norm is over this x the running "
+                                                 "median of recent ones (floored at max_grad_norm; null = off)")
+    max_weight_growth: Optional[float] = doc(1.5, "stop when one update grows the trained weights' norm past this x "
+                                                  "(healthy: under 1.02x; an absurd lr shows at once; null = off)")
 
     def __post_init__(self):
         check_positive("optim.lr", self.lr)
@@ -91,6 +96,9 @@ class OptimConfig:
         check_positive("optim.max_grad_norm", self.max_grad_norm)
         check_positive("optim.grad_accum", self.grad_accum)
         check_positive("optim.max_bad_steps", self.max_bad_steps)
+        for key, value in (("optim.max_grad_spike", self.max_grad_spike), ("optim.max_weight_growth", self.max_weight_growth)):
+            if value is not None and not value > 1:
+                raise ConfigError(f"{key} must be > 1 (got {value}): it is a factor over normal; e.g. {key}=100, or null for off")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {list(self.betas)}); e.g. optim.betas=[0.9,0.95]")
         if not 0 <= self.min_lr_ratio <= 1:

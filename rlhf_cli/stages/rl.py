@@ -103,7 +103,7 @@ class RLRecipe:
         self._setup_critic()
         self._setup_optimizer()
         self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
-                                sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean)
+                                sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean, guard=self.guard)
         self._announce()
 
     def _setup_batch_shape(self) -> None:
@@ -393,7 +393,8 @@ class RLRecipe:
         # token means over every rank (one all-reduce): the guard, early stop and logs agree on all ranks
         sums = rt.sum(*(float(v.detach()) * mb_tokens for v in stats.values()))
         means = {k: total / max(all_tokens, 1.0) for k, total in zip(stats, sums)}
-        grad_norm, applied = self.guard.step(params, self.optimizer, means["loss"], scaler=self.precision.scaler)
+        grad_norm, applied = self.guard.step(params, self.optimizer, means["loss"], scaler=self.precision.scaler,
+                                             at_step=self.step + 1)
         if first and self.trust_region:
             first_mb.update(first_mb_clip_frac=means["clip_frac"], first_mb_approx_kl=means["approx_kl"])
         return {**means, "grad_norm": grad_norm}
@@ -426,7 +427,7 @@ class RLRecipe:
         if s.values_old is not None:
             metrics["explained_variance"] = distributed.global_explained_variance(s.values_old, returns, mask, rt)
         return loop.end_of_step(self.step, cfg.max_steps, cfg, rt, self.run_dir, self.tracker, metrics, self.evaluate,
-                                self.save_checkpoint)
+                                self.save_checkpoint, self.guard)
 
     def evaluate(self) -> dict:
         """Greedy held-out responses from the rollout engine: accuracy, length, the reward model's score."""
@@ -446,7 +447,8 @@ class RLRecipe:
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
                                    self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict(),
-                                   kl=self.kl_ctl.state_dict(), running_mean=self.running_mean.state_dict())
+                                   kl=self.kl_ctl.state_dict(), running_mean=self.running_mean.state_dict(),
+                                   guard=self.guard.state_dict())
 
     # ================================================================ save
     def save(self, last_eval: dict) -> dict:
