@@ -84,13 +84,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e), code=e.exit_code)
     if not multirun and os.environ.get("RANK", "0") == "0" and not {"--cfg", "-c", "--info", "-i"} & set(hydra_args):
         check_not_in_use(configs[0].output_dir)
-        check_same_run(configs[0])
     if multirun:  # name each job's dir by the swept keys only: runs/rl/algorithm=ppo,seed=1
         fixed = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "," not in o.split("=", 1)[-1]
                  and not o.startswith("hydra.")]
         overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(['output_dir'] + fixed)}]")
-    if os.environ.get("RANK", "0") != "0":
-        overrides.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
+    overrides.append("hydra.output_subdir=null")  # .hydra/ is written by the job once its run is accepted
     run_hydra(stage, overrides, hydra_args)
 
 
@@ -113,17 +111,25 @@ def check_not_in_use(output_dir: str) -> None:
              f"wait for it to finish or stop it, or choose another output_dir=...")
 
 
-def check_same_run(config) -> None:
-    """Refuse a rerun whose config differs in more than safe-to-change keys before Hydra writes .hydra/
-    into the run (RunDir checks again under the run's lock)."""
+def accept_run(cfg, config, output_dir: Path) -> None:
+    """Rank 0 of a job (a plain run or one of a sweep), before anything is written into its run dir:
+    refuse a live run's dir or a rerun that changes more than safe-to-change keys (RunDir checks again
+    under the run's lock), then write Hydra's .hydra/ files (hydra.output_subdir is null for that)."""
     import dataclasses
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
     from rlhf_cli.checkpoint import rerun_changes
 
-    try:
-        rerun_changes(Path(config.output_dir), dataclasses.asdict(config))
-    except UserError as e:
-        fail(str(e), code=e.exit_code)
+    check_not_in_use(str(output_dir))
+    rerun_changes(output_dir, dataclasses.asdict(config))  # UserError: refused, nothing written
+    hydra_cfg = OmegaConf.create({"hydra": OmegaConf.to_container(HydraConfig.get())})
+    hydra_cfg.hydra.output_subdir = ".hydra"
+    saved = output_dir / ".hydra"
+    saved.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", HydraConfig.get().overrides.task)):
+        (saved / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
 
 def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
@@ -156,6 +162,8 @@ def _task_function(stage: str, runner):
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             config = OmegaConf.to_object(cfg)
+            if os.environ.get("RANK", "0") == "0":
+                accept_run(cfg, config, output_dir)
             with signals.stop_at_step_boundary():
                 runner.run(config, output_dir)
         except UserError as e:
