@@ -131,7 +131,7 @@ CASES: dict[str, Case] = {
     "train-rm batch_size 0": Case("train-rm", lambda d, m: ["batch_size=0"], "batch_size must be > 0"),
     # ---- output dir: unwritable, full disk
     "output_dir is a file": Case("sft", lambda d, m: [], "not writable", extra=["output_dir=afile"]),
-    "disk full as the run starts": Case("rl", lambda d, m: [], "could not write: file too large", rlimit_fsize=1500, before_run=False),
+    "disk full as the run starts": Case("rl", lambda d, m: [], "file too large (disk full", rlimit_fsize=1500, before_run=False),
     "disk full writing the base model": Case("sft", lambda d, m: ["model.path=null"], "file too large (disk full",
                                              rlimit_fsize=8000, before_run=False),
     "disk full during a checkpoint": Case("sft", lambda d, m: [f"model.path={m}", "checkpoint.every=1"],
