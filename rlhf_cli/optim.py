@@ -93,6 +93,7 @@ class StepGuard:
         self.first_bad_step: int | None = None  # the step of the first refused update of the current streak
         self.grad_norms: list[float] = []  # pre-clip norms of the last SPIKE_WINDOW applied updates
         self.weight_norm: float | None = None  # after the last update (None: measure before the next)
+        self._norm_of = 0  # ... over this many tensors (a different set is measured afresh)
 
     def step(self, parameters, optimizer, loss_value: float, scaler=None, at_step: int = 0) -> tuple[float, bool]:
         """One update (of stage step `at_step`, 1-based) -> (pre-clip grad norm, applied).
@@ -117,9 +118,9 @@ class StepGuard:
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
             return grad_norm, self._refused(problem, at_step)
-        before = self.weight_norm
+        before = self.weight_norm if self._norm_of == len(params) else None  # measured after the previous update
         if self.max_weight_growth is not None and before is None:
-            before = self._weight_norm(params)  # once; later the norm measured after the previous update
+            before = self._weight_norm(params)
         if scaler is not None and params:
             scaler.step(optimizer)
             scaler.update()
@@ -157,7 +158,7 @@ class StepGuard:
         if self.max_weight_growth is None:
             return
         after = self._weight_norm(params)
-        self.weight_norm = after
+        self.weight_norm, self._norm_of = after, len(params)
         if not math.isfinite(after):
             raise Blowup("an update left non-finite weights", at_step, at_step)
         if before > 0 and after > self.max_weight_growth * before:
