@@ -46,6 +46,7 @@ SAFE_TO_CHANGE = ("max_steps", "epochs", "log_every", "eval.", "checkpoint.", "d
 # Keys naming files or directories: a run is identified by what they resolve to, not by how they were written
 PATH_KEYS = ("data.train", "data.eval")
 
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -128,14 +129,15 @@ def rerun_changes(root: Path, config: dict) -> tuple[Path | None, dict]:
     except (OSError, ValueError):
         saved = {}
     now = run_identity(config)
-    differ = sorted(k for k in set(saved) | set(now) if k != "output_dir" and saved.get(k) != now.get(k))
+    # a key only one side has came or went with a version of this tool, not with the user's command
+    differ = sorted(k for k in set(saved) & set(now) if k != "output_dir" and saved[k] != now[k])
     refused = [k for k in differ if not _safe(k)]
     if refused:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused[:6])
+        shown = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in refused[:6])
         raise UserError(f"{root} holds a run with a different config ({shown}); only run length, cadence, logging "
                         f"and learning-rate keys may change on a rerun (docs/runs-logging-resume.md): use a new "
                         f"output_dir=... or delete the old run")
-    return ckpt, {k: [saved.get(k), now.get(k)] for k in differ}
+    return ckpt, {k: [saved[k], now[k]] for k in differ}
 
 
 def step_of(ckpt: Path) -> int:
@@ -322,18 +324,18 @@ class RunDir:
             if not tmp.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def set_aside(self, suspect_from: int) -> Path | None:
+    def set_aside(self, suspect_from: int) -> tuple[Path | None, list[str]]:
         """After the step guard stopped the run: checkpoints of steps >= suspect_from (they may hold the
-        trouble) move to checkpoints/rejected/, kept for a look and never resumed. -> the checkpoint a
-        rerun resumes from (the newest that verifies), or None."""
+        trouble) move to checkpoints/rejected/, kept for a look and never resumed. -> (the checkpoint a
+        rerun resumes from (the newest that verifies) or None, the names moved)."""
+        moved = [c for c in self._complete() if step_of(c) >= suspect_from]
         if self.is_main:
-            for ckpt in self._complete():
-                if step_of(ckpt) >= suspect_from:
-                    self.rejected.mkdir(exist_ok=True)
-                    shutil.rmtree(self.rejected / ckpt.name, ignore_errors=True)
-                    os.rename(ckpt, self.rejected / ckpt.name)
+            for ckpt in moved:
+                self.rejected.mkdir(exist_ok=True)
+                shutil.rmtree(self.rejected / ckpt.name, ignore_errors=True)
+                os.rename(ckpt, self.rejected / ckpt.name)
             _fsync_dir(self.checkpoints)
-        return self.latest()
+        return self.latest(), [c.name for c in moved]
 
     def verify(self, ckpt: Path) -> bool:
         return _verify(ckpt)

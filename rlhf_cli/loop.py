@@ -62,12 +62,12 @@ def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable, model_ke
 def stopped_by_guard(e: optim.Blowup, cfg, run_dir: RunDir) -> UserError:
     """The step guard stopped the run: set aside the checkpoints it does not trust -> the one-line error
     naming the checkpoint a rerun resumes from and the fix (a lower optim.lr, a safe-to-change key)."""
-    resume_from = run_dir.set_aside(e.suspect_from)
+    resume_from, moved = run_dir.set_aside(e.suspect_from)
     fix = f"a lower learning rate, e.g. optim.lr={cfg.optim.lr / 10:g}"
     if resume_from is None:
         return UserError(f"{e.reason} at step {e.step}; stopped before any checkpoint: rerun the same command with "
                          f"{fix} (it starts afresh), or check the data, model weights and reward functions")
-    aside = f"; later ones were moved to {run_dir.rejected}" if run_dir.rejected.exists() else ""
+    aside = f"; {', '.join(moved)} moved to {run_dir.rejected}" if moved else ""
     return UserError(f"{e.reason} at step {e.step}; stopped: the last checkpoint before it is {resume_from}{aside}. "
                      f"Rerun the same command with {fix}, and it resumes from there (or check the data, model "
                      f"weights and reward functions)")

@@ -148,8 +148,9 @@ def test_keep_last_keeps_the_newest_trusted_checkpoint_and_a_stop_sets_the_rest_
         for step in (4, 5):
             run.save(step, state(step), {"step": step}, keep_last=1)
         assert names() == ["step-000002", "step-000005"]  # keep_last=1 pruned 3 and 4, never 2
-        resume_from = run.set_aside(3)  # the run stopped: checkpoints of step 3 on are not trusted
+        resume_from, moved = run.set_aside(3)  # the run stopped: checkpoints of step 3 on are not trusted
         assert resume_from == run.checkpoints / "step-000002" and run.latest() == resume_from
+        assert moved == ["step-000005"]
         assert names() == ["step-000002"] and [p.name for p in run.rejected.iterdir()] == ["step-000005"]
     finally:
         run.release()
