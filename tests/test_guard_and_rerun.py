@@ -9,6 +9,7 @@
 - keep_last never prunes the newest checkpoint the guard trusts; a stopped run's untrusted ones are set aside.
 - A run is the same run whatever the spelling of its directory (absolute, relative, another cwd) and of
   its model path; a refused rerun leaves every file of the run byte-identical.
+- The lr explosion in train-rm and rl (slow: `make test-slow`).
 """
 
 from __future__ import annotations
@@ -203,3 +204,41 @@ def test_only_safe_keys_may_change_on_a_rerun(tmp_path):
     for key, value in (("seed", 1), ("optim", {"lr": 1e-3, "betas": [0.8, 0.95]}), ("data", {"train": "x.jsonl"})):
         with pytest.raises(UserError, match="holds a run with a different config"):
             rerun_changes(tmp_path / "run", {**config, key: value})
+
+
+# ---------------------------------------------------------------- the same in train-rm and rl (slow)
+
+SPREAD_REWARD = '''
+def spread(prompt, response, **row):
+    """Distinct values across a group of samples: every update has a signal, so the lr shows."""
+    return float(sum(map(ord, response)) % 7)
+'''
+OTHER_STAGES = {
+    "train-rm": lambda m: [f"model.path={m}", "data.num_train=32", "data.num_eval=8", "batch_size=4",
+                           "model.max_length=96", "optim.warmup_steps=0", "eval.every=1000", "log_every=1"],
+    "rl": lambda m: [f"policy.path={m}", "reward.functions=[spread_reward:spread]", "data.num_train=16",
+                     "data.num_eval=4", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4",
+                     "rollout.max_new_tokens=8", "eval.every=1000", "eval.max_new_tokens=4", "optim.warmup_steps=0",
+                     "log_every=1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", sorted(OTHER_STAGES))
+def test_lr_explosion_in_train_rm_and_rl_resumes_with_a_lower_lr(tmp_path, tiny_model_dir, stage):
+    (tmp_path / "spread_reward.py").write_text(SPREAD_REWARD)
+    env = {"PYTHONPATH": str(tmp_path)}
+    args = [*OTHER_STAGES[stage](tiny_model_dir), *CKPT_EVERY_STEP, "device=cpu", "device.threads=1"]
+    first = run_cli(stage, "output_dir=run", *args, "max_steps=2", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run = tmp_path / "run"
+    bad = run_cli(stage, "output_dir=run", *args, "max_steps=5", "optim.lr=1e4", cwd=tmp_path, env=env)
+    ckpt = run / "checkpoints" / "step-000002"
+    assert_one_line_error(bad, f"at step 3; stopped: the last checkpoint before it is {ckpt}")
+    weights = "policy" if stage == "rl" else "model"
+    assert max_abs(load_weights(ckpt / f"{weights}.safetensors")) < 5
+    again = run_cli(stage, "output_dir=run", *args, "max_steps=5", "optim.lr=1e-4", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming at step 2" in again.stdout + again.stderr
+    assert json.loads((run / "changes.jsonl").read_text().splitlines()[-1])["changes"] == {"optim.lr": [1e4, 1e-4]}
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4, 5]
