@@ -241,12 +241,22 @@ class TrainRMConfig:
 
 @dataclass
 class PolicyConfig(ModelConfig):
-    """The policy: like `model`, plus nothing else for now."""
+    """The policy: like `model`, plus how its log-probs are computed."""
+
+    chunked_logprobs: bool = doc(True, "log-probs and entropies from the hidden states in chunks of ~64 MiB of "
+                                       "logits (exact; memory no longer grows with batch x tokens x vocabulary); "
+                                       "false = the full (B, T, V) logits")
 
 
 @dataclass
 class ReferenceConfig:
     path: Optional[str] = doc(None, "frozen reference model; null = the policy's initial weights")
+    dtype: Optional[str] = doc(None, "reference weights dtype (inference only): fp32, bf16 or fp16; null = bf16 "
+                                     "on CUDA, the policy's weights dtype elsewhere")
+
+    def __post_init__(self):
+        if self.dtype is not None:
+            check_choice("reference.dtype", self.dtype, ("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -268,10 +278,12 @@ class RewardModelConfig:
     path: Optional[str] = doc(None, "reward model dir (a train-rm final/); null = no reward model")
     weight: float = doc(1.0, "weight of the reward-model score in the total reward")
     normalize: bool = doc(True, "standardise scores with the mean/std stored in the RM's manifest")
-    dtype: str = doc("fp32", "reward model weights dtype (inference only): fp32, bf16 or fp16")
+    dtype: Optional[str] = doc(None, "reward model weights dtype (inference only): fp32, bf16 or fp16; null = "
+                                     "bf16 on CUDA, fp32 elsewhere")
 
     def __post_init__(self):
-        check_choice("reward.model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        if self.dtype is not None:
+            check_choice("reward.model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
 
 
 @dataclass

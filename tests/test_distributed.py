@@ -248,13 +248,19 @@ def test_rl_mean_baseline_and_whitening_are_global(rl_runs):
 @pytest.mark.slow
 def test_fsdp_train_rm_and_rl_match_ddp(rl_runs):
     root, _, _, env = rl_runs
+    # rl: ppo (2 minibatches x 2 epochs) with the reward model just trained beside the rule: under FSDP2 the
+    # reference and the reward model are sharded like the policy and the critic, and the numbers are DDP's
+    rm_final = root / "train-rm-ddp" / "final"
     for stage, args in (("train-rm", ["batch_size=4", "optim.grad_accum=2", *COMMON]),
-                        ("rl", [*RL_COMMON, "algorithm=ppo", "max_steps=2"])):  # ppo: 2 minibatches x 2 epochs
+                        ("rl", [*RL_COMMON, "algorithm=ppo", "max_steps=2", f"reward.model.path={rm_final}"])):
         runs = {}
         for strategy in ("ddp", "fsdp"):
             out = root / f"{stage}-{strategy}"
             proc = torchrun(2, stage, f"output_dir={out}", f"device.distributed={strategy}", *args, cwd=root, env=env)
             assert proc.returncode == 0, proc.stderr[-3000:]
+            if stage == "rl":
+                sharded = "reference float32 (sharded), reward model float32 (sharded)" in text(proc)
+                assert sharded == (strategy == "fsdp"), text(proc)[-2000:]
             runs[strategy] = out
         assert max_diff(weights(runs["fsdp"]), weights(runs["ddp"])) < 1e-6, stage
         for r_f, r_d in zip(metric_rows(runs["fsdp"]), metric_rows(runs["ddp"]), strict=True):
