@@ -155,9 +155,10 @@ class RLRecipe:
             return
         check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reward.model.path, "reward.model.path"),
                              "reward.model.path")
-        self.reward_model = frozen(load_scalar_head_model(cfg.reward.model.path, "reward.model.path",  # no_grad only
-                                                          frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32"),
-                                                          self.dev_reward))
+        # as a module whose forward scores (TokenValues): what FSDP2 shards and gathers as one root
+        self.reward_model = frozen(TokenValues(load_scalar_head_model(
+            cfg.reward.model.path, "reward.model.path", frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32"),
+            self.dev_reward)))
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
         if cfg.reward.model.normalize and "score_std" in rm_manifest:
             self.rm_mean = float(rm_manifest["score_mean"])
