@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_stages(stages)
         return
+    if argv[0] in ("-V", "--version"):
+        from rlhf_cli import __version__
+
+        print(f"rlhf {__version__}")
+        return
     stage, rest = argv[0], argv[1:]
     if stage in TOOLS:
         run_tool(stage, rest)
@@ -72,10 +77,10 @@ def main(argv: list[str] | None = None) -> None:
              f" (stages: {', '.join(stages)}; tools: {', '.join(TOOLS)})")
     if not CONF_DIR.is_dir():
         fail(f"config directory {CONF_DIR} not found; install with `pip install -e .` from the repo or set RLHF_CONF_DIR")
-    if any(a in ("-h", "--help") for a in rest):
-        print_stage_help(stage)
-        return
     try:  # every problem with the command line or the config: one line, exit 2, before anything loads
+        if any(a in ("-h", "--help") for a in rest):
+            print_stage_help(stage, rest)
+            return
         overrides, hydra_args = split_args(rest)
         multirun = any(a in ("-m", "--multirun") for a in hydra_args)
         signals.remember_command(stage, rest)  # for the resume hint after SIGTERM / SIGINT
@@ -176,39 +181,42 @@ def fail_if_disk_full(exc: BaseException, output_dir) -> None:
 
 
 def print_stages(stages: dict) -> None:
-    from rich.table import Table
+    """`rlhf --help`, on stdout: one `name  what it does` line per stage and per tool."""
+    from rlhf_cli import __version__, helptext
 
-    console.print("usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)",
-                  markup=False)
-    for kind, commands in (("stage", stages), ("tool", TOOLS)):
-        if kind == "tool":
-            console.print("tools: rlhf validate <stage> [CONFIG.yaml] [key=value ...] | rlhf eval CHECKPOINT "
-                          "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png]   "
-                          "(rlhf <tool> --help)", markup=False)
-        table = Table(show_header=True)
-        table.add_column(kind)
-        table.add_column("what it does")
-        for name, (_, what) in commands.items():
-            table.add_row(name, what)
-        console.print(table)
+    helptext.print_text(f"rlhf {__version__}\n"
+                        "usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)\n"
+                        "tools: rlhf validate <stage> [CONFIG.yaml] [key=value ...] | rlhf eval CHECKPOINT "
+                        "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png]   "
+                        "(rlhf <tool> --help)\n"
+                        "other: rlhf --version | rlhf completion bash (tab completion, docs/config-and-cli.md)")
+    width = max(len(n) for n in [*stages, *TOOLS])
+    for kind, commands in (("stages", stages), ("tools", TOOLS)):
+        helptext.print_text(f"{kind}:\n" + "\n".join(f"  {name:<{width}}  {what}" for name, (_, what) in commands.items()))
 
 
-def print_stage_help(stage: str) -> None:
-    from rich.table import Table
-
+def print_stage_help(stage: str, args: list[str]) -> None:
+    """The stage's keys with the defaults of the config composed from args (`algorithm=ppo --help` shows
+    PPO's), each with its doc, on stdout (rlhf_cli/helptext.py)."""
+    from rlhf_cli import helptext
+    from rlhf_cli.compose import compose_for_help
     from rlhf_cli.config import STAGE_SCHEMAS, field_docs
 
-    console.print(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]", markup=False)
-    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
-    primary = (CONF_DIR / f"{config_name(stage)}.yaml").read_text()
-    console.print("config groups (pick with group=option):")
-    for g in groups:
-        if f"- {g}:" in primary or f"{g}:" in primary.split("_self_")[0]:
-            options = sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml"))
-            console.print(f"  {g}: {', '.join(options)}")
-    table = Table(title=f"keys of `rlhf {stage}` (defaults before the config file and groups apply)")
-    for col in ("key", "default", "doc"):
-        table.add_column(col)
-    for key, default, help_text in field_docs(STAGE_SCHEMAS[stage]):
-        table.add_row(key, default, help_text)
-    console.print(table)
+    overrides, _ = split_args([a for a in args if a not in ("-h", "--help")])
+    job, choices = compose_for_help(stage, overrides)
+    helptext.print_text(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]\n"
+                        f"config groups (pick with group=option; [chosen]):")
+    for group, chosen in sorted(choices.items()):
+        if group.endswith("_schema") or chosen is None:
+            continue
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        helptext.print_text(f"  {group}: " + ", ".join(f"[{o}]" if o == chosen else o for o in options))
+    rows = [(key, helptext.render(_select(job, key)), doc) for key, _, doc in field_docs(STAGE_SCHEMAS[stage])]
+    chosen = " ".join(f"{g}={c}" for g, c in sorted(choices.items()) if c and not g.endswith("_schema"))
+    helptext.print_keys(f"keys of `rlhf {stage}` ({chosen}{' ' if overrides else ''}{' '.join(overrides)})", rows)
+
+
+def _select(node: dict, dotted: str):
+    for part in dotted.split("."):
+        node = node[part]
+    return node
