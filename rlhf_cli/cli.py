@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf_cli import signals
+from rlhf_cli import signals, sweep
 from rlhf_cli.compose import CONF_DIR, compose_all, config_name, split_args
 from rlhf_cli.errors import UserError
 from rlhf_cli.tracking import console
@@ -62,6 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_stages(stages)
         return
+    if argv[0] in ("completion", "__complete"):  # bash tab completion (rlhf_cli/completion.py)
+        from rlhf_cli import completion
+
+        args = argv[1:] if argv[0] == "completion" else argv
+        try:
+            completion.main(args, list(stages) + list(TOOLS))
+        except UserError as e:
+            fail(str(e), code=e.exit_code)
+        return
     if argv[0] in ("-V", "--version"):
         from rlhf_cli import __version__
 
@@ -81,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         if any(a in ("-h", "--help") for a in rest):
             print_stage_help(stage, rest)
             return
+        if any(a in ("-sc", "--shell-completion") for a in rest):  # Hydra's would parse the stage as an override
+            raise UserError('Hydra\'s --shell-completion does not know the stage word; use rlhf\'s own: '
+                            'eval "$(rlhf completion bash)"')
         overrides, hydra_args = split_args(rest)
         multirun = any(a in ("-m", "--multirun") for a in hydra_args)
         signals.remember_command(stage, rest)  # for the resume hint after SIGTERM / SIGINT
@@ -89,10 +101,12 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e), code=e.exit_code)
     if not multirun and os.environ.get("RANK", "0") == "0" and not {"--cfg", "-c", "--info", "-i"} & set(hydra_args):
         check_not_in_use(configs[0].output_dir)
-    if multirun:  # name each job's dir by the swept keys only: runs/rl/algorithm=ppo,seed=1
-        fixed = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "," not in o.split("=", 1)[-1]
-                 and not o.startswith("hydra.")]
-        overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(['output_dir'] + fixed)}]")
+    if multirun:  # each job's dir named by the swept keys only: runs/algos/algorithm-ppo+seed-1 (sweep.py)
+        try:
+            sweep.check_sweep_dir(configs[0].output_dir)
+        except UserError as e:
+            fail(str(e), code=e.exit_code)
+        overrides += sweep.dirname_overrides(overrides)
     if os.environ.get("RANK", "0") != "0":
         overrides.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
     run_hydra(stage, overrides, hydra_args)
@@ -125,6 +139,7 @@ def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
     from rlhf_cli.config import register_configs
 
     register_configs()
+    sweep.register_resolvers()
     runner = importlib.import_module(STAGES[stage][0])
     task = hydra.main(config_path=str(CONF_DIR), config_name=config_name(stage), version_base="1.3")(
         _task_function(stage, runner))
@@ -137,6 +152,9 @@ def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
         if isinstance(e, OSError):  # e.g. hydra.run.dir=/proc/x: Hydra could not make the run directory
             fail(f"could not write the run directory: {e}; choose a writable output_dir=...")
         raise
+    code = sweep.report(stage)  # a multirun: the summary table; non-zero when a job failed
+    if code:
+        sys.exit(code)
 
 
 def _task_function(stage: str, runner):
@@ -144,11 +162,16 @@ def _task_function(stage: str, runner):
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
+        from hydra.types import RunMode
+
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             config = OmegaConf.to_object(cfg)
             with signals.stop_at_step_boundary():
-                runner.run(config, output_dir)
+                if HydraConfig.get().mode == RunMode.MULTIRUN:  # a failed job is reported; the sweep goes on
+                    sweep.run_job(runner.run, config, output_dir, explain_failure)
+                else:
+                    runner.run(config, output_dir)
         except UserError as e:
             fail(str(e), code=e.exit_code)
         except signals.Interrupted as e:  # SIGTERM / SIGINT: checkpoint written; one plain line, 143 / 130
@@ -163,21 +186,35 @@ def _task_function(stage: str, runner):
     return task
 
 
-def fail_if_disk_full(exc: BaseException, output_dir) -> None:
-    """fail() with one line when exc (or what caused it) is a write refused for space: ENOSPC, EFBIG,
-    EDQUOT, EROFS, whether raised as OSError or wrapped in another library's error text."""
+def explain_failure(exc: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for a failure the CLI explains (a UserError, a full disk); None otherwise."""
+    if isinstance(exc, UserError):
+        return str(exc), exc.exit_code
+    reason = disk_full_reason(exc)
+    return (f"could not write: {reason} (disk full or over quota?)", EXIT_USAGE) if reason else None
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """The reason when exc (or what caused it) is a write refused for space: ENOSPC, EFBIG, EDQUOT, EROFS,
+    raised as OSError or wrapped in another library's error text."""
     e, seen = exc, 0
     while e is not None and seen < 10:
-        reason = None
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            reason = f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
-        else:
-            reason = next((os.strerror(n) for n in DISK_ERRNOS if os.strerror(n) in str(e)), None)
+            return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+        reason = next((os.strerror(n) for n in DISK_ERRNOS if os.strerror(n) in str(e)), None)
         if reason:
-            where = f" in {output_dir}" if output_dir else ""
-            fail(f"could not write{where}: {reason} (disk full or over quota?); free space or choose another "
-                 f"output_dir=..., then rerun: it resumes from the last complete checkpoint")
+            return reason
         e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def fail_if_disk_full(exc: BaseException, output_dir) -> None:
+    """fail() with one line when exc is a write refused for space (disk_full_reason)."""
+    reason = disk_full_reason(exc)
+    if reason:
+        where = f" in {output_dir}" if output_dir else ""
+        fail(f"could not write{where}: {reason} (disk full or over quota?); free space or choose another "
+             f"output_dir=..., then rerun: it resumes from the last complete checkpoint")
 
 
 def print_stages(stages: dict) -> None:

@@ -169,7 +169,9 @@ def plot(runs: list[tuple[str, Path]], out: Path, wanted: list[str] | None = Non
 
 def main(args: list[str]) -> None:
     if any(a in ("-h", "--help") for a in args):
-        console.print(__doc__.strip(), markup=False)
+        from rlhf_cli import helptext
+
+        helptext.print_text(__doc__.strip())
         return
     dirs, out, wanted = parse_args(args)
     runs = find_runs(dirs)

@@ -47,7 +47,9 @@ def main(args: list[str]) -> None:
     from rlhf_cli.config import STAGE_SCHEMAS
 
     if not args or args[0] in ("-h", "--help"):
-        console.print(__doc__.strip(), highlight=False, markup=False)
+        from rlhf_cli import helptext
+
+        helptext.print_text(__doc__.strip())
         return
     stage, rest = args[0], args[1:]
     stages = list(STAGE_SCHEMAS)
