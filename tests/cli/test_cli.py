@@ -61,13 +61,51 @@ def test_user_yaml_file_plus_overrides(tmp_path):
     assert (tmp_path / "from_yaml" / "final" / "config.json").exists()
 
 
-def test_multirun_sweep_gives_each_job_its_own_dir(tmp_path):
-    proc = run_cli("sft", "-m", "seed=1,2", "max_steps=1", "output_dir=sweep", *TINY, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+def test_sweep_goes_on_past_a_failed_job_and_names_dirs_that_pass_back_as_paths(tmp_path):
+    """Two swept keys, one job's data missing: that job is reported with its overrides, the others run,
+    a summary table closes the sweep, the exit status is non-zero; the job dirs (`key-value+key-value`,
+    no `=` or `,`) pass back as model paths."""
+    (tmp_path / "rows.jsonl").write_text("".join(f'{{"prompt": "{i} + 1 =", "completion": " {i + 1}"}}\n'
+                                                 for i in range(16)))
+    proc = run_cli("sft", "-m", "seed=1,2", "data.train=missing.jsonl,rows.jsonl", "max_steps=1", "output_dir=sweep",
+                   *TINY, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # every failure was a user error: exit 2
+    out = proc.stderr
+    assert "sweep job 0 (seed=1 data.train=missing.jsonl) failed: data.train: file not found" in out
+    summary = out[out.index("rlhf sft sweep: 4 jobs"):].splitlines()
+    rows = [line.split("\t") for line in summary[2:6]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("0", "seed=1 data.train=missing.jsonl", "failed"),
+                                                  ("1", "seed=1 data.train=rows.jsonl", "ok"),
+                                                  ("2", "seed=2 data.train=missing.jsonl", "failed"),
+                                                  ("3", "seed=2 data.train=rows.jsonl", "ok")]
+    assert "eval_loss=" in rows[1][3]  # final metrics of the jobs that ran
+    assert "error: 2 of 4 sweep jobs failed" in out and "Traceback" not in out
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "final").exists())
-    assert jobs == ["seed=1", "seed=2"]
+    assert jobs == ["data.train-rows.jsonl+seed-1", "data.train-rows.jsonl+seed-2"]
     seeds = {json.loads((tmp_path / "sweep" / j / "config.json").read_text())["seed"] for j in jobs}
     assert seeds == {1, 2}
+    back = run_cli("validate", "train-rm", f"model.path=sweep/{jobs[0]}/final", cwd=tmp_path)  # the name passes back
+    assert back.returncode == 0, back.stdout + back.stderr
+
+
+def test_a_sweep_inside_a_run_dir_is_refused(tmp_path):
+    """`rlhf rl` then `rlhf rl -m ...` (the README's old order) would put every job inside runs/rl."""
+    (tmp_path / "runs" / "rl").mkdir(parents=True)
+    (tmp_path / "runs" / "rl" / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1.0}\n')
+    proc = run_cli("rl", "-m", "seed=1,2", cwd=tmp_path)
+    assert_one_line_error(proc, "output_dir=runs/rl-sweep")
+    assert sorted(p.name for p in (tmp_path / "runs" / "rl").iterdir()) == ["metrics.jsonl"]
+
+
+def test_step_logs_are_plain_lines_when_stdout_is_a_pipe(tmp_path):
+    """Under nohup / SLURM (no terminal) every logged step is one whole line on stdout."""
+    proc = run_cli("sft", "max_steps=3", "log_every=1", "output_dir=run", *TINY, cwd=tmp_path,
+                   env={"RLHF_NO_PROGRESS": ""})  # the pipe alone, not the switch, turns the bar into lines
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("[sft] step ") and " train: " in line]
+    assert [line.split()[2] for line in steps] == ["1/3", "2/3", "3/3"]
+    assert all("loss=" in line and "lr=" in line and "tokens_per_s=" in line for line in steps)
+    assert "[sft] step 3/3 eval: eval_loss=" in proc.stdout
 
 
 # bad config values, data files and model paths: the one table in tests/test_bad_inputs.py
