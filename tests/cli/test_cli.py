@@ -13,33 +13,32 @@ from helpers import QUICK_SFT as TINY
 
 
 def test_help_lists_only_existing_stages(tmp_path):
-    """The stage table names exactly the stages with a runner module, the tool table exactly the tools."""
+    """The stage list names exactly the stages with a runner module, the tool list exactly the tools."""
     from rlhf_cli.config import STAGE_SCHEMAS
 
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
-    tables, current = [], None
-    for line in proc.stderr.splitlines():
-        if line.startswith("┃"):
-            current = []
-            tables.append(current)
-        elif line.startswith("│") and current is not None and line.split("│")[1].strip():
-            current.append(line.split("│")[1].strip())
+    lists, current = {}, None
+    for line in proc.stdout.splitlines():  # help is on stdout
+        if line in ("stages:", "tools:"):
+            current = lists.setdefault(line[:-1], [])
+        elif line.startswith("  ") and current is not None:
+            current.append(line.split()[0])
     runners = sorted(p.stem.replace("_", "-") for p in (REPO / "rlhf_cli" / "stages").glob("*.py")
                      if p.stem != "__init__")
-    assert len(tables) == 2
-    assert sorted(tables[0]) == runners == sorted(STAGE_SCHEMAS)
-    assert tables[1] == ["validate", "eval", "plot"]
+    assert sorted(lists) == ["stages", "tools"]
+    assert sorted(lists["stages"]) == runners == sorted(STAGE_SCHEMAS)
+    assert lists["tools"] == ["validate", "eval", "plot"]
 
 
 def test_stage_help_lists_groups_and_documented_keys(tmp_path):
     proc = run_cli("sft", "--help", cwd=tmp_path)
     assert proc.returncode == 0
-    out = proc.stderr
+    out = proc.stdout
     for key in ("output_dir", "seed", "max_steps", "model.path", "data.train", "data.eval", "optim.lr", "batch_size",
                 "device.type"):
         assert key in out, key
-    assert "model: " in out and "device: auto, cpu, cuda" in out
+    assert "model: " in out and "device: [auto], cpu, cuda" in out
     assert "peak learning rate" in out  # field docs are shown
 
 
