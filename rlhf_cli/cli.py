@@ -23,8 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf_cli import signals, sweep
-from rlhf_cli.compose import CONF_DIR, compose_all, config_name, split_args
+from rlhf_cli import __version__, completion, helptext, signals, sweep
+from rlhf_cli.compose import CONF_DIR, compose_all, compose_for_help, config_name, split_args
 from rlhf_cli.errors import UserError
 from rlhf_cli.tracking import console
 
@@ -63,8 +63,6 @@ def main(argv: list[str] | None = None) -> None:
         print_stages(stages)
         return
     if argv[0] in ("completion", "__complete"):  # bash tab completion (rlhf_cli/completion.py)
-        from rlhf_cli import completion
-
         args = argv[1:] if argv[0] == "completion" else argv
         try:
             completion.main(args, list(stages) + list(TOOLS))
@@ -72,8 +70,6 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(e), code=e.exit_code)
         return
     if argv[0] in ("-V", "--version"):
-        from rlhf_cli import __version__
-
         print(f"rlhf {__version__}")
         return
     stage, rest = argv[0], argv[1:]
@@ -219,8 +215,6 @@ def fail_if_disk_full(exc: BaseException, output_dir) -> None:
 
 def print_stages(stages: dict) -> None:
     """`rlhf --help`, on stdout: one `name  what it does` line per stage and per tool."""
-    from rlhf_cli import __version__, helptext
-
     helptext.print_text(f"rlhf {__version__}\n"
                         "usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)\n"
                         "tools: rlhf validate <stage> [CONFIG.yaml] [key=value ...] | rlhf eval CHECKPOINT "
@@ -229,14 +223,13 @@ def print_stages(stages: dict) -> None:
                         "other: rlhf --version | rlhf completion bash (tab completion, docs/config-and-cli.md)")
     width = max(len(n) for n in [*stages, *TOOLS])
     for kind, commands in (("stages", stages), ("tools", TOOLS)):
-        helptext.print_text(f"{kind}:\n" + "\n".join(f"  {name:<{width}}  {what}" for name, (_, what) in commands.items()))
+        lines = [f"  {name:<{width}}  {what}" for name, (_, what) in commands.items()]
+        helptext.print_text(f"{kind}:\n" + "\n".join(lines))
 
 
 def print_stage_help(stage: str, args: list[str]) -> None:
     """The stage's keys with the defaults of the config composed from args (`algorithm=ppo --help` shows
     PPO's), each with its doc, on stdout (rlhf_cli/helptext.py)."""
-    from rlhf_cli import helptext
-    from rlhf_cli.compose import compose_for_help
     from rlhf_cli.config import STAGE_SCHEMAS, field_docs
 
     overrides, _ = split_args([a for a in args if a not in ("-h", "--help")])

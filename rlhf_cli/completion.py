@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import sys
 
+from rlhf_cli.compose import CONF_DIR, config_name
+from rlhf_cli.errors import UserError
+
 BASH_SCRIPT = r"""# rlhf tab completion (bash): eval "$(rlhf completion bash)"
 _rlhf_complete() {
     local IFS=$'\n'
@@ -35,8 +38,6 @@ WORD_BREAKS = "=:"
 def stage_groups(stage: str) -> dict[str, list[str]]:
     """The config groups the stage's primary YAML picks from -> their options (conf/<group>/*.yaml)."""
     import yaml
-
-    from rlhf_cli.compose import CONF_DIR, config_name
 
     primary = yaml.safe_load((CONF_DIR / f"{config_name(stage)}.yaml").read_text()) or {}
     groups = {}
@@ -104,7 +105,5 @@ def main(args: list[str], commands: list[str]) -> None:
         print("\n".join(complete(args[1] if len(args) > 1 else "", commands)))
         return
     if args != ["bash"]:
-        from rlhf_cli.errors import UserError
-
         raise UserError("usage: rlhf completion bash (only bash is supported); e.g. eval \"$(rlhf completion bash)\"")
     sys.stdout.write(BASH_SCRIPT)

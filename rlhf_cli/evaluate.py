@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_cli import task
+from rlhf_cli import helptext, task
 from rlhf_cli.config import EvalConfig, check_choice, check_positive, doc, field_docs, leaf_keys
 from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.rewards import call_reward, import_reward_function
@@ -106,7 +106,8 @@ def parse_overrides(schema, overrides: list[str], tool: str):
     from omegaconf.errors import OmegaConfBaseException
 
     keys = leaf_keys(schema)
-    overrides = [f"device.type={o.split('=', 1)[1]}" if o.startswith("device=") else o for o in overrides]  # as a stage's group
+    # `device=cpu` as in a stage, where it picks the device group
+    overrides = [f"device.type={o.split('=', 1)[1]}" if o.startswith("device=") else o for o in overrides]
     for o in overrides:
         key = o.split("=", 1)[0]
         if key in RENAMED and key not in keys:
@@ -152,8 +153,6 @@ def parse_args(args: list[str]) -> tuple[str, list[str], str | None]:
 
 def print_help() -> None:
     """On stdout, plain lines outside a terminal (rlhf_cli/helptext.py)."""
-    from rlhf_cli import helptext
-
     helptext.print_text(__doc__.strip())
     defaults = dataclasses.asdict(EvalToolConfig())
     rows = []

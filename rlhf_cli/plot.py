@@ -24,6 +24,7 @@ import math
 import re
 from pathlib import Path
 
+from rlhf_cli import helptext
 from rlhf_cli.errors import UserError
 from rlhf_cli.tracking import console
 
@@ -224,8 +225,6 @@ def plot(runs: list[tuple[str, Path]], out: Path, wanted: list[str] | None = Non
 
 def main(args: list[str]) -> None:
     if any(a in ("-h", "--help") for a in args):
-        from rlhf_cli import helptext
-
         helptext.print_text(__doc__.strip())
         return
     dirs, out, wanted = parse_args(args)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_cli.errors import ConfigError, UserError
-from rlhf_cli.tracking import console
+from rlhf_cli.tracking import console, fmt_value
 
 FINAL_KEYS = 4  # final metrics shown per job in the summary (eval_ first)
 
@@ -103,8 +103,6 @@ def report(stage: str) -> int:
     """Print the summary table -> the exit status of the sweep (0 when every job finished)."""
     from rich.markup import escape
     from rich.table import Table
-
-    from rlhf_cli.tracking import fmt_value
 
     if not RESULTS:
         return 0

@@ -62,7 +62,8 @@ def test_help_shows_the_composed_defaults_of_cfg_job(tmp_path, stage, choice):
     if stage == "rl":
         assert defaults["optim.lr"] == 3e-4 and defaults["algorithm.name"] == choice[0].split("=")[1]
         assert defaults["algorithm.epochs"] == (2 if "algorithm=ppo" in choice else 1)
-        assert re.search(r"^  rollout\.samples_per_prompt += 8  # K responses per prompt", shown.stdout, re.M)  # not cut
+        # the longest key, whole (a pipe once cut it to `rollout.samples_per_pr…`)
+        assert re.search(r"^  rollout\.samples_per_prompt += 8  # K responses per prompt", shown.stdout, re.M)
         assert max(len(line) for line in shown.stdout.splitlines()) > 120  # nothing wrapped at 80 columns
     assert "[" + (choice[0].split("=")[1] if choice else "auto") + "]" in shown.stdout  # the chosen option marked
     assert not (tmp_path / "runs").exists()
