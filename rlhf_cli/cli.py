@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from rlhf_cli import __version__, completion, helptext, signals, sweep
-from rlhf_cli.compose import CONF_DIR, compose_all, compose_for_help, config_name, split_args
+from rlhf_cli.compose import CONF_DIR, compose_all, compose_for_help, config_name, expand_sweeps, split_args
 from rlhf_cli.errors import UserError
 from rlhf_cli.tracking import console
 
@@ -233,6 +233,8 @@ def print_stage_help(stage: str, args: list[str]) -> None:
     from rlhf_cli.config import STAGE_SCHEMAS, field_docs
 
     overrides, _ = split_args([a for a in args if a not in ("-h", "--help")])
+    if len(expand_sweeps(overrides)) > 1:
+        raise UserError(f"--help shows one composition; give one value per key, e.g. rlhf {stage} algorithm=ppo --help")
     job, choices = compose_for_help(stage, overrides)
     helptext.print_text(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]\n"
                         f"config groups (pick with group=option; [chosen]):")

@@ -2,7 +2,8 @@
 progress bar and result tables.
 
 Runners call ``tracker.log(step, metrics)`` with plain dicts; only this module
-(and the CLI) touch rich. Non-main ranks get a tracker that writes nothing.
+(and the CLI) touch rich. On a terminal a progress bar; anywhere else (nohup,
+SLURM, a pipe) each logged step is one plain line on stdout. Non-main ranks get a tracker that writes nothing.
 A metric ``loss`` logged with kind ``train`` is the TensorBoard / W&B scalar
 ``train/loss``; eval metrics are ``eval/eval_accuracy`` and so on.
 """
@@ -174,7 +175,7 @@ class Tracker:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            console.print(text)
+            console.print(text, soft_wrap=not console.is_terminal)  # a log file: one line, not cut at 80
 
     def table(self, title: str, rows: dict) -> None:
         if not self.enabled:

@@ -109,7 +109,7 @@ def test_plot_keeps_each_stages_metrics_in_its_own_panels(sweep, reward_model):
             assert labels == ({rm_label} if title.startswith("train-rm: ") else sft_labels), title
         assert axes["train-rm: eval_accuracy"].get_ylabel() == "held-out pairwise accuracy"
         assert axes["sft: eval_accuracy"].get_ylabel() == "held-out generation accuracy (eval.rule)"
-        assert axes["train-rm: loss"].get_ylabel() == "Bradley-Terry pairwise loss"
+        assert axes["train-rm: bt_loss"].get_ylabel() == "Bradley-Terry pairwise loss"
         assert [title.split(":")[0] for title in axes] == sorted((t.split(":")[0] for t in axes),
                                                                 key=["sft", "train-rm"].index)  # stages grouped
     finally:
