@@ -2,9 +2,10 @@
 
     rlhf sft                                   # embedded tiny model + task, CPU minutes
     rlhf sft my_sft.yaml optim.lr=1e-3         # a config file of your own, plus overrides
-    rlhf sft -m seed=1,2,3                     # a Hydra multirun sweep (a dir per job)
+    rlhf sft -m seed=1,2,3 output_dir=runs/seeds   # a Hydra multirun sweep: runs/seeds/seed-1 ... (sweep.py)
     rlhf sft --cfg job                         # print the composed config
-    rlhf sft --help                            # config groups and keys, with their docs
+    rlhf rl algorithm=ppo --help               # keys with the defaults these options give, on stdout
+    rlhf --version; eval "$(rlhf completion bash)"
 
 The dispatcher pops the stage, turns a positional YAML file into overrides,
 composes and validates the whole config (every sweep combination) with
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e), code=e.exit_code)
     if not multirun and os.environ.get("RANK", "0") == "0" and not {"--cfg", "-c", "--info", "-i"} & set(hydra_args):
         check_not_in_use(configs[0].output_dir)
+        try:
+            sweep.check_run_dir(configs[0].output_dir)
+        except UserError as e:
+            fail(str(e), code=e.exit_code)
     if multirun:  # each job's dir named by the swept keys only: runs/algos/algorithm-ppo+seed-1 (sweep.py)
         try:
             sweep.check_sweep_dir(configs[0].output_dir)

@@ -12,7 +12,8 @@
 - At the end a table: job, status, final metrics; the exit status is non-zero
   when any job failed (1, or the user error's 2 when every failure was one).
 - A sweep is refused in a directory that already holds a single run (its jobs
-  would land inside that run, and `rlhf plot` would show only the run).
+  would land inside that run, and `rlhf plot` would show only the run), and a
+  single run in a directory that holds a sweep.
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ def check_sweep_dir(output_dir: str) -> None:
     if (root / "metrics.jsonl").exists() or (root / "config.json").exists():
         raise ConfigError(f"output_dir {output_dir} holds a run (not a sweep): the sweep's jobs would land inside it; "
                           f"give the sweep its own dir, e.g. output_dir={output_dir.rstrip('/')}-sweep")
+
+
+def check_run_dir(output_dir: str) -> None:
+    """The other way round: a single run into a sweep's dir would write its metrics.jsonl beside the jobs,
+    and `rlhf plot` of that dir would then show the run alone."""
+    root = Path(output_dir).expanduser()
+    if (root / "multirun.yaml").exists() and not (root / "config.json").exists():
+        raise ConfigError(f"output_dir {output_dir} holds a sweep (multirun.yaml and its job dirs); give this run "
+                          f"its own dir, e.g. output_dir={output_dir.rstrip('/')}-run, or add -m to rerun the sweep")
 
 
 def run_job(run, config, output_dir: Path, exit_code_of) -> None:

@@ -87,13 +87,17 @@ def test_sweep_goes_on_past_a_failed_job_and_names_dirs_that_pass_back_as_paths(
     assert back.returncode == 0, back.stdout + back.stderr
 
 
-def test_a_sweep_inside_a_run_dir_is_refused(tmp_path):
-    """`rlhf rl` then `rlhf rl -m ...` (the README's old order) would put every job inside runs/rl."""
+def test_a_sweep_inside_a_run_dir_and_a_run_inside_a_sweep_dir_are_refused(tmp_path):
+    """`rlhf rl` then `rlhf rl -m ...` (the README's old order) would put every job inside runs/rl; a single
+    run into a sweep's dir would sit beside its jobs. Either way `rlhf plot` of the dir would hide runs."""
     (tmp_path / "runs" / "rl").mkdir(parents=True)
     (tmp_path / "runs" / "rl" / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1.0}\n')
-    proc = run_cli("rl", "-m", "seed=1,2", cwd=tmp_path)
-    assert_one_line_error(proc, "output_dir=runs/rl-sweep")
+    assert_one_line_error(run_cli("rl", "-m", "seed=1,2", cwd=tmp_path), "output_dir=runs/rl-sweep")
     assert sorted(p.name for p in (tmp_path / "runs" / "rl").iterdir()) == ["metrics.jsonl"]
+    (tmp_path / "algos" / "seed-1").mkdir(parents=True)
+    (tmp_path / "algos" / "multirun.yaml").write_text("hydra: {}\n")
+    assert_one_line_error(run_cli("sft", "output_dir=algos", cwd=tmp_path), "holds a sweep")
+    assert sorted(p.name for p in (tmp_path / "algos").iterdir()) == ["multirun.yaml", "seed-1"]
 
 
 def test_step_logs_are_plain_lines_when_stdout_is_a_pipe(tmp_path):
