@@ -161,9 +161,8 @@ def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
 def _task_function(stage: str, runner):
     def task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import OmegaConf
-
         from hydra.types import RunMode
+        from omegaconf import OmegaConf
 
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
