@@ -124,19 +124,42 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.islice(itertools.product(*choices), 64)]
 
 
-def compose_config(stage: str, overrides: list[str]):
-    """Compose + validate: -> the typed stage config object. Raises on problems."""
+def _compose(stage: str, overrides: list[str], return_hydra_config: bool = False):
+    """Hydra's compose API on the stage's primary config -> the DictConfig (what `--cfg job` prints)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
     from rlhf_cli.config import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name(stage), overrides=[o for o in overrides if not o.startswith("hydra.")])
-    return OmegaConf.to_object(cfg)
+        return compose(config_name=config_name(stage), return_hydra_config=return_hydra_config,
+                       overrides=[o for o in overrides if not o.startswith("hydra.")])
+
+
+def compose_config(stage: str, overrides: list[str]):
+    """Compose + validate: -> the typed stage config object. Raises on problems."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(_compose(stage, overrides))
+
+
+def compose_for_help(stage: str, overrides: list[str]) -> tuple[dict, dict]:
+    """-> (the composed config as plain containers, exactly what `--cfg job` prints; the chosen option of
+    each config group). No __post_init__ checks run: help shows the composed values even for a config that
+    a run would refuse (a ConfigError only for keys or values the composition itself rejects)."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = _compose(stage, overrides, return_hydra_config=True)
+    except Exception as e:
+        raise ConfigError(explain_config_error(stage, e, overrides)) from None
+    choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+               if not k.startswith("hydra/")}
+    job = OmegaConf.to_container(cfg, resolve=False)
+    job.pop("hydra")
+    return job, choices
 
 
 def compose_all(stage: str, overrides: list[str], multirun: bool) -> list:

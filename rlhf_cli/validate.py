@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_cli import compose
+from rlhf_cli import compose, helptext, sweep
 from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.rewards import import_reward_function
 from rlhf_cli.tracking import console
@@ -47,7 +47,7 @@ def main(args: list[str]) -> None:
     from rlhf_cli.config import STAGE_SCHEMAS
 
     if not args or args[0] in ("-h", "--help"):
-        console.print(__doc__.strip(), highlight=False, markup=False)
+        helptext.print_text(__doc__.strip())
         return
     stage, rest = args[0], args[1:]
     stages = list(STAGE_SCHEMAS)
@@ -72,6 +72,8 @@ def main(args: list[str]) -> None:
                 lines.append(line)
     if not multirun:
         lines.append(output_dir_state(cfg))
+    else:  # as `rlhf <stage> -m` refuses it: a sweep inside a single run's dir
+        sweep.check_sweep_dir(configs[0].output_dir)
 
     what = f"{len(configs)} sweep combinations" if multirun else "config"
     console.print(f"ok: rlhf {stage} {what}, data and model paths check out")
