@@ -57,6 +57,13 @@ def available_stages() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `rlhf` entry point. Ctrl-C while no run holds the step-boundary handler (importing torch,
+    composing the config, a tool's work) is one line and exit 130, as a stop during training is (signals.py)."""
+    signals.exit_at_once_on_sigint()
+    dispatch(argv)
+
+
+def dispatch(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     stages = available_stages()
     if not argv or argv[0] in ("-h", "--help", "help"):
