@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from rlhf_cli.errors import ConfigError, UserError
+from rlhf_cli.tracking import console
 
 # hydra, omegaconf and rlhf_cli.config (which imports hydra) load inside the functions that compose:
 # `rlhf --help` and `rlhf <stage> --help` print without them.
@@ -162,8 +163,6 @@ def compose_all(stage: str, overrides: list[str], multirun: bool) -> list:
 def warn(lines: list[str]) -> None:
     """`warning: ...` lines on stderr (rank 0 only): what the run will do differently from what was asked."""
     if lines and os.environ.get("RANK", "0") == "0":
-        from rlhf_cli.tracking import console
-
         for line in lines:
             console.print(f"warning: {line}", markup=False, soft_wrap=True)
 

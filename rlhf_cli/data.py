@@ -84,6 +84,29 @@ def load_rows(spec: str, key: str, split: str = "train", subset: str | None = No
     return out
 
 
+def _load_dataset_dir(path: Path, spec: str, key: str, split: str, subset: str | None):
+    """A saved dataset (save_to_disk) or a dataset repository laid out on disk."""
+    import datasets
+
+    saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    try:
+        if saved:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{key}: {spec} has no split {split!r} (splits: {', '.join(ds)}); "
+                                    f"set the split key (data.train_split / data.eval_split)")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(str(path), subset, split=split)
+    except DataError:
+        raise
+    except Exception as e:
+        what = f"split {split!r}" + (f", subset {subset!r}" if subset else "")
+        raise DataError(f"{key}: could not load the dataset directory {spec} ({what}): "
+                        f"{first_line(e)}") from None
+
+
 def read_text(path: Path, key: str) -> str:
     """A text data file's contents as UTF-8 (a leading BOM dropped): the one decoding path of every text
     data file. Bytes that are not UTF-8 -> one DataError naming the file, line and column, and the fix."""
@@ -244,7 +267,8 @@ def sft_row_problem(row: dict) -> str | None:
     if "prompt" in row and "completion" in row:
         for field in ("prompt", "completion"):
             if row[field] is None:
-                return f"has no `{field}` (null); give prompt/completion or messages"
+                return (f"has no `{field}` (null; fields with values: {sorted(k for k, v in row.items() if v is not None)}); "
+                        f"sft needs prompt/completion or messages")
             problem = _text_or_messages_problem(row[field], field, allow_empty=True)
             if problem:
                 return problem
