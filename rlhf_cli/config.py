@@ -461,18 +461,19 @@ class RLConfig:
 
 @dataclass(frozen=True)
 class ReadWhen:
-    """`keys` (or key prefixes) are read only when `when(cfg)` holds; `needs` says so in words and
-    `now(cfg)` names the setting that holds instead."""
+    """`keys` (or key prefixes) are read only when `when(cfg)` holds; `needs` says so in words (or returns
+    the words, when they come from a registry) and `now(cfg)` names the setting that holds instead."""
     keys: tuple
     when: Callable
-    needs: str
+    needs: str | Callable[[], str]
     now: Callable
 
 
 def _critic_estimators() -> str:
     from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS  # torch: see AlgorithmConfig.__post_init__
 
-    return " or ".join(f"algorithm.advantage={n}" for n in ADVANTAGE_ESTIMATORS if ADVANTAGE_ESTIMATORS.trait(n, "needs_values"))
+    names = [n for n in ADVANTAGE_ESTIMATORS if ADVANTAGE_ESTIMATORS.trait(n, "needs_values")]
+    return "a critic (" + " or ".join(f"algorithm.advantage={n}" for n in names) + ")"
 
 
 def _trust_region_losses() -> str:
@@ -499,8 +500,8 @@ READ_WHEN = [
     ReadWhen(("data.num_train", "data.num_eval"), lambda c: c.data.train is None, "data.train=null (the embedded task)",
              lambda c: f"data.train={c.data.train}"),
     ReadWhen(("critic", "placement.critic", "algorithm.value_coef"), lambda c: c.algorithm.needs_critic,
-             "a critic (" + "{critic_estimators}" + ")", lambda c: f"algorithm.advantage={c.algorithm.advantage}"),
-    ReadWhen(("algorithm.value_clip", "algorithm.target_kl"), _trust_region, "{trust_region_losses}",
+             _critic_estimators, lambda c: f"algorithm.advantage={c.algorithm.advantage}"),
+    ReadWhen(("algorithm.value_clip", "algorithm.target_kl"), _trust_region, _trust_region_losses,
              lambda c: f"algorithm.name={c.algorithm.name}"),
     ReadWhen(("kl.horizon",), lambda c: c.kl.target is not None, "kl.target set (an adaptive KL coefficient)",
              lambda c: "kl.target=null"),
@@ -539,8 +540,6 @@ def ignored_keys(stage: str, cfg, overrides: list[str]) -> list[str]:
     options do not read, naming the key, the option that would read it and the one in force."""
     keys = set(leaf_keys(STAGE_SCHEMAS[stage]))
     rules = READ_WHEN + (_registry_rules() if stage == "rl" else [])
-    words = {"critic_estimators": _critic_estimators() if stage == "rl" else "",
-             "trust_region_losses": _trust_region_losses() if stage == "rl" else ""}
     lines = []
     for override in overrides:
         key, _, value = override.lstrip("+").partition("=")
@@ -551,8 +550,9 @@ def ignored_keys(stage: str, cfg, overrides: list[str]) -> list[str]:
             if prefix is None or not any(k == prefix or k.startswith(prefix + ".") for k in keys):
                 continue
             if not rule.when(cfg):
-                lines.append(f"{key}={value} is ignored: it is read only with {rule.needs.format(**words)}, and "
-                             f"this run has {rule.now(cfg)}; drop the key or change that setting")
+                needs = rule.needs() if callable(rule.needs) else rule.needs
+                lines.append(f"{key}={value} is ignored: it is read only with {needs}, and this run has "
+                             f"{rule.now(cfg)}; drop the key or change that setting")
     return lines
 
 
