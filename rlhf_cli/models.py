@@ -104,7 +104,7 @@ def check_model_kind(path: str, key: str, expected: str) -> None:
     if expected == CAUSAL_LM and kind in (REWARD_MODEL, CLASSIFIER):
         raise UserError(f"{key}: {path} is a {kind} ({said}: scores per sequence, no language-model head), "
                         f"not a causal LM; give a causal LM there, e.g. an sft final/ (runs/sft/final) or a base "
-                        f"model, and pass the reward model as reward.model.path")
+                        f"model; a reward model goes in reward.model.path (rlhf eval: reward_model=)")
     if expected == REWARD_MODEL and kind in (CAUSAL_LM, CLASSIFIER):
         raise UserError(f"{key}: {path} is not a reward model ({said}); its score head would be new, so every "
                         f"response would score 0: give a train-rm final/ (e.g. runs/rm/final), or train one with "
