@@ -262,13 +262,14 @@ def sft_row_problem(row: dict) -> str | None:
             return "`messages` must be a list of {role, content} ending with an assistant turn (the completion)"
         problem = _messages_problem(msgs, "messages")
         if problem or msgs[-1]["role"] != "assistant":
-            return problem or "messages must be a list of {role, content} ending with an assistant turn (the completion)"
+            return problem or ("messages must be a list of {role, content} ending with an assistant turn "
+                               "(the completion)")
         return None
     if "prompt" in row and "completion" in row:
         for field in ("prompt", "completion"):
             if row[field] is None:
-                return (f"has no `{field}` (null; fields with values: {sorted(k for k, v in row.items() if v is not None)}); "
-                        f"sft needs prompt/completion or messages")
+                present = sorted(k for k, v in row.items() if v is not None)
+                return f"has no `{field}` (null; fields with values: {present}); sft needs prompt/completion or messages"
             problem = _text_or_messages_problem(row[field], field, allow_empty=True)
             if problem:
                 return problem
