@@ -216,7 +216,8 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     from rlhf_cli import data
     from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.evaluation import held_out_accuracy
-    from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.models import (CAUSAL_LM, REWARD_MODEL, check_model_dir, check_model_kind, load_causal_lm,
+                                 load_scalar_head_model, load_tokenizer)
     from rlhf_cli.rollout import make_engine
     from rlhf_cli.runtime import resolve_device
     from rlhf_cli.scoring import score_texts
@@ -238,6 +239,11 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
         if rm_manifest and rm_manifest.get("stage") != "train-rm":
             raise UserError(f"reward.model.path: {rm_path} is not a reward model (its manifest says stage "
                             f"{rm_manifest.get('stage')!r}); give a train-rm final/")
+
+    check_model_kind(str(ckpt), "CHECKPOINT", CAUSAL_LM)  # from config.json: no weights yet
+    if cfg.reward_model:
+        check_model_dir(cfg.reward_model, "reward_model")
+        check_model_kind(cfg.reward_model, "reward_model", REWARD_MODEL)
 
     # rows and prompts first: a data problem fails before any weights load
     if cfg.data.eval is None:

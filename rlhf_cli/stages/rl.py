@@ -41,8 +41,8 @@ from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy
 from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
-from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model, load_tokenizer,
-                             model_path)
+from rlhf_cli.models import (check_models, check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model,
+                             load_tokenizer, model_path)
 from rlhf_cli.precision import Precision, frozen_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses, make_engine
@@ -91,6 +91,7 @@ class RLRecipe:
     # ================================================================ setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
+        check_models("rl", cfg)  # every model path a model dir of the kind its key needs, before any weights load
         self.reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]  # cheap to fail
         self.policy_path = model_path(cfg.policy, self.run_dir.root, cfg.seed, rt)
         self.dev_policy, self.dev_ref, self.dev_reward, self.dev_critic = (
@@ -124,6 +125,7 @@ class RLRecipe:
     def _setup_data(self) -> None:
         cfg, tokenizer = self.cfg, self.tokenizer
         self.train_rows, self.eval_rows = data.stage_rows(cfg.data, "prompts", cfg.seed)
+        loop.check_batch_fits(cfg, self.rt.world_size, len(self.train_rows))
         # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn
         self.train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(self.train_rows)]
         self.eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(self.eval_rows)]
