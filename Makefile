@@ -36,6 +36,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+	$(BIN)/python scripts/bench_memory.py
 
 # TRL beside the torch already installed: the constraint keeps pip from replacing it
 bench-trl: install

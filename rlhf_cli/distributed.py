@@ -49,6 +49,17 @@ def wrap_model(model, rt: runtime.Runtime, strategy: str = "ddp"):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def shard_frozen(model, rt: runtime.Runtime, strategy: str = "ddp"):
+    """A model that only runs forwards (reference, reward model) under torchrun: sharded like the
+    policy under FSDP2 (each rank holds 1/world of it; a forward gathers one block at a time), so a
+    run whose four models do not fit one GPU fits several. Under DDP (or one process) it stays a
+    full replica: there are no gradients to synchronise. Every rank must then run the same number
+    of forwards on it (the rl stage's scoring does: equal rows per rank)."""
+    if not rt.distributed or strategy != "fsdp" or model is None or not isinstance(model, torch.nn.Module):
+        return model
+    return wrap_model(model, rt, strategy)
+
+
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

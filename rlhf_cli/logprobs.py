@@ -12,6 +12,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from rlhf_cli import distributed
 from rlhf_cli.models import scalar_head
 
 
@@ -22,40 +23,161 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def token_values(model, input_ids, attention_mask) -> torch.Tensor:
     """Scalar head applied at every position: (B, L) float32. Critic values / RM scores."""
+    if isinstance(model, TokenValues):  # through the module's forward: FSDP2 gathers its root's weights there
+        return model(input_ids, attention_mask)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     return scalar_head(model)(hidden).squeeze(-1).float()
 
 
 def response_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
-                      with_entropy: bool = False, entropy_grad: bool = True):
+                      with_entropy: bool = False, entropy_grad: bool = True, chunk_elements: int | None = None):
     """log pi(token | prefix) of the response tokens, from logits / T.
 
     input_ids: (B, P + T) with left-padded prompts of width P. Returns (B, T)
     log-probs, and (B, T) entropies when asked (outside the autograd graph unless
     entropy_grad: an entropy only logged costs no backward over (B, T, V)).
+    Never holds the (B, T, V) logits: see response_terms.
     """
+    logprobs, entropy, _ = response_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy,
+                                          entropy_grad, chunk_elements)
+    return (logprobs, entropy) if with_entropy else logprobs
+
+
+# rows of (V,) logits per chunk: 2**24 fp32 elements = 64 MiB, whatever the vocabulary
+# (151,936 -> 110 rows; the embedded model's 264 -> 63k rows, i.e. one chunk)
+CHUNK_ELEMENTS = 2 ** 24
+
+
+def response_terms(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
+                   with_entropy: bool = False, entropy_grad: bool = True, chunk_elements: int | None = None):
+    """-> ((B, T) log-probs, (B, T) entropies or None, (B, T, H) hidden states fed to the LM head
+    before each response token), computed from the hidden states in chunks of rows.
+
+    Memory: the model's forward runs with its LM head applied to ONE position (a pre-hook on the
+    head keeps the (B, T + 1, H) hidden states and hands the head their first row); the head, any
+    logit transform, log-softmax, gather and entropy then run over chunks of ~chunk_elements / V
+    rows, each under activation checkpointing (non-reentrant: torch.utils.checkpoint), so the
+    forward keeps only the hidden states and the backward recomputes one chunk's (rows, V) logits
+    at a time. Peak extra memory is one chunk's logits and their gradient instead of (B, T, V)
+    logits, their log-softmax and its gradient (what TRL's selective_log_softmax and verl's fused
+    kernels avoid, by row loops and fused Triton kernels respectively). The numbers are the full
+    computation's, row for row (tests/test_logprobs.py: values and gradients to 1e-6).
+
+    Exactness check, free: the model's own logits for the first kept row ((B, 1, V), through every
+    transform its forward applies, softcapping or scaling included) are compared with ours for that
+    row; a model whose forward transforms logits in a way not reproduced here (see _head_logits)
+    falls back, for that call, to the full (B, T, V) computation through its own forward.
+    chunk_elements=0 asks for that full computation (policy.chunked_logprobs=false).
+    """
+    if chunk_elements == 0 or distributed.is_sharded(model):  # FSDP2: the root's head is resharded once its forward returns
+        return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
     response_len = input_ids.shape[1] - prompt_len
-    # the LM head only on the T + 1 last positions, not on the prompt's (cost: B x (P + T) x V matmul otherwise)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                   **_keep_last_logits(model, response_len + 1)).logits
+    inner = _causal_lm(model)
+    head = inner.get_output_embeddings()
+    fed = []
+
+    def one_row_to_head(module, args):  # keep the hidden states, let the model's head compute one row
+        fed.append(args[0])
+        return (args[0][:, :1],) + tuple(args[1:])
+
+    hook = head.register_forward_pre_hook(one_row_to_head)
+    try:
+        model_logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                             **_keep_last_logits(model, response_len + 1)).logits  # (B, 1, V)
+    finally:
+        hook.remove()
+    hidden = fed[0][:, -(response_len + 1):]  # (B, T + 1, H): the state before each response token, and the last
+    before = hidden[:, :-1]
+    transform = _head_logits(inner, head)
+    with torch.no_grad():
+        first = transform(fed[0][:, :1]).float()  # the row the model's own head computed
+    own = model_logits[:, :1].detach().float()
+    if not torch.allclose(first, own, rtol=1e-3, atol=1e-3 * (1.0 + own.abs().max().item())):
+        return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
+    targets = input_ids[:, prompt_len:]
+    B, T, H = before.shape
+    rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, first.shape[-1]))
+    flat_h, flat_t = before.reshape(B * T, H), targets.reshape(B * T)
+    want_entropy_grad = with_entropy and entropy_grad and torch.is_grad_enabled()
+
+    def chunk(h, t):
+        logp_all = F.log_softmax(transform(h).float() / temperature, dim=-1)  # (rows, V)
+        logp = logp_all.gather(-1, t[:, None]).squeeze(-1)
+        if not with_entropy:
+            return logp, None
+        with torch.set_grad_enabled(want_entropy_grad):
+            return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+    logps, ents = [], []
+    recompute = torch.is_grad_enabled() and flat_h.requires_grad and B * T > rows  # one chunk: nothing to save
+    for i in range(0, B * T, rows):
+        h, t = flat_h[i:i + rows], flat_t[i:i + rows]
+        if recompute:
+            logp, ent = torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False)
+        else:
+            logp, ent = chunk(h, t)
+        logps.append(logp)
+        ents.append(ent)
+    logprobs = torch.cat(logps).view(B, T) if logps else flat_h.new_zeros(B, T, dtype=torch.float32)
+    entropy = (torch.cat(ents).view(B, T) if logps else torch.zeros_like(logprobs)) if with_entropy else None
+    return logprobs, entropy, before
+
+
+def _head_logits(inner, head):
+    """hidden (N, H) -> the logits the model's forward returns for them: its LM head, then the
+    transforms transformers' causal LMs apply after it (Gemma 2/3 final softcapping, Cohere's
+    logit scale). Anything else is caught by response_terms' comparison."""
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    scale = getattr(inner, "logit_scale", None)
+
+    def transform(h):
+        logits = head(h)
+        if scale is not None:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad):
+    """response_terms through the model's own forward, (B, T, V) logits and all: the fallback for
+    heads not reproduced here and for FSDP2 (whose root reshards the head when its forward returns)."""
+    response_len = input_ids.shape[1] - prompt_len
+    fed = []
+    hook = _causal_lm(model).get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: fed.append(args[0]))
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                       **_keep_last_logits(model, response_len + 1)).logits
+    finally:
+        hook.remove()
+    before = fed[0][:, -(response_len + 1):-1]  # (B, T, H)
     logits = logits[:, -(response_len + 1):-1].float() / temperature  # (B, T, V)
     logp_all = F.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
     if not with_entropy:
-        return logprobs
+        return logprobs, None, before
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
+    return logprobs, entropy, before
+
+
+def _causal_lm(model):
+    """The transformers causal LM inside DDP / FSDP / peft / lora.AdaptersOff wrappers."""
+    inner = getattr(model, "module", model)  # DDP / FSDP wrappers pass keywords through
+    if not hasattr(inner, "forward"):  # lora.AdaptersOff: the policy's own module, run with adapters off
+        inner = inner.model
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def _keep_last_logits(model, n: int) -> dict:
     """{"logits_to_keep": n} when the model's forward takes it (transformers causal LMs do), else {}."""
-    inner = getattr(model, "module", model)  # DDP / FSDP wrappers pass keywords through
-    if not hasattr(inner, "forward"):  # lora.AdaptersOff: the policy's own module, run with adapters off
-        inner = inner.model
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = _causal_lm(model)
     return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
 
 
@@ -64,13 +186,14 @@ class PolicyWithValueHead(torch.nn.Module):
     al. 2016 and of TRL's former AutoModelForCausalLMWithValueHead): one forward and one backward
     give log-probs and values, where a separate critic costs a second model's forward and backward.
 
-    The log-probs come from the model's own forward (any logit scaling or softcapping included);
-    the values from the hidden state that forward feeds its LM head. The head starts at zero, so
+    The log-probs come from response_terms (chunked over the vocabulary-sized logits); the values
+    from the hidden states the model's forward feeds its LM head. The head starts at zero, so
     the first values are 0 as with a fresh critic head."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, chunk_elements: int | None = None):
         super().__init__()
         self.policy = policy
+        self.chunk_elements = chunk_elements
         weight = self._lm_head().weight  # (V, H)
         self.v_head = torch.nn.Linear(weight.shape[1], 1, device=weight.device, dtype=weight.dtype)
         torch.nn.init.zeros_(self.v_head.weight)
@@ -80,16 +203,9 @@ class PolicyWithValueHead(torch.nn.Module):
                 entropy_grad: bool = True):
         """-> (B, T) log-probs, (B, T) entropies (None unless with_entropy), (B, T) values V(s_t) of the
         states before each response token."""
-        fed_to_head = []
-        hook = self._lm_head().register_forward_pre_hook(lambda module, args: fed_to_head.append(args[0]))
-        try:
-            out = response_logprobs(self.policy, input_ids, attention_mask, prompt_len, temperature, with_entropy,
-                                    entropy_grad)
-        finally:
-            hook.remove()
-        logprobs, entropy = out if with_entropy else (out, None)
-        response_len = input_ids.shape[1] - prompt_len
-        before_response = fed_to_head[0][:, -(response_len + 1):-1]  # (B, T, H): the state before each response token
+        logprobs, entropy, before_response = response_terms(self.policy, input_ids, attention_mask, prompt_len,
+                                                            temperature, with_entropy, entropy_grad,
+                                                            self.chunk_elements)
         return logprobs, entropy, self.v_head(before_response).squeeze(-1).float()
 
     def _lm_head(self) -> torch.nn.Module:

@@ -7,25 +7,126 @@ as its base with the adapter merged in.
 
 from __future__ import annotations
 
+import json
 import logging
+import operator
 from pathlib import Path
 
 import torch
 
 from rlhf_cli import embedded, lora, runtime
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import UserError, first_line
 from rlhf_cli.runtime import DTYPES
 
 
+# What a model key must hold, by stage: read from the config's `architectures` (or a LoRA adapter's
+# task_type) before any weights load. "either": a causal LM gets a fresh one-output head, an existing
+# scalar-head model keeps its own (train-rm's starting point; a critic, like critic.init=policy).
+CAUSAL_LM, REWARD_MODEL, CLASSIFIER, EITHER = "causal LM", "reward model", "classifier", "either"
+EXPECTED_KINDS = {
+    "sft": {"model.path": CAUSAL_LM},
+    "train-rm": {"model.path": EITHER},
+    "rl": {"policy.path": CAUSAL_LM, "reference.path": CAUSAL_LM, "reward.model.path": REWARD_MODEL,
+           "critic.path": EITHER},
+}
+GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+SCALAR_HEAD_SUFFIX = "ForSequenceClassification"
+
+
 def check_model_dir(path: str, key: str) -> None:
-    """A one-line UserError when `path` (the value of `key`) is not a model directory."""
+    """A one-line UserError when `path` (the value of `key`) is not a model directory: missing, a run
+    directory (its model is in final/), a training checkpoint, or a dir without config.json."""
     p = Path(path).expanduser()
     looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not p.exists():
         raise UserError(f"{key}: {path} does not exist; point it at a model directory (e.g. runs/sft/final)")
-    if p.exists() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+    if not p.exists():
+        return  # a hub name
+    if _is_run_dir(p):
+        final = p / "final"
+        if final.is_dir():
+            raise UserError(f"{key}: {path} is a run directory, not a model; its trained model is in {final}: "
+                            f"set {key}={final}")
+        raise UserError(f"{key}: {path} is a run directory without a final/ model yet (the run has not finished); "
+                        f"rerun its command to finish it, then set {key}={final}")
+    if p.parent.name == "checkpoints" and (p / "manifest.json").exists():
+        run = p.parent.parent
+        raise UserError(f"{key}: {path} is a training checkpoint (resume state), not a model directory; use the "
+                        f"run's model, {key}={run / 'final'} (rerunning the run's command resumes from this checkpoint)")
+    if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
         raise UserError(f"{key}: {path} is not a Hugging Face model directory (no config.json, nor a LoRA "
-                        f"adapter's adapter_config.json)")
+                        f"adapter's adapter_config.json); point it at a model directory (e.g. runs/sft/final)")
+
+
+def _is_run_dir(p: Path) -> bool:
+    """A run directory of this tool: its config.json is the run's config (no model_type), beside checkpoints/."""
+    config = _read_json(p / "config.json")
+    return (p / "checkpoints").is_dir() and "model_type" not in config and "output_dir" in config
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def model_kind(path: str) -> tuple[str | None, str]:
+    """(CAUSAL_LM, REWARD_MODEL (one output), CLASSIFIER (several) or None when not known, what the dir's
+    config says). Custom code
+    (auto_map) and unfamiliar architecture names are not judged: the loader decides."""
+    p = Path(path).expanduser()
+    if lora.is_adapter_dir(p):
+        task_type = _read_json(p / lora.ADAPTER_CONFIG).get("task_type")
+        kind = {"CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": REWARD_MODEL}.get(task_type)
+        return kind, f"a LoRA adapter with task_type {task_type}"
+    config = _read_json(p / "config.json")
+    names = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    said = f"architectures {names}" if names else "no architectures"
+    if config.get("auto_map") or not names:
+        return None, said
+    if any(a.endswith(GENERATIVE_SUFFIXES) for a in names):
+        return CAUSAL_LM, said
+    if all(a.endswith(SCALAR_HEAD_SUFFIX) for a in names):
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2  # transformers' default: 2
+        return (REWARD_MODEL if labels == 1 else CLASSIFIER), f"{said}, {labels} output(s)"
+    return None, said
+
+
+def check_model_kind(path: str, key: str, expected: str) -> None:
+    """A one-line UserError when the model at `path` is of the wrong kind for `key`, read from its config
+    (no weights): a scalar-head model where a causal LM is expected, or a causal LM / a many-label
+    classifier where a reward model is expected (its fresh head would score every response 0)."""
+    if expected == EITHER or not Path(path).expanduser().exists():
+        return
+    kind, said = model_kind(path)
+    if expected == CAUSAL_LM and kind in (REWARD_MODEL, CLASSIFIER):
+        raise UserError(f"{key}: {path} is a {kind} ({said}: scores per sequence, no language-model head), "
+                        f"not a causal LM; give a causal LM there, e.g. an sft final/ (runs/sft/final) or a base "
+                        f"model; a reward model goes in reward.model.path (rlhf eval: reward_model=)")
+    if expected == REWARD_MODEL and kind in (CAUSAL_LM, CLASSIFIER):
+        raise UserError(f"{key}: {path} is not a reward model ({said}); its score head would be new, so every "
+                        f"response would score 0: give a train-rm final/ (e.g. runs/rm/final), or train one with "
+                        f"rlhf train-rm model.path={path}")
+
+
+def configured_models(stage: str, cfg) -> list[tuple[str, str, str]]:
+    """(key, path, expected kind) of every model path the stage's config sets (unset ones are left out)."""
+    out = []
+    for key, expected in EXPECTED_KINDS[stage].items():
+        path = operator.attrgetter(key)(cfg)
+        if path:
+            out.append((key, str(path), expected))
+    return out
+
+
+def check_models(stage: str, cfg) -> None:
+    """Every model path of a stage's config: a model directory (or hub name) of the kind its key needs.
+    Called at the start of a stage's setup and by `rlhf validate`, before any weights load."""
+    for key, path, expected in configured_models(stage, cfg):
+        check_model_dir(path, key)
+        check_model_kind(path, key, expected)
 
 
 def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
@@ -35,7 +136,7 @@ def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"{key}: could not load a tokenizer from {path}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"{key}: could not load a tokenizer from {path}: {first_line(e)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # allowed: masks come from lengths
     if tok.eos_token_id is None:
@@ -63,7 +164,7 @@ def load_causal_lm(path: str, key: str, dtype: str = "fp32", device=None, trust_
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"{key}: {path} does not load as a causal LM: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"{key}: {path} does not load as a causal LM: {first_line(e)}") from None
     return model.to(device) if device is not None else model
 
 
@@ -86,7 +187,7 @@ def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None
             path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UserError(f"{key}: {path} does not load as a causal LM or sequence classifier: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+                        f"{first_line(e)}") from None
     if fresh_head:
         with torch.no_grad():
             scalar_head(model).weight.zero_()

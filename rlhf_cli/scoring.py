@@ -91,9 +91,11 @@ def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, key: str, use_m
         try:
             margin = 0.0 if margin is None else float(margin)
         except (TypeError, ValueError):
-            raise DataError(f"{key}: row {i} has margin {margin!r}, not a number; fix it or set margin_from_data=false") from None
+            raise DataError(f"{data.where(row, key, i)}: has margin {margin!r}, not a number; fix it or set "
+                            f"margin_from_data=false") from None
         if not math.isfinite(margin):
-            raise DataError(f"{key}: row {i} has a non-finite margin ({margin}); fix it or set margin_from_data=false")
+            raise DataError(f"{data.where(row, key, i)}: has a non-finite margin ({margin}); fix it or set "
+                            f"margin_from_data=false")
         pair = Pair(prompt, scoring_ids(tokenizer, prompt, chosen), scoring_ids(tokenizer, prompt, rejected), margin)
         if pair.length > max_length:
             dropped += 1

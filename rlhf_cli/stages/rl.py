@@ -41,9 +41,9 @@ from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy
 from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
-from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model, load_tokenizer,
-                             model_path)
-from rlhf_cli.precision import Precision
+from rlhf_cli.models import (check_models, check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model,
+                             load_tokenizer, model_path)
+from rlhf_cli.precision import Precision, frozen_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses, make_engine
 from rlhf_cli.scoring import score_texts
@@ -86,10 +86,12 @@ class RLRecipe:
         self.kl_estimator = KL_ESTIMATORS.get(cfg.kl.estimator)
         self.kl_in_reward = KL_ESTIMATORS.trait(cfg.kl.estimator, "in_reward")  # else: a term of the loss
         self.single_pass = a.epochs == 1 and a.minibatches == 1  # the update's forward gives the old log-probs
+        self.chunk = None if cfg.policy.chunked_logprobs else 0  # log-prob chunking (logprobs.response_terms)
 
     # ================================================================ setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
+        check_models("rl", cfg)  # every model path a model dir of the kind its key needs, before any weights load
         self.reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]  # cheap to fail
         self.policy_path = model_path(cfg.policy, self.run_dir.root, cfg.seed, rt)
         self.dev_policy, self.dev_ref, self.dev_reward, self.dev_critic = (
@@ -123,6 +125,7 @@ class RLRecipe:
     def _setup_data(self) -> None:
         cfg, tokenizer = self.cfg, self.tokenizer
         self.train_rows, self.eval_rows = data.stage_rows(cfg.data, "prompts", cfg.seed)
+        loop.check_batch_fits(cfg, self.rt.world_size, len(self.train_rows))
         # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn
         self.train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(self.train_rows)]
         self.eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(self.eval_rows)]
@@ -139,7 +142,8 @@ class RLRecipe:
         if self.adapters is not None and not cfg.reference.path:  # LoRA: the policy itself with its adapters off
             self.reference = self.adapters.adapters_off()
         else:
-            self.reference = frozen(load_causal_lm(cfg.reference.path or path, "reference.path", self.precision.weights,
+            self.reference = frozen(load_causal_lm(cfg.reference.path or path, "reference.path",
+                                                   frozen_dtype(cfg.reference.dtype, self.dev_ref, self.precision.weights),
                                                    self.dev_ref, cfg.policy.trust_remote_code))
         if cfg.reference.path:
             check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reference.path, "reference.path"), "reference.path")
@@ -153,8 +157,10 @@ class RLRecipe:
             return
         check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reward.model.path, "reward.model.path"),
                              "reward.model.path")
-        self.reward_model = frozen(load_scalar_head_model(cfg.reward.model.path, "reward.model.path",
-                                                          cfg.reward.model.dtype, self.dev_reward))  # used under no_grad
+        # as a module whose forward scores (TokenValues): what FSDP2 shards and gathers as one root
+        self.reward_model = frozen(TokenValues(load_scalar_head_model(
+            cfg.reward.model.path, "reward.model.path", frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32"),
+            self.dev_reward)))
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
         if cfg.reward.model.normalize and "score_std" in rm_manifest:
             self.rm_mean = float(rm_manifest["score_mean"])
@@ -165,7 +171,7 @@ class RLRecipe:
         cfg = self.cfg
         self.critic, self.shared = None, None
         if cfg.algorithm.needs_critic and cfg.critic.init == "shared":
-            self.shared = PolicyWithValueHead(self.policy)
+            self.shared = PolicyWithValueHead(self.policy, self.chunk)
             self.critic = self.shared.v_head
         elif cfg.algorithm.needs_critic:
             critic_path = cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
@@ -180,6 +186,8 @@ class RLRecipe:
         self.ddp_policy = distributed.wrap_model(self.shared or policy, rt, cfg.device.distributed)
         self.ddp_critic = (distributed.wrap_model(critic, rt, cfg.device.distributed)
                            if critic is not None and self.shared is None else None)
+        self.reference = distributed.shard_frozen(self.reference, rt, cfg.device.distributed)  # not AdaptersOff
+        self.reward_model = distributed.shard_frozen(self.reward_model, rt, cfg.device.distributed)
         self.parts = ({"policy": (self.adapters.state if self.adapters else policy, "")}  # LoRA: the adapters only
                       | ({"critic": (critic, "" if self.shared else "model.")} if critic is not None else {}))
         self.held = lora.parameters_held({"policy": policy, "reference": self.reference,
@@ -207,6 +215,11 @@ class RLRecipe:
             f"{a.epochs} epoch(s) per rollout, policy on {self.dev_policy} ({self.precision.describe()}"
             + (f", {cfg.device.distributed}" if rt.distributed else "") + ")")
         held = self.held
+        frozen_models = {"reference": self.reference, "reward model": self.reward_model}
+        say("rl: frozen weights: " + ", ".join(
+            f"{name} {str(next(m.parameters()).dtype).removeprefix('torch.')}"
+            + (" (sharded)" if distributed.is_sharded(m) else "")
+            for name, m in frozen_models.items() if isinstance(m, torch.nn.Module)) or "none (LoRA reference)")
         say(f"rl: {held['total']:,} parameters in memory ({held['trainable']:,} train): "
             + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
             + (f"; {self.adapters.describe()}" if self.adapters else "")
@@ -263,7 +276,7 @@ class RLRecipe:
         scores, step_rewards, score_stats = self.rewards(rollout, prompts, rows)
         with torch.no_grad(), self.precision.autocast():
             logprobs_ref = response_logprobs(self.reference, input_ids.to(self.dev_ref), attention_mask.to(self.dev_ref),
-                                             P, cfg.rollout.temperature).to(self.dev_policy)
+                                             P, cfg.rollout.temperature, chunk_elements=self.chunk).to(self.dev_policy)
         update_forward = None
         if self.single_pass:  # one update over every row: its own forward gives the old log-probs and values,
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
@@ -315,7 +328,8 @@ class RLRecipe:
         entropy_grad = cfg.algorithm.entropy_coef != 0
         if self.shared is not None:  # one forward for both
             return self.ddp_policy(ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
-        out = response_logprobs(self.ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
+        out = response_logprobs(self.ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad,
+                                self.chunk)
         logprobs, entropy = out if with_entropy else (out, None)
         values = (self.ddp_critic(ids.to(self.dev_critic), attn.to(self.dev_critic))[:, P - 1:-1].to(self.dev_policy)
                   if self.ddp_critic is not None else None)
@@ -431,7 +445,8 @@ class RLRecipe:
 
     def evaluate(self) -> dict:
         """Greedy held-out responses from the rollout engine: accuracy, length, the reward model's score."""
-        with distributed.gathered(self.policy):  # FSDP2: every rank gathers the weights, rank 0 evaluates
+        # FSDP2: every rank gathers the weights (the reward model's too), rank 0 evaluates
+        with distributed.gathered(self.policy), distributed.gathered(self.reward_model):
             if not self.rt.is_main:
                 return {}
             accuracy, samples, mean_len, responses = held_out_accuracy(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.errors import DataError
 from rlhf_cli.evaluation import held_out_accuracy
-from rlhf_cli.models import load_causal_lm, model_and_tokenizer
+from rlhf_cli.models import check_models, load_causal_lm, model_and_tokenizer
 from rlhf_cli.precision import Precision
 from rlhf_cli.rollout import make_engine
 from rlhf_cli.tracking import Throughput, Tracker
@@ -63,10 +63,11 @@ class SFTRecipe:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
+        check_models("sft", cfg)  # a model dir of the right kind (from its config.json), before anything loads
         self.path, self.tokenizer = model_and_tokenizer(cfg.model, "model", self.run_dir.root, cfg.seed, rt)
         self._setup_data()
-        self._setup_model()
         self.global_batch, self.total_steps = loop.batch_plan(cfg, rt, len(self.train_examples))
+        self._setup_model()
         self.optimizer, self.scheduler, self.guard = optim.build(self.model.parameters(), cfg.optim, self.total_steps)
         lengths = None if cfg.packing else [ex.length for ex in self.train_examples]  # bucket when padding
         self.sampler = data.EpochSampler(len(self.train_examples), cfg.seed, lengths, self.global_batch)

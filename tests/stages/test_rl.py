@@ -97,19 +97,29 @@ def test_generation_stops_when_every_row_has_stopped(policy):
 
 # --- checklist 11, 12
 
-def test_the_stage_freezes_the_reference_and_reward_model_it_builds(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dtypes, want", [
+    ([], torch.float32),  # CPU default: the policy's dtype (fp32); bf16 is the default on CUDA only
+    (["reference.dtype=bf16", "reward.model.dtype=bf16"], torch.bfloat16),
+], ids=["default", "bf16"])
+def test_the_stage_freezes_the_reference_and_reward_model_it_builds(tiny_model_dir, tmp_path, dtypes, want):
     """The RL recipe's own models after setup: reference and reward model in eval mode without gradients and
-    outside the optimizer; the policy in eval mode (dropout off) with every parameter training."""
+    outside the optimizer, in the dtype asked for; the policy in eval mode (dropout off) with every
+    parameter training, in fp32 whatever the frozen models' dtype."""
     import dataclasses
 
     from rlhf_cli import runtime
     from rlhf_cli.checkpoint import RunDir
     from rlhf_cli.compose import compose_config
+    from rlhf_cli.models import load_scalar_head_model, load_tokenizer
     from rlhf_cli.stages.rl import RLRecipe
 
+    reward_model = tmp_path / "rm"  # a reward model's layout: the tiny model with a one-output score head
+    load_scalar_head_model(str(tiny_model_dir), "reward.model.path").save_pretrained(reward_model)
+    load_tokenizer(str(tiny_model_dir), "reward.model.path").save_pretrained(reward_model)
     cfg = compose_config("rl", [f"policy.path={tiny_model_dir}", "algorithm=ppo", "reward=rule_rm",
-                                f"reward.model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "device=cpu",
-                                "device.threads=1", "data.num_train=8", "data.num_eval=4"])
+                                f"reward.model.path={reward_model}", f"output_dir={tmp_path / 'run'}", "device=cpu",
+                                "device.threads=1", "data.num_train=8", "data.num_eval=4", "rollout.prompts_per_step=4",
+                                *dtypes])
     rt = runtime.setup(cfg.device, cfg.seed, cfg.placement)
     run_dir = RunDir(tmp_path / "run", dataclasses.asdict(cfg), "rl", rt.is_main)
     recipe = RLRecipe(cfg, rt, run_dir, 0.0)
@@ -125,6 +135,8 @@ def test_the_stage_freezes_the_reference_and_reward_model_it_builds(tiny_model_d
         params = list(model.parameters())
         assert not model.training and not any(p.requires_grad for p in params), name
         assert not {id(p) for p in params} & (trained | policy_params), f"{name} shares tensors with what trains"
+        assert {p.dtype for p in params} == {want}, name
+    assert {p.dtype for p in recipe.policy.parameters()} == {torch.float32}
     assert not recipe.policy.training and policy_params <= trained
     assert all(p.requires_grad for p in recipe.policy.parameters())
 
