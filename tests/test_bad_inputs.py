@@ -256,6 +256,23 @@ CASES: dict[str, Case] = {
     "rl shared critic under fsdp": Case("rl", lambda d, m: ["algorithm=ppo", "critic.init=shared",
                                                             "device.distributed=fsdp"], "critic.init=shared is not supported with"),
     "rl unknown engine": Case("rl", lambda d, m: ["rollout.engine=vllm"], "rollout.engine='vllm' is not one of auto, lean, hf"),
+    # ---- response limits: prompt + response must fit policy.max_length and the model's positions (config.json);
+    # the position cases use a copy without weights, so the check provably runs before any weights load
+    "rl rollout longer than max_length": Case("rl", lambda d, m: ["rollout.max_new_tokens=100000"],
+                                              "rollout.max_new_tokens=100000 leaves no room for a prompt in "
+                                              "policy.max_length=160"),
+    "rl eval longer than max_length": Case("rl", lambda d, m: ["eval.max_new_tokens=160"],
+                                           "eval.max_new_tokens=160 leaves no room for a prompt in policy.max_length=160"),
+    "sft eval longer than max_length": Case("sft", lambda d, m: ["eval.max_new_tokens=100"],
+                                            "eval.max_new_tokens=100 leaves no room for a prompt in model.max_length=64"),
+    "rl rollout longer than the positions": Case("rl", lambda d, m: [f"policy.path={copy_model(m, d / 'nw', weights=False)}",
+                                                                     "policy.max_length=4096", "rollout.max_new_tokens=300"],
+                                                 "rollout.max_new_tokens=300 does not fit the model's 256 positions",
+                                                 before_run=False),
+    "sft eval longer than the positions": Case("sft", lambda d, m: [f"model.path={copy_model(m, d / 'nw', weights=False)}",
+                                                                    "model.max_length=4096", "eval.max_new_tokens=256"],
+                                               "eval.max_new_tokens=256 does not fit the model's 256 positions",
+                                               before_run=False),
     "rl lean engine under fsdp": Case("rl", lambda d, m: ["rollout.engine=lean", "device.distributed=fsdp"],
                                       "rollout.engine=lean cannot decode an FSDP-sharded policy"),
     # ---- (issue 16) one decoding path: bytes that are not UTF-8, in the stages and in validate
