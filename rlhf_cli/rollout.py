@@ -91,12 +91,14 @@ class LocalEngine:
 
     stop_ids: every id that ends a response (models.stop_token_ids: the tokenizer's EOS and the
     model's generation config's); vocab_limit: the tokenizer's size, where the model's vocabulary
-    is padded beyond it (Qwen: 151,936 rows for 151,665 ids), so no id without a token is sampled."""
+    is padded beyond it (Qwen: 151,936 rows for 151,665 ids), so no id without a token is sampled;
+    nor is a dedicated pad token (Gemma's <pad>)."""
 
     def __init__(self, model: torch.nn.Module, stop_ids: list[int], pad_id: int, decoder: str = "auto",
                  vocab_limit: int | None = None):
         self.model, self.stop_ids, self.pad_id, self.decoder = model, stop_ids, pad_id, decoder
         self.vocab_limit = vocab_limit
+        self.never = [pad_id] if pad_id is not None and pad_id not in stop_ids else None  # Gemma's <pad>
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         """Nothing to copy: the engine holds the training model itself."""
@@ -112,7 +114,7 @@ class LocalEngine:
         try:
             return sample(self.model, prompt_ids, prompt_mask, params.max_new_tokens, self.stop_ids, self.pad_id,
                           params.temperature, greedy=params.greedy, top_k=params.top_k, top_p=params.top_p,
-                          noise=noise, engine=self.decoder, vocab_limit=self.vocab_limit)
+                          noise=noise, engine=self.decoder, vocab_limit=self.vocab_limit, never=self.never)
         finally:
             self.model.train(was_training)
 
@@ -145,14 +147,15 @@ def _stop_tensor(eos_id, device) -> torch.Tensor:
 def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id, pad_id: int,
            temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
            top_k: int | None = None, top_p: float | None = None, noise: torch.Tensor | None = None,
-           engine: str = "auto", vocab_limit: int | None = None) -> Rollout:
+           engine: str = "auto", vocab_limit: int | None = None, never: list[int] | None = None) -> Rollout:
     """Batched sampling with a KV cache (decoding.py's engines); a row leaves the batch once it has
     emitted a stop token (eos_id: an id, or a list of ids), and sampling ends when every row has.
-    With vocab_limit, ids at or beyond it (rows of a padded vocabulary: no token) are never drawn.
+    With vocab_limit, ids at or beyond it (rows of a padded vocabulary: no token) are never drawn, nor
+    the ids in `never` (a pad token that is not a stop token: padding never sits inside a response).
 
     Log-probs are of the unfiltered distribution softmax(logits / T), the one
     training uses (top-k / top-p bias the KL estimate; the RL stage logs that), less
-    the padded vocabulary rows, whose probability a trained model keeps near 0.
+    the padded vocabulary rows and `never`, whose probability a trained model keeps near 0.
     With `noise` ((B, max_new_tokens) uniforms in [0, 1), e.g. runtime.keyed_uniform)
     token t of row b is drawn by inverse CDF from noise[b, t]: a row's draw depends on
     its own noise only, not on the batch around it (so not on the number of ranks).
@@ -176,9 +179,9 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id, pad_id: 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for t in range(max_new_tokens):
-        logits = logits.float() / temperature  # (rows, V)
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits[:, vocab_limit:] = float("-inf")
+        logits = logits[:, :vocab_limit].float() / temperature  # (rows, V); the rows past the tokenizer: cut
+        if never is not None:
+            logits[:, never] = float("-inf")
         if greedy:
             token = logits.argmax(-1)
         else:
