@@ -3,7 +3,8 @@
 architectures and vocabulary sizes, tiny hidden sizes) through tokenization, generation and the
 three stages with conversational data.
 
-    .venv/bin/pytest -q tests/test_layouts.py
+    .venv/bin/pytest -q tests/test_layouts.py                 # tokenization, labels, generation (~20 s)
+    .venv/bin/pytest -q -m slow tests/test_layouts.py         # each layout through sft -> train-rm -> rl (~90 s)
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def _write_chat_data(d):
             "prompts_eval": write_jsonl(d / "prompts_eval.jsonl", chat_rows("prompts", 4, split="eval"))}
 
 
+@pytest.mark.slow  # three subprocesses a layout: 25-35 s each on 2 shared cores (make test-slow)
 @pytest.mark.parametrize("name", NAMES)
 def test_layout_through_sft_train_rm_and_rl(layout_dirs, tmp_path, name):
     """sft -> train-rm -> rl (PPO: reference, reward model, critic) on conversational data: each stage
