@@ -134,10 +134,11 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
             pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
             counts[key] = (len(pairs), f"{dropped} dropped as longer than model.max_length={limit}")
         else:
-            long = 0
+            long, room = 0, limit - cfg.rollout.max_new_tokens  # as the stage cuts them: prompt + response fit
             for i, row in enumerate(rows):
-                long += len(data.encode_prompt(tokenizer, data.prompt_text(tokenizer, row, i, key))) > limit
-            counts[key] = (len(rows), f"{long} prompts longer than policy.max_length={limit} (cut from the left)")
+                long += len(data.encode_prompt(tokenizer, data.prompt_text(tokenizer, row, i, key))) > room
+            counts[key] = (len(rows), f"{long} prompts longer than {room} tokens (policy.max_length={limit} - "
+                                      f"rollout.max_new_tokens; cut from the left)")
     if counts["data.train"][0] == 0:
         raise DataError(f"data.train: no usable rows ({counts['data.train'][1]}); raise model.max_length or shorten the rows")
     loop.check_batch_fits(cfg, 1, counts["data.train"][0])  # as the stage will, for one process
