@@ -25,7 +25,8 @@ DEFAULT_RULE = "rlhf_cli.task:correctness_reward"
 
 
 def held_out_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device,
-                      max_sequence: int | None = None) -> tuple[float | None, list[tuple[str, str, str]], float, list[str]]:
+                      max_sequence: int | None = None
+                      ) -> tuple[float | None, list[tuple[str, str, str]], float, list[str]]:
     """Greedy generation by `engine` (rollout.py) on held-out prompts checked by eval.rule (the task's rule
     by default).
 
