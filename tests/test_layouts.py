@@ -171,15 +171,17 @@ def test_layout_through_sft_train_rm_and_rl(layout_dirs, tmp_path, name):
     assert torch.isfinite(final.get_output_embeddings().weight).all()
 
 
-def test_a_template_that_refuses_the_messages_is_one_line(layout_dirs, tmp_path):
-    """Gemma's template has no system role: a row with one is refused before any weights load, naming the
-    row and the fix, not a jinja traceback."""
-    from conftest import assert_one_line_error
+def test_a_template_that_refuses_the_messages_names_the_row_and_the_fix(layout_dirs):
+    """Gemma's template has no system role: a row with one is a DataError (one `error:` line from the CLI,
+    raised while the rows are tokenized, before any weights load) naming the row and the fix, not a jinja
+    traceback."""
+    from rlhf_cli.errors import DataError
 
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, *r["messages"]]} for r in chat_rows("sft", 4)]
-    proc = run_cli("sft", f"model.path={layout_dirs['gemma']}", f"data.train={write_jsonl(tmp_path / 's.jsonl', rows)}",
-                   "output_dir=out", "device=cpu", "max_steps=1", "model.max_length=96", "eval.max_new_tokens=8",
-                   cwd=tmp_path)
-    assert_one_line_error(proc, "s.jsonl line ")
-    assert_one_line_error(proc, "the model's chat template refused these messages (System role not supported)")
-    assert not (tmp_path / "out" / "final").exists()
+    tok = load_tokenizer(str(layout_dirs["gemma"]), "model.path")
+    row = chat_rows("sft", 1)[0]
+    row = {"messages": [{"role": "system", "content": "Be brief."}, *row["messages"]]}
+    with pytest.raises(DataError, match=r"data.train: row 0: the model's chat template refused these messages "
+                                        r"\(System role not supported\); fix the conversation .* first user turn"):
+        data.tokenize_sft(tok, [row], 96, "data.train")
+    with pytest.raises(DataError, match="System role not supported"):
+        data.prompt_text(tok, {"messages": row["messages"][:2]}, 0, "data.train")
