@@ -241,9 +241,9 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
                             f"{rm_manifest.get('stage')!r}); give a train-rm final/")
 
     check_model_kind(str(ckpt), "CHECKPOINT", CAUSAL_LM)  # from config.json: no weights yet
-    if cfg.reward_model:
-        check_model_dir(cfg.reward_model, "reward_model")
-        check_model_kind(cfg.reward_model, "reward_model", REWARD_MODEL)
+    if rm_path:
+        check_model_dir(rm_path, "reward.model.path")
+        check_model_kind(rm_path, "reward.model.path", REWARD_MODEL)
 
     # rows and prompts first: a data problem fails before any weights load
     if cfg.data.eval is None:

@@ -216,13 +216,6 @@ def _ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def stop_token_ids(tokenizer, model_or_path) -> list[int]:
     """Every id that ends a response: the tokenizer's EOS, then each `eos_token_id` of the model's
     config and generation config (Llama 3.1: [<|end_of_text|>, <|eom_id|>, <|eot_id|>]; Qwen2.5:
