@@ -153,9 +153,9 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id, pad_id: 
     With vocab_limit, ids at or beyond it (rows of a padded vocabulary: no token) are never drawn, nor
     the ids in `never` (a pad token that is not a stop token: padding never sits inside a response).
 
-    Log-probs are of the unfiltered distribution softmax(logits / T), the one
-    training uses (top-k / top-p bias the KL estimate; the RL stage logs that), less
-    the padded vocabulary rows and `never`, whose probability a trained model keeps near 0.
+    Log-probs are of the unfiltered distribution softmax(logits / T) over the ids that can be drawn
+    (padded vocabulary rows and `never` excluded), the one training uses (logprobs.Support; top-k /
+    top-p bias the KL estimate; the RL stage logs that).
     With `noise` ((B, max_new_tokens) uniforms in [0, 1), e.g. runtime.keyed_uniform)
     token t of row b is drawn by inverse CDF from noise[b, t]: a row's draw depends on
     its own noise only, not on the batch around it (so not on the number of ranks).
@@ -194,7 +194,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id, pad_id: 
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = torch.where(done, pad_id, token)  # a stopped row not yet dropped writes padding
         response[rows, t] = token
-        logprobs[rows, t] = F.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        token_logprob = F.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        logprobs[rows, t] = torch.where(done, 0.0, token_logprob)  # a stopped row's padding: -inf when pad is `never`
         steps = t + 1
         done = done | torch.isin(token, stop)
         going = ~done

@@ -40,7 +40,7 @@ from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOS
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy
-from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
+from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, response_logprobs
 from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, frozen, load_causal_lm,
                              load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
@@ -155,6 +155,8 @@ class RLRecipe:
             check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reference.path, "reference.path"), "reference.path")
         self.policy = policy
         self.engine = make_engine(cfg.rollout.engine, policy, self.tokenizer)  # rollouts and held-out evaluation
+        # log-probs over the ids the engine can draw, so the update's pi is the one responses came from
+        self.support = Support(self.engine.vocab_limit, tuple(self.engine.never or ()))
 
     def _setup_reward_model(self) -> None:
         cfg = self.cfg
@@ -177,7 +179,7 @@ class RLRecipe:
         cfg = self.cfg
         self.critic, self.shared = None, None
         if cfg.algorithm.needs_critic and cfg.critic.init == "shared":
-            self.shared = PolicyWithValueHead(self.policy, self.chunk)
+            self.shared = PolicyWithValueHead(self.policy, self.chunk, self.support)
             self.critic = self.shared.v_head
         elif cfg.algorithm.needs_critic:
             critic_path = cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
@@ -282,7 +284,8 @@ class RLRecipe:
         scores, step_rewards, score_stats = self.rewards(rollout, prompts, rows)
         with torch.no_grad(), self.precision.autocast():
             logprobs_ref = response_logprobs(self.reference, input_ids.to(self.dev_ref), attention_mask.to(self.dev_ref),
-                                             P, cfg.rollout.temperature, chunk_elements=self.chunk).to(self.dev_policy)
+                                             P, cfg.rollout.temperature, chunk_elements=self.chunk,
+                                             support=self.support).to(self.dev_policy)
         update_forward = None
         if self.single_pass:  # one update over every row: its own forward gives the old log-probs and values,
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
@@ -335,7 +338,7 @@ class RLRecipe:
         if self.shared is not None:  # one forward for both
             return self.ddp_policy(ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
         out = response_logprobs(self.ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad,
-                                self.chunk)
+                                self.chunk, self.support)
         logprobs, entropy = out if with_entropy else (out, None)
         values = (self.ddp_critic(ids.to(self.dev_critic), attn.to(self.dev_critic))[:, P - 1:-1].to(self.dev_policy)
                   if self.ddp_critic is not None else None)
