@@ -54,6 +54,13 @@ def check_int_ranges(config, prefix: str = "") -> None:
                                   f"{shown.get(high, high)}; set {key}=<an integer in that range>")
 
 
+def check_room(new_key: str, new_tokens: int, length_key: str, max_length: int) -> None:
+    """A response limit must leave a prompt room in the sequence length (prompt + response)."""
+    if new_tokens >= max_length:
+        raise ConfigError(f"{new_key}={new_tokens} leaves no room for a prompt in {length_key}={max_length} "
+                          f"(prompt + response); set {new_key} below {max_length} or raise {length_key}")
+
+
 def check_choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}; set {key}=<one of those>")
@@ -237,6 +244,7 @@ class SFTConfig:
         check_positive("batch_size", self.batch_size)
         check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
+        check_room("eval.max_new_tokens", self.eval.max_new_tokens, "model.max_length", self.model.max_length)
 
 
 @dataclass
@@ -445,6 +453,9 @@ class RLConfig:
         check_positive("max_steps", self.max_steps)
         check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
+        for key, new_tokens in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                                ("eval.max_new_tokens", self.eval.max_new_tokens)):
+            check_room(key, new_tokens, "policy.max_length", self.policy.max_length)
         if self.lora.r > 0 and not self.reference.path and self.placement.reference not in (None, self.placement.policy):
             raise ConfigError("placement.reference cannot differ from the policy's with lora.r > 0: the reference is the "
                               "policy with its adapters off; drop placement.reference (or set reference.path=...)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import json
 import random
@@ -348,12 +349,28 @@ def render_prompt(tokenizer, prompt) -> str:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("message lists need a chat template and this model's tokenizer has none; "
                              "use plain-text prompt/completion rows or a model with a chat template")
-        try:
-            return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # the template's own checks (role order, ...) raise jinja2 errors
-            raise ValueError(f"the model's chat template refused these messages ({first_line(e)}); "
-                             f"fix the conversation to fit the template") from None
+        return apply_template(tokenizer, prompt, add_generation_prompt=True)
     raise ValueError("prompt must be a string or a list of {role, content} messages")
+
+
+def apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text (BOS included where the template writes it: Llama 3, Gemma); a template
+    that refuses the messages (Gemma: no system role; roles must alternate) -> ValueError naming why."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja's raise_exception, or an error inside the template
+        raise ValueError(f"the model's chat template refused these messages ({first_line(e)}); fix the "
+                         f"conversation to fit the template (e.g. Gemma's has no system role: put that text in "
+                         f"the first user turn)") from None
+
+
+def _assistant_turn(tokenizer, prompt_messages: list[dict], reply: list[dict], prompt: str) -> str:
+    """The reply as the chat template writes it after the rendered prompt, end-of-turn token included
+    (Qwen: `...<|im_end|>\n`, Llama 3: `...<|eot_id|>`, Gemma: `...<end_of_turn>\n`), so SFT trains the
+    model to end its turn the way generation stops. A template that rewrites earlier turns once a reply
+    follows (no shared prefix): the reply's content, which then gets EOS."""
+    full = apply_template(tokenizer, prompt_messages + reply, add_generation_prompt=False)
+    return full[len(prompt):] if full.startswith(prompt) else _completion_text(tokenizer, reply)
 
 
 def _require(kind: str, row: dict, index: int, key: str) -> None:
@@ -389,8 +406,12 @@ def split_sft_row(tokenizer, row: dict, index: int, key: str) -> tuple[str, str]
     try:
         if row.get("messages") is not None:
             msgs = row["messages"]
-            return render_prompt(tokenizer, msgs[:-1]), msgs[-1]["content"]
-        return render_prompt(tokenizer, row["prompt"]), _completion_text(tokenizer, row["completion"])
+            prompt = render_prompt(tokenizer, msgs[:-1])
+            return prompt, _assistant_turn(tokenizer, msgs[:-1], msgs[-1:], prompt)
+        prompt, completion = render_prompt(tokenizer, row["prompt"]), row["completion"]
+        if _is_messages(row["prompt"]) and _is_messages(completion):
+            return prompt, _assistant_turn(tokenizer, row["prompt"], completion, prompt)
+        return prompt, _completion_text(tokenizer, completion)
     except ValueError as e:
         raise DataError(f"{where(row, key, index)}: {e}") from None
 
@@ -428,18 +449,62 @@ class Example:
 
 
 def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of text as it is: no special tokens added (a completion, a continuation)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_sft(tokenizer, rows: list[dict], max_length: int, key: str) -> tuple[list[Example], int]:
-    """-> (examples, number truncated). Completions end with EOS; over-long rows are cut at max_length."""
+@functools.lru_cache(maxsize=16)
+def added_bos_id(tokenizer) -> int | None:
+    """The BOS id this tokenizer puts before a text (Llama, Gemma, Mistral); None when it adds none (Qwen, GPT-2)."""
+    probe = "a"
+    with_specials, bare = tokenizer(probe)["input_ids"], encode(tokenizer, probe)
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and with_specials[:1] == [bos] and bare[:1] != [bos] else None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a sequence's first text (a prompt; prompt + response for a reward model) with exactly one
+    BOS at the start where the tokenizer adds one: a chat template that writes BOS itself (Llama 3, Gemma)
+    keeps its own, plain text gets the tokenizer's, never two (tokenizing a rendered template with
+    add_special_tokens=True would double it)."""
+    ids = encode(tokenizer, text)
+    bos = added_bos_id(tokenizer)
+    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
+def cut_left(ids: list[int], n: int, tokenizer) -> list[int]:
+    """The last n ids of a prompt, its BOS kept first when it had one (so a cut prompt still starts with it)."""
+    if len(ids) <= n:
+        return ids
+    bos = added_bos_id(tokenizer)
+    return [bos] + ids[len(ids) - n + 1:] if bos is not None and ids[:1] == [bos] and n > 1 else ids[len(ids) - n:]
+
+
+def end_of_turn(tokenizer, completion_ids: list[int], stop_ids: list[int]) -> list[int]:
+    """A completion ending at its stop token: a chat template's turn already ends with one (anything but
+    whitespace after it stays; Qwen's trailing newline goes, as generation stops at `<|im_end|>`); a
+    completion without one gets the tokenizer's EOS."""
+    for end in range(len(completion_ids) - 1, -1, -1):
+        if completion_ids[end] in stop_ids:
+            return completion_ids[:end + 1]
+        if tokenizer.decode(completion_ids[end:end + 1]).strip():
+            break
+    return completion_ids + [tokenizer.eos_token_id]
+
+
+def tokenize_sft(tokenizer, rows: list[dict], max_length: int, key: str,
+                 stop_ids: list[int] | None = None) -> tuple[list[Example], int]:
+    """-> (examples, number truncated). Completions end with a stop token (end_of_turn: the template's
+    end-of-turn, else EOS; stop_ids: models.stop_token_ids, default the EOS); prompts start with one BOS
+    where the tokenizer uses one; over-long rows are cut at max_length."""
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     examples, truncated = [], 0
     for i, row in enumerate(rows):
         prompt, completion = split_sft_row(tokenizer, row, i, key)
-        p, c = encode(tokenizer, prompt), encode(tokenizer, completion) + [tokenizer.eos_token_id]
+        p, c = encode_prompt(tokenizer, prompt), end_of_turn(tokenizer, encode(tokenizer, completion), stop_ids)
         if len(p) + len(c) > max_length:
             truncated += 1
-            p = p[-(max_length // 2):] if len(p) > max_length // 2 else p
+            p = cut_left(p, max_length // 2, tokenizer)
             c = c[: max_length - len(p)]
         examples.append(Example(p, c))
     return examples, truncated

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import embedded, lora, runtime
-from rlhf_cli.errors import UserError, first_line
+from rlhf_cli.errors import ConfigError, UserError, first_line
 from rlhf_cli.runtime import DTYPES
 
 
@@ -137,8 +137,8 @@ def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UserError(f"{key}: could not load a tokenizer from {path}: {first_line(e)}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # allowed: masks come from lengths
+    if tok.pad_token_id is None:  # Llama 3: no pad token. Pad with EOS: every mask comes from lengths, never
+        tok.pad_token = tok.eos_token  # from ids == pad, so a padded EOS and a real one are never confused
     if tok.eos_token_id is None:
         raise UserError(f"{key}: the tokenizer at {path} has no EOS token; responses could never stop")
     tok.padding_side = "left"
@@ -168,15 +168,19 @@ def load_causal_lm(path: str, key: str, dtype: str = "fp32", device=None, trust_
     return model.to(device) if device is not None else model
 
 
-def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None, trust_remote_code: bool = False):
+def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None, trust_remote_code: bool = False,
+                           pad_id: int | None = None):
     """A sequence classifier with one output (reward model or critic). From a causal LM
-    checkpoint the head is new (zero-initialised so a fresh head scores 0)."""
+    checkpoint the head is new (zero-initialised so a fresh head scores 0). A config without
+    a pad id gets `pad_id` (the tokenizer's, so a client of final/ pads as we do), else the
+    first of its EOS ids: never the list a Llama 3 config holds."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     check_model_dir(path, key)
     quiet_transformers()
     if lora.is_adapter_dir(path):  # a LoRA final/ (reward model or policy): base + adapter merged
-        model = lora.load_merged(path, key, lambda base: load_scalar_head_model(base, key, dtype, None, trust_remote_code))
+        model = lora.load_merged(path, key, lambda base: load_scalar_head_model(base, key, dtype, None, trust_remote_code,
+                                                                                 pad_id))
         return model.to(device) if device is not None else model
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -192,8 +196,7 @@ def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None
         with torch.no_grad():
             scalar_head(model).weight.zero_()
     if model.config.pad_token_id is None:  # Llama 3 layouts: no pad, eos_token_id a list of stop ids
-        eos = model.config.eos_token_id
-        model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+        model.config.pad_token_id = pad_id if pad_id is not None else (_ids(model.config.eos_token_id) or [None])[0]
     return model.to(device) if device is not None else model
 
 
@@ -204,6 +207,49 @@ def scalar_head(model) -> torch.nn.Linear:
         if isinstance(head, torch.nn.Linear) or isinstance(getattr(head, "original_module", None), torch.nn.Linear):
             return head
     raise UserError(f"{type(model).__name__} has no linear score head this tool knows (score / classifier)")
+
+
+def _ids(value) -> list[int]:
+    """An eos_token_id field (None, an id, or a list of ids) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def stop_token_ids(tokenizer, model_or_path) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS, then each `eos_token_id` of the model's
+    config and generation config (Llama 3.1: [<|end_of_text|>, <|eom_id|>, <|eot_id|>]; Qwen2.5:
+    [<|im_end|>, <|endoftext|>]; Gemma: [<eos>, <end_of_turn>]). `model_or_path`: a loaded model, or
+    its directory (read without loading weights)."""
+    if isinstance(model_or_path, (str, Path)):
+        configs = [_read_json(Path(model_or_path) / name) for name in ("config.json", "generation_config.json")]
+        found = [c.get("eos_token_id") for c in configs]
+    else:
+        inner = model_or_path.get_base_model() if hasattr(model_or_path, "get_base_model") else model_or_path
+        found = [getattr(getattr(inner, attr, None), "eos_token_id", None) for attr in ("config", "generation_config")]
+    ids = [tokenizer.eos_token_id] + [i for value in found for i in _ids(value)]
+    return list(dict.fromkeys(i for i in ids if i is not None and i < len(tokenizer)))  # ordered, no repeats
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def position_limit(path: str) -> int | None:
+    """The model's position table size from its config.json (None: not stated, or not a local dir)."""
+    config = _read_json(Path(path).expanduser() / "config.json")
+    config = config.get("text_config", config)  # multimodal wrappers keep the LM's config inside
+    return next((int(config[k]) for k in POSITION_KEYS if isinstance(config.get(k), int)), None)
+
+
+def check_generation_fits(path: str, lengths: dict[str, int]) -> None:
+    """Before any weights load: each `key -> max_new_tokens` leaves room for a prompt in the model's
+    position table (config.json), or a one-line ConfigError naming both numbers and the fix."""
+    positions = position_limit(path)
+    for key, new_tokens in lengths.items():
+        if positions is not None and new_tokens >= positions:
+            raise ConfigError(f"{key}={new_tokens} does not fit the model's {positions} positions "
+                              f"(max_position_embeddings in {path}/config.json) with any prompt; set {key} "
+                              f"below {positions} (prompt + response must fit)")
 
 
 def model_path(model_cfg, run_root: Path, seed: int, rt: runtime.Runtime) -> str:

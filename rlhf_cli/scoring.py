@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_cli import data
-from rlhf_cli.data import encode
+from rlhf_cli.data import encode_prompt
 from rlhf_cli.errors import DataError
 from rlhf_cli.logprobs import token_values
 
@@ -31,9 +31,10 @@ def scoring_ids(tokenizer, prompt: str, response: str) -> list[int]:
 
     train-rm trains on exactly these sequences and reads the score at the last token, which is
     what any client of the saved final/ does (its tokenizer on prompt + response, the one logit).
-    Special tokens are not added: rendered chat prompts already carry theirs.
+    Exactly one BOS where the tokenizer uses one (data.encode_prompt): rendered chat prompts
+    that carry theirs keep it, plain text gets it; nothing else is added.
     """
-    return encode(tokenizer, prompt + response)
+    return encode_prompt(tokenizer, prompt + response)
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

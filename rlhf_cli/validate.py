@@ -37,12 +37,16 @@ class _StructureOnly:
 
     chat_template = "structure only"
     eos_token_id = 0
+    bos_token_id = None
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": list(text.encode())}
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
 
 
 def main(args: list[str]) -> None:
@@ -122,7 +126,7 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
     counts = {}
     for key, rows in (("data.train", train_rows), ("data.eval", eval_rows)):
         if stage == "sft":
-            examples, cut = data.tokenize_sft(tokenizer, rows, limit, key)
+            examples, cut = data.tokenize_sft(tokenizer, rows, limit, key, _stop_ids(tokenizer, model_cfg))
             counts[key] = (len(examples), f"{cut} truncated to model.max_length={limit}")
         elif stage == "train-rm":
             from rlhf_cli.scoring import tokenize_pairs
@@ -130,10 +134,11 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
             pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
             counts[key] = (len(pairs), f"{dropped} dropped as longer than model.max_length={limit}")
         else:
-            long = 0
+            long, room = 0, limit - cfg.rollout.max_new_tokens  # as the stage cuts them: prompt + response fit
             for i, row in enumerate(rows):
-                long += len(data.encode(tokenizer, data.prompt_text(tokenizer, row, i, key))) > limit
-            counts[key] = (len(rows), f"{long} prompts longer than policy.max_length={limit} (cut from the left)")
+                long += len(data.encode_prompt(tokenizer, data.prompt_text(tokenizer, row, i, key))) > room
+            counts[key] = (len(rows), f"{long} prompts longer than {room} tokens (policy.max_length={limit} - "
+                                      f"rollout.max_new_tokens; cut from the left)")
     if counts["data.train"][0] == 0:
         raise DataError(f"data.train: no usable rows ({counts['data.train'][1]}); raise model.max_length or shorten the rows")
     loop.check_batch_fits(cfg, 1, counts["data.train"][0])  # as the stage will, for one process
@@ -142,6 +147,15 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
     if note:
         lines.append(note)
     return lines
+
+
+def _stop_ids(tokenizer, model_cfg) -> list[int]:
+    """The stop ids the stage will use (read from the model dir's configs; the EOS for the embedded model)."""
+    from rlhf_cli.models import stop_token_ids
+
+    if not model_cfg.path or isinstance(tokenizer, _StructureOnly):
+        return [tokenizer.eos_token_id]
+    return stop_token_ids(tokenizer, model_cfg.path)
 
 
 def _tokenizer(model_cfg):

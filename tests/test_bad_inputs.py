@@ -256,6 +256,15 @@ CASES: dict[str, Case] = {
     "rl shared critic under fsdp": Case("rl", lambda d, m: ["algorithm=ppo", "critic.init=shared",
                                                             "device.distributed=fsdp"], "critic.init=shared is not supported with"),
     "rl unknown engine": Case("rl", lambda d, m: ["rollout.engine=vllm"], "rollout.engine='vllm' is not one of auto, lean, hf"),
+    # ---- response limits: prompt + response must fit policy.max_length and the model's positions (config.json);
+    # the position cases use a copy without weights, so the check provably runs before any weights load
+    "rl rollout longer than max_length": Case("rl", lambda d, m: ["rollout.max_new_tokens=100000"],
+                                              "rollout.max_new_tokens=100000 leaves no room for a prompt in "
+                                              "policy.max_length=160"),
+    "rl rollout longer than the positions": Case("rl", lambda d, m: [f"policy.path={copy_model(m, d / 'nw', weights=False)}",
+                                                                     "policy.max_length=4096", "rollout.max_new_tokens=300"],
+                                                 "rollout.max_new_tokens=300 does not fit the model's 256 positions",
+                                                 before_run=False),
     "rl lean engine under fsdp": Case("rl", lambda d, m: ["rollout.engine=lean", "device.distributed=fsdp"],
                                       "rollout.engine=lean cannot decode an FSDP-sharded policy"),
     # ---- (issue 16) one decoding path: bytes that are not UTF-8, in the stages and in validate
@@ -393,6 +402,34 @@ def test_integers_out_of_range_are_refused_while_composing(stage, override, frag
 
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         compose_all(stage, [override], multirun=False)
+
+
+@pytest.mark.parametrize("stage,overrides,fragment", [
+    ("rl", ["eval.max_new_tokens=160"], "eval.max_new_tokens=160 leaves no room for a prompt in policy.max_length=160"),
+    ("rl", ["policy.max_length=64", "rollout.max_new_tokens=100"], "rollout.max_new_tokens=100 leaves no room for a "
+                                                                     "prompt in policy.max_length=64"),
+    ("sft", ["model.max_length=64", "eval.max_new_tokens=100"], "eval.max_new_tokens=100 leaves no room for a prompt "
+                                                                  "in model.max_length=64"),
+])
+def test_response_limits_past_max_length_are_refused_while_composing(stage, overrides, fragment):
+    """Variants of the table's "rl rollout longer than max_length" row: each response limit of each stage."""
+    from rlhf_cli.compose import compose_all
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        compose_all(stage, overrides, multirun=False)
+
+
+def test_response_limits_past_the_positions_are_refused_from_config_json(tiny_model_dir):
+    """Variants of the table's "rl rollout longer than the positions" row, read from config.json alone (the
+    embedded model has 256 positions): the limit must leave a prompt at least one position."""
+    from rlhf_cli.errors import ConfigError
+    from rlhf_cli.models import check_generation_fits
+
+    check_generation_fits(str(tiny_model_dir), {"eval.max_new_tokens": 255, "rollout.max_new_tokens": 255})
+    for key in ("eval.max_new_tokens", "rollout.max_new_tokens"):
+        with pytest.raises(ConfigError, match=re.escape(f"{key}=256 does not fit the model's 256 positions")):
+            check_generation_fits(str(tiny_model_dir), {key: 256})
 
 
 def test_a_run_dir_given_as_a_model_names_its_final_model(tmp_path, tiny_model_dir):

@@ -128,7 +128,7 @@ class RewardModelRecipe:
         cfg, rt = self.cfg, self.rt
         self.precision = Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
         model = load_scalar_head_model(self.path, "model.path", self.precision.weights, rt.device,
-                                       cfg.model.trust_remote_code)
+                                       cfg.model.trust_remote_code, pad_id=self.pad_id)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # lora.r > 0: adapters + score head train
