@@ -303,7 +303,8 @@ class RewardConfig:
 class AlgorithmConfig:
     name: str = doc("reinforce", "reinforce, a2c or ppo")
     advantage: str = doc("reinforce", "advantage estimator: reinforce (return-to-go - baseline), gae or nstep")
-    baseline: str = doc("rloo", "REINFORCE baseline: none, mean, rloo or group_norm")
+    baseline: str = doc("rloo", "REINFORCE baseline: none, mean, rloo, group_norm (GRPO, population std), "
+                                "group_norm_unbiased (GRPO with the K-1 std: verl, TRL) or group_mean (Dr. GRPO: no std)")
     gamma: float = doc(1.0, "discount")
     lam: float = doc(0.95, "GAE lambda")
     nstep: int = doc(8, "n of n-step TD")
@@ -316,6 +317,11 @@ class AlgorithmConfig:
     value_coef: float = doc(0.5, "weight of the value loss")
     entropy_coef: float = doc(0.0, "weight of the entropy bonus")
     target_kl: Optional[float] = doc(None, "PPO: stop the epochs early when approx KL passes this")
+    clip_ratio_c: Optional[float] = doc(None, "PPO dual clip (Ye et al. 2020): cap the loss of tokens with a negative "
+                                              "advantage at -A * c, c > 1 (e.g. 3.0); null = off")
+    loss_agg: str = doc("token-mean", "how per-token loss terms become one number: token-mean, seq-mean-token-mean "
+                                      "(GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO: token sums / "
+                                      "rollout.max_new_tokens); docs/algorithms.md")
 
     def __post_init__(self):
         from rlhf_cli import algorithms  # here, not at the top: `rlhf --help` and config docs need no torch
@@ -323,6 +329,10 @@ class AlgorithmConfig:
         check_choice("algorithm.name", self.name, algorithms.POLICY_LOSSES)
         check_choice("algorithm.advantage", self.advantage, algorithms.ADVANTAGE_ESTIMATORS)
         check_choice("algorithm.baseline", self.baseline, algorithms.BASELINES)
+        check_choice("algorithm.loss_agg", self.loss_agg, algorithms.LOSS_AGGREGATIONS)
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ConfigError(f"algorithm.clip_ratio_c={self.clip_ratio_c} must be > 1 (the dual clip caps the loss at "
+                              f"-A * c, above PPO's own clip); e.g. algorithm.clip_ratio_c=3.0, or null for off")
         check_positive("algorithm.epochs", self.epochs)
         check_positive("algorithm.minibatches", self.minibatches)
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -347,7 +357,8 @@ class KLConfig:
     coef: Optional[float] = doc(None, "initial KL coefficient beta; null = by reward source: 0.05 for rule rewards "
                                       "alone, 0.2 when a reward model contributes (it is a learned proxy the policy "
                                       "can exploit; measured on the task suite, docs/suite.md)")
-    estimator: str = doc("k1", "k1: penalty in the reward; k3: low-variance penalty in the loss")
+    estimator: str = doc("k1", "k1: penalty in the reward; in the loss: k3 (low variance), k2 (0.5 log-ratio^2: "
+                               "the unbiased KL gradient) or k3_clamped (verl's low_var_kl); docs/algorithms.md")
     target: Optional[float] = doc(None, "adaptive beta toward this KL per sequence (null = fixed beta)")
     horizon: int = doc(10000, "adaptive KL horizon (Ziegler et al. 2019)")
 
@@ -423,11 +434,11 @@ class RLConfig:
         if self.kl.coef is None:  # resolved here, so the saved config and the log show the value in force
             self.kl.coef = KL_COEF_WITH_RM if self.reward.model.path else KL_COEF_RULES_ONLY
         algo = self.algorithm
-        from rlhf_cli.algorithms import POLICY_LOSSES  # torch: see AlgorithmConfig.__post_init__
+        from rlhf_cli.algorithms import GROUP_BASELINES, POLICY_LOSSES  # torch: see AlgorithmConfig.__post_init__
 
         if POLICY_LOSSES.trait(algo.name, "needs_critic") and not algo.needs_critic:
             raise ConfigError(f"algorithm {algo.name} needs a critic: set algorithm.advantage=gae or nstep")
-        if algo.advantage == "reinforce" and algo.baseline in ("rloo", "group_norm") and self.rollout.samples_per_prompt < 2:
+        if algo.advantage == "reinforce" and algo.baseline in GROUP_BASELINES and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"algorithm.baseline={algo.baseline} needs rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
         batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         if batch % algo.minibatches:

@@ -190,6 +190,12 @@ CASES: dict[str, Case] = {
     "rl unknown engine": Case("rl", lambda d, m: ["rollout.engine=vllm"], "rollout.engine='vllm' is not one of auto, lean, hf"),
     "rl lean engine under fsdp": Case("rl", lambda d, m: ["rollout.engine=lean", "device.distributed=fsdp"],
                                       "rollout.engine=lean cannot decode an FSDP-sharded policy"),
+    "rl unknown loss aggregation": Case("rl", lambda d, m: ["algorithm.loss_agg=seq-mean"],
+                                        "algorithm.loss_agg='seq-mean' is not one of token-mean, seq-mean-token-mean"),
+    "rl dual clip not above 1": Case("rl", lambda d, m: ["algorithm=ppo", "algorithm.clip_ratio_c=0.8"],
+                                     "algorithm.clip_ratio_c=0.8 must be > 1"),
+    "rl group_mean with one sample": Case("rl", lambda d, m: ["algorithm.baseline=group_mean",
+                                                              "rollout.samples_per_prompt=1"], "samples_per_prompt >= 2"),
 }
 
 

@@ -176,6 +176,52 @@ def kl_k3(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
+@KL_ESTIMATORS.register("k2")
+def kl_k2(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
+    """Per-token squared-log-ratio KL estimator k2 ("mse"), always >= 0.
+
+    Formula: ``k2[t] = 0.5 * (logp[t] - logp_ref[t])^2`` (Schulman 2020,
+    "Approximating KL Divergence"; verl ``kl_penalty`` modes ``mse`` / ``k2``).
+    Biased as a value (it is KL's second-order approximation, close while the
+    policy stays near the reference), but as a loss term its gradient,
+    ``(logp - logp_ref) grad logp``, is in expectation the exact gradient of
+    KL(pi || pi_ref) under samples from pi; k3's gradient is not (in expectation,
+    ``(1 - pi_ref/pi) grad logp``: the gradient of KL(pi_ref || pi), the other direction). Wise when the penalty must pull the
+    right way, e.g. a large beta on a long run; k3 when the logged KL value matters.
+
+    Args:
+        logprobs: (B, T) log-probs of sampled tokens under the policy.
+        logprobs_ref: (B, T) the same under the frozen reference.
+
+    Returns:
+        (B, T); not masked.
+    """
+    return 0.5 * (logprobs - logprobs_ref) ** 2
+
+
+@KL_ESTIMATORS.register("k3_clamped")
+def kl_k3_clamped(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
+    """k3 with verl's clamps (verl ``kl_penalty`` mode ``low_var_kl`` / ``k3``).
+
+    Formula: ``u = clamp(logp_ref - logp, -20, 20)``,
+    ``k3c[t] = clamp(exp(u) - u - 1, -10, 10)``. Equal to :func:`kl_k3` while
+    ``-11 <= u <= 2.6`` (where k3 <= 10); past that the value stays at 10 and its gradient is 0, so one token
+    whose reference log-prob is far above the policy's (``exp(u)`` explodes) cannot
+    dominate the loss or overflow in bf16. Wise with low-precision log-probs or a
+    policy that has drifted far; it drops the penalty's pull exactly on the tokens that
+    drifted most, so prefer plain k3 (or k2) when the run stays near the reference.
+
+    Args:
+        logprobs: (B, T) log-probs of sampled tokens under the policy.
+        logprobs_ref: (B, T) the same under the frozen reference.
+
+    Returns:
+        (B, T); not masked.
+    """
+    log_ratio = torch.clamp(logprobs_ref - logprobs, min=-20.0, max=20.0)
+    return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, min=-10.0, max=10.0)
+
+
 # ---------------------------------------------------------------------------
 # Token rewards
 # ---------------------------------------------------------------------------

@@ -35,8 +35,8 @@ import torch
 
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
-                                 FixedKLController, kl_k1, masked_mean, masked_sum, place_step_rewards, token_rewards,
-                                 value_loss)
+                                 FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
+                                 place_step_rewards, rank_share, token_rewards, value_loss)
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy
@@ -79,7 +79,8 @@ class RLRecipe:
     def __init__(self, cfg, rt, run_dir, t_start: float):
         self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
         a = cfg.algorithm
-        self.hparams = dataclasses.asdict(a)  # every registered loss / estimator takes the keys it uses
+        # every registered loss / estimator takes the keys it uses (+ the length limit: Dr. GRPO's loss normaliser)
+        self.hparams = dataclasses.asdict(a) | {"max_new_tokens": cfg.rollout.max_new_tokens}
         self.policy_loss = POLICY_LOSSES.get(a.name)
         self.trust_region = POLICY_LOSSES.trait(a.name, "trust_region")  # clipped value loss, first-minibatch checks
         self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(a.advantage)
@@ -378,11 +379,12 @@ class RLRecipe:
         """One optimizer step on rows idx -> the minibatch's token means over every rank (+ grad_norm)."""
         a, rt = self.cfg.algorithm, self.rt
         mb_mask = s.mask[idx]
-        mb_tokens = float(mb_mask.sum())
-        (all_tokens,) = rt.sum(mb_tokens)
-        # DDP averages the ranks' gradients: weighting each rank's token mean by its share of the
-        # minibatch's tokens (1 on one process) makes the loss the mean over every rank's tokens
-        share = mb_tokens * rt.world_size / max(all_tokens, 1.0)
+        mb_tokens, mb_units = float(mb_mask.sum()), local_units(mb_mask, a.loss_agg)
+        all_tokens, all_units = rt.sum(mb_tokens, mb_units)
+        # DDP averages the ranks' gradients: weighting each rank's loss by its share of the minibatch's
+        # tokens (or responses, by algorithm.loss_agg; 1 on one process) makes it the loss over every rank's rows
+        share = rank_share(mb_tokens, all_tokens, rt.world_size)  # the value loss: a token mean
+        agg_share = rank_share(mb_units, all_units, rt.world_size)  # the policy's terms: by algorithm.loss_agg
         if self.single_pass:
             logprobs, entropy, values = s.update_forward
         else:
@@ -392,15 +394,18 @@ class RLRecipe:
         if first and self.trust_region:  # checklist 2: ratio 1, clip 0, approx-KL 0 before any update
             ratio_dev = ((logprobs.detach() - s.logprobs_old[idx]).exp() - 1).abs() * mb_mask
             first_mb["first_mb_ratio_dev"] = float(ratio_dev.max())  # this rank's rows
-        entropy_mean = masked_mean(entropy, mb_mask)
+        entropy_mean = masked_mean(entropy, mb_mask)  # logged: the entropy per token
+        entropy_term = aggregate(entropy, mb_mask, **self.hparams)  # as verl: the policy's terms aggregate alike
         kl_penalty = (0.0 if self.kl_in_reward else
-                      beta * masked_mean(self.kl_estimator(logprobs, s.logprobs_ref[idx]), mb_mask))
+                      beta * aggregate(self.kl_estimator(logprobs, s.logprobs_ref[idx]), mb_mask, **self.hparams))
         v_loss = (value_loss(values, s.values_old[idx], returns[idx], mb_mask, a.value_clip if self.trust_region else None)
                   if values is not None else None)
-        # the total loss: policy gradient - entropy bonus + KL penalty (k3: in the loss) + value loss (critic)
-        loss = pg_loss - a.entropy_coef * entropy_mean + kl_penalty + (a.value_coef * v_loss if v_loss is not None else 0.0)
+        # the total loss: policy gradient - entropy bonus + KL penalty (k2 / k3: in the loss) + value loss (critic)
+        policy_terms = pg_loss - a.entropy_coef * entropy_term + kl_penalty
+        value_term = a.value_coef * v_loss if v_loss is not None else 0.0
+        loss = policy_terms + value_term
         stats = {"loss": loss, "entropy": entropy_mean, **pg_stats} | ({"value_loss": v_loss} if v_loss is not None else {})
-        self.precision.backward(loss * share)
+        self.precision.backward(policy_terms * agg_share + value_term * share)
         # token means over every rank (one all-reduce): the guard, early stop and logs agree on all ranks
         sums = rt.sum(*(float(v.detach()) * mb_tokens for v in stats.values()))
         means = {k: total / max(all_tokens, 1.0) for k, total in zip(stats, sums)}
