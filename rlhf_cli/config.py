@@ -129,11 +129,29 @@ class EvalConfig:
     show_samples: int = doc(3, "sample generations printed at the end")
     rule: Optional[str] = doc("rlhf_cli.task:correctness_reward",
                               "held-out accuracy rule 'module:function' f(prompt, response, **row) -> 0/1; null = none")
+    samples: int = doc(0, "K sampled responses per held-out prompt for pass@1, pass@k and maj@k beside greedy "
+                          "accuracy (0 = greedy only)")
+    pass_k: Optional[List[int]] = doc(None, "the k of pass@k and maj@k, each <= eval.samples (null = [eval.samples])")
+    temperature: float = doc(1.0, "sampling temperature of the eval.samples responses")
 
     def __post_init__(self):
         check_positive("eval.every", self.every)
         check_positive("eval.max_new_tokens", self.max_new_tokens)
         check_positive("eval.batch_size", self.batch_size)
+        check_eval_sampling(self)
+
+
+def check_eval_sampling(eval_cfg) -> None:
+    """eval.samples / eval.pass_k / eval.temperature (the stages' eval group and `rlhf eval`'s); resolves
+    pass_k=null to [eval.samples]."""
+    check_positive("eval.samples", eval_cfg.samples, allow_zero=True)
+    check_positive("eval.temperature", eval_cfg.temperature)
+    if eval_cfg.samples and eval_cfg.pass_k is None:
+        eval_cfg.pass_k = [eval_cfg.samples]
+    bad = [k for k in eval_cfg.pass_k or [] if not 1 <= k <= eval_cfg.samples]
+    if bad:
+        raise ConfigError(f"eval.pass_k={list(eval_cfg.pass_k)} needs every k in [1, eval.samples={eval_cfg.samples}] "
+                          f"(pass@k and maj@k look at k of the K samples); e.g. eval.samples=8 eval.pass_k=[1,4,8]")
 
 
 @dataclass
@@ -237,6 +255,9 @@ class TrainRMConfig:
         check_positive("center_coef", self.center_coef, allow_zero=True)
         check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
+        if self.eval.samples:
+            raise ConfigError("eval.samples samples a policy's responses (sft, rl, rlhf eval); a reward model "
+                              "generates none: drop eval.samples")
 
 
 @dataclass

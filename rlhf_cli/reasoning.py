@@ -118,6 +118,16 @@ def answers_match(predicted: str | None, gold) -> bool:
     return _normalise_text(predicted) == _normalise_text(gold)
 
 
+def answer_key(response: str) -> Fraction | str | None:
+    """What majority voting compares: the final answer as an exact number, else as normalised text;
+    None when the response states no answer (:func:`extract_final_answer`)."""
+    answer = extract_final_answer(response)
+    if answer is None:
+        return None
+    number = parse_number(answer)
+    return number if number is not None else _normalise_text(answer)
+
+
 def gold_answer(answer) -> str:
     """The row's ``answer`` as a short answer: a worked solution ending in ``#### n`` or holding a
     ``\\boxed{}`` (GSM8K, MATH) gives its final answer; anything else is taken as it is."""

@@ -39,7 +39,7 @@ from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOS
                                  place_step_rewards, rank_share, token_rewards, value_loss)
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
-from rlhf_cli.evaluation import held_out_accuracy
+from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
 from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model, load_tokenizer,
                              model_path)
@@ -455,6 +455,8 @@ class RLRecipe:
             metrics = {"eval_response_chars": mean_len, "_samples": samples}
             if accuracy is not None:
                 metrics["eval_accuracy"] = accuracy
+            metrics |= stage_sampled_metrics(self.engine, self.tokenizer, self.eval_rows, self.eval_prompts,
+                                             self.cfg.eval, self.dev_policy, self.cfg.seed)  # eval.samples: pass@k, maj@k
             if self.reward_model is not None:  # the RM's (normalised) score of the greedy held-out responses
                 rm_scores = score_texts(self.reward_model, self.tokenizer, self.eval_prompts, responses, self.dev_reward)
                 metrics["eval_rm_score"] = float(((rm_scores - self.rm_mean) / self.rm_std).mean())

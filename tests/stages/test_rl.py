@@ -351,12 +351,13 @@ def test_bad_reward_functions_name_the_prompt(tmp_path, tiny_model_dir, body, fr
     (["algorithm.baseline=group_norm_unbiased", "algorithm.loss_agg=seq-mean-token-mean", "kl.estimator=k3_clamped"],
      {"algorithm": {"baseline": "group_norm_unbiased", "loss_agg": "seq-mean-token-mean"}, "kl": {"estimator": "k3_clamped"}},
      set()),
-    (["algorithm.baseline=group_mean", "algorithm.loss_agg=seq-mean-token-sum"],
-     {"algorithm": {"baseline": "group_mean", "loss_agg": "seq-mean-token-sum"}}, set()),
-], ids=["ppo-dual-clip-drgrpo-k2", "grpo-unbiased-seq-mean-k3-clamped", "drgrpo-no-std-seq-sum"])
+    (["algorithm.baseline=group_mean", "algorithm.loss_agg=seq-mean-token-sum", "eval.samples=4"],
+     {"algorithm": {"baseline": "group_mean", "loss_agg": "seq-mean-token-sum"}, "eval": {"pass_k": [4]}}, set()),
+], ids=["ppo-dual-clip-drgrpo-k2", "grpo-unbiased-seq-mean-k3-clamped", "drgrpo-no-std-seq-sum-eval-samples"])
 def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, config_keys, train_keys):
     """Issue 20's options through the real CLI: the run finishes, the saved config holds them, the update ran on
-    finite numbers, and the options' own stats are logged (dual clip: clip_frac_lower)."""
+    finite numbers, and the options' own stats are logged (dual clip: clip_frac_lower; eval.samples=4: the
+    held-out evaluations before and after carry pass@1, pass@4 and maj@4 beside greedy accuracy)."""
     out = tmp_path / "rl"
     # the shipped reasoning rewards, plus one that varies within a group on an untrained model (digits written)
     env = _reward_module(tmp_path, "def digits(prompt, response, **row):\n    return sum(map(str.isdigit, response)) / 4\n")
@@ -374,3 +375,10 @@ def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, confi
         assert train_keys <= r.keys()
         assert all(torch.isfinite(torch.tensor(float(r[k]))) for k in ("loss", "grad_norm", "kl", "entropy"))
         assert r["grad_norm"] > 0  # the loss reached the weights
+    evals = [r for r in metrics(out) if r["kind"] == "eval"]
+    sampled = {"eval_pass@1", "eval_pass@4", "eval_maj@4"}
+    if "eval.samples=4" in extra:
+        assert len(evals) == 2 and all(sampled | {"eval_accuracy"} <= r.keys() for r in evals)
+        assert all(0 <= r["eval_pass@1"] <= r["eval_pass@4"] <= 1 for r in evals)
+    else:
+        assert evals and not any(sampled & r.keys() for r in evals)  # greedy only unless asked
