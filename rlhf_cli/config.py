@@ -131,7 +131,7 @@ class EvalConfig:
                               "held-out accuracy rule 'module:function' f(prompt, response, **row) -> 0/1; null = none")
     samples: int = doc(0, "K sampled responses per held-out prompt for pass@1, pass@k and maj@k beside greedy "
                           "accuracy (0 = greedy only)")
-    pass_k: Optional[List[int]] = doc(None, "the k of pass@k and maj@k, each <= eval.samples (null = [eval.samples])")
+    pass_k: Optional[List[int]] = doc(None, "the k of pass@k and maj@k, each <= eval.samples (null = eval.samples alone)")
     temperature: float = doc(1.0, "sampling temperature of the eval.samples responses")
 
     def __post_init__(self):
@@ -313,8 +313,13 @@ class RewardConfig:
     functions: List[str] = doc([], "rule rewards by dotted path 'module:function', each f(prompt, response, **row)")
     function_weight: float = doc(1.0, "weight of each rule reward in the total reward")
     no_stop_penalty: float = doc(0.0, "added to the score of a response that never emits the stop token")
+    overlong_buffer: int = doc(0, "DAPO's soft overlong penalty: over the last N tokens before rollout.max_new_tokens "
+                                  "the score falls linearly from 0 to -reward.overlong_penalty (0 = off)")
+    overlong_penalty: float = doc(1.0, "the overlong penalty at the length limit (with reward.overlong_buffer > 0)")
 
     def __post_init__(self):
+        check_positive("reward.overlong_buffer", self.overlong_buffer, allow_zero=True)
+        check_positive("reward.overlong_penalty", self.overlong_penalty, allow_zero=True)
         for name in self.functions:
             if ":" not in name:
                 raise ConfigError(f"reward.functions entry {name!r} is not 'module:function'; e.g. reward.functions=[mypkg.rewards:exact]")
@@ -461,6 +466,10 @@ class RLConfig:
             raise ConfigError(f"algorithm {algo.name} needs a critic: set algorithm.advantage=gae or nstep")
         if algo.advantage == "reinforce" and algo.baseline in GROUP_BASELINES and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"algorithm.baseline={algo.baseline} needs rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
+        if self.reward.overlong_buffer > self.rollout.max_new_tokens:
+            raise ConfigError(f"reward.overlong_buffer={self.reward.overlong_buffer} is longer than the response limit "
+                              f"rollout.max_new_tokens={self.rollout.max_new_tokens}; set it to at most that "
+                              f"(DAPO: 4096 of 20480)")
         batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         if batch % algo.minibatches:
             raise ConfigError(f"algorithm.minibatches={algo.minibatches} does not divide the rollout batch of {batch} "

@@ -55,7 +55,7 @@ class EvalRunConfig:
     show_samples: int = doc(3, "sample generations shown in the table")
     samples: int = doc(0, "K sampled responses per prompt for pass@1, pass@k (unbiased, Chen et al. 2021) and maj@k "
                           "beside greedy accuracy (0 = greedy only)")
-    pass_k: Optional[List[int]] = doc(None, "the k of pass@k and maj@k, each <= eval.samples (null = [eval.samples])")
+    pass_k: Optional[List[int]] = doc(None, "the k of pass@k and maj@k, each <= eval.samples (null = eval.samples alone)")
     temperature: float = doc(1.0, "sampling temperature of the eval.samples responses")
 
 

@@ -34,6 +34,7 @@ from rlhf_cli.algorithms.core import (
     masked_sum,
     masked_var,
     masked_whiten,
+    overlong_penalty,
     place_step_rewards,
     token_rewards,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "nstep_advantages",
+    "overlong_penalty",
     "pairwise_loss",
     "place_step_rewards",
     "policy_gradient_loss",

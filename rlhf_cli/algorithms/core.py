@@ -271,6 +271,30 @@ def token_rewards(
     return rewards.scatter_add(-1, last_index, scores.to(kl.dtype).unsqueeze(-1))
 
 
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer_length: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", eq. 13): a length-aware penalty on the score.
+
+    Formula, with ``L_max = max_length``, ``L_cache = buffer_length``, ``|y|`` the response length:
+    ``0`` if ``|y| <= L_max - L_cache``; ``((L_max - L_cache) - |y|) / L_cache`` inside the last
+    ``L_cache`` tokens (0 down to -1); ``-1`` past ``L_max``. A response cut by the length limit
+    is then told so gradually instead of being scored as if it were finished (or zeroed).
+    verl's DAPO reward manager computes the same (``-exceed_len / overlong_buffer_len``, times its
+    ``penalty_factor``).
+
+    Args:
+        lengths: (B,) response lengths in tokens (the stop token included).
+        max_length: L_max, the response length limit.
+        buffer_length: L_cache, 1 <= L_cache <= L_max.
+
+    Returns:
+        (B,) penalties in [-1, 0], in ``lengths``' float dtype (float32 for integer lengths).
+    """
+    if not 1 <= buffer_length <= max_length:
+        raise ValueError(f"overlong_penalty needs 1 <= buffer_length <= max_length, got {buffer_length}, {max_length}")
+    lengths = lengths if lengths.is_floating_point() else lengths.float()
+    return torch.clamp(((max_length - buffer_length) - lengths) / buffer_length, min=-1.0, max=0.0)
+
+
 def place_step_rewards(
     step_values: Sequence[Sequence[float]],
     step_end_positions: Sequence[Sequence[int]],

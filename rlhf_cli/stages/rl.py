@@ -36,7 +36,7 @@ import torch
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
-                                 place_step_rewards, rank_share, token_rewards, value_loss)
+                                 overlong_penalty, place_step_rewards, rank_share, token_rewards, value_loss)
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
@@ -316,6 +316,10 @@ class RLRecipe:
             scores += cfg.reward.model.weight * rm
             stats["rm_score"] = rm.mean()
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
+        if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, by response length in tokens
+            overlong = overlong_penalty(torch.tensor(lengths), cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer)
+            scores += cfg.reward.overlong_penalty * overlong
+            stats["overlong_penalty"] = overlong.mean()
         step_rewards = place_step_rewards(step_values, step_positions, (B, T), dtype=torch.float32)
         return scores.to(self.dev_policy), step_rewards.to(self.dev_policy), stats
 

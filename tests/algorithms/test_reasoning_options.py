@@ -22,6 +22,7 @@ from rlhf_cli.algorithms import (
     kl_k3,
     kl_k3_clamped,
     local_units,
+    overlong_penalty,
     policy_gradient_loss,
     ppo_policy_loss,
     rank_share,
@@ -171,6 +172,31 @@ def test_kl_k2_gradient_is_the_log_ratio():
 
 def test_kl_estimators_in_the_loss_are_registered_as_such():
     assert not KL_ESTIMATORS.trait("k2", "in_reward") and not KL_ESTIMATORS.trait("k3_clamped", "in_reward")
+
+
+# ---------------------------------------------------------------- DAPO overlong shaping, by hand
+def test_overlong_penalty_by_hand():
+    # L_max = 10, L_cache = 4: free up to 6 tokens, then -1/4 per token, -1 at the limit
+    lengths = torch.tensor([1, 6, 7, 8, 10])
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4), torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0]))
+    assert overlong_penalty(torch.tensor([12.0]), 10, 4).item() == -1.0  # past the limit (DAPO's third case)
+    with pytest.raises(ValueError, match="buffer_length <= max_length"):
+        overlong_penalty(lengths, 10, 11)
+
+
+def verl_dapo_overlong_reward(valid_response_length, max_resp_len, overlong_buffer_len, penalty_factor=1.0):
+    """verl ``DAPORewardManager`` overlong branch (verl/experimental/reward_loop/reward_manager/dapo.py lines
+    103-109), one response."""
+    expected_len = max_resp_len - overlong_buffer_len
+    exceed_len = valid_response_length - expected_len
+    return min(-exceed_len / overlong_buffer_len * penalty_factor, 0)
+
+
+def test_overlong_penalty_equals_verl_up_to_the_limit():
+    lengths = torch.arange(1, 65)
+    ours = overlong_penalty(lengths, 64, 16)
+    verl = torch.tensor([verl_dapo_overlong_reward(int(n), 64, 16) for n in lengths])
+    torch.testing.assert_close(ours, verl)
 
 
 # ---------------------------------------------------------------- equality with verl on random tensors

@@ -348,15 +348,17 @@ def test_bad_reward_functions_name_the_prompt(tmp_path, tiny_model_dir, body, fr
       "algorithm.epochs=2", "algorithm.minibatches=2"],
      {"algorithm": {"clip_ratio_c": 3.0, "loss_agg": "seq-mean-token-sum-norm"}, "kl": {"estimator": "k2"}},
      {"clip_frac_lower"}),
-    (["algorithm.baseline=group_norm_unbiased", "algorithm.loss_agg=seq-mean-token-mean", "kl.estimator=k3_clamped"],
-     {"algorithm": {"baseline": "group_norm_unbiased", "loss_agg": "seq-mean-token-mean"}, "kl": {"estimator": "k3_clamped"}},
-     set()),
+    (["algorithm.baseline=group_norm_unbiased", "algorithm.loss_agg=seq-mean-token-mean", "kl.estimator=k3_clamped",
+      "reward.overlong_buffer=4"],
+     {"algorithm": {"baseline": "group_norm_unbiased", "loss_agg": "seq-mean-token-mean"},
+      "kl": {"estimator": "k3_clamped"}, "reward": {"overlong_buffer": 4}}, {"overlong_penalty"}),
     (["algorithm.baseline=group_mean", "algorithm.loss_agg=seq-mean-token-sum", "eval.samples=4"],
      {"algorithm": {"baseline": "group_mean", "loss_agg": "seq-mean-token-sum"}, "eval": {"pass_k": [4]}}, set()),
-], ids=["ppo-dual-clip-drgrpo-k2", "grpo-unbiased-seq-mean-k3-clamped", "drgrpo-no-std-seq-sum-eval-samples"])
+], ids=["ppo-dual-clip-drgrpo-k2", "grpo-unbiased-seq-mean-k3-clamped-overlong", "drgrpo-no-std-seq-sum-eval-samples"])
 def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, config_keys, train_keys):
     """Issue 20's options through the real CLI: the run finishes, the saved config holds them, the update ran on
-    finite numbers, and the options' own stats are logged (dual clip: clip_frac_lower; eval.samples=4: the
+    finite numbers, and the options' own stats are logged (dual clip: clip_frac_lower; overlong shaping: its mean
+    penalty; eval.samples=4: the
     held-out evaluations before and after carry pass@1, pass@4 and maj@4 beside greedy accuracy)."""
     out = tmp_path / "rl"
     # the shipped reasoning rewards, plus one that varies within a group on an untrained model (digits written)
@@ -375,6 +377,8 @@ def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, confi
         assert train_keys <= r.keys()
         assert all(torch.isfinite(torch.tensor(float(r[k]))) for k in ("loss", "grad_norm", "kl", "entropy"))
         assert r["grad_norm"] > 0  # the loss reached the weights
+        if "overlong_penalty" in train_keys:  # 8-token limit, free up to 4: an untrained policy rarely stops sooner
+            assert -1 <= r["overlong_penalty"] < 0
     evals = [r for r in metrics(out) if r["kind"] == "eval"]
     sampled = {"eval_pass@1", "eval_pass@4", "eval_maj@4"}
     if "eval.samples=4" in extra:
