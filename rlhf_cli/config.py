@@ -345,6 +345,10 @@ class AlgorithmConfig:
     target_kl: Optional[float] = doc(None, "PPO: stop the epochs early when approx KL passes this")
     clip_ratio_c: Optional[float] = doc(None, "PPO dual clip (Ye et al. 2020): cap the loss of tokens with a negative "
                                               "advantage at -A * c, c > 1 (e.g. 3.0); null = off")
+    dynamic_sampling: bool = doc(False, "DAPO dynamic sampling: drop prompts whose K samples got equal rewards and draw "
+                                        "more prompts until the step's batch is full (algorithm.max_draws at most)")
+    max_draws: int = doc(4, "dynamic sampling: rollout draws per step at most; a batch still short is filled with "
+                            "equal-reward groups (logged as sampling_topped_up_groups)")
     loss_agg: str = doc("token-mean", "how per-token loss terms become one number: token-mean, seq-mean-token-mean "
                                       "(GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO: token sums / "
                                       "rollout.max_new_tokens); docs/algorithms.md")
@@ -361,6 +365,7 @@ class AlgorithmConfig:
                               f"-A * c, above PPO's own clip); e.g. algorithm.clip_ratio_c=3.0, or null for off")
         check_positive("algorithm.epochs", self.epochs)
         check_positive("algorithm.minibatches", self.minibatches)
+        check_positive("algorithm.max_draws", self.max_draws)
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError("algorithm.gamma and algorithm.lam must be in [0, 1]")
 
@@ -466,6 +471,9 @@ class RLConfig:
             raise ConfigError(f"algorithm {algo.name} needs a critic: set algorithm.advantage=gae or nstep")
         if algo.advantage == "reinforce" and algo.baseline in GROUP_BASELINES and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"algorithm.baseline={algo.baseline} needs rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
+        if algo.dynamic_sampling and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"algorithm.dynamic_sampling=true compares the K samples of a prompt and needs "
+                              f"rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
         if self.reward.overlong_buffer > self.rollout.max_new_tokens:
             raise ConfigError(f"reward.overlong_buffer={self.reward.overlong_buffer} is longer than the response limit "
                               f"rollout.max_new_tokens={self.rollout.max_new_tokens}; set it to at most that "

@@ -199,6 +199,9 @@ CASES: dict[str, Case] = {
     "rl pass_k above eval.samples": Case("rl", lambda d, m: ["eval.samples=2", "eval.pass_k=[1,4]"],
                                          "eval.pass_k=[1, 4] needs every k in [1, eval.samples=2]"),
     "train-rm eval.samples": Case("train-rm", lambda d, m: ["eval.samples=2"], "a reward model generates none"),
+    "rl dynamic sampling with one sample": Case("rl", lambda d, m: ["algorithm.dynamic_sampling=true", "algorithm.baseline=mean",
+                                                                    "rollout.samples_per_prompt=1"],
+                                                "algorithm.dynamic_sampling=true compares the K samples"),
     "rl overlong buffer past the limit": Case("rl", lambda d, m: ["reward.overlong_buffer=50", "rollout.max_new_tokens=40"],
                                               "reward.overlong_buffer=50 is longer than the response limit"),
 }

@@ -45,7 +45,8 @@ from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_
                              model_path)
 from rlhf_cli.precision import Precision, frozen_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
-from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses, make_engine
+from rlhf_cli.rollout import (Rollout, SamplingParams, concat_rollouts, decode_responses, make_engine,
+                              select_rows)
 from rlhf_cli.scoring import score_texts
 from rlhf_cli.tracking import Tracker
 
@@ -236,7 +237,7 @@ class RLRecipe:
         last_eval = None  # {} on ranks other than 0
         while self.step < self.cfg.max_steps:
             t0 = time.perf_counter()
-            rows, prompts, rollout = self.rollout()                                  # 1. rollout
+            rows, prompts, rollout, sampling = self.rollout_batch()                  # 1. rollout
             t1 = time.perf_counter()
             scored = self.score(rollout, prompts, rows)                              # 2. score
             t2 = time.perf_counter()
@@ -244,13 +245,42 @@ class RLRecipe:
             update_stats = self.update(scored, advantages, returns, beta)            # 4. update
             t3 = time.perf_counter()
             evaluated = self.log_and_checkpoint(scored, rewards, returns, beta,      # 5. log and checkpoint
-                                                update_stats, (t0, t1, t2, t3))
+                                                update_stats | sampling, (t0, t1, t2, t3))
             last_eval = evaluated if evaluated is not None else last_eval
         return self.save(last_eval if last_eval is not None else self.evaluate())
 
     # ---------------------------------------------------------------- 1. rollout
-    def rollout(self) -> tuple[list[dict], list[str], Rollout]:
-        """This rank's prompts of the step's global draw, K contiguous samples each, from the rollout engine."""
+    def rollout_batch(self) -> tuple[list[dict], list[str], Rollout, dict]:
+        """The step's rollout; with algorithm.dynamic_sampling, DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2):
+        groups whose K outcome totals are all equal (no signal for a group baseline) are dropped and further
+        draws of prompts_per_step prompts fill the batch, up to algorithm.max_draws draws; a batch still short
+        is filled with dropped groups. Every rank draws until every rank is full (one all-reduce a draw), so
+        collective rollouts and the sampler's position agree. -> (rows, prompts, rollout, logged stats)."""
+        if not self.cfg.algorithm.dynamic_sampling:
+            return *self.rollout(), {}
+        K, quota = self.K, self.prompts_per_rank
+        kept, dropped = [], []  # whole groups: (rows, prompts, rollout) of K rows each
+        for draw in range(self.cfg.algorithm.max_draws):
+            rows, prompts, rollout = self.rollout(draw)
+            scores, step_rewards, _ = self.rewards(rollout, prompts, rows)  # scored again in step 2 for the kept rows
+            outcome = (scores + step_rewards.sum(-1)).view(-1, K)  # (prompts, K), as zero_signal_group_frac
+            informative = (outcome.max(1).values - outcome.min(1).values > 1e-6).tolist()
+            for g, useful in enumerate(informative):
+                group = slice(g * K, (g + 1) * K)
+                (kept if useful else dropped).append((rows[group], prompts[group], select_rows(rollout, group)))
+            (missing,) = self.rt.sum(float(max(0, quota - len(kept))))
+            if missing == 0:
+                break
+        short = max(0, quota - len(kept))
+        groups = kept[:quota] + dropped[:short]
+        (topped_up,) = self.rt.sum(float(short))
+        rollout = concat_rollouts([g[2] for g in groups], self.tokenizer.pad_token_id)
+        return ([r for g in groups for r in g[0]], [p for g in groups for p in g[1]], rollout,
+                {"sampling_draws": draw + 1, "sampling_topped_up_groups": topped_up})
+
+    def rollout(self, draw: int = 0) -> tuple[list[dict], list[str], Rollout]:
+        """This rank's prompts of the step's global draw, K contiguous samples each, from the rollout engine
+        (draw > 0: dynamic sampling's further draws, with noise of their own)."""
         cfg, rt, K = self.cfg, self.rt, self.K
         chosen = self.sampler.take(cfg.rollout.prompts_per_step)[rt.rank * self.prompts_per_rank:
                                                                  (rt.rank + 1) * self.prompts_per_rank]
@@ -259,7 +289,8 @@ class RLRecipe:
         prompt_ids, prompt_mask = data.left_pad([self.train_prompt_ids[i] for i in chosen for _ in range(K)],
                                                 self.tokenizer.pad_token_id)
         params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k,
-                                cfg.rollout.top_p, noise_key=(cfg.seed, self.step, rt.rank * self.rows_per_rank))
+                                cfg.rollout.top_p, noise_key=(cfg.seed, self.step, (draw * rt.world_size + rt.rank)
+                                                              * self.rows_per_rank))
         self.engine.sync_weights(self.policy)
         with distributed.gathered(self.policy), self.precision.autocast():  # FSDP2: ranks stop at different lengths
             rollout = self.engine.generate(prompt_ids.to(self.dev_policy), prompt_mask.to(self.dev_policy), params)
