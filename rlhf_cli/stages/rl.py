@@ -438,12 +438,14 @@ class RLRecipe:
         # the total loss: policy gradient - entropy bonus + KL penalty (k2 / k3: in the loss) + value loss (critic)
         policy_terms = pg_loss - a.entropy_coef * entropy_term + kl_penalty
         value_term = a.value_coef * v_loss if v_loss is not None else 0.0
-        loss = policy_terms + value_term
-        stats = {"loss": loss, "entropy": entropy_mean, **pg_stats} | ({"value_loss": v_loss} if v_loss is not None else {})
+        stats = {"entropy": entropy_mean, **pg_stats} | ({"value_loss": v_loss} if v_loss is not None else {})
         self.precision.backward(policy_terms * agg_share + value_term * share)
-        # token means over every rank (one all-reduce): the guard, early stop and logs agree on all ranks
-        sums = rt.sum(*(float(v.detach()) * mb_tokens for v in stats.values()))
-        means = {k: total / max(all_tokens, 1.0) for k, total in zip(stats, sums)}
+        # the loss over every rank's rows (each term by its own units) and token means of the stats (one
+        # all-reduce): the guard, early stop and logs agree on all ranks
+        loss_part = (float(policy_terms) * mb_units / max(all_units, 1.0)
+                     + float(value_term) * mb_tokens / max(all_tokens, 1.0))
+        loss_total, *sums = rt.sum(loss_part, *(float(v.detach()) * mb_tokens for v in stats.values()))
+        means = {"loss": loss_total, **{k: total / max(all_tokens, 1.0) for k, total in zip(stats, sums)}}
         grad_norm, applied = self.guard.step(params, self.optimizer, means["loss"], scaler=self.precision.scaler)
         if first and self.trust_region:
             first_mb.update(first_mb_clip_frac=means["clip_frac"], first_mb_approx_kl=means["approx_kl"])
