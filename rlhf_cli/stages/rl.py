@@ -20,8 +20,10 @@ rollout row g is drawn with noise keyed by (seed, step, g): ranks sample
 differently, reruns and resumes sample the same, and W ranks x B rows draw
 what one process with W*B rows draws. Everything computed across rows is
 global: the running-mean baseline, advantage whitening, the loss (normalised
-by the minibatch's token count over all ranks), the KL controller, PPO's
-early stop and the logged metrics.
+by the minibatch's token or response count over all ranks, by
+algorithm.loss_agg), the KL controller, PPO's early stop and the logged
+metrics. Dynamic sampling (algorithm.dynamic_sampling) fills each rank's share
+of the batch from its own draws, every rank drawing until all are full.
 """
 
 from __future__ import annotations

@@ -369,16 +369,14 @@ def test_bad_reward_functions_name_the_prompt(tmp_path, tiny_model_dir, body, fr
 
 @pytest.mark.parametrize("extra, config_keys, train_keys", [
     (["algorithm=ppo", "algorithm.clip_ratio_c=3.0", "algorithm.loss_agg=seq-mean-token-sum-norm", "kl.estimator=k2",
-      "algorithm.epochs=2", "algorithm.minibatches=2"],
-     {"algorithm": {"clip_ratio_c": 3.0, "loss_agg": "seq-mean-token-sum-norm"}, "kl": {"estimator": "k2"}},
-     {"clip_frac_lower"}),
+      "algorithm.epochs=2", "algorithm.minibatches=2", "reward.overlong_buffer=4"],
+     {"algorithm": {"clip_ratio_c": 3.0, "loss_agg": "seq-mean-token-sum-norm"}, "kl": {"estimator": "k2"},
+      "reward": {"overlong_buffer": 4}}, {"clip_frac_lower", "overlong_penalty"}),
     (["algorithm.baseline=group_norm_unbiased", "algorithm.loss_agg=seq-mean-token-mean", "kl.estimator=k3_clamped",
-      "reward.overlong_buffer=4"],
+      "eval.samples=4"],
      {"algorithm": {"baseline": "group_norm_unbiased", "loss_agg": "seq-mean-token-mean"},
-      "kl": {"estimator": "k3_clamped"}, "reward": {"overlong_buffer": 4}}, {"overlong_penalty"}),
-    (["algorithm.baseline=group_mean", "algorithm.loss_agg=seq-mean-token-sum", "eval.samples=4"],
-     {"algorithm": {"baseline": "group_mean", "loss_agg": "seq-mean-token-sum"}, "eval": {"pass_k": [4]}}, set()),
-], ids=["ppo-dual-clip-drgrpo-k2", "grpo-unbiased-seq-mean-k3-clamped-overlong", "drgrpo-no-std-seq-sum-eval-samples"])
+      "kl": {"estimator": "k3_clamped"}, "eval": {"pass_k": [4]}}, set()),
+], ids=["ppo-dual-clip-drgrpo-k2-overlong", "grpo-unbiased-seq-mean-k3-clamped-eval-samples"])
 def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, config_keys, train_keys):
     """Issue 20's options through the real CLI: the run finishes, the saved config holds them, the update ran on
     finite numbers, and the options' own stats are logged (dual clip: clip_frac_lower; overlong shaping: its mean
@@ -419,10 +417,12 @@ def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, confi
 def test_dynamic_sampling_draws_until_groups_differ(tmp_path, tiny_model_dir, reward_body, informative):
     """DAPO's dynamic sampling through the real CLI: draws are logged; when every group is flat, all
     algorithm.max_draws draws are made and the batch is topped up with flat groups (the step still trains on a
-    full batch); when some groups differ, a batch made within the cap holds no flat group."""
+    full batch); when some groups differ, a batch made within the cap holds no flat group. (With Dr. GRPO's
+    no-std baseline and a per-response token-sum loss, so that those run end to end too.)"""
     env = _reward_module(tmp_path, reward_body)
     out = tmp_path / "rl"
     proc = run_cli("rl", "algorithm.dynamic_sampling=true", "algorithm.max_draws=3", f"policy.path={tiny_model_dir}",
+                   "algorithm.baseline=group_mean", "algorithm.loss_agg=seq-mean-token-sum",  # Dr. GRPO's baseline too
                    f"output_dir={out}", "max_steps=2", "reward.functions=[myrewards:score]", "rollout.max_new_tokens=6",
                    *SMALL, "data.num_eval=2", "eval.max_new_tokens=4", "device=cpu", "device.threads=1",
                    cwd=tmp_path, env=env)
