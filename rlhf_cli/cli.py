@@ -2,9 +2,10 @@
 
     rlhf sft                                   # embedded tiny model + task, CPU minutes
     rlhf sft my_sft.yaml optim.lr=1e-3         # a config file of your own, plus overrides
-    rlhf sft -m seed=1,2,3                     # a Hydra multirun sweep (a dir per job)
+    rlhf sft -m seed=1,2,3 output_dir=runs/seeds   # a Hydra multirun sweep: runs/seeds/seed-1 ... (sweep.py)
     rlhf sft --cfg job                         # print the composed config
-    rlhf sft --help                            # config groups and keys, with their docs
+    rlhf rl algorithm=ppo --help               # keys with the defaults these options give, on stdout
+    rlhf --version; eval "$(rlhf completion bash)"
 
 The dispatcher pops the stage, turns a positional YAML file into overrides,
 composes and validates the whole config (every sweep combination) with
@@ -23,8 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf_cli import signals
-from rlhf_cli.compose import CONF_DIR, compose_all, config_name, split_args
+from rlhf_cli import __version__, completion, helptext, signals, sweep
+from rlhf_cli.compose import CONF_DIR, compose_all, compose_for_help, config_name, expand_sweeps, split_args
 from rlhf_cli.errors import UserError
 from rlhf_cli.tracking import console
 
@@ -57,10 +58,31 @@ def available_stages() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `rlhf` entry point. Ctrl-C while no run holds the step-boundary handler (importing torch,
+    composing the config, a tool's work) is one line and exit 130, as a stop during training is (signals.py)."""
+    # OpenMP threads that sleep while they wait instead of spinning, unless the user chose: set before torch
+    # loads libgomp. On a shared CPU, spinning threads collapse (scripts/bench_threads.py: a tiny sft 379 s with
+    # torch's default vs 25 s passive, the same as one thread; quiet figures in docs/benchmarks.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    signals.exit_at_once_on_sigint()
+    dispatch(argv)
+
+
+def dispatch(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     stages = available_stages()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_stages(stages)
+        return
+    if argv[0] in ("completion", "__complete"):  # bash tab completion (rlhf_cli/completion.py)
+        args = argv[1:] if argv[0] == "completion" else argv
+        try:
+            completion.main(args, list(stages) + list(TOOLS))
+        except UserError as e:
+            fail(str(e), code=e.exit_code)
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"rlhf {__version__}")
         return
     stage, rest = argv[0], argv[1:]
     if stage in TOOLS:
@@ -72,10 +94,13 @@ def main(argv: list[str] | None = None) -> None:
              f" (stages: {', '.join(stages)}; tools: {', '.join(TOOLS)})")
     if not CONF_DIR.is_dir():
         fail(f"config directory {CONF_DIR} not found; install with `pip install -e .` from the repo or set RLHF_CONF_DIR")
-    if any(a in ("-h", "--help") for a in rest):
-        print_stage_help(stage)
-        return
     try:  # every problem with the command line or the config: one line, exit 2, before anything loads
+        if any(a in ("-h", "--help") for a in rest):
+            print_stage_help(stage, rest)
+            return
+        if any(a in ("-sc", "--shell-completion") for a in rest):  # Hydra's would parse the stage as an override
+            raise UserError('Hydra\'s --shell-completion does not know the stage word; use rlhf\'s own: '
+                            'eval "$(rlhf completion bash)"')
         overrides, hydra_args = split_args(rest)
         multirun = any(a in ("-m", "--multirun") for a in hydra_args)
         signals.remember_command(stage, rest)  # for the resume hint after SIGTERM / SIGINT
@@ -84,10 +109,16 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e), code=e.exit_code)
     if not multirun and os.environ.get("RANK", "0") == "0" and not {"--cfg", "-c", "--info", "-i"} & set(hydra_args):
         check_not_in_use(configs[0].output_dir)
-    if multirun:  # name each job's dir by the swept keys only: runs/rl/algorithm=ppo,seed=1
-        fixed = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "," not in o.split("=", 1)[-1]
-                 and not o.startswith("hydra.")]
-        overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(['output_dir'] + fixed)}]")
+        try:
+            sweep.check_run_dir(configs[0].output_dir)
+        except UserError as e:
+            fail(str(e), code=e.exit_code)
+    if multirun:  # each job's dir named by the swept keys only: runs/algos/algorithm-ppo+seed-1 (sweep.py)
+        try:
+            sweep.check_sweep_dir(configs[0].output_dir)
+        except UserError as e:
+            fail(str(e), code=e.exit_code)
+        overrides += sweep.dirname_overrides(overrides)
     if os.environ.get("RANK", "0") != "0":
         overrides.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
     run_hydra(stage, overrides, hydra_args)
@@ -120,6 +151,7 @@ def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
     from rlhf_cli.config import register_configs
 
     register_configs()
+    sweep.register_resolvers()
     runner = importlib.import_module(STAGES[stage][0])
     task = hydra.main(config_path=str(CONF_DIR), config_name=config_name(stage), version_base="1.3")(
         _task_function(stage, runner))
@@ -132,18 +164,25 @@ def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
         if isinstance(e, OSError):  # e.g. hydra.run.dir=/proc/x: Hydra could not make the run directory
             fail(f"could not write the run directory: {e}; choose a writable output_dir=...")
         raise
+    code = sweep.report(stage)  # a multirun: the summary table; non-zero when a job failed
+    if code:
+        sys.exit(code)
 
 
 def _task_function(stage: str, runner):
     def task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
         from omegaconf import OmegaConf
 
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             config = OmegaConf.to_object(cfg)
             with signals.stop_at_step_boundary():
-                runner.run(config, output_dir)
+                if HydraConfig.get().mode == RunMode.MULTIRUN:  # a failed job is reported; the sweep goes on
+                    sweep.run_job(runner.run, config, output_dir, explain_failure)
+                else:
+                    runner.run(config, output_dir)
         except UserError as e:
             fail(str(e), code=e.exit_code)
         except signals.Interrupted as e:  # SIGTERM / SIGINT: checkpoint written; one plain line, 143 / 130
@@ -158,57 +197,73 @@ def _task_function(stage: str, runner):
     return task
 
 
-def fail_if_disk_full(exc: BaseException, output_dir) -> None:
-    """fail() with one line when exc (or what caused it) is a write refused for space: ENOSPC, EFBIG,
-    EDQUOT, EROFS, whether raised as OSError or wrapped in another library's error text."""
+def explain_failure(exc: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for a failure the CLI explains (a UserError, a full disk); None otherwise."""
+    if isinstance(exc, UserError):
+        return str(exc), exc.exit_code
+    reason = disk_full_reason(exc)
+    return (f"could not write: {reason} (disk full or over quota?)", EXIT_USAGE) if reason else None
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """The reason when exc (or what caused it) is a write refused for space: ENOSPC, EFBIG, EDQUOT, EROFS,
+    raised as OSError or wrapped in another library's error text."""
     e, seen = exc, 0
     while e is not None and seen < 10:
-        reason = None
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            reason = f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
-        else:
-            reason = next((os.strerror(n) for n in DISK_ERRNOS if os.strerror(n) in str(e)), None)
+            return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+        reason = next((os.strerror(n) for n in DISK_ERRNOS if os.strerror(n) in str(e)), None)
         if reason:
-            where = f" in {output_dir}" if output_dir else ""
-            fail(f"could not write{where}: {reason} (disk full or over quota?); free space or choose another "
-                 f"output_dir=..., then rerun: it resumes from the last complete checkpoint")
+            return reason
         e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def fail_if_disk_full(exc: BaseException, output_dir) -> None:
+    """fail() with one line when exc is a write refused for space (disk_full_reason)."""
+    reason = disk_full_reason(exc)
+    if reason:
+        where = f" in {output_dir}" if output_dir else ""
+        fail(f"could not write{where}: {reason} (disk full or over quota?); free space or choose another "
+             f"output_dir=..., then rerun: it resumes from the last complete checkpoint")
 
 
 def print_stages(stages: dict) -> None:
-    from rich.table import Table
-
-    console.print("usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)",
-                  markup=False)
-    for kind, commands in (("stage", stages), ("tool", TOOLS)):
-        if kind == "tool":
-            console.print("tools: rlhf validate <stage> [CONFIG.yaml] [key=value ...] | rlhf eval CHECKPOINT "
-                          "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png]   "
-                          "(rlhf <tool> --help)", markup=False)
-        table = Table(show_header=True)
-        table.add_column(kind)
-        table.add_column("what it does")
-        for name, (_, what) in commands.items():
-            table.add_row(name, what)
-        console.print(table)
+    """`rlhf --help`, on stdout: one `name  what it does` line per stage and per tool."""
+    helptext.print_text(f"rlhf {__version__}\n"
+                        "usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)\n"
+                        "tools: rlhf validate <stage> [CONFIG.yaml] [key=value ...] | rlhf eval CHECKPOINT "
+                        "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png]   "
+                        "(rlhf <tool> --help)\n"
+                        "other: rlhf --version | rlhf completion bash (tab completion, docs/config-and-cli.md)")
+    width = max(len(n) for n in [*stages, *TOOLS])
+    for kind, commands in (("stages", stages), ("tools", TOOLS)):
+        lines = [f"  {name:<{width}}  {what}" for name, (_, what) in commands.items()]
+        helptext.print_text(f"{kind}:\n" + "\n".join(lines))
 
 
-def print_stage_help(stage: str) -> None:
-    from rich.table import Table
-
+def print_stage_help(stage: str, args: list[str]) -> None:
+    """The stage's keys with the defaults of the config composed from args (`algorithm=ppo --help` shows
+    PPO's), each with its doc, on stdout (rlhf_cli/helptext.py)."""
     from rlhf_cli.config import STAGE_SCHEMAS, field_docs
 
-    console.print(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]", markup=False)
-    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
-    primary = (CONF_DIR / f"{config_name(stage)}.yaml").read_text()
-    console.print("config groups (pick with group=option):")
-    for g in groups:
-        if f"- {g}:" in primary or f"{g}:" in primary.split("_self_")[0]:
-            options = sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml"))
-            console.print(f"  {g}: {', '.join(options)}")
-    table = Table(title=f"keys of `rlhf {stage}` (defaults before the config file and groups apply)")
-    for col in ("key", "default", "doc"):
-        table.add_column(col)
-    for key, default, help_text in field_docs(STAGE_SCHEMAS[stage]):
-        table.add_row(key, default, help_text)
-    console.print(table)
+    overrides, _ = split_args([a for a in args if a not in ("-h", "--help")])
+    if len(expand_sweeps(overrides)) > 1:
+        raise UserError(f"--help shows one composition; give one value per key, e.g. rlhf {stage} algorithm=ppo --help")
+    job, choices = compose_for_help(stage, overrides)
+    helptext.print_text(f"usage: rlhf {stage} [CONFIG.yaml] [key=value ...] [-m] [--cfg job]\n"
+                        f"config groups (pick with group=option; [chosen]):")
+    for group, chosen in sorted(choices.items()):
+        if group.endswith("_schema") or chosen is None:
+            continue
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        helptext.print_text(f"  {group}: " + ", ".join(f"[{o}]" if o == chosen else o for o in options))
+    rows = [(key, helptext.render(_select(job, key)), doc) for key, _, doc in field_docs(STAGE_SCHEMAS[stage])]
+    chosen = " ".join(f"{g}={c}" for g, c in sorted(choices.items()) if c and not g.endswith("_schema"))
+    helptext.print_keys(f"keys of `rlhf {stage}` ({chosen}{' ' if overrides else ''}{' '.join(overrides)})", rows)
+
+
+def _select(node: dict, dotted: str):
+    for part in dotted.split("."):
+        node = node[part]
+    return node

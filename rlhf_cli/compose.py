@@ -5,7 +5,8 @@
 
 Used by the dispatcher (cli.py) and by `rlhf validate`. Every problem is a
 ConfigError (one line, exit 2): an unknown key names the closest valid one, a
-bad value names its key, a missing group option lists the options.
+bad value names its key, a missing group option lists the options. A key set
+that the chosen options do not read (config.READ_WHEN) is a `warning:` line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 from rlhf_cli.errors import ConfigError, UserError
+from rlhf_cli.tracking import console
 
 # hydra, omegaconf and rlhf_cli.config (which imports hydra) load inside the functions that compose:
 # `rlhf --help` and `rlhf <stage> --help` print without them.
@@ -124,26 +126,51 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.islice(itertools.product(*choices), 64)]
 
 
-def compose_config(stage: str, overrides: list[str]):
-    """Compose + validate: -> the typed stage config object. Raises on problems."""
+def _compose(stage: str, overrides: list[str], return_hydra_config: bool = False):
+    """Hydra's compose API on the stage's primary config -> the DictConfig (what `--cfg job` prints)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
     from rlhf_cli.config import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name(stage), overrides=[o for o in overrides if not o.startswith("hydra.")])
-    return OmegaConf.to_object(cfg)
+        return compose(config_name=config_name(stage), return_hydra_config=return_hydra_config,
+                       overrides=[o for o in overrides if not o.startswith("hydra.")])
+
+
+def compose_config(stage: str, overrides: list[str]):
+    """Compose + validate: -> the typed stage config object. Raises on problems."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(_compose(stage, overrides))
+
+
+def compose_for_help(stage: str, overrides: list[str]) -> tuple[dict, dict]:
+    """-> (the composed config as plain containers, exactly what `--cfg job` prints; the chosen option of
+    each config group). No __post_init__ checks run: help shows the composed values even for a config that
+    a run would refuse (a ConfigError only for keys or values the composition itself rejects)."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = _compose(stage, overrides, return_hydra_config=True)
+    except Exception as e:
+        raise ConfigError(explain_config_error(stage, e, overrides)) from None
+    choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+               if not k.startswith("hydra/")}
+    job = OmegaConf.to_container(cfg, resolve=False)
+    job.pop("hydra")
+    return job, choices
 
 
 def compose_all(stage: str, overrides: list[str], multirun: bool) -> list:
     """Compose and check every sweep combination; -> their typed configs (ConfigError on the first problem)."""
+    from rlhf_cli.config import ignored_keys
+
     check_appended_keys(stage, overrides)
     combos = expand_sweeps(overrides) if multirun else [overrides]
-    configs = []
+    configs, warnings = [], []
     for combo in combos:
         try:
             cfg = compose_config(stage, combo)
@@ -151,7 +178,16 @@ def compose_all(stage: str, overrides: list[str], multirun: bool) -> list:
             raise ConfigError(explain_config_error(stage, e, combo)) from None
         check_output_dir(cfg.output_dir)
         configs.append(cfg)
+        warnings += [w for w in ignored_keys(stage, cfg, combo) if w not in warnings]
+    warn(warnings)
     return configs
+
+
+def warn(lines: list[str]) -> None:
+    """`warning: ...` lines on stderr (rank 0 only): what the run will do differently from what was asked."""
+    if lines and os.environ.get("RANK", "0") == "0":
+        for line in lines:
+            console.print(f"warning: {line}", markup=False, soft_wrap=True)
 
 
 def check_output_dir(output_dir: str) -> None:

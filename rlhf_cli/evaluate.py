@@ -1,13 +1,13 @@
 """`rlhf eval CHECKPOINT [key=value ...] [--json OUT.json]`: score a policy on held-out prompts.
 
     rlhf eval runs/rl/final                                        # the embedded task's held-out prompts
-    rlhf eval runs/rl/final reward_model=runs/rm/final --json eval.json
+    rlhf eval runs/rl/final reward.model.path=runs/rm/final device=cpu device.threads=2 --json eval.json
     rlhf eval runs/sft/final data.eval=test.jsonl eval.rule=mypkg.rules:exact eval.show_samples=5
     rlhf eval runs/rl/final eval.samples=8 --json eval.json         # + pass@1, pass@8, maj@8 from 8 samples each
 
 CHECKPOINT is a policy's final/ (sft or rl) or the run dir holding it. Greedy
 responses to the held-out prompts are checked by eval.rule (held-out accuracy,
-the stages' own function), scored by a reward model when reward_model= is set,
+the stages' own function), scored by a reward model when reward.model.path= is set,
 and measured (mean characters and tokens); a few are shown in a table. With
 eval.samples=K, K responses per prompt are also sampled (eval.temperature) and
 checked by the same rule: pass@1 (their mean), pass@k for k in eval.pass_k (the
@@ -15,7 +15,9 @@ unbiased estimator of Chen et al. 2021) and maj@k (the majority final answer of
 k samples, rlhf_cli.reasoning.answer_key), under those names in the JSON.
 Unset seed / data.num_eval / data.eval_limit / eval.max_new_tokens follow the
 checkpoint's own run (its manifest), so the embedded held-out split and the
-numbers match what that run reported. `rlhf eval --help` lists every key.
+numbers match what that run reported. Keys are named as in the stages
+(`device=cpu` or `device.type`, `device.threads`, `model.dtype`,
+`reward.model.path`); `rlhf eval --help` lists every key.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from rlhf_cli import task
+from rlhf_cli import helptext, task
 from rlhf_cli.config import (EvalConfig, check_choice, check_eval_sampling, check_positive, doc, field_docs,
                              leaf_keys)
 from rlhf_cli.errors import ConfigError, UserError
@@ -60,17 +62,43 @@ class EvalRunConfig:
 
 
 @dataclass
+class EvalModelConfig:
+    dtype: str = doc("fp32", "weights dtype of the checkpoint and the reward model: fp32, bf16 or fp16")
+    trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
+
+
+@dataclass
+class EvalDeviceConfig:
+    type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
+    threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
+
+
+@dataclass
+class EvalRewardModelConfig:
+    path: Optional[str] = doc(None, "a train-rm final/ that scores the responses; null = no reward-model score")
+
+
+@dataclass
+class EvalRewardConfig:
+    model: EvalRewardModelConfig = doc(EvalRewardModelConfig, "the reward model (as rl's reward.model)")
+
+
+# the keys as the stages name them: `rlhf eval` once had its own names for these
+RENAMED = {"reward_model": "reward.model.path", "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code"}
+
+
+@dataclass
 class EvalToolConfig:
     seed: Optional[int] = doc(None, "seed of the embedded task's held-out split (null = the checkpoint's run seed, else 0)")
-    reward_model: Optional[str] = doc(None, "a train-rm final/ that scores the responses; null = no reward-model score")
-    device: str = doc("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = doc("fp32", "weights dtype: fp32, bf16 or fp16")
-    trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
+    model: EvalModelConfig = doc(EvalModelConfig, "how the checkpoint loads")
+    reward: EvalRewardConfig = doc(EvalRewardConfig, "reward-model score of the responses")
+    device: EvalDeviceConfig = doc(EvalDeviceConfig, "device placement")
     data: EvalDataConfig = doc(EvalDataConfig, "the held-out prompts")
     eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
 
     def __post_init__(self):
-        check_choice("dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
+        check_positive("device.threads", self.device.threads)
         for key, value in (("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
                            ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
             check_positive(key, value)
@@ -89,8 +117,12 @@ def parse_overrides(schema, overrides: list[str], tool: str):
     from omegaconf.errors import OmegaConfBaseException
 
     keys = leaf_keys(schema)
+    # `device=cpu` as in a stage, where it picks the device group
+    overrides = [f"device.type={o.split('=', 1)[1]}" if o.startswith("device=") else o for o in overrides]
     for o in overrides:
         key = o.split("=", 1)[0]
+        if key in RENAMED and key not in keys:
+            raise ConfigError(f"{key}= is named {RENAMED[key]}= (as in the stages); write {RENAMED[key]}=...")
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
             raise ConfigError(f"unknown key {key!r} for rlhf {tool}" +
@@ -131,15 +163,16 @@ def parse_args(args: list[str]) -> tuple[str, list[str], str | None]:
 
 
 def print_help() -> None:
-    from rich.table import Table
-
-    console.print(__doc__.strip(), markup=False)
-    table = Table(title="keys of `rlhf eval`")
-    for col in ("key", "default", "doc"):
-        table.add_column(col)
-    for key, default, help_text in field_docs(EvalToolConfig):
-        table.add_row(key, default, help_text)
-    console.print(table)
+    """On stdout, plain lines outside a terminal (rlhf_cli/helptext.py)."""
+    helptext.print_text(__doc__.strip())
+    defaults = dataclasses.asdict(EvalToolConfig())
+    rows = []
+    for key, _, help_text in field_docs(EvalToolConfig):
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        rows.append((key, helptext.render(value), help_text))
+    helptext.print_keys("keys of `rlhf eval`", rows)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -194,7 +227,8 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     from rlhf_cli import data
     from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.evaluation import held_out_accuracy, sampled_accuracy
-    from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.models import (CAUSAL_LM, REWARD_MODEL, check_generation_fits, check_model_dir, check_model_kind,
+                                 load_causal_lm, load_scalar_head_model, load_tokenizer, position_limit)
     from rlhf_cli.rollout import make_engine
     from rlhf_cli.runtime import resolve_device
     from rlhf_cli.scoring import score_texts
@@ -203,18 +237,24 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     manifest = read_manifest(ckpt)
     if manifest.get("stage") == "train-rm":
         raise UserError(f"{ckpt} is a reward model (train-rm); evaluate a policy (an sft or rl final/) "
-                        f"and pass this one as reward_model={ckpt}")
+                        f"and pass this one as reward.model.path={ckpt}")
     seed = cfg.seed if cfg.seed is not None else _from_run(manifest, "seed", 0)
     num_eval = cfg.data.num_eval or _from_run(manifest, "data.num_eval", 200)
     eval_limit = cfg.data.eval_limit or _from_run(manifest, "data.eval_limit", 200)
     max_new_tokens = cfg.eval.max_new_tokens or _from_run(manifest, "eval.max_new_tokens", 40)
     eval_cfg = dataclasses.replace(cfg.eval, max_new_tokens=max_new_tokens)
     rm_manifest = {}
-    if cfg.reward_model:
-        rm_manifest = read_manifest(cfg.reward_model)
+    rm_path = cfg.reward.model.path
+    if rm_path:
+        rm_manifest = read_manifest(rm_path)
         if rm_manifest and rm_manifest.get("stage") != "train-rm":
-            raise UserError(f"reward_model: {cfg.reward_model} is not a reward model (its manifest says stage "
+            raise UserError(f"reward.model.path: {rm_path} is not a reward model (its manifest says stage "
                             f"{rm_manifest.get('stage')!r}); give a train-rm final/")
+
+    check_model_kind(str(ckpt), "CHECKPOINT", CAUSAL_LM)  # from config.json: no weights yet
+    if rm_path:
+        check_model_dir(rm_path, "reward.model.path")
+        check_model_kind(rm_path, "reward.model.path", REWARD_MODEL)
 
     # rows and prompts first: a data problem fails before any weights load
     if cfg.data.eval is None:
@@ -224,22 +264,26 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
         rows = data.load_rows(cfg.data.eval, "data.eval", cfg.data.eval_split, cfg.data.subset)
         source = cfg.data.eval
     rows = rows[:eval_limit]
-    tokenizer = load_tokenizer(str(ckpt), "CHECKPOINT", cfg.trust_remote_code)
+    tokenizer = load_tokenizer(str(ckpt), "CHECKPOINT", cfg.model.trust_remote_code)
     prompts = [data.prompt_text(tokenizer, row, i, "data.eval") for i, row in enumerate(rows)]
     if eval_cfg.rule and eval_cfg.rule != DEFAULT_RULE:
         import_reward_function(eval_cfg.rule, "eval.rule")
 
-    device = resolve_device(cfg.device)
-    model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.dtype, device, cfg.trust_remote_code)
+    check_generation_fits(str(ckpt), {"eval.max_new_tokens": max_new_tokens})  # before the weights load
+    device = resolve_device(cfg.device.type, key="device.type")
+    if cfg.device.threads:
+        torch.set_num_threads(cfg.device.threads)
+    model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.model.dtype, device, cfg.model.trust_remote_code)
     with torch.no_grad():
         accuracy, _, mean_chars, responses = held_out_accuracy(make_engine("auto", model, tokenizer), tokenizer, rows,
-                                                               prompts, eval_cfg, device)
+                                                               prompts, eval_cfg, device, position_limit(str(ckpt)))
     checks = _checks(rows, prompts, responses, eval_cfg.rule) if accuracy is not None else [None] * len(rows)
     sampled, correct_samples = {}, [None] * len(rows)
     if eval_cfg.samples and accuracy is not None:  # K samples per prompt, checked by the same rule
         with torch.no_grad():
             sampled, correct_samples = sampled_accuracy(make_engine("auto", model, tokenizer), tokenizer, rows,
-                                                        prompts, eval_cfg, device, eval_cfg.rule, seed)
+                                                        prompts, eval_cfg, device, eval_cfg.rule, seed,
+                                                        position_limit(str(ckpt)))
     del model
 
     rm_scores = None
@@ -247,9 +291,9 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     if accuracy is not None:
         metrics["accuracy"] = accuracy
     metrics.update(sampled)  # pass@1, pass@k, maj@k
-    if cfg.reward_model:
-        rm_tokenizer = load_tokenizer(cfg.reward_model, "reward_model", cfg.trust_remote_code)
-        rm = load_scalar_head_model(cfg.reward_model, "reward_model", cfg.dtype, device, cfg.trust_remote_code)
+    if rm_path:
+        rm_tokenizer = load_tokenizer(rm_path, "reward.model.path", cfg.model.trust_remote_code)
+        rm = load_scalar_head_model(rm_path, "reward.model.path", cfg.model.dtype, device, cfg.model.trust_remote_code)
         rm_scores = score_texts(rm, rm_tokenizer, prompts, responses, device, eval_cfg.batch_size).tolist()
         metrics["rm_score"] = sum(rm_scores) / len(rm_scores)
         if "score_std" in rm_manifest:  # standardised as rl's reward is: (s - mean) / std on held-out pairs
@@ -261,7 +305,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
                     **({"samples_correct": n} if sampled else {})}
                    for p, r, c, s, n in zip(prompts, responses, checks, rm_scores or [None] * len(rows), correct_samples)]
     return {"checkpoint": str(ckpt), "stage": manifest.get("stage"), "data": source,
-            "rule": eval_cfg.rule if accuracy is not None else None, "reward_model": cfg.reward_model,
+            "rule": eval_cfg.rule if accuracy is not None else None, "reward_model": rm_path,
             "max_new_tokens": max_new_tokens, **({"samples_per_prompt": eval_cfg.samples} if sampled else {}),
             "metrics": metrics, "wall_time_s": round(time.time() - t0, 2),
             "samples": generations[: eval_cfg.show_samples], "generations": generations}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from rlhf_cli.data import encode, left_pad
+from rlhf_cli.data import cut_left, encode_prompt, left_pad
 from rlhf_cli.reasoning import answer_key
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import RolloutEngine, SamplingParams, decode_responses
@@ -14,12 +14,15 @@ from rlhf_cli.rollout import RolloutEngine, SamplingParams, decode_responses
 EVAL_NOISE_STEP = 1_000_000  # the noise of evaluation samples: keyed apart from every training step
 
 def generate_texts(engine: RolloutEngine, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                   device) -> list[str]:
-    """Greedy completions of prompt texts, `batch_size` prompts per generate call."""
+                   device, max_sequence: int | None = None) -> list[str]:
+    """Greedy completions of prompt texts, `batch_size` prompts per generate call; with max_sequence, a
+    prompt is cut from the left so that prompt + response fit in it (policy.max_length, the positions)."""
     texts = []
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    room = max(1, max_sequence - max_new_tokens) if max_sequence else None
     for i in range(0, len(prompts), batch_size):
-        ids, mask = left_pad([encode(tokenizer, p) for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
+        ids, mask = left_pad([cut_left(e, room, tokenizer) if room else e for e in encoded], tokenizer.pad_token_id)
         texts.extend(decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params)))
     return texts
 
@@ -27,7 +30,8 @@ def generate_texts(engine: RolloutEngine, tokenizer, prompts: list[str], max_new
 DEFAULT_RULE = "rlhf_cli.task:correctness_reward"
 
 
-def held_out_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device
+def held_out_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device,
+                      max_sequence: int | None = None
                       ) -> tuple[float | None, list[tuple[str, str, str]], float, list[str]]:
     """Greedy generation by `engine` (rollout.py) on held-out prompts checked by eval.rule (the task's rule
     by default).
@@ -35,7 +39,8 @@ def held_out_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompt
     Returns (accuracy, or None when there is no rule or the default rule has no
     `answer` column to check; sample rows; mean response chars; the responses).
     """
-    responses = generate_texts(engine, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, device)
+    responses = generate_texts(engine, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, device,
+                               max_sequence)
     rule = effective_rule(eval_cfg.rule, rows)
     checks = []
     if rule:
@@ -81,22 +86,26 @@ def majority_correct(responses: list[str], checks: list[bool]) -> bool:
 
 
 def sampled_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device,
-                     rule: str, seed: int) -> tuple[dict[str, float], list[int]]:
+                     rule: str, seed: int, max_sequence: int | None = None) -> tuple[dict[str, float], list[int]]:
     """K = eval.samples responses per prompt at eval.temperature, checked by `rule`.
 
     Returns ``({"pass@1": .., "pass@k": .., "maj@k": .. for k in eval.pass_k}, correct samples per prompt)``:
     pass@k averaged over prompts by :func:`pass_at_k`, maj@k the share of prompts whose first k samples'
     majority answer is right (:func:`majority_correct`). Noise is keyed by (seed, row), so a rerun draws
-    the same samples. Rows per generate call: at most eval.batch_size (whole prompts' K samples).
+    the same samples. Rows per generate call: at most eval.batch_size (whole prompts' K samples). Prompts are
+    cut to fit max_sequence as in :func:`generate_texts`.
     """
     K = eval_cfg.samples
     fn = import_reward_function(rule, "eval.rule")
     per_call = max(1, eval_cfg.batch_size // K)  # prompts per generate call
+    room = max(1, max_sequence - eval_cfg.max_new_tokens) if max_sequence else None
     correct, metrics = [], {}
     majority = {k: 0 for k in eval_cfg.pass_k}
     for i in range(0, len(prompts), per_call):
         chunk = prompts[i:i + per_call]
-        ids, mask = left_pad([encode(tokenizer, p) for p in chunk for _ in range(K)], tokenizer.pad_token_id)
+        encoded = [encode_prompt(tokenizer, p) for p in chunk]
+        encoded = [cut_left(e, room, tokenizer) if room else e for e in encoded]
+        ids, mask = left_pad([e for e in encoded for _ in range(K)], tokenizer.pad_token_id)
         params = SamplingParams(max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature,
                                 noise_key=(seed, EVAL_NOISE_STEP, i * K))
         texts = decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params))
@@ -119,11 +128,11 @@ def effective_rule(rule: str | None, rows: list[dict]) -> str | None:
 
 
 def stage_sampled_metrics(engine: RolloutEngine, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device,
-                          seed: int) -> dict[str, float]:
+                          seed: int, max_sequence: int | None = None) -> dict[str, float]:
     """The stages' held-out evaluation with eval.samples=K: ``{"eval_pass@1": .., "eval_pass@k": ..,
     "eval_maj@k": ..}``; empty when eval.samples is 0 or there is no rule to check (see :func:`held_out_accuracy`)."""
     rule = effective_rule(eval_cfg.rule, rows)
     if not eval_cfg.samples or not rule:
         return {}
-    metrics, _ = sampled_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device, rule, seed)
+    metrics, _ = sampled_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device, rule, seed, max_sequence)
     return {f"eval_{k}": v for k, v in metrics.items()}

@@ -23,6 +23,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def token_values(model, input_ids, attention_mask) -> torch.Tensor:
     """Scalar head applied at every position: (B, L) float32. Critic values / RM scores."""
+    if isinstance(model, TokenValues):  # through the module's forward: FSDP2 gathers its root's weights there
+        return model(input_ids, attention_mask)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     return scalar_head(model)(hidden).squeeze(-1).float()

@@ -45,9 +45,11 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def describe(self) -> str:
+        threads = (f"{torch.get_num_threads()} CPU thread(s), OpenMP waits "
+                   f"{os.environ.get('OMP_WAIT_POLICY', 'as libgomp defaults').lower()}, ") if self.device.type == "cpu" else ""
         if self.scaler is not None:
-            return "fp32 master weights, fp16 autocast, loss scaling"
-        return f"{self.weights} weights" + (", bf16 autocast" if self.compute is not None else "")
+            return threads + "fp32 master weights, fp16 autocast, loss scaling"
+        return threads + f"{self.weights} weights" + (", bf16 autocast" if self.compute is not None else "")
 
 
 def frozen_dtype(dtype: str | None, device: torch.device, otherwise: str) -> str:

@@ -2,7 +2,8 @@
 progress bar and result tables.
 
 Runners call ``tracker.log(step, metrics)`` with plain dicts; only this module
-(and the CLI) touch rich. Non-main ranks get a tracker that writes nothing.
+(and the CLI) touch rich. On a terminal a progress bar; anywhere else (nohup,
+SLURM, a pipe) each logged step is one plain line on stdout. Non-main ranks get a tracker that writes nothing.
 A metric ``loss`` logged with kind ``train`` is the TensorBoard / W&B scalar
 ``train/loss``; eval metrics are ``eval/eval_accuracy`` and so on.
 """
@@ -14,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -110,6 +112,7 @@ class Tracker:
         self.stage = stage
         self.path = Path(run_dir) / "metrics.jsonl"
         self.progress_keys = progress_keys
+        self.total_steps = total_steps
         self.t0 = time.time()
         self._progress = None
         self._sinks: list = []
@@ -123,7 +126,9 @@ class Tracker:
             self._sinks.append(TensorBoardSink(run_dir, stage, config, start_step))
         if logging_cfg.get("wandb"):
             self._sinks.append(WandbSink(run_dir, stage, config, logging_cfg.get("wandb_project") or "rlhf"))
-        show = console.is_terminal and not os.environ.get("RLHF_NO_PROGRESS")
+        # a bar only where both streams are a terminal; anywhere else (nohup, SLURM, `| tee`, a file) every
+        # logged step is one plain line on stdout, so a log file holds the training curve
+        show = console.is_terminal and sys.stdout.isatty() and not os.environ.get("RLHF_NO_PROGRESS")
         if show:
             self._progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -155,14 +160,14 @@ class Tracker:
         self._file.flush()
         for sink in self._sinks:
             sink.log(step, kind, {k: row[k] for k in metrics})
-        if kind != "train" or self._progress is None:
-            if self._progress is None and kind != "train":
-                console.print(f"[{self.stage}] step {step} {kind}: " + _fmt(metrics))
-            elif self._progress is None and step % 50 == 0:
-                console.print(f"[{self.stage}] step {step}: " + _fmt({k: metrics[k] for k in self.progress_keys if k in metrics}))
-            return
-        info = _fmt({k: metrics[k] for k in self.progress_keys if k in metrics})
-        self._progress.update(self._task, completed=step, info=info)
+        line = f"[{self.stage}] step {step}/{self.total_steps} {kind}: " + _fmt(metrics)
+        if self._progress is None:  # not a terminal: every logged step, one plain unwrapped line on stdout
+            print(line, flush=True)
+        elif kind != "train":
+            self._progress.console.print(line, markup=False, soft_wrap=True)
+        else:
+            info = _fmt({k: metrics[k] for k in self.progress_keys if k in metrics})
+            self._progress.update(self._task, completed=step, info=info)
 
     def advance(self, step: int) -> None:
         if self._progress is not None:
@@ -170,7 +175,7 @@ class Tracker:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            console.print(text)
+            console.print(text, soft_wrap=not console.is_terminal)  # a log file: one line, not cut at 80
 
     def table(self, title: str, rows: dict) -> None:
         if not self.enabled:

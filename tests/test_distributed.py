@@ -36,7 +36,8 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 
 
 def torchrun(nproc: int, *args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RLHF_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}, "RLHF_NO_PROGRESS": "1",
+           "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                            "--standalone", "-m", "rlhf_cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -83,11 +84,15 @@ def sft_runs(tmp_path_factory):
 
 def test_sft_two_ranks_of_b_equal_one_rank_of_2b(sft_runs):
     root, ddp = sft_runs
-    one = run_cli("sft", f"output_dir={root / 'single'}", "batch_size=16", *COMMON, cwd=root)
+    one = run_cli("sft", f"output_dir={root / 'single'}", "batch_size=16", *COMMON, cwd=root,
+                  env={"OMP_WAIT_POLICY": "ACTIVE"})  # a user's own choice is kept
     assert one.returncode == 0, one.stderr
     assert max_diff(weights(root / "ddp"), weights(root / "single")) < 1e-5
     assert text(ddp).count("global batch 16 = 8 x 1 accum x 2 ranks") == 1  # reported once, by rank 0
     assert "global batch 16 = 16 x 1 accum x 1 ranks" in text(one)
+    # OpenMP threads wait passively unless the user set OMP_WAIT_POLICY (torchrun's ranks included)
+    assert "1 CPU thread(s), OpenMP waits passive, fp32 weights" in text(ddp)
+    assert "1 CPU thread(s), OpenMP waits active, fp32 weights" in text(one)
     assert_rank0_wrote_once(root / "ddp", 3)
     state = trainer_state(root / "ddp" / "checkpoints" / "step-000003")
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2

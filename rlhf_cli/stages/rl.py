@@ -43,8 +43,8 @@ from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
-from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model, load_tokenizer,
-                             model_path)
+from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, frozen, load_causal_lm,
+                             load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import (Rollout, SamplingParams, concat_rollouts, decode_responses, make_engine,
@@ -95,8 +95,13 @@ class RLRecipe:
     # ================================================================ setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
+        check_models("rl", cfg)  # every model path a model dir of the kind its key needs, before any weights load
         self.reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]  # cheap to fail
         self.policy_path = model_path(cfg.policy, self.run_dir.root, cfg.seed, rt)
+        check_generation_fits(self.policy_path, {"rollout.max_new_tokens": cfg.rollout.max_new_tokens,  # before
+                                                 "eval.max_new_tokens": cfg.eval.max_new_tokens})  # any weights
+        # prompt + response fit in policy.max_length and in the model's positions
+        self.max_sequence = min(cfg.policy.max_length, position_limit(self.policy_path) or cfg.policy.max_length)
         self.dev_policy, self.dev_ref, self.dev_reward, self.dev_critic = (
             rt.placement[k] for k in ("policy", "reference", "reward", "critic"))
         self.precision = Precision(cfg.policy.dtype, cfg.device.autocast, self.dev_policy)
@@ -128,10 +133,13 @@ class RLRecipe:
     def _setup_data(self) -> None:
         cfg, tokenizer = self.cfg, self.tokenizer
         self.train_rows, self.eval_rows = data.stage_rows(cfg.data, "prompts", cfg.seed)
+        loop.check_batch_fits(cfg, self.rt.world_size, len(self.train_rows))
         # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn
         self.train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(self.train_rows)]
         self.eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(self.eval_rows)]
-        self.train_prompt_ids = [data.encode(tokenizer, p)[-cfg.policy.max_length:] for p in self.train_prompts]
+        room = self.max_sequence - cfg.rollout.max_new_tokens  # a prompt's tokens: cut from the left beyond it
+        self.train_prompt_ids = [data.cut_left(data.encode_prompt(tokenizer, p), room, tokenizer)
+                                 for p in self.train_prompts]
 
     def _setup_policy_and_reference(self) -> None:
         cfg, rt, path = self.cfg, self.rt, self.policy_path
@@ -159,9 +167,10 @@ class RLRecipe:
             return
         check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reward.model.path, "reward.model.path"),
                              "reward.model.path")
-        self.reward_model = frozen(load_scalar_head_model(cfg.reward.model.path, "reward.model.path",  # no_grad only
-                                                          frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32"),
-                                                          self.dev_reward))
+        # as a module whose forward scores (TokenValues): what FSDP2 shards and gathers as one root
+        self.reward_model = frozen(TokenValues(load_scalar_head_model(
+            cfg.reward.model.path, "reward.model.path", frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32"),
+            self.dev_reward, pad_id=self.tokenizer.pad_token_id)))
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
         if cfg.reward.model.normalize and "score_std" in rm_manifest:
             self.rm_mean = float(rm_manifest["score_mean"])
@@ -178,7 +187,7 @@ class RLRecipe:
             critic_path = cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
                                               else self.policy_path)
             self.critic = TokenValues(load_scalar_head_model(critic_path, "critic.path", self.precision.weights,
-                                                             self.dev_critic))
+                                                             self.dev_critic, pad_id=self.tokenizer.pad_token_id))
             self.critic.eval()
 
     def _setup_optimizer(self) -> None:
@@ -490,12 +499,14 @@ class RLRecipe:
             if not self.rt.is_main:
                 return {}
             accuracy, samples, mean_len, responses = held_out_accuracy(
-                self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, self.cfg.eval, self.dev_policy)
+                self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, self.cfg.eval, self.dev_policy,
+                self.max_sequence)
             metrics = {"eval_response_chars": mean_len, "_samples": samples}
             if accuracy is not None:
                 metrics["eval_accuracy"] = accuracy
             metrics |= stage_sampled_metrics(self.engine, self.tokenizer, self.eval_rows, self.eval_prompts,
-                                             self.cfg.eval, self.dev_policy, self.cfg.seed)  # eval.samples: pass@k, maj@k
+                                             self.cfg.eval, self.dev_policy, self.cfg.seed,  # eval.samples: pass@k, maj@k
+                                             self.max_sequence)
             if self.reward_model is not None:  # the RM's (normalised) score of the greedy held-out responses
                 rm_scores = score_texts(self.reward_model, self.tokenizer, self.eval_prompts, responses, self.dev_reward)
                 metrics["eval_rm_score"] = float(((rm_scores - self.rm_mean) / self.rm_std).mean())

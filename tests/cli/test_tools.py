@@ -30,7 +30,7 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reward_model(sweep):
-    proc = run_cli("train-rm", f"model.path={sweep / 'seed=0' / 'final'}", f"output_dir={sweep.parent / 'rm'}",
+    proc = run_cli("train-rm", f"model.path={sweep / 'seed-0' / 'final'}", f"output_dir={sweep.parent / 'rm'}",
                    "max_steps=1", "data.num_train=16", "data.num_eval=8", "batch_size=8", "eval.every=1000",
                    cwd=sweep.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -43,7 +43,7 @@ def reward_model(sweep):
 def test_tensorboard_event_files_hold_the_logged_metrics_and_the_config(sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = sweep / "seed=0"
+    run = sweep / "seed-0"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
@@ -72,8 +72,8 @@ def test_plot_compares_the_runs_of_a_sweep(sweep, tmp_path):
     out = tmp_path / "figs" / "sweep.png"
     proc = run_cli("plot", str(sweep), "-o", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "2 run(s) (seed=0, seed=1)" in proc.stderr
-    assert "panels: loss, eval_loss, eval_accuracy, eval_response_chars" in proc.stderr
+    assert "2 run(s) (seed-0, seed-1)" in proc.stderr
+    assert "panels: sft: loss, sft: eval_loss, sft: eval_accuracy, sft: eval_response_chars" in proc.stderr
     raw = out.read_bytes()
     assert raw[:8] == PNG_SIGNATURE and len(raw) > 10_000
     height, width, channels = matplotlib.image.imread(out).shape
@@ -81,10 +81,39 @@ def test_plot_compares_the_runs_of_a_sweep(sweep, tmp_path):
 
 
 def test_plot_chosen_keys_of_run_dirs(sweep, tmp_path):
-    proc = run_cli("plot", str(sweep / "seed=0"), str(sweep / "seed=1"), "--keys", "lr,loss", cwd=tmp_path)
+    proc = run_cli("plot", str(sweep / "seed-0"), str(sweep / "seed-1"), "--keys", "lr,loss", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert "panels: lr, loss" in proc.stderr
+    assert "panels: sft: lr, sft: loss" in proc.stderr
+
+
+def test_plot_keeps_each_stages_metrics_in_its_own_panels(sweep, reward_model):
+    """sft's generation accuracy and train-rm's pairwise accuracy, sft's next-token loss and train-rm's
+    Bradley-Terry loss: never one panel. Read from the figure the CLI draws (its axes, titles, lines)."""
+    import matplotlib.pyplot as plt
+
+    from rlhf_cli.plot import build_figure, find_runs
+
+    runs = find_runs([str(sweep), str(reward_model.parent)])
+    fig, panels = build_figure(runs)
+    try:
+        axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+        assert len(axes) == len(panels)
+        for title in ("sft: loss", "train-rm: loss", "sft: eval_accuracy", "train-rm: eval_accuracy"):
+            assert title in axes, sorted(axes)
+        rm_label = str(reward_model.parent)
+        sft_labels = {f"{sweep}/seed-0", f"{sweep}/seed-1"}
+        for title, ax in axes.items():
+            labels = {line.get_label() for line in ax.get_lines()}
+            assert labels, title
+            assert labels == ({rm_label} if title.startswith("train-rm: ") else sft_labels), title
+        assert axes["train-rm: eval_accuracy"].get_ylabel() == "held-out pairwise accuracy"
+        assert axes["sft: eval_accuracy"].get_ylabel() == "held-out generation accuracy (eval.rule)"
+        assert axes["train-rm: bt_loss"].get_ylabel() == "Bradley-Terry pairwise loss"
+        assert [title.split(":")[0] for title in axes] == sorted((t.split(":")[0] for t in axes),
+                                                                key=["sft", "train-rm"].index)  # stages grouped
+    finally:
+        plt.close(fig)
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -101,8 +130,9 @@ def test_plot_bad_input(tmp_path, args, fragment):
 
 
 def test_eval_reproduces_the_runs_held_out_numbers_and_scores_with_a_reward_model(sweep, reward_model, tmp_path):
-    run = sweep / "seed=0"
-    proc = run_cli("eval", str(run), f"reward_model={reward_model}", "eval.show_samples=2", "--json", "eval.json",
+    run = sweep / "seed-0"
+    proc = run_cli("eval", str(run), f"reward.model.path={reward_model}", "device=cpu", "device.threads=1",
+                   "eval.show_samples=2", "--json", "eval.json",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sample generations" in proc.stderr and "reward-model score" in proc.stderr
@@ -123,7 +153,7 @@ def test_eval_reproduces_the_runs_held_out_numbers_and_scores_with_a_reward_mode
 def test_eval_on_a_file_without_answers_reports_no_accuracy(sweep, tmp_path):
     (tmp_path / "held_out.jsonl").write_text('{"prompt": "Start at 1. add 2. sub 1. add 3.\\n"}\n'
                                              '{"messages": [{"role": "user", "content": "hi"}]}\n')
-    proc = run_cli("eval", str(sweep / "seed=1" / "final"), "data.eval=held_out.jsonl", "--json", "out.json",
+    proc = run_cli("eval", str(sweep / "seed-1" / "final"), "data.eval=held_out.jsonl", "--json", "out.json",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "out.json").read_text())
@@ -137,7 +167,7 @@ def test_eval_samples_gives_pass_at_k_and_majority_vote(sweep, tmp_path):
     (a response writing a digit) is one an untrained policy meets sometimes, so the numbers are not all 0 or 1."""
     (tmp_path / "digitrule.py").write_text("def has_digit(prompt, response, **row):\n"
                                            "    return float(any(map(str.isdigit, response)))\n")
-    proc = run_cli("eval", str(sweep / "seed=0"), "eval.samples=8", "eval.pass_k=[1,4,8]",
+    proc = run_cli("eval", str(sweep / "seed-0"), "eval.samples=8", "eval.pass_k=[1,4,8]",
                    "eval.rule=digitrule:has_digit", "--json", "out.json", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert all(name in proc.stdout + proc.stderr for name in ("pass@1", "pass@8", "maj@8"))
@@ -160,7 +190,7 @@ def test_eval_samples_gives_pass_at_k_and_majority_vote(sweep, tmp_path):
     (["{rm}"], "is a reward model"),
 ])
 def test_eval_bad_input(sweep, reward_model, tmp_path, args, fragment):
-    args = [a.format(run=sweep / "seed=0", rm=reward_model) for a in args]
+    args = [a.format(run=sweep / "seed-0", rm=reward_model) for a in args]
     assert_one_line_error(run_cli("eval", *args, cwd=tmp_path), fragment)
 
 
@@ -171,8 +201,8 @@ def test_validate_counts_rows_of_user_files_without_loading_models(sweep, tmp_pa
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}\n", "completion": "a" * (10 + 200 * (i == 0))})
                                                   + "\n" for i in range(5)))
     (tmp_path / "eval.csv").write_text("prompt,completion\nq,a\nr,b\n")
-    proc = run_cli("validate", "sft", f"model.path={sweep / 'seed=0' / 'final'}", "data.train=train.jsonl",
-                   "data.eval=eval.csv", "output_dir=out", cwd=tmp_path)
+    proc = run_cli("validate", "sft", f"model.path={sweep / 'seed-0' / 'final'}", "data.train=train.jsonl",
+                   "data.eval=eval.csv", "batch_size=4", "output_dir=out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "ok: rlhf sft" in proc.stderr
     assert "data.train: 5 rows (train.jsonl); 1 truncated" in proc.stderr
@@ -188,7 +218,7 @@ def test_validate_every_combination_of_a_sweep(tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["sft", "optim.lrr=1"], "did you mean optim.lr"),
-    (["train-rm", "data.train=sft_rows.jsonl"], "row 0 has no chosen or rejected"),
+    (["train-rm", "data.train=sft_rows.jsonl"], "sft_rows.jsonl line 1: has no chosen or rejected"),
     (["rl", "policy.path=no/such/model"], "does not exist"),
     (["rl", "reward.functions=[nowhere.mod:fn]"], "cannot import module 'nowhere.mod'"),
     (["stf"], "did you mean 'sft'"),
@@ -202,4 +232,4 @@ def test_help_lists_the_tools(tmp_path):
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
     for tool in ("validate", "eval", "plot"):
-        assert f"rlhf {tool}" in proc.stderr
+        assert f"rlhf {tool}" in proc.stdout
