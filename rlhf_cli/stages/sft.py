@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.errors import DataError
-from rlhf_cli.evaluation import held_out_accuracy
+from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.models import (check_generation_fits, check_models, load_causal_lm, model_and_tokenizer,
                              position_limit, stop_token_ids)
 from rlhf_cli.precision import Precision
@@ -176,6 +176,8 @@ class SFTRecipe:
                        "eval_response_chars": mean_len}
             if accuracy is not None:
                 metrics["eval_accuracy"] = accuracy
+            metrics |= stage_sampled_metrics(self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, cfg.eval,
+                                             rt.device, cfg.seed, self.max_sequence)  # eval.samples=K: pass@k, maj@k
             metrics["_samples"] = samples
             return metrics
 
