@@ -39,6 +39,8 @@ TOOLS = {  # commands beside the stages: each module has main(args)
     "validate": ("rlhf_cli.validate", "check a stage's config and data files without loading any model"),
     "eval": ("rlhf_cli.evaluate", "held-out accuracy, reward-model score, length and samples of a final/ model"),
     "plot": ("rlhf_cli.plot", "PNG curves (loss, reward, KL, accuracy, length) comparing runs or a sweep"),
+    "generate": ("rlhf_cli.generate", "K sampled responses per prompt from a policy, resumable (docs/loop.md)"),
+    "label": ("rlhf_cli.label", "preference pairs from generations, judged by rules, a reward model or people"),
 }
 DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # a write failed: one line, exit 2
 

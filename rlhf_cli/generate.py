@@ -1,0 +1,258 @@
+"""`rlhf generate model.path=CKPT output=gens.jsonl [key=value ...]`: K sampled responses per prompt.
+
+    rlhf generate model.path=runs/rl/final output=gens.jsonl                  # embedded task's training prompts
+    rlhf generate model.path=runs/rl/final data.prompts=prompts.jsonl samples_per_prompt=4 \\
+        temperature=1.0 max_new_tokens=64 seed=1 output=gens.jsonl device=cpu device.threads=2
+
+The first step of the RLHF loop (docs/loop.md): sample the policy, then `rlhf label`
+the responses, then `rlhf train-rm` on the pairs. One JSONL row per prompt: the row's
+own columns, `prompt` as the text the model saw (message lists rendered through the
+chat template) and `responses`, a list of K strings.
+
+Resumable: rows are appended and flushed (fsync) as each batch of prompts finishes.
+A rerun with the same settings continues after the last complete row (a line torn
+by a kill is discarded), so nothing is generated twice or lost; the settings live
+beside the output in OUTPUT.meta.json and a rerun with other settings is refused.
+Reproducible: response j of prompt i draws token t with uniform noise keyed by
+(seed, i * K + j) (runtime.keyed_uniform through SamplingParams.noise_key), so a
+killed-and-resumed run writes the same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rlhf_cli import helptext
+from rlhf_cli.config import check_choice, check_positive, doc, field_docs
+from rlhf_cli.errors import ConfigError, DataError, UserError
+from rlhf_cli.evaluate import parse_overrides
+from rlhf_cli.tracking import console
+
+ENGINES = ("auto", "lean", "hf")  # rollout.ENGINES, named here without importing torch
+
+
+@dataclass
+class GenerateModelConfig:
+    path: Optional[str] = doc(None, "the policy to sample: an sft or rl final/ (or any causal LM dir); required")
+    dtype: str = doc("fp32", "weights dtype: fp32, bf16 or fp16")
+    trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
+
+
+@dataclass
+class GenerateDataConfig:
+    prompts: Optional[str] = doc(None, "prompt rows (`prompt` text or messages, or `messages`): .jsonl/.json/"
+                                       ".parquet/.csv, dataset dir or hub name; null = the embedded task")
+    split: str = doc("train", "split of data.prompts when it is a dataset dir or hub name; embedded task: "
+                              "train or eval (its held-out prompts)")
+    subset: Optional[str] = doc(None, "dataset config name (subset) of data.prompts")
+    num_prompts: int = doc(200, "embedded task: number of prompts")
+    num_eval: int = doc(200, "embedded task: size of its held-out split (as the stages' data.num_eval)")
+    limit: Optional[int] = doc(None, "use at most this many rows of data.prompts (null = all)")
+
+
+@dataclass
+class GenerateDeviceConfig:
+    type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
+    threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
+
+
+@dataclass
+class GenerateToolConfig:
+    output: Optional[str] = doc(None, "the generations file (.jsonl) to write or continue; required")
+    samples_per_prompt: int = doc(4, "K: responses per prompt")
+    temperature: float = doc(1.0, "sampling temperature")
+    max_new_tokens: int = doc(40, "response length limit in tokens")
+    seed: int = doc(0, "seed of the keyed sampling noise (and of the embedded task's prompts)")
+    batch_size: int = doc(16, "prompts per generate call (each with its K responses); rows are flushed per batch")
+    engine: str = doc("auto", "decoder of the local rollout engine: auto, lean or hf (as rl's rollout.engine)")
+    model: GenerateModelConfig = doc(GenerateModelConfig, "the policy")
+    data: GenerateDataConfig = doc(GenerateDataConfig, "the prompts")
+    device: GenerateDeviceConfig = doc(GenerateDeviceConfig, "device placement")
+
+    def __post_init__(self):
+        check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
+        check_choice("engine", self.engine, ENGINES)
+        check_positive("device.threads", self.device.threads)
+        for key in ("samples_per_prompt", "temperature", "max_new_tokens", "batch_size"):
+            check_positive(key, getattr(self, key))
+        for key in ("num_prompts", "num_eval", "limit"):
+            check_positive(f"data.{key}", getattr(self.data, key))
+        if self.model.path is None:
+            raise ConfigError("model.path= is required: the policy to sample, e.g. model.path=runs/rl/final")
+        if self.output is None:
+            raise ConfigError("output= is required: the generations file, e.g. output=gens.jsonl")
+        if self.data.prompts is None:
+            check_choice("data.split", self.data.split, ("train", "eval"))
+
+
+def settings(cfg: GenerateToolConfig) -> dict:
+    """What decides the file's content: a rerun continues only with the same."""
+    keep = dataclasses.asdict(cfg)
+    keep.pop("output")
+    keep.pop("device")
+    keep.pop("batch_size")  # rows are keyed per prompt: any batch size writes the same rows
+    return keep
+
+
+def print_help() -> None:
+    helptext.print_text(__doc__.strip())
+    print_keys(GenerateToolConfig, "generate")
+
+
+def print_keys(schema, tool: str) -> None:
+    """Every key of a tool's schema with its default and doc, on stdout."""
+    rows = [(key, helptext.render(_default(schema, key)), help_text) for key, _, help_text in field_docs(schema)]
+    helptext.print_keys(f"keys of `rlhf {tool}`", rows)
+
+
+def _default(schema, dotted: str):
+    """The default of a dotted key of a schema dataclass, without constructing it (required keys have none)."""
+    head, _, rest = dotted.partition(".")
+    field = next(f for f in dataclasses.fields(schema) if f.name == head)
+    if rest:
+        return _default(field.default_factory if field.default_factory is not dataclasses.MISSING else field.type, rest)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def main(args: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in args):
+        print_help()
+        return
+    positional = [a for a in args if "=" not in a]
+    if positional:
+        raise UserError(f"rlhf generate takes key=value settings only (got {positional[0]!r}); "
+                        f"e.g. rlhf generate model.path=runs/rl/final output=gens.jsonl")
+    cfg = parse_overrides(GenerateToolConfig, args, "generate")
+    generate(cfg)
+
+
+# ---------------------------------------------------------------- the output file
+
+
+def meta_path(output: Path) -> Path:
+    return output.with_name(output.name + ".meta.json")
+
+
+def read_done_rows(output: Path) -> list[dict]:
+    """Complete rows of an existing output; a last line torn by a kill (no newline) is cut off the file."""
+    if not output.exists():
+        return []
+    raw = output.read_bytes()
+    end = raw.rfind(b"\n") + 1  # bytes after the last newline: a torn line
+    rows = []
+    for lineno, line in enumerate(raw[:end].splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"output: {output} line {lineno} is not a JSON row; it was not written by an "
+                            f"interrupted `rlhf generate`: choose another output=... or remove the file") from None
+    if end < len(raw):
+        with open(output, "r+b") as f:
+            f.truncate(end)
+    return rows
+
+
+def check_resumable(output: Path, cfg: GenerateToolConfig) -> None:
+    """An existing output continues only when it was written by generate with the same settings."""
+    meta = meta_path(output)
+    if not output.exists():
+        return
+    if not meta.exists():
+        raise UserError(f"output: {output} exists and was not written by `rlhf generate` (no {meta.name}); "
+                        f"choose another output=... or remove it")
+    before = json.loads(meta.read_text())
+    now = settings(cfg)
+    diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(f"output: {output} was generated with {k}={before.get(k)!r}, not {now.get(k)!r}; "
+                        f"rerun with the same settings to continue it, or choose another output=...")
+
+
+def append_rows(f, rows: list[dict]) -> None:
+    """One write of whole lines, flushed to disk: a kill leaves complete rows and at most one torn line."""
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- generation
+
+
+def load_prompt_rows(cfg: GenerateToolConfig) -> tuple[list[dict], str]:
+    from rlhf_cli import data, task
+
+    if cfg.data.prompts is None:
+        rows = task.prompt_rows(cfg.data.num_prompts if cfg.data.split == "train" else cfg.data.num_eval,
+                                seed=cfg.seed, split=cfg.data.split, n_eval=cfg.data.num_eval)
+        return rows, f"embedded task, {cfg.data.split} split (seed {cfg.seed}, {len(rows)} prompts)"
+    rows = data.load_rows(cfg.data.prompts, "data.prompts", cfg.data.split, cfg.data.subset)
+    return rows[: cfg.data.limit] if cfg.data.limit else rows, cfg.data.prompts
+
+
+def generate(cfg: GenerateToolConfig) -> None:
+    """Sample K responses for every prompt not yet in cfg.output, appending one row per prompt."""
+    output = Path(cfg.output).expanduser()
+    if not output.absolute().parent.is_dir():
+        raise UserError(f"output: the directory of {cfg.output} does not exist; create it or choose another output=...")
+    check_resumable(output, cfg)
+    from rlhf_cli.checkpoint import read_manifest
+
+    if read_manifest(cfg.model.path).get("stage") == "train-rm":
+        raise UserError(f"model.path: {cfg.model.path} is a reward model (train-rm); sample a policy (an sft or rl "
+                        f"final/) and score with `rlhf label judge=rm reward.model.path={cfg.model.path}`")
+
+    # prompts, tokenizer and the rows already written first: a data problem fails before any weights load
+    import torch
+
+    from rlhf_cli import data
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+    from rlhf_cli.rollout import SamplingParams, decode_responses, make_engine
+    from rlhf_cli.runtime import resolve_device
+
+    rows, source = load_prompt_rows(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)
+    prompts = [data.prompt_text(tokenizer, row, i, "data.prompts") for i, row in enumerate(rows)]
+    done = read_done_rows(output)
+    if len(done) > len(rows) or any(r.get("prompt") != p for r, p in zip(done, prompts)):
+        raise UserError(f"output: {output} holds rows of other prompts than {source}; rerun with the same "
+                        f"data.prompts to continue it, or choose another output=...")
+    if not meta_path(output).exists():
+        from rlhf_cli.checkpoint import write_json
+
+        write_json(meta_path(output), settings(cfg))
+    if len(done) == len(rows):
+        console.print(f"{output}: all {len(rows)} prompts already have responses; nothing to do", markup=False)
+        return
+
+    device = resolve_device(cfg.device.type, key="device.type")
+    if cfg.device.threads:
+        torch.set_num_threads(cfg.device.threads)
+    model = load_causal_lm(cfg.model.path, "model.path", cfg.model.dtype, device, cfg.model.trust_remote_code)
+    engine = make_engine(cfg.engine, model, tokenizer)
+    K, B = cfg.samples_per_prompt, cfg.batch_size
+    console.print(f"generate: {len(rows)} prompts from {source}, {K} responses each, "
+                  f"{'resuming at prompt ' + str(len(done)) if done else 'starting'}; writing {output}", markup=False)
+    t0 = time.time()
+    with open(output, "a", encoding="utf-8") as f, torch.no_grad():
+        start = len(done)
+        while start < len(rows):
+            end = min(len(rows), (start // B + 1) * B)  # batches on a fixed grid: a resume batches as the first run
+            ids, mask = data.left_pad([data.encode(tokenizer, p) for p in prompts[start:end] for _ in range(K)],
+                                      tokenizer.pad_token_id)
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                    noise_key=(cfg.seed, 0, start * K))  # row i*K+j: its own noise
+            texts = decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params))
+            append_rows(f, [{**rows[i], "prompt": prompts[i], "responses": texts[(i - start) * K:(i - start + 1) * K]}
+                            for i in range(start, end)])
+            console.print(f"  {end}/{len(rows)} prompts ({time.time() - t0:.1f} s)", markup=False)
+            start = end
+    console.print(f"wrote {output}: {len(rows)} prompts x {K} responses", markup=False)
