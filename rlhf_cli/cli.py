@@ -228,8 +228,9 @@ def print_stages(stages: dict) -> None:
     helptext.print_text(f"rlhf {__version__}\n"
                         "usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)\n"
                         "tools: rlhf validate <stage> [CONFIG.yaml] [key=value ...] | rlhf eval CHECKPOINT "
-                        "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png]   "
-                        "(rlhf <tool> --help)\n"
+                        "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png] | "
+                        "rlhf generate model.path=CKPT output=gens.jsonl [key=value ...] | rlhf label input=gens.jsonl "
+                        "judge=rule|rm|human output=prefs.jsonl [key=value ...]   (rlhf <tool> --help)\n"
                         "other: rlhf --version | rlhf completion bash (tab completion, docs/config-and-cli.md)")
     width = max(len(n) for n in [*stages, *TOOLS])
     for kind, commands in (("stages", stages), ("tools", TOOLS)):

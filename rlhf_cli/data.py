@@ -103,7 +103,7 @@ def stage_rows(data_cfg, kind: str, seed: int) -> tuple[list[dict], list[dict]]:
     if data_cfg.train is None:
         train = make(data_cfg.num_train, seed=seed, split="train", n_eval=data_cfg.num_eval)
     else:
-        train = load_rows(data_cfg.train, "data.train", data_cfg.train_split, data_cfg.subset)
+        train = train_rows(data_cfg)
     if data_cfg.eval is None:
         # the embedded held-out split; with user train data and no eval file, hold out 5%
         if data_cfg.train is None:
@@ -115,6 +115,17 @@ def stage_rows(data_cfg, kind: str, seed: int) -> tuple[list[dict], list[dict]]:
     else:
         eval_rows = load_rows(data_cfg.eval, "data.eval", data_cfg.eval_split, data_cfg.subset)
     return train, eval_rows[: data_cfg.eval_limit]
+
+
+def train_rows(data_cfg) -> list[dict]:
+    """data.train's rows: one source, or a list of them concatenated in order (a reward model's original
+    pairs plus each loop round's, docs/loop.md)."""
+    sources = data_cfg.train if isinstance(data_cfg.train, list) else [data_cfg.train]
+    rows = []
+    for i, spec in enumerate(sources):
+        key = "data.train" if len(sources) == 1 else f"data.train[{i}]"
+        rows.extend(load_rows(spec, key, data_cfg.train_split, data_cfg.subset))
+    return rows
 
 
 # ---------------------------------------------------------------- row formats

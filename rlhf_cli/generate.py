@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_cli import helptext
+from rlhf_cli import helptext, task
 from rlhf_cli.config import check_choice, check_positive, doc, field_docs
 from rlhf_cli.errors import ConfigError, DataError, UserError
 from rlhf_cli.evaluate import parse_overrides
@@ -188,7 +188,7 @@ def append_rows(f, rows: list[dict]) -> None:
 
 
 def load_prompt_rows(cfg: GenerateToolConfig) -> tuple[list[dict], str]:
-    from rlhf_cli import data, task
+    from rlhf_cli import data
 
     if cfg.data.prompts is None:
         rows = task.prompt_rows(cfg.data.num_prompts if cfg.data.split == "train" else cfg.data.num_eval,

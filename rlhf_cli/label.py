@@ -16,7 +16,7 @@ reads it). The row's other columns (e.g. `answer`) are kept on each pair.
 - judge=rule: the sum of `reward.functions`, called as in `rlhf rl` (f(prompt, response, **row)).
 - judge=rm: the scores of the reward model at `reward.model.path` (AI feedback from a stronger RM).
 - judge=human: a local page that shows the pairs to people (rlhf_cli/label_page.py).
-- mine=disagree reward.model.path=RM (with judge=rule or human): keep only the pairs that RM does
+- mine=disagree reward.model.path=RM (with judge=rule): keep only the pairs that RM does
   not rank above the judge's choice: the RM's blind spots, found in the policy's own samples.
 """
 
@@ -31,11 +31,12 @@ from itertools import permutations
 from pathlib import Path
 from typing import List, Optional
 
-from rlhf_cli import helptext
+from rlhf_cli import helptext, label_page
 from rlhf_cli.config import check_choice, check_positive, doc
 from rlhf_cli.errors import ConfigError, DataError, UserError
 from rlhf_cli.evaluate import parse_overrides
 from rlhf_cli.generate import print_keys
+from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tracking import console
 
 
@@ -96,6 +97,9 @@ class LabelToolConfig:
         if self.judge == "rm" and not self.reward.model.path:
             raise ConfigError("judge=rm needs reward.model.path=<a train-rm final/>")
         if self.mine == "disagree":
+            if self.judge == "human":
+                raise ConfigError("mine=disagree is for judge=rule: people's choices are kept as they are made; "
+                                  "drop mine=disagree (or judge the samples with judge=rule)")
             if self.judge == "rm":
                 raise ConfigError("mine=disagree compares reward.model.path with the judge, and judge=rm is that "
                                   "same model; use judge=rule or judge=human to mine its blind spots")
@@ -118,8 +122,6 @@ def main(args: list[str]) -> None:
     if not output.absolute().parent.is_dir():
         raise UserError(f"output: the directory of {cfg.output} does not exist; create it or choose another output=...")
     if cfg.judge == "human":
-        from rlhf_cli import label_page
-
         label_page.serve(rows, output, cfg.pairs, cfg.port, cfg.labeler or _login())
         return
     if output.exists():
@@ -180,8 +182,6 @@ def check_generation_row(row, spec: str, lineno: int) -> None:
 
 def rule_scores(rows: list[dict], functions: list[str]) -> list[list[float]]:
     """Per row, per response: the sum of the rule functions (step rewards summed over steps)."""
-    from rlhf_cli.rewards import call_reward, import_reward_function
-
     fns = [(name, import_reward_function(name)) for name in functions]
     scores = []
     for row in rows:

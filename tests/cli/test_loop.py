@@ -203,6 +203,7 @@ def test_label_rm_judge_and_mining_the_reward_models_disagreements(gens, root, r
     ("rm judge without a model", "judge=rm needs reward.model.path"),
     ("mine with the rm judge", "judge=rm is that same model"),
     ("mine without a model", "mine=disagree needs reward.model.path"),
+    ("mine with the human judge", "mine=disagree is for judge=rule"),
     ("rm judge given a base LM", "is not a reward model"),
     ("output exists", "exists; choose another output"),
     ("unknown key", "did you mean judge"),
@@ -220,6 +221,7 @@ def test_label_bad_input(gens, root, tiny_model_dir, tmp_path, case, fragment):
             "rm judge without a model": [f"input={gens}", "judge=rm", out],
             "mine with the rm judge": [f"input={gens}", "judge=rm", "mine=disagree", "reward.model.path=x", out],
             "mine without a model": [f"input={gens}", rule, "mine=disagree", out],
+            "mine with the human judge": [f"input={gens}", "judge=human", "mine=disagree", "reward.model.path=x", out],
             "rm judge given a base LM": [f"input={gens}", "judge=rm", f"reward.model.path={tiny_model_dir}", out],
             "output exists": [f"input={gens}", rule, f"output={pairs_file}"],
             "unknown key": [f"input={gens}", "jugde=rm", out],
@@ -228,3 +230,54 @@ def test_label_bad_input(gens, root, tiny_model_dir, tmp_path, case, fragment):
     proc = cli("label", *args, cwd=root)
     assert_one_line_error(proc, fragment)
     assert not (tmp_path / "out.jsonl").exists() and pairs_file.read_bytes() == before
+
+
+# ---------------------------------------------------------------- train-rm: a round adds to what the RM knew
+
+
+def test_train_rm_continues_a_reward_model_on_several_files(root, reward_model):
+    from rlhf_cli import task
+
+    parent = json.loads((reward_model / "manifest.json").read_text())
+    rows = task.preference_rows(10, seed=0, split="train", n_eval=8)
+    first, second = write_jsonl(root / "pairs.jsonl", rows[:6]), write_jsonl(root / "round1.jsonl", rows[6:])
+    # the parent's own held-out pairs (the embedded split it evaluated on): the same numbers before training
+    held_out = write_jsonl(root / "held_out.jsonl", task.preference_rows(8, seed=0, split="eval", n_eval=8))
+    proc = cli("train-rm", f"model.path={reward_model}", f"output_dir={root / 'rm2'}", f"data.train=[{first},{second}]",
+               f"data.eval={held_out}", "max_steps=1", "batch_size=4", "eval.every=1000", *ONE_THREAD, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    child = json.loads((root / "rm2" / "final" / "manifest.json").read_text())
+    assert child["pairs"]["train"] == 10  # both files, in full
+    assert child["parent_model"] == str(reward_model)
+    # the head was kept: before its first step the child scores the held-out pairs exactly as the parent did
+    # (a re-initialised head scores every response 0: margin 0, score std 0)
+    assert parent["metrics"]["eval_score_std"] > 0
+    for key in ("eval_margin", "eval_score_mean", "eval_score_std", "eval_accuracy"):
+        assert child["metrics_before"][key] == pytest.approx(parent["metrics"][key], rel=1e-5, abs=1e-7), key
+
+
+# ---------------------------------------------------------------- the loop as a Makefile (docs/loop.md)
+
+
+def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
+    """`make -n` prints the loop's commands in order; each composes against its schema (no model, no files)."""
+    import shlex
+
+    from rlhf_cli import compose, generate, label
+    from rlhf_cli.evaluate import parse_overrides
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["make", "-n", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=2", f"RUNS={tmp_path}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line) for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[1] for c in commands] == ["sft", "train-rm", "rl"] + ["generate", "label", "train-rm", "rl"] * 2
+    for command in commands:
+        name, args = command[1], command[2:]
+        if name in ("generate", "label"):
+            parse_overrides({"generate": generate.GenerateToolConfig, "label": label.LabelToolConfig}[name], args, name)
+        else:
+            compose.compose_all(name, args, multirun=False)
+    last_rm = [c for c in commands if c[1] == "train-rm"][-1]
+    assert f"data.train=[{tmp_path}/pairs1.jsonl,{tmp_path}/pairs2.jsonl]" in last_rm  # every round's pairs
+    assert f"model.path={tmp_path}/rm1/final" in last_rm  # continued from the round before
