@@ -241,6 +241,7 @@ async function load() {
 async function choose(choice) {
   if (busy || !current || current.done) return;
   busy = true;
+  if (document.activeElement) document.activeElement.blur();  // Enter must not repeat a click on the next pair
   try {
     const r = await fetch("/api/choice", {method: "POST", headers: {"Content-Type": "application/json"},
       body: JSON.stringify({labeler: current.labeler, pair_id: current.pair_id, choice: choice})});

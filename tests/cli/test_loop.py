@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,6 +260,7 @@ def test_train_rm_continues_a_reward_model_on_several_files(root, reward_model):
 # ---------------------------------------------------------------- the loop as a Makefile (docs/loop.md)
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
     """`make -n` prints the loop's commands in order; each composes against its schema (no model, no files)."""
     import shlex
