@@ -3,6 +3,7 @@
     rlhf generate model.path=runs/rl/final output=gens.jsonl                  # embedded task's training prompts
     rlhf generate model.path=runs/rl/final data.prompts=prompts.jsonl samples_per_prompt=4 \\
         temperature=1.0 max_new_tokens=64 seed=1 output=gens.jsonl device=cpu device.threads=2
+    torchrun --nproc-per-node 8 -m rlhf_cli generate model.path=runs/rl/final output=gens.jsonl device=cuda
 
 The first step of the RLHF loop (docs/loop.md): sample the policy, then `rlhf label`
 the responses, then `rlhf train-rm` on the pairs. One JSONL row per prompt: the row's
@@ -15,7 +16,9 @@ by a kill is discarded), so nothing is generated twice or lost; the settings liv
 beside the output in OUTPUT.meta.json and a rerun with other settings is refused.
 Reproducible: response j of prompt i draws token t with uniform noise keyed by
 (seed, i * K + j) (runtime.keyed_uniform through SamplingParams.noise_key), so a
-killed-and-resumed run writes the same file as an uninterrupted one.
+killed-and-resumed run writes the same file as an uninterrupted one, and N ranks
+under torchrun (each samples every N-th batch; rank 0 appends them in order) write
+the file one process writes.
 """
 
 from __future__ import annotations
@@ -141,12 +144,13 @@ def meta_path(output: Path) -> Path:
     return output.with_name(output.name + ".meta.json")
 
 
-def read_done_rows(output: Path) -> list[dict]:
-    """Complete rows of an existing output; a last line torn by a kill (no newline) is cut off the file."""
+def read_done_rows(output: Path) -> tuple[list[dict], int]:
+    """(complete rows of an existing output, the byte length they take); bytes after the last newline are a
+    line torn by a kill (cut_torn_line removes them)."""
     if not output.exists():
-        return []
+        return [], 0
     raw = output.read_bytes()
-    end = raw.rfind(b"\n") + 1  # bytes after the last newline: a torn line
+    end = raw.rfind(b"\n") + 1
     rows = []
     for lineno, line in enumerate(raw[:end].splitlines(), 1):
         try:
@@ -154,10 +158,13 @@ def read_done_rows(output: Path) -> list[dict]:
         except ValueError:
             raise DataError(f"output: {output} line {lineno} is not a JSON row; it was not written by an "
                             f"interrupted `rlhf generate`: choose another output=... or remove the file") from None
-    if end < len(raw):
+    return rows, end
+
+
+def cut_torn_line(output: Path, complete_bytes: int) -> None:
+    if output.exists() and output.stat().st_size > complete_bytes:
         with open(output, "r+b") as f:
-            f.truncate(end)
-    return rows
+            f.truncate(complete_bytes)
 
 
 def check_resumable(output: Path, cfg: GenerateToolConfig) -> None:
@@ -213,46 +220,80 @@ def generate(cfg: GenerateToolConfig) -> None:
     # prompts, tokenizer and the rows already written first: a data problem fails before any weights load
     import torch
 
-    from rlhf_cli import data
+    from rlhf_cli import data, runtime
     from rlhf_cli.models import load_causal_lm, load_tokenizer
-    from rlhf_cli.rollout import SamplingParams, decode_responses, make_engine
-    from rlhf_cli.runtime import resolve_device
+    from rlhf_cli.rollout import make_engine
 
     rows, source = load_prompt_rows(cfg)
     tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)
     prompts = [data.prompt_text(tokenizer, row, i, "data.prompts") for i, row in enumerate(rows)]
-    done = read_done_rows(output)
+    done, complete_bytes = read_done_rows(output)  # every rank reads before any rank writes (setup is a rendezvous)
     if len(done) > len(rows) or any(r.get("prompt") != p for r, p in zip(done, prompts)):
         raise UserError(f"output: {output} holds rows of other prompts than {source}; rerun with the same "
                         f"data.prompts to continue it, or choose another output=...")
-    if not meta_path(output).exists():
-        from rlhf_cli.checkpoint import write_json
 
-        write_json(meta_path(output), settings(cfg))
-    if len(done) == len(rows):
-        console.print(f"{output}: all {len(rows)} prompts already have responses; nothing to do", markup=False)
-        return
+    rt = runtime.setup(cfg.device, cfg.seed)  # under torchrun: one process per device, each samples its batches
+    try:
+        say = console.print if rt.is_main else (lambda *a, **k: None)
+        if rt.is_main:
+            cut_torn_line(output, complete_bytes)
+            if not meta_path(output).exists():
+                from rlhf_cli.checkpoint import write_json
 
-    device = resolve_device(cfg.device.type, key="device.type")
-    if cfg.device.threads:
-        torch.set_num_threads(cfg.device.threads)
-    model = load_causal_lm(cfg.model.path, "model.path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-    engine = make_engine(cfg.engine, model, tokenizer)
-    K, B = cfg.samples_per_prompt, cfg.batch_size
-    console.print(f"generate: {len(rows)} prompts from {source}, {K} responses each, "
-                  f"{'resuming at prompt ' + str(len(done)) if done else 'starting'}; writing {output}", markup=False)
-    t0 = time.time()
-    with open(output, "a", encoding="utf-8") as f, torch.no_grad():
-        start = len(done)
-        while start < len(rows):
-            end = min(len(rows), (start // B + 1) * B)  # batches on a fixed grid: a resume batches as the first run
-            ids, mask = data.left_pad([data.encode(tokenizer, p) for p in prompts[start:end] for _ in range(K)],
-                                      tokenizer.pad_token_id)
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    noise_key=(cfg.seed, 0, start * K))  # row i*K+j: its own noise
-            texts = decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params))
-            append_rows(f, [{**rows[i], "prompt": prompts[i], "responses": texts[(i - start) * K:(i - start + 1) * K]}
-                            for i in range(start, end)])
-            console.print(f"  {end}/{len(rows)} prompts ({time.time() - t0:.1f} s)", markup=False)
-            start = end
-    console.print(f"wrote {output}: {len(rows)} prompts x {K} responses", markup=False)
+                write_json(meta_path(output), settings(cfg))
+        if len(done) == len(rows):
+            say(f"{output}: all {len(rows)} prompts already have responses; nothing to do", markup=False)
+            return
+        model = load_causal_lm(cfg.model.path, "model.path", cfg.model.dtype, rt.device, cfg.model.trust_remote_code)
+        engine = make_engine(cfg.engine, model, tokenizer)
+        say(f"generate: {len(rows)} prompts from {source}, {cfg.samples_per_prompt} responses each"
+            f"{f' on {rt.world_size} ranks' if rt.distributed else ''}, "
+            f"{'resuming at prompt ' + str(len(done)) if done else 'starting'}; writing {output}", markup=False)
+        batches = grid_batches(len(done), len(rows), cfg.batch_size)
+        t0 = time.time()
+        with torch.no_grad():
+            for first in range(0, len(batches), rt.world_size):  # one batch per rank, then rank 0 appends them in order
+                mine = batches[first + rt.rank] if first + rt.rank < len(batches) else None
+                texts = sample_batch(engine, tokenizer, prompts, mine, cfg, rt.device) if mine else []
+                gathered = rt.all_gather_object((mine, texts))
+                if rt.is_main:
+                    with open(output, "a", encoding="utf-8") as f:
+                        for bounds, batch_texts in gathered:
+                            if bounds:
+                                append_rows(f, batch_rows(rows, prompts, bounds, batch_texts, cfg.samples_per_prompt))
+                last = max(b[1] for b, _ in gathered if b)
+                say(f"  {last}/{len(rows)} prompts ({time.time() - t0:.1f} s)", markup=False)
+        say(f"wrote {output}: {len(rows)} prompts x {cfg.samples_per_prompt} responses", markup=False)
+    finally:
+        runtime.teardown()
+
+
+def grid_batches(start: int, n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, n) cut at multiples of batch_size: a resumed run batches its prompts as the first run did."""
+    bounds = []
+    while start < n:
+        end = min(n, (start // batch_size + 1) * batch_size)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def sample_batch(engine, tokenizer, prompts: list[str], bounds: tuple[int, int], cfg: GenerateToolConfig,
+                 device) -> list[str]:
+    """K responses for each prompt of prompts[start:end], flat: response j of prompt i at (i - start) * K + j."""
+    from rlhf_cli import data
+    from rlhf_cli.rollout import SamplingParams, decode_responses
+
+    start, end = bounds
+    K = cfg.samples_per_prompt
+    ids, mask = data.left_pad([data.encode(tokenizer, p) for p in prompts[start:end] for _ in range(K)],
+                              tokenizer.pad_token_id)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            noise_key=(cfg.seed, 0, start * K))  # row i*K+j draws its own noise, on any rank
+    return decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params))
+
+
+def batch_rows(rows: list[dict], prompts: list[str], bounds: tuple[int, int], texts: list[str], K: int) -> list[dict]:
+    start, end = bounds
+    return [{**rows[i], "prompt": prompts[i], "responses": texts[(i - start) * K:(i - start + 1) * K]}
+            for i in range(start, end)]

@@ -107,6 +107,23 @@ def test_generate_killed_and_rerun_writes_the_uninterrupted_file(gens, root, tin
     assert out.read_bytes() == gens.read_bytes()
 
 
+@pytest.mark.distributed
+def test_generate_under_torchrun_resumes_and_writes_the_one_process_file(gens, root, tiny_model_dir):
+    """Two gloo ranks each sample every other batch (batch_size=5: batches of unequal count per rank) and
+    continue a file a kill left with 7 rows and a torn line: the bytes of the one-process run."""
+    out = root / "ranks.jsonl"
+    lines = gens.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:7]) + lines[7][:20])
+    (root / "ranks.jsonl.meta.json").write_bytes((root / "gens.jsonl.meta.json").read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                           "-m", "rlhf_cli", "generate", f"model.path={tiny_model_dir}", f"output={out}", *GEN,
+                           "batch_size=5"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RLHF_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on 2 ranks, resuming at prompt 7" in (proc.stdout + proc.stderr).replace("\n", " ")
+    assert out.read_bytes() == gens.read_bytes()
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["seed=6"], "was generated with seed=5, not 6"),
     (["samples_per_prompt=2"], "was generated with samples_per_prompt=3, not 2"),
