@@ -60,10 +60,17 @@ def available_stages() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `rlhf` entry point. Ctrl-C while no run holds the step-boundary handler (importing torch,
+    composing the config, a tool's work) is one line and exit 130, as a stop during training is (signals.py)."""
     # OpenMP threads that sleep while they wait instead of spinning, unless the user chose: set before torch
     # loads libgomp. On a shared CPU, spinning threads collapse (scripts/bench_threads.py: a tiny sft 379 s with
     # torch's default vs 25 s passive, the same as one thread; quiet figures in docs/benchmarks.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    signals.exit_at_once_on_sigint()
+    dispatch(argv)
+
+
+def dispatch(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     stages = available_stages()
     if not argv or argv[0] in ("-h", "--help", "help"):

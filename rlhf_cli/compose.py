@@ -5,7 +5,8 @@
 
 Used by the dispatcher (cli.py) and by `rlhf validate`. Every problem is a
 ConfigError (one line, exit 2): an unknown key names the closest valid one, a
-bad value names its key, a missing group option lists the options.
+bad value names its key, a missing group option lists the options. A key set
+that the chosen options do not read (config.READ_WHEN) is a `warning:` line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 from rlhf_cli.errors import ConfigError, UserError
+from rlhf_cli.tracking import console
 
 # hydra, omegaconf and rlhf_cli.config (which imports hydra) load inside the functions that compose:
 # `rlhf --help` and `rlhf <stage> --help` print without them.
@@ -164,9 +166,11 @@ def compose_for_help(stage: str, overrides: list[str]) -> tuple[dict, dict]:
 
 def compose_all(stage: str, overrides: list[str], multirun: bool) -> list:
     """Compose and check every sweep combination; -> their typed configs (ConfigError on the first problem)."""
+    from rlhf_cli.config import ignored_keys
+
     check_appended_keys(stage, overrides)
     combos = expand_sweeps(overrides) if multirun else [overrides]
-    configs = []
+    configs, warnings = [], []
     for combo in combos:
         try:
             cfg = compose_config(stage, combo)
@@ -174,7 +178,16 @@ def compose_all(stage: str, overrides: list[str], multirun: bool) -> list:
             raise ConfigError(explain_config_error(stage, e, combo)) from None
         check_output_dir(cfg.output_dir)
         configs.append(cfg)
+        warnings += [w for w in ignored_keys(stage, cfg, combo) if w not in warnings]
+    warn(warnings)
     return configs
+
+
+def warn(lines: list[str]) -> None:
+    """`warning: ...` lines on stderr (rank 0 only): what the run will do differently from what was asked."""
+    if lines and os.environ.get("RANK", "0") == "0":
+        for line in lines:
+            console.print(f"warning: {line}", markup=False, soft_wrap=True)
 
 
 def check_output_dir(output_dir: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -33,6 +33,32 @@ def check_positive(key: str, value, allow_zero: bool = False) -> None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value}); set {key}=<a positive number>")
+
+
+INT64 = (-2**63, 2**63 - 1)  # what torch and numpy take as a C integer (seeds, counts)
+INT_RANGES = {"device.threads": (1, 2**31 - 1)}  # torch.set_num_threads takes a C int
+
+
+def check_int_ranges(config, prefix: str = "") -> None:
+    """Every integer of a config (nested groups included) within what the libraries it reaches take: an
+    out-of-range value is a one-line ConfigError here, not an overflow deep inside torch."""
+    for f in dataclasses.fields(config):
+        key, value = prefix + f.name, getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_int_ranges(value, key + ".")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            low, high = INT_RANGES.get(key, INT64)
+            if not low <= value <= high:
+                shown = {2**63 - 1: "2**63-1", -2**63: "-2**63", 2**31 - 1: "2**31-1"}
+                raise ConfigError(f"{key}={value} is out of range: it must be from {shown.get(low, low)} to "
+                                  f"{shown.get(high, high)}; set {key}=<an integer in that range>")
+
+
+def check_room(new_key: str, new_tokens: int, length_key: str, max_length: int) -> None:
+    """A response limit must leave a prompt room in the sequence length (prompt + response)."""
+    if new_tokens >= max_length:
+        raise ConfigError(f"{new_key}={new_tokens} leaves no room for a prompt in {length_key}={max_length} "
+                          f"(prompt + response); set {new_key} below {max_length} or raise {length_key}")
 
 
 def check_choice(key: str, value, choices) -> None:
@@ -213,11 +239,13 @@ class SFTConfig:
     lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) instead of full fine-tuning")
 
     def __post_init__(self):
+        check_int_ranges(self)
         check_positive("max_steps", self.max_steps)
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
         check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
+        check_room("eval.max_new_tokens", self.eval.max_new_tokens, "model.max_length", self.model.max_length)
 
 
 @dataclass
@@ -240,6 +268,7 @@ class TrainRMConfig:
     lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) on the backbone; the score head trains in full")
 
     def __post_init__(self):
+        check_int_ranges(self)
         check_positive("max_steps", self.max_steps)
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
@@ -421,9 +450,13 @@ class RLConfig:
                                        "with its adapters off, no second copy; the critic trains in full")
 
     def __post_init__(self):
+        check_int_ranges(self)
         check_positive("max_steps", self.max_steps)
         check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
+        for key, new_tokens in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                                ("eval.max_new_tokens", self.eval.max_new_tokens)):
+            check_room(key, new_tokens, "policy.max_length", self.policy.max_length)
         if self.lora.r > 0 and not self.reference.path and self.placement.reference not in (None, self.placement.policy):
             raise ConfigError("placement.reference cannot differ from the policy's with lora.r > 0: the reference is the "
                               "policy with its adapters off; drop placement.reference (or set reference.path=...)")
@@ -453,6 +486,106 @@ class RLConfig:
                               "model's own forward under FSDP) or device.distributed=ddp")
         if not POLICY_LOSSES.trait(algo.name, "trust_region") and algo.epochs != 1:
             raise ConfigError(f"{algo.name} makes one pass per rollout batch: set algorithm.epochs=1 (or algorithm=ppo)")
+
+
+# ---------------------------------------------------------------- keys that only some options read
+
+
+@dataclass(frozen=True)
+class ReadWhen:
+    """`keys` (or key prefixes) are read only when `when(cfg)` holds; `needs` says so in words (or returns
+    the words, when they come from a registry) and `now(cfg)` names the setting that holds instead."""
+    keys: tuple
+    when: Callable
+    needs: str | Callable[[], str]
+    now: Callable
+
+
+def _critic_estimators() -> str:
+    from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS  # torch: see AlgorithmConfig.__post_init__
+
+    names = [n for n in ADVANTAGE_ESTIMATORS if ADVANTAGE_ESTIMATORS.trait(n, "needs_values")]
+    return "a critic (" + " or ".join(f"algorithm.advantage={n}" for n in names) + ")"
+
+
+def _trust_region_losses() -> str:
+    from rlhf_cli.algorithms import POLICY_LOSSES
+
+    return " or ".join(f"algorithm.name={n}" for n in POLICY_LOSSES if POLICY_LOSSES.trait(n, "trust_region"))
+
+
+def _trust_region(cfg) -> bool:
+    from rlhf_cli.algorithms import POLICY_LOSSES
+
+    return POLICY_LOSSES.trait(cfg.algorithm.name, "trust_region")
+
+
+# The one table of what the recipes read only under some options (rl.py, sft.py, train_rm.py, loop.py,
+# data.py); the algorithm keys that only some registered estimators and losses read are added from
+# their signatures (_registry_rules). A key the user sets while its rule does not hold is ignored.
+READ_WHEN = [
+    ReadWhen(("epochs",), lambda c: c.max_steps is None, "max_steps=null (a run counted in epochs)",
+             lambda c: f"max_steps={c.max_steps}"),
+    ReadWhen(("lora.alpha", "lora.dropout", "lora.target_modules", "lora.save"), lambda c: c.lora.r > 0,
+             "lora.r > 0", lambda c: "lora.r=0"),
+    ReadWhen(("logging.wandb_project",), lambda c: c.logging.wandb, "logging.wandb=true", lambda c: "logging.wandb=false"),
+    ReadWhen(("data.num_train", "data.num_eval"), lambda c: c.data.train is None, "data.train=null (the embedded task)",
+             lambda c: f"data.train={c.data.train}"),
+    ReadWhen(("critic", "placement.critic", "algorithm.value_coef"), lambda c: c.algorithm.needs_critic,
+             _critic_estimators, lambda c: f"algorithm.advantage={c.algorithm.advantage}"),
+    ReadWhen(("algorithm.value_clip", "algorithm.target_kl"), _trust_region, _trust_region_losses,
+             lambda c: f"algorithm.name={c.algorithm.name}"),
+    ReadWhen(("kl.horizon",), lambda c: c.kl.target is not None, "kl.target set (an adaptive KL coefficient)",
+             lambda c: "kl.target=null"),
+    ReadWhen(("reward.model.weight", "reward.model.normalize", "reward.model.dtype", "placement.reward"),
+             lambda c: bool(c.reward.model.path), "reward.model.path set", lambda c: "reward.model.path=null"),
+    ReadWhen(("reward.function_weight",), lambda c: bool(c.reward.functions), "reward.functions set",
+             lambda c: "reward.functions=[]"),
+]
+
+
+def _registry_rules() -> list[ReadWhen]:
+    """algorithm.K is read only by the registered advantage estimators and policy losses whose signature
+    names K (rl.py passes every algorithm key to both): one rule per such key."""
+    import inspect
+
+    from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+    fields = {f.name for f in dataclasses.fields(AlgorithmConfig)}
+    readers: dict[str, list[tuple[str, str]]] = {}  # key -> [(config key of the choice, option)]
+    for choice, registry in (("advantage", ADVANTAGE_ESTIMATORS), ("name", POLICY_LOSSES)):
+        for option, fn in registry.items():
+            for param in set(inspect.signature(fn).parameters) & fields:
+                readers.setdefault(param, []).append((choice, option))
+    rules = []
+    for key, who in sorted(readers.items()):
+        rules.append(ReadWhen(
+            (f"algorithm.{key}",),
+            lambda c, who=who: any(getattr(c.algorithm, choice) == option for choice, option in who),
+            " or ".join(f"algorithm.{choice}={option}" for choice, option in who),
+            lambda c, who=who: ", ".join(sorted({f"algorithm.{ch}={getattr(c.algorithm, ch)}" for ch, _ in who}))))
+    return rules
+
+
+def ignored_keys(stage: str, cfg, overrides: list[str]) -> list[str]:
+    """One warning line per key=value the user set (command line or config file) that this config's
+    options do not read, naming the key, the option that would read it and the one in force."""
+    keys = set(leaf_keys(STAGE_SCHEMAS[stage]))
+    rules = READ_WHEN + (_registry_rules() if stage == "rl" else [])
+    lines = []
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        if override.startswith("~") or key.startswith("hydra.") or value in ("null", "None", ""):
+            continue
+        for rule in rules:
+            prefix = next((r for r in rule.keys if key == r or key.startswith(r + ".")), None)
+            if prefix is None or not any(k == prefix or k.startswith(prefix + ".") for k in keys):
+                continue
+            if not rule.when(cfg):
+                needs = rule.needs() if callable(rule.needs) else rule.needs
+                lines.append(f"{key}={value} is ignored: it is read only with {needs}, and this run has "
+                             f"{rule.now(cfg)}; drop the key or change that setting")
+    return lines
 
 
 STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "rl": RLConfig}

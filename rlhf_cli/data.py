@@ -3,15 +3,20 @@ validation with one-line errors, tokenization, packing and batching."""
 
 from __future__ import annotations
 
+import codecs
+import csv
+import functools
+import io
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlhf_cli import task
-from rlhf_cli.errors import DataError
+from rlhf_cli.errors import DataError, first_line
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -19,10 +24,23 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 # ---------------------------------------------------------------- loading
 
 
-def load_rows(spec: str, key: str, split: str = "train", subset: str | None = None) -> list[dict]:
-    """-> list of row dicts, from any of:
+class Row(dict):
+    """A data row that remembers where it came from (`origin`, e.g. 'data.train: train.jsonl line 7'), so a
+    message about it names the file's own line wherever the hold-out split or a shuffle moved it."""
 
-    - a local .json / .jsonl / .parquet / .csv file (all its rows; split and subset unused);
+    origin: str = ""
+
+
+def where(row: dict, key: str, index: int) -> str:
+    """The row's place for a message: its file and line when it was read from a file, else `key: row index`."""
+    return getattr(row, "origin", "") or f"{key}: row {index}"
+
+
+def load_rows(spec: str, key: str, split: str = "train", subset: str | None = None) -> list[dict]:
+    """-> list of row dicts (Row, each knowing its file line or row number), from any of:
+
+    - a local .jsonl / .json file (JSON lines or an array of objects), decoded and parsed here, so an error
+      names the file's own line; a .csv file (its text decoded here first, then read by `datasets`); .parquet;
     - a local dataset directory (a hub dataset's files, with subsets declared in its
       README) or a hub name, read by ``datasets.load_dataset(spec, subset, split=split)``;
     - a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
@@ -32,29 +50,39 @@ def load_rows(spec: str, key: str, split: str = "train", subset: str | None = No
     datasets.disable_progress_bars()  # a bad-input error stays the only line on stderr
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
+    lines = None  # the file line of each row, where the format has lines
     if path.is_dir():
-        ds = _load_dataset_dir(path, spec, key, split, subset)
+        rows = _load_dataset_dir(path, spec, key, split, subset).to_list()
     elif path.exists() or suffix in LOCAL_FORMATS or "/" in spec and spec.startswith((".", "/", "~")):
         if not path.exists():
             raise DataError(f"{key}: file not found: {spec}; check the path")
         if suffix not in LOCAL_FORMATS:
             raise DataError(f"{key}: unsupported file type {suffix or '(none)'} for {spec}; use .jsonl, .json, .parquet or .csv")
-        if suffix == ".jsonl":
-            _check_jsonl(path, key)
-        try:
-            ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
-        except Exception as e:  # datasets raises many types; report one line
-            raise DataError(f"{key}: could not read {spec}: {str(e).splitlines()[0][:200]}") from None
+        if suffix in (".json", ".jsonl"):
+            lines, rows = _json_rows(read_text(path, key), spec, key)
+        else:
+            if suffix == ".csv":
+                lines = _csv_record_lines(read_text(path, key))
+            try:
+                rows = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train").to_list()
+            except Exception as e:  # datasets raises many types; report one line
+                raise DataError(f"{key}: could not read {spec}: {first_line(e)}") from None
     else:
         try:
-            ds = datasets.load_dataset(spec, subset, split=split)
+            rows = datasets.load_dataset(spec, subset, split=split).to_list()
         except Exception as e:
             raise DataError(f"{key}: could not load dataset {spec!r} (split {split!r}): "
-                            f"{str(e).splitlines()[0][:200]}; give a local file or check the name") from None
-    rows = ds.to_list()
+                            f"{first_line(e)}; give a local file or check the name") from None
     if not rows:
         raise DataError(f"{key}: {spec} has no rows; give a non-empty dataset")
-    return rows
+    if lines is None or len(lines) != len(rows):
+        lines = None
+    out = []
+    for i, r in enumerate(rows):
+        row = Row(r)
+        row.origin = f"{key}: {spec} " + (f"line {lines[i]}" if lines else f"row {i + 1}")
+        out.append(row)
+    return out
 
 
 def _load_dataset_dir(path: Path, spec: str, key: str, split: str, subset: str | None):
@@ -77,54 +105,244 @@ def _load_dataset_dir(path: Path, spec: str, key: str, split: str, subset: str |
     except Exception as e:
         what = f"split {split!r}" + (f", subset {subset!r}" if subset else "")
         raise DataError(f"{key}: could not load the dataset directory {spec} ({what}): "
-                        f"{str(e).splitlines()[0][:200]}") from None
+                        f"{first_line(e)}") from None
 
 
-def _check_jsonl(path: Path, key: str) -> None:
-    with open(path, encoding="utf-8") as f:
-        n = 0
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{key}: {path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{key}: {path} line {lineno} is not a JSON object; each line must be one row object")
-            n += 1
-    if n == 0:
-        raise DataError(f"{key}: {path} has no rows; give a non-empty dataset")
+def read_text(path: Path, key: str) -> str:
+    """A text data file's contents as UTF-8 (a leading BOM dropped): the one decoding path of every text
+    data file. Bytes that are not UTF-8 -> one DataError naming the file, line and column, and the fix."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{key}: {path} line {line} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+                        f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > utf8{path.suffix})") from None
+
+
+def _json_rows(text: str, spec: str, key: str) -> tuple[list[int], list[dict]]:
+    """(line of each row, rows) of JSON lines or a JSON array of objects. Columns missing from a row are
+    None, as `datasets` gives them (reward functions get every column as a keyword)."""
+    items = _json_array(text, spec, key) if text.lstrip().startswith("[") else _json_lines(text, spec, key)
+    columns: dict[str, None] = {}
+    for lineno, obj in items:
+        if not isinstance(obj, dict):
+            raise DataError(f"{key}: {spec} line {lineno} is not a JSON object; each row must be one object "
+                            f"like {{\"prompt\": ..., ...}}")
+        columns.update(dict.fromkeys(obj))
+    return [n for n, _ in items], [{c: obj.get(c) for c in columns} for _, obj in items]
+
+
+def _json_lines(text: str, spec: str, key: str) -> list[tuple[int, object]]:
+    items = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            items.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{key}: {spec} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+    return items
+
+
+def _json_array(text: str, spec: str, key: str) -> list[tuple[int, object]]:
+    """The elements of a JSON array with the line each starts on (read one element at a time)."""
+    decoder, items = json.JSONDecoder(), []
+    skip = re.compile(r"\s*").match
+    pos, line, counted = skip(text, text.index("[") + 1).end(), 1, 0
+    if text.startswith("]", pos):
+        return items
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{key}: {spec} line {e.lineno} is not valid JSON ({e.msg}); fix that line") from None
+        line, counted = line + text.count("\n", counted, pos), pos
+        items.append((line, obj))
+        pos = skip(text, end).end()
+        if text.startswith(",", pos):
+            pos = skip(text, pos + 1).end()
+            continue
+        if text.startswith("]", pos) and not text[pos + 1:].strip():
+            return items
+        bad = line + text.count("\n", counted, pos)
+        raise DataError(f"{key}: {spec} line {bad} is not valid JSON (expected ',' or a final ']'); fix that line")
+
+
+def _csv_record_lines(text: str) -> list[int]:
+    """The line each CSV record (after the header) starts on; blank lines are skipped, as pandas does."""
+    reader, starts, last = csv.reader(io.StringIO(text)), [], 0
+    try:
+        for record in reader:
+            if record:
+                starts.append(last + 1)
+            last = reader.line_num
+    except csv.Error:
+        return []  # datasets reports the problem
+    return starts[1:]
 
 
 def stage_rows(data_cfg, kind: str, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows for a stage: kind is 'sft', 'pairs' or 'prompts'."""
+    """(train, eval) rows for a stage: kind is 'sft', 'pairs' or 'prompts'. Every row read from a file is
+    checked for the fields its kind needs (check_rows) before the hold-out split moves any of them."""
     make = {"sft": task.sft_rows, "pairs": task.preference_rows, "prompts": task.prompt_rows}[kind]
     if data_cfg.train is None:
         train = make(data_cfg.num_train, seed=seed, split="train", n_eval=data_cfg.num_eval)
     else:
-        train = train_rows(data_cfg)
+        train = train_rows(data_cfg, kind)
     if data_cfg.eval is None:
         # the embedded held-out split; with user train data and no eval file, hold out 5%
         if data_cfg.train is None:
             eval_rows = make(data_cfg.num_eval, seed=seed, split="eval", n_eval=data_cfg.num_eval)
         else:
-            n_eval = max(1, len(train) // 20) if len(train) > 1 else 0
+            if len(train) < 2:
+                raise DataError(f"data.train: {data_cfg.train} has {len(train)} row, too few to hold any out for "
+                                f"evaluation (without data.eval, 5% of data.train, at least 1 row, is held out); "
+                                f"give held-out rows with data.eval=FILE, or more rows")
+            n_eval = max(1, len(train) // 20)
             shuffled = random.Random(seed).sample(train, len(train))
             eval_rows, train = shuffled[:n_eval], shuffled[n_eval:]
     else:
         eval_rows = load_rows(data_cfg.eval, "data.eval", data_cfg.eval_split, data_cfg.subset)
+        check_rows(eval_rows, kind, "data.eval")
     return train, eval_rows[: data_cfg.eval_limit]
 
 
-def train_rows(data_cfg) -> list[dict]:
-    """data.train's rows: one source, or a list of them concatenated in order (a reward model's original
-    pairs plus each loop round's, docs/loop.md)."""
+# ---------------------------------------------------------------- row checks (before any model loads)
+# Each returns the problem with a row of its kind, or None. stage_rows runs them on every row it reads,
+# with the row's file line; split_sft_row / split_pair_row / prompt_text run them again for direct callers.
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _messages_problem(value, field: str) -> str | None:
+    """None when `value` is a non-empty list of {role: text, content: text} messages."""
+    if not value:
+        return f"`{field}` is empty; give at least one {{role, content}} message"
+    for n, message in enumerate(value, 1):
+        if not isinstance(message, dict):
+            return f"`{field}` message {n} is {_describe(message)}, not a {{role, content}} object"
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            return f"`{field}` message {n} has role {_describe(role)}; give a role (system, user or assistant)"
+        if not isinstance(content, str):
+            return (f"`{field}` message {n} ({role}) has content {_describe(content)}; every message needs its "
+                    f"text as a string")
+    return None
+
+
+def _text_or_messages_problem(value, field: str, allow_empty: bool) -> str | None:
+    if isinstance(value, str):
+        return None if value or allow_empty else f"`{field}` is empty; give its text, or remove the row"
+    if isinstance(value, list):
+        return _messages_problem(value, field)
+    return f"{field} must be a string or a list of {{role, content}} messages (got {_describe(value)})"
+
+
+def sft_row_problem(row: dict) -> str | None:
+    """sft: a `messages` conversation ending with an assistant turn, or prompt (may be empty) + completion."""
+    if row.get("messages") is not None:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "`messages` must be a list of {role, content} ending with an assistant turn (the completion)"
+        problem = _messages_problem(msgs, "messages")
+        if problem or msgs[-1]["role"] != "assistant":
+            return problem or ("messages must be a list of {role, content} ending with an assistant turn "
+                               "(the completion)")
+        return None
+    if "prompt" in row and "completion" in row:
+        for field in ("prompt", "completion"):
+            if row[field] is None:
+                present = sorted(k for k, v in row.items() if v is not None)
+                return f"has no `{field}` (null; fields with values: {present}); sft needs prompt/completion or messages"
+            problem = _text_or_messages_problem(row[field], field, allow_empty=True)
+            if problem:
+                return problem
+        return None
+    return f"has fields {sorted(row)}; sft needs prompt/completion or messages"
+
+
+def pair_row_problem(row: dict) -> str | None:
+    """train-rm: chosen and rejected (text or messages), with an explicit prompt, or as two conversations
+    that share every turn but the last (implicit prompt); they must differ."""
+    missing = [f for f in ("chosen", "rejected") if row.get(f) is None]
+    if missing:
+        return f"has no {' or '.join(missing)}; train-rm needs prompt/chosen/rejected rows"
+    for field in ("chosen", "rejected"):
+        problem = _text_or_messages_problem(row[field], field, allow_empty=False)
+        if problem:
+            return problem
+    chosen, rejected = row["chosen"], row["rejected"]
+    if row.get("prompt") is not None:
+        problem = _text_or_messages_problem(row["prompt"], "prompt", allow_empty=True)
+        if problem:
+            return problem
+    elif not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return "has no prompt and chosen/rejected are not message lists; give a `prompt` column"
+    elif chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        return ("chosen and rejected must share every turn but a final assistant turn (implicit prompt), or give "
+                "an explicit `prompt` column")
+    if chosen == rejected:
+        return "has identical chosen and rejected; remove it"
+    return None
+
+
+def prompt_row_problem(row: dict) -> str | None:
+    """rl, evaluation: a `prompt` (non-empty text or messages), or a `messages` conversation with a turn
+    before its final assistant turn."""
+    if row.get("prompt") is not None:
+        return _text_or_messages_problem(row["prompt"], "prompt", allow_empty=False)
+    msgs = row.get("messages")
+    if msgs is not None:
+        if not isinstance(msgs, list):
+            return f"messages must be a list of {{role, content}} messages (got {_describe(msgs)})"
+        problem = _messages_problem(msgs, "messages")
+        if problem:
+            return problem
+        if len(msgs) == 1 and msgs[0]["role"] == "assistant":
+            return "`messages` holds only an assistant turn; a prompt needs the turns before it"
+        return None
+    return (f"has no prompt (fields {sorted(row)}); give a `prompt` column (text or messages) or a `messages` "
+            f"conversation")
+
+
+ROW_PROBLEMS = {"sft": sft_row_problem, "pairs": pair_row_problem, "prompts": prompt_row_problem}
+
+
+def check_rows(rows: list[dict], kind: str, key: str) -> None:
+    """DataError naming the first row of `rows` that `kind` ('sft', 'pairs', 'prompts') cannot use."""
+    problem_of = ROW_PROBLEMS[kind]
+    for i, row in enumerate(rows):
+        problem = problem_of(row) if isinstance(row, dict) else f"is {_describe(row)}, not a row object"
+        if problem:
+            raise DataError(f"{where(row, key, i)}: {problem}")
+
+
+def train_rows(data_cfg, kind: str) -> list[dict]:
+    """data.train's rows, checked for `kind`: one source, or a list of them concatenated in order (a reward
+    model's original pairs plus each loop round's, docs/loop.md)."""
     sources = data_cfg.train if isinstance(data_cfg.train, list) else [data_cfg.train]
     rows = []
     for i, spec in enumerate(sources):
         key = "data.train" if len(sources) == 1 else f"data.train[{i}]"
-        rows.extend(load_rows(spec, key, data_cfg.train_split, data_cfg.subset))
+        loaded = load_rows(spec, key, data_cfg.train_split, data_cfg.subset)
+        check_rows(loaded, kind, key)
+        rows.extend(loaded)
     return rows
 
 
@@ -143,28 +361,47 @@ def render_prompt(tokenizer, prompt) -> str:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("message lists need a chat template and this model's tokenizer has none; "
                              "use plain-text prompt/completion rows or a model with a chat template")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return apply_template(tokenizer, prompt, add_generation_prompt=True)
     raise ValueError("prompt must be a string or a list of {role, content} messages")
+
+
+def apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text (BOS included where the template writes it: Llama 3, Gemma); a template
+    that refuses the messages (Gemma: no system role; roles must alternate) -> ValueError naming why."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja's raise_exception, or an error inside the template
+        raise ValueError(f"the model's chat template refused these messages ({first_line(e)}); fix the "
+                         f"conversation to fit the template (e.g. Gemma's has no system role: put that text in "
+                         f"the first user turn)") from None
+
+
+def _assistant_turn(tokenizer, prompt_messages: list[dict], reply: list[dict], prompt: str) -> str:
+    """The reply as the chat template writes it after the rendered prompt, end-of-turn token included
+    (Qwen: `...<|im_end|>\n`, Llama 3: `...<|eot_id|>`, Gemma: `...<end_of_turn>\n`), so SFT trains the
+    model to end its turn the way generation stops. A template that rewrites earlier turns once a reply
+    follows (no shared prefix): the reply's content, which then gets EOS."""
+    full = apply_template(tokenizer, prompt_messages + reply, add_generation_prompt=False)
+    return full[len(prompt):] if full.startswith(prompt) else _completion_text(tokenizer, reply)
+
+
+def _require(kind: str, row: dict, index: int, key: str) -> None:
+    problem = ROW_PROBLEMS[kind](row)
+    if problem:
+        raise DataError(f"{where(row, key, index)}: {problem}")
 
 
 def prompt_text(tokenizer, row: dict, index: int, key: str) -> str:
     """The prompt of any row format as text: a `prompt` column (string or messages), or a
     `messages` conversation without its final assistant turn (RL, evaluation)."""
+    _require("prompts", row, index, key)
     try:
-        if row.get("prompt") not in (None, "", []):
+        if row.get("prompt") is not None:
             return render_prompt(tokenizer, row["prompt"])
-        msgs = row.get("messages")
-        if msgs:
-            if not _is_messages(msgs):
-                raise ValueError("messages must be a list of {role, content}")
-            if msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-            if msgs:
-                return render_prompt(tokenizer, msgs)
+        msgs = row["messages"]
+        return render_prompt(tokenizer, msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs)
     except ValueError as e:
-        raise DataError(f"{key}: row {index}: {e}") from None
-    raise DataError(f"{key}: row {index} has no prompt (fields {sorted(row)}); give a `prompt` column "
-                    f"(text or messages) or a `messages` conversation")
+        raise DataError(f"{where(row, key, index)}: {e}") from None
 
 
 def _completion_text(tokenizer, completion) -> str:
@@ -177,44 +414,35 @@ def _completion_text(tokenizer, completion) -> str:
 
 def split_sft_row(tokenizer, row: dict, index: int, key: str) -> tuple[str, str]:
     """(prompt text, completion text) from prompt/completion or messages rows (TRL formats)."""
+    _require("sft", row, index, key)
     try:
-        if "messages" in row and row["messages"] is not None:
+        if row.get("messages") is not None:
             msgs = row["messages"]
-            if not _is_messages(msgs) or not msgs or msgs[-1]["role"] != "assistant":
-                raise ValueError("messages must be a list of {role, content} ending with an assistant turn")
-            return render_prompt(tokenizer, msgs[:-1]), msgs[-1]["content"]
-        if "prompt" in row and "completion" in row:
-            return render_prompt(tokenizer, row["prompt"]), _completion_text(tokenizer, row["completion"])
+            prompt = render_prompt(tokenizer, msgs[:-1])
+            return prompt, _assistant_turn(tokenizer, msgs[:-1], msgs[-1:], prompt)
+        prompt, completion = render_prompt(tokenizer, row["prompt"]), row["completion"]
+        if _is_messages(row["prompt"]) and _is_messages(completion):
+            return prompt, _assistant_turn(tokenizer, row["prompt"], completion, prompt)
+        return prompt, _completion_text(tokenizer, completion)
     except ValueError as e:
-        raise DataError(f"{key}: row {index}: {e}") from None
-    raise DataError(f"{key}: row {index} has fields {sorted(row)}; sft needs prompt/completion or messages")
+        raise DataError(f"{where(row, key, index)}: {e}") from None
 
 
 def split_pair_row(tokenizer, row: dict, index: int, key: str) -> tuple[str, str, str]:
     """(prompt, chosen, rejected) texts from explicit-prompt or implicit-prompt (messages) rows."""
-    missing = [f for f in ("chosen", "rejected") if row.get(f) in (None, "", [])]
-    if missing:
-        raise DataError(f"{key}: row {index} has no {' or '.join(missing)}; train-rm needs prompt/chosen/rejected rows")
+    _require("pairs", row, index, key)
     chosen, rejected = row["chosen"], row["rejected"]
-    if row.get("prompt") is not None:
-        try:
+    try:
+        if row.get("prompt") is not None:
             prompt = render_prompt(tokenizer, row["prompt"])
             chosen, rejected = _completion_text(tokenizer, chosen), _completion_text(tokenizer, rejected)
-        except ValueError as e:
-            raise DataError(f"{key}: row {index}: {e}") from None
-    elif _is_messages(chosen) and _is_messages(rejected):
-        if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-            raise DataError(f"{key}: row {index}: chosen and rejected must share every turn but a final assistant "
-                            f"turn (implicit prompt), or give an explicit `prompt` column")
-        try:
+        else:  # implicit prompt: the turns the two conversations share
             prompt = render_prompt(tokenizer, chosen[:-1])
-        except ValueError as e:
-            raise DataError(f"{key}: row {index}: {e}") from None
-        chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
-    else:
-        raise DataError(f"{key}: row {index} has no prompt and chosen/rejected are not message lists")
+            chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+    except ValueError as e:
+        raise DataError(f"{where(row, key, index)}: {e}") from None
     if chosen == rejected:
-        raise DataError(f"{key}: row {index} has identical chosen and rejected; remove it")
+        raise DataError(f"{where(row, key, index)}: has identical chosen and rejected; remove it")
     return prompt, chosen, rejected
 
 
@@ -233,18 +461,62 @@ class Example:
 
 
 def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of text as it is: no special tokens added (a completion, a continuation)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_sft(tokenizer, rows: list[dict], max_length: int, key: str) -> tuple[list[Example], int]:
-    """-> (examples, number truncated). Completions end with EOS; over-long rows are cut at max_length."""
+@functools.lru_cache(maxsize=16)
+def added_bos_id(tokenizer) -> int | None:
+    """The BOS id this tokenizer puts before a text (Llama, Gemma, Mistral); None when it adds none (Qwen, GPT-2)."""
+    probe = "a"
+    with_specials, bare = tokenizer(probe)["input_ids"], encode(tokenizer, probe)
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and with_specials[:1] == [bos] and bare[:1] != [bos] else None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a sequence's first text (a prompt; prompt + response for a reward model) with exactly one
+    BOS at the start where the tokenizer adds one: a chat template that writes BOS itself (Llama 3, Gemma)
+    keeps its own, plain text gets the tokenizer's, never two (tokenizing a rendered template with
+    add_special_tokens=True would double it)."""
+    ids = encode(tokenizer, text)
+    bos = added_bos_id(tokenizer)
+    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
+def cut_left(ids: list[int], n: int, tokenizer) -> list[int]:
+    """The last n ids of a prompt, its BOS kept first when it had one (so a cut prompt still starts with it)."""
+    if len(ids) <= n:
+        return ids
+    bos = added_bos_id(tokenizer)
+    return [bos] + ids[len(ids) - n + 1:] if bos is not None and ids[:1] == [bos] and n > 1 else ids[len(ids) - n:]
+
+
+def end_of_turn(tokenizer, completion_ids: list[int], stop_ids: list[int]) -> list[int]:
+    """A completion ending at its stop token: a chat template's turn already ends with one (anything but
+    whitespace after it stays; Qwen's trailing newline goes, as generation stops at `<|im_end|>`); a
+    completion without one gets the tokenizer's EOS."""
+    for end in range(len(completion_ids) - 1, -1, -1):
+        if completion_ids[end] in stop_ids:
+            return completion_ids[:end + 1]
+        if tokenizer.decode(completion_ids[end:end + 1]).strip():
+            break
+    return completion_ids + [tokenizer.eos_token_id]
+
+
+def tokenize_sft(tokenizer, rows: list[dict], max_length: int, key: str,
+                 stop_ids: list[int] | None = None) -> tuple[list[Example], int]:
+    """-> (examples, number truncated). Completions end with a stop token (end_of_turn: the template's
+    end-of-turn, else EOS; stop_ids: models.stop_token_ids, default the EOS); prompts start with one BOS
+    where the tokenizer uses one; over-long rows are cut at max_length."""
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     examples, truncated = [], 0
     for i, row in enumerate(rows):
         prompt, completion = split_sft_row(tokenizer, row, i, key)
-        p, c = encode(tokenizer, prompt), encode(tokenizer, completion) + [tokenizer.eos_token_id]
+        p, c = encode_prompt(tokenizer, prompt), end_of_turn(tokenizer, encode(tokenizer, completion), stop_ids)
         if len(p) + len(c) > max_length:
             truncated += 1
-            p = p[-(max_length // 2):] if len(p) > max_length // 2 else p
+            p = cut_left(p, max_length // 2, tokenizer)
             c = c[: max_length - len(p)]
         examples.append(Example(p, c))
     return examples, truncated

@@ -13,3 +13,10 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError):
     """Missing, malformed or empty data."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line for a one-line message, at most `limit` characters ('...' marks a cut)."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3].rstrip() + "..."

@@ -216,7 +216,8 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     from rlhf_cli import data
     from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.evaluation import held_out_accuracy
-    from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.models import (CAUSAL_LM, REWARD_MODEL, check_generation_fits, check_model_dir, check_model_kind,
+                                 load_causal_lm, load_scalar_head_model, load_tokenizer, position_limit)
     from rlhf_cli.rollout import make_engine
     from rlhf_cli.runtime import resolve_device
     from rlhf_cli.scoring import score_texts
@@ -239,6 +240,11 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
             raise UserError(f"reward.model.path: {rm_path} is not a reward model (its manifest says stage "
                             f"{rm_manifest.get('stage')!r}); give a train-rm final/")
 
+    check_model_kind(str(ckpt), "CHECKPOINT", CAUSAL_LM)  # from config.json: no weights yet
+    if rm_path:
+        check_model_dir(rm_path, "reward.model.path")
+        check_model_kind(rm_path, "reward.model.path", REWARD_MODEL)
+
     # rows and prompts first: a data problem fails before any weights load
     if cfg.data.eval is None:
         rows = task.prompt_rows(num_eval, seed=seed, split="eval", n_eval=num_eval)
@@ -252,13 +258,14 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     if eval_cfg.rule and eval_cfg.rule != DEFAULT_RULE:
         import_reward_function(eval_cfg.rule, "eval.rule")
 
+    check_generation_fits(str(ckpt), {"eval.max_new_tokens": max_new_tokens})  # before the weights load
     device = resolve_device(cfg.device.type, key="device.type")
     if cfg.device.threads:
         torch.set_num_threads(cfg.device.threads)
     model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.model.dtype, device, cfg.model.trust_remote_code)
     with torch.no_grad():
         accuracy, _, mean_chars, responses = held_out_accuracy(make_engine("auto", model, tokenizer), tokenizer, rows,
-                                                               prompts, eval_cfg, device)
+                                                               prompts, eval_cfg, device, position_limit(str(ckpt)))
     checks = _checks(rows, prompts, responses, eval_cfg.rule) if accuracy is not None else [None] * len(rows)
     del model
 

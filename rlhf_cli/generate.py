@@ -211,18 +211,18 @@ def generate(cfg: GenerateToolConfig) -> None:
     if not output.absolute().parent.is_dir():
         raise UserError(f"output: the directory of {cfg.output} does not exist; create it or choose another output=...")
     check_resumable(output, cfg)
-    from rlhf_cli.checkpoint import read_manifest
-
-    if read_manifest(cfg.model.path).get("stage") == "train-rm":
-        raise UserError(f"model.path: {cfg.model.path} is a reward model (train-rm); sample a policy (an sft or rl "
-                        f"final/) and score with `rlhf label judge=rm reward.model.path={cfg.model.path}`")
-
-    # prompts, tokenizer and the rows already written first: a data problem fails before any weights load
+    # the model's kind and size from its config.json, the prompts, the tokenizer and the rows already written
+    # first: a wrong model or a data problem fails before any weights load
     import torch
 
     from rlhf_cli import data, runtime
-    from rlhf_cli.models import load_causal_lm, load_tokenizer
+    from rlhf_cli.models import (CAUSAL_LM, check_generation_fits, check_model_dir, check_model_kind, load_causal_lm,
+                                 load_tokenizer, position_limit)
     from rlhf_cli.rollout import make_engine
+
+    check_model_dir(cfg.model.path, "model.path")
+    check_model_kind(cfg.model.path, "model.path", CAUSAL_LM)
+    check_generation_fits(cfg.model.path, {"max_new_tokens": cfg.max_new_tokens})
 
     rows, source = load_prompt_rows(cfg)
     tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)
@@ -246,6 +246,7 @@ def generate(cfg: GenerateToolConfig) -> None:
             return
         model = load_causal_lm(cfg.model.path, "model.path", cfg.model.dtype, rt.device, cfg.model.trust_remote_code)
         engine = make_engine(cfg.engine, model, tokenizer)
+        positions = position_limit(cfg.model.path)  # a prompt longer than the room left is cut from the left
         say(f"generate: {len(rows)} prompts from {source}, {cfg.samples_per_prompt} responses each"
             f"{f' on {rt.world_size} ranks' if rt.distributed else ''}, "
             f"{'resuming at prompt ' + str(len(done)) if done else 'starting'}; writing {output}", markup=False)
@@ -254,7 +255,7 @@ def generate(cfg: GenerateToolConfig) -> None:
         with torch.no_grad():
             for first in range(0, len(batches), rt.world_size):  # one batch per rank, then rank 0 appends them in order
                 mine = batches[first + rt.rank] if first + rt.rank < len(batches) else None
-                texts = sample_batch(engine, tokenizer, prompts, mine, cfg, rt.device) if mine else []
+                texts = sample_batch(engine, tokenizer, prompts, mine, cfg, rt.device, positions) if mine else []
                 gathered = rt.all_gather_object((mine, texts))
                 if rt.is_main:
                     with open(output, "a", encoding="utf-8") as f:
@@ -279,15 +280,19 @@ def grid_batches(start: int, n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def sample_batch(engine, tokenizer, prompts: list[str], bounds: tuple[int, int], cfg: GenerateToolConfig,
-                 device) -> list[str]:
-    """K responses for each prompt of prompts[start:end], flat: response j of prompt i at (i - start) * K + j."""
+                 device, positions: int | None) -> list[str]:
+    """K responses for each prompt of prompts[start:end], flat: response j of prompt i at (i - start) * K + j.
+    Prompts are tokenized as rl and eval do (one BOS where the tokenizer adds one), cut from the left to fit
+    the model's positions with the responses."""
     from rlhf_cli import data
     from rlhf_cli.rollout import SamplingParams, decode_responses
 
     start, end = bounds
     K = cfg.samples_per_prompt
-    ids, mask = data.left_pad([data.encode(tokenizer, p) for p in prompts[start:end] for _ in range(K)],
-                              tokenizer.pad_token_id)
+    room = max(1, positions - cfg.max_new_tokens) if positions else None
+    encoded = [data.encode_prompt(tokenizer, p) for p in prompts[start:end]]
+    encoded = [data.cut_left(e, room, tokenizer) if room else e for e in encoded]
+    ids, mask = data.left_pad([e for e in encoded for _ in range(K)], tokenizer.pad_token_id)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             noise_key=(cfg.seed, 0, start * K))  # row i*K+j draws its own noise, on any rank
     return decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params))

@@ -206,7 +206,8 @@ def load_reward_model(cfg: LabelToolConfig):
     import torch
 
     from rlhf_cli.checkpoint import read_manifest
-    from rlhf_cli.models import frozen, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.models import (REWARD_MODEL, check_model_dir, check_model_kind, frozen, load_scalar_head_model,
+                                 load_tokenizer)
     from rlhf_cli.runtime import resolve_device
 
     path = cfg.reward.model.path
@@ -214,12 +215,8 @@ def load_reward_model(cfg: LabelToolConfig):
     if stage is not None and stage != "train-rm":
         raise UserError(f"reward.model.path: {path} is not a reward model (its manifest says stage {stage!r}); "
                         f"give a train-rm final/")
-    config = Path(path).expanduser() / "config.json"
-    if stage is None and config.exists():  # no manifest: at least a one-output classifier, not a bare LM
-        architectures = json.loads(config.read_text()).get("architectures") or []
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise UserError(f"reward.model.path: {path} is not a reward model (architectures {architectures}); "
-                            f"give a train-rm final/ (train one with `rlhf train-rm`)")
+    check_model_dir(path, "reward.model.path")
+    check_model_kind(path, "reward.model.path", REWARD_MODEL)  # from config.json: no weights yet
     tokenizer = load_tokenizer(path, "reward.model.path")
     device = resolve_device(cfg.device.type, key="device.type")
     if cfg.device.threads:

@@ -8,6 +8,7 @@ Masks always come from lengths, never from ``ids != pad_id``.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ def token_values(model, input_ids, attention_mask) -> torch.Tensor:
 
 
 def response_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
-                      with_entropy: bool = False, entropy_grad: bool = True, chunk_elements: int | None = None):
+                      with_entropy: bool = False, entropy_grad: bool = True, chunk_elements: int | None = None,
+                      support: "Support | None" = None):
     """log pi(token | prefix) of the response tokens, from logits / T.
 
     input_ids: (B, P + T) with left-padded prompts of width P. Returns (B, T)
@@ -40,8 +42,32 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
     Never holds the (B, T, V) logits: see response_terms.
     """
     logprobs, entropy, _ = response_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy,
-                                          entropy_grad, chunk_elements)
+                                          entropy_grad, chunk_elements, support)
     return (logprobs, entropy) if with_entropy else logprobs
+
+
+@dataclass(frozen=True)
+class Support:
+    """The ids a response token can take, as the sampler draws them (rollout.sample): below
+    vocab_limit (a padded vocabulary's extra rows have no token: Qwen2.5 has 151,936 rows for 151,665
+    ids) and not in `never` (a dedicated pad token that is not a stop token). Log-probs, entropies
+    and KL are over this support, so the update's pi is the distribution responses were drawn from."""
+    vocab_limit: int | None = None
+    never: tuple[int, ...] = ()
+
+
+# a masked logit: exp() of it is 0 and 0 * it is 0 (with -inf, entropy's p log p would be nan)
+MASKED = -1e30
+
+
+def restrict(logits: torch.Tensor, support: Support | None) -> torch.Tensor:
+    """(..., V) float logits -> (..., V') over the support: padded rows cut, `never` ids masked."""
+    if support is None:
+        return logits
+    logits = logits[..., :support.vocab_limit]
+    if support.never:
+        logits = logits.index_fill(-1, torch.tensor(support.never, device=logits.device), MASKED)
+    return logits
 
 
 # rows of (V,) logits per chunk: 2**24 fp32 elements = 64 MiB, whatever the vocabulary
@@ -50,7 +76,8 @@ CHUNK_ELEMENTS = 2 ** 24
 
 
 def response_terms(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
-                   with_entropy: bool = False, entropy_grad: bool = True, chunk_elements: int | None = None):
+                   with_entropy: bool = False, entropy_grad: bool = True, chunk_elements: int | None = None,
+                   support: "Support | None" = None):
     """-> ((B, T) log-probs, (B, T) entropies or None, (B, T, H) hidden states fed to the LM head
     before each response token), computed from the hidden states in chunks of rows.
 
@@ -69,9 +96,11 @@ def response_terms(model, input_ids, attention_mask, prompt_len: int, temperatur
     row; a model whose forward transforms logits in a way not reproduced here (see _head_logits)
     falls back, for that call, to the full (B, T, V) computation through its own forward.
     chunk_elements=0 asks for that full computation (policy.chunked_logprobs=false).
+    support: the ids the sampler can draw (Support); the softmax is over those, as the sampler's is.
     """
     if chunk_elements == 0 or distributed.is_sharded(model):  # FSDP2: the root's head is resharded once its forward returns
-        return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
+        return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad,
+                           support)
     response_len = input_ids.shape[1] - prompt_len
     inner = _causal_lm(model)
     head = inner.get_output_embeddings()
@@ -95,7 +124,8 @@ def response_terms(model, input_ids, attention_mask, prompt_len: int, temperatur
         first = transform(fed[0][:, :1]).float()  # the row the model's own head computed
     own = model_logits[:, :1].detach().float()
     if not torch.allclose(first, own, rtol=1e-3, atol=1e-3 * (1.0 + own.abs().max().item())):
-        return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
+        return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad,
+                           support)
     targets = input_ids[:, prompt_len:]
     B, T, H = before.shape
     rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, first.shape[-1]))
@@ -103,7 +133,7 @@ def response_terms(model, input_ids, attention_mask, prompt_len: int, temperatur
     want_entropy_grad = with_entropy and entropy_grad and torch.is_grad_enabled()
 
     def chunk(h, t):
-        logp_all = F.log_softmax(transform(h).float() / temperature, dim=-1)  # (rows, V)
+        logp_all = F.log_softmax(restrict(transform(h).float(), support) / temperature, dim=-1)  # (rows, V)
         logp = logp_all.gather(-1, t[:, None]).squeeze(-1)
         if not with_entropy:
             return logp, None
@@ -143,7 +173,7 @@ def _head_logits(inner, head):
     return transform
 
 
-def _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad):
+def _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad, support=None):
     """response_terms through the model's own forward, (B, T, V) logits and all: the fallback for
     heads not reproduced here and for FSDP2 (whose root reshards the head when its forward returns)."""
     response_len = input_ids.shape[1] - prompt_len
@@ -157,7 +187,7 @@ def _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_
     finally:
         hook.remove()
     before = fed[0][:, -(response_len + 1):-1]  # (B, T, H)
-    logits = logits[:, -(response_len + 1):-1].float() / temperature  # (B, T, V)
+    logits = restrict(logits[:, -(response_len + 1):-1].float(), support) / temperature  # (B, T, V)
     logp_all = F.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
     if not with_entropy:
@@ -190,10 +220,11 @@ class PolicyWithValueHead(torch.nn.Module):
     from the hidden states the model's forward feeds its LM head. The head starts at zero, so
     the first values are 0 as with a fresh critic head."""
 
-    def __init__(self, policy, chunk_elements: int | None = None):
+    def __init__(self, policy, chunk_elements: int | None = None, support: Support | None = None):
         super().__init__()
         self.policy = policy
         self.chunk_elements = chunk_elements
+        self.support = support
         weight = self._lm_head().weight  # (V, H)
         self.v_head = torch.nn.Linear(weight.shape[1], 1, device=weight.device, dtype=weight.dtype)
         torch.nn.init.zeros_(self.v_head.weight)
@@ -205,7 +236,7 @@ class PolicyWithValueHead(torch.nn.Module):
         states before each response token."""
         logprobs, entropy, before_response = response_terms(self.policy, input_ids, attention_mask, prompt_len,
                                                             temperature, with_entropy, entropy_grad,
-                                                            self.chunk_elements)
+                                                            self.chunk_elements, self.support)
         return logprobs, entropy, self.v_head(before_response).squeeze(-1).float()
 
     def _lm_head(self) -> torch.nn.Module:

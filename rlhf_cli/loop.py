@@ -24,6 +24,7 @@ from typing import Callable
 
 from rlhf_cli import checkpoint, runtime, signals
 from rlhf_cli.checkpoint import RunDir
+from rlhf_cli.errors import DataError
 from rlhf_cli.precision import check_trainable_dtype
 
 
@@ -64,9 +65,30 @@ def resume(run_dir: RunDir, rt, parts: dict, optimizer, scheduler, precision, **
 
 def batch_plan(cfg, rt, n_items: int) -> tuple[int, int]:
     """sft / train-rm: -> (global batch = per-device batch x accumulation x ranks, total steps:
-    max_steps, else `epochs` passes over n_items)."""
+    max_steps, else `epochs` passes over n_items). A batch larger than the data is refused."""
+    check_batch_fits(cfg, rt.world_size, n_items)
     global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
     return global_batch, cfg.max_steps or max(1, math.ceil(cfg.epochs * n_items / global_batch))
+
+
+def check_batch_fits(cfg, world_size: int, n_train: int) -> None:
+    """DataError when one step takes more training rows (sft, train-rm) or prompts (rl) than there are.
+
+    An error, not a warning: such a batch holds the same rows twice, which only re-weights the gradient at
+    the full cost, and `epochs` would count a single step as many passes; the fix is one key."""
+    if hasattr(cfg, "rollout"):
+        per_step, what = cfg.rollout.prompts_per_step, "prompts"
+        batch = f"rollout.prompts_per_step={per_step}"
+        fix = f"set rollout.prompts_per_step={n_train} or less (rollout.samples_per_prompt sets the samples per prompt)"
+    else:
+        per_device = cfg.optim.grad_accum * world_size
+        per_step, what = cfg.batch_size * per_device, "rows"
+        batch = f"batch_size={cfg.batch_size} x optim.grad_accum={cfg.optim.grad_accum} x {world_size} rank(s)"
+        fit = n_train // per_device
+        fix = f"set batch_size={fit} or less" if fit else "lower optim.grad_accum (or use fewer ranks)"
+    if per_step > n_train:
+        raise DataError(f"data.train: a step takes {per_step} {what} ({batch}) but there are only {n_train} "
+                        f"training {what}: every batch would repeat {what}; {fix}, or give more data")
 
 
 def report(stage: str, rt, tracker, run_dir: RunDir, table: dict, step: int, t_start: float, samples_title: str,

@@ -24,10 +24,18 @@ def import_reward_function(dotted: str, key: str = "reward.functions") -> Callab
     except Exception as e:
         raise UserError(f"{key}: cannot import module {module_name!r} for {dotted!r} ({type(e).__name__}: {e}); "
                         f"check the name and that it is on PYTHONPATH") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
+    if not hasattr(module, attr):
         raise UserError(f"{key}: {module_name!r} has no function {attr!r}; write 'module:function'")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise UserError(f"{key}: {module_name}:{attr} is {type(fn).__name__} {_short(fn)}, not callable; name a "
+                        f"function f(prompt, response, **row) -> float")
     return fn
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def row_kwargs(row: dict) -> dict:

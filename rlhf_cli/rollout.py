@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from rlhf_cli import runtime
 from rlhf_cli.decoding import make_decoder
+from rlhf_cli.models import stop_token_ids
 
 
 @dataclass
@@ -86,10 +87,18 @@ class RolloutEngine(Protocol):
 
 class LocalEngine:
     """Decodes with the training model itself, through decoding.py's `lean` or `hf` decoder (`auto`:
-    lean where it applies). Runs the model in eval mode (dropout off) and restores its mode after."""
+    lean where it applies). Runs the model in eval mode (dropout off) and restores its mode after.
 
-    def __init__(self, model: torch.nn.Module, eos_id: int, pad_id: int, decoder: str = "auto"):
-        self.model, self.eos_id, self.pad_id, self.decoder = model, eos_id, pad_id, decoder
+    stop_ids: every id that ends a response (models.stop_token_ids: the tokenizer's EOS and the
+    model's generation config's); vocab_limit: the tokenizer's size, where the model's vocabulary
+    is padded beyond it (Qwen: 151,936 rows for 151,665 ids), so no id without a token is sampled;
+    nor is a dedicated pad token (Gemma's <pad>)."""
+
+    def __init__(self, model: torch.nn.Module, stop_ids: list[int], pad_id: int, decoder: str = "auto",
+                 vocab_limit: int | None = None):
+        self.model, self.stop_ids, self.pad_id, self.decoder = model, stop_ids, pad_id, decoder
+        self.vocab_limit = vocab_limit
+        self.never = [pad_id] if pad_id is not None and pad_id not in stop_ids else None  # Gemma's <pad>
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         """Nothing to copy: the engine holds the training model itself."""
@@ -103,9 +112,9 @@ class LocalEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            return sample(self.model, prompt_ids, prompt_mask, params.max_new_tokens, self.eos_id, self.pad_id,
+            return sample(self.model, prompt_ids, prompt_mask, params.max_new_tokens, self.stop_ids, self.pad_id,
                           params.temperature, greedy=params.greedy, top_k=params.top_k, top_p=params.top_p,
-                          noise=noise, engine=self.decoder)
+                          noise=noise, engine=self.decoder, vocab_limit=self.vocab_limit, never=self.never)
         finally:
             self.model.train(was_training)
 
@@ -114,33 +123,46 @@ ENGINES = {"auto": LocalEngine, "lean": LocalEngine, "hf": LocalEngine}  # rollo
 
 
 def make_engine(name: str, model: torch.nn.Module, tokenizer) -> RolloutEngine:
-    """The engine `rollout.engine` names, sampling from `model` (the unwrapped policy)."""
-    return ENGINES[name](model, tokenizer.eos_token_id, tokenizer.pad_token_id, decoder=name)
+    """The engine `rollout.engine` names, sampling from `model` (the unwrapped policy): it stops on any of
+    the model's stop ids and never samples an id beyond the tokenizer."""
+    return ENGINES[name](model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, decoder=name,
+                         vocab_limit=len(tokenizer))
 
 
-def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 on tokens up to and including the first EOS; (mask (B,T) float, stopped (B,) bool)."""
-    is_eos = (tokens == eos_id).long()
+def response_mask_from_tokens(tokens: torch.Tensor, eos_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 on tokens up to and including the first stop token (eos_id: an id or a list of ids);
+    (mask (B,T) float, stopped (B,) bool)."""
+    is_eos = torch.isin(tokens, _stop_tensor(eos_id, tokens.device)).long()
     before_or_at_first = (is_eos.cumsum(-1) - is_eos) == 0
     return before_or_at_first.float(), is_eos.any(-1)
 
 
+def _stop_tensor(eos_id, device) -> torch.Tensor:
+    if isinstance(eos_id, torch.Tensor):
+        return eos_id.to(device)
+    return torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+
+
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
+def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id, pad_id: int,
            temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
            top_k: int | None = None, top_p: float | None = None, noise: torch.Tensor | None = None,
-           engine: str = "auto") -> Rollout:
+           engine: str = "auto", vocab_limit: int | None = None, never: list[int] | None = None) -> Rollout:
     """Batched sampling with a KV cache (decoding.py's engines); a row leaves the batch once it has
-    emitted EOS, and sampling ends when every row has.
+    emitted a stop token (eos_id: an id, or a list of ids), and sampling ends when every row has.
+    With vocab_limit, ids at or beyond it (rows of a padded vocabulary: no token) are never drawn, nor
+    the ids in `never` (a pad token that is not a stop token: padding never sits inside a response).
 
-    Log-probs are of the unfiltered distribution softmax(logits / T), the one
-    training uses (top-k / top-p bias the KL estimate; the RL stage logs that).
+    Log-probs are of the unfiltered distribution softmax(logits / T) over the ids that can be drawn
+    (padded vocabulary rows and `never` excluded), the one training uses (logprobs.Support; top-k /
+    top-p bias the KL estimate; the RL stage logs that).
     With `noise` ((B, max_new_tokens) uniforms in [0, 1), e.g. runtime.keyed_uniform)
     token t of row b is drawn by inverse CDF from noise[b, t]: a row's draw depends on
     its own noise only, not on the batch around it (so not on the number of ranks).
     """
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
+    stop = _stop_tensor(eos_id, device)
     decoder = make_decoder(model, engine, prompt_ids.shape[1] + max_new_tokens)
     # each distinct prompt is prefilled once (rl samples K responses per prompt), then its cache is copied
     distinct, copies = (torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
@@ -157,7 +179,9 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for t in range(max_new_tokens):
-        logits = logits.float() / temperature  # (rows, V)
+        logits = logits[:, :vocab_limit].float() / temperature  # (rows, V); the rows past the tokenizer: cut
+        if never is not None:
+            logits[:, never] = float("-inf")
         if greedy:
             token = logits.argmax(-1)
         else:
@@ -170,9 +194,10 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = torch.where(done, pad_id, token)  # a stopped row not yet dropped writes padding
         response[rows, t] = token
-        logprobs[rows, t] = F.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        token_logprob = F.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        logprobs[rows, t] = torch.where(done, 0.0, token_logprob)  # a stopped row's padding: -inf when pad is `never`
         steps = t + 1
-        done = done | (token == eos_id)
+        done = done | torch.isin(token, stop)
         going = ~done
         n_going = int(going.sum())  # one host sync per token: stop, or drop the rows that stopped
         if n_going == 0 or t + 1 == max_new_tokens:
@@ -183,7 +208,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad
             rows, token, done = rows[keep], token[keep], done[keep]
         logits = decoder.step(token)
     response = response[:, :steps]
-    response_mask, stopped = response_mask_from_tokens(response, eos_id)
+    response_mask, stopped = response_mask_from_tokens(response, stop)
     response = torch.where(response_mask.bool(), response, torch.full_like(response, pad_id))
     return Rollout(prompt_ids, prompt_mask.long(), response, response_mask, logprobs[:, :steps] * response_mask,
                    stopped)

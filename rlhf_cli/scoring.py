@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_cli import data
-from rlhf_cli.data import encode
+from rlhf_cli.data import encode_prompt
 from rlhf_cli.errors import DataError
 from rlhf_cli.logprobs import token_values
 
@@ -31,9 +31,10 @@ def scoring_ids(tokenizer, prompt: str, response: str) -> list[int]:
 
     train-rm trains on exactly these sequences and reads the score at the last token, which is
     what any client of the saved final/ does (its tokenizer on prompt + response, the one logit).
-    Special tokens are not added: rendered chat prompts already carry theirs.
+    Exactly one BOS where the tokenizer uses one (data.encode_prompt): rendered chat prompts
+    that carry theirs keep it, plain text gets it; nothing else is added.
     """
-    return encode(tokenizer, prompt + response)
+    return encode_prompt(tokenizer, prompt + response)
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +92,11 @@ def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, key: str, use_m
         try:
             margin = 0.0 if margin is None else float(margin)
         except (TypeError, ValueError):
-            raise DataError(f"{key}: row {i} has margin {margin!r}, not a number; fix it or set margin_from_data=false") from None
+            raise DataError(f"{data.where(row, key, i)}: has margin {margin!r}, not a number; fix it or set "
+                            f"margin_from_data=false") from None
         if not math.isfinite(margin):
-            raise DataError(f"{key}: row {i} has a non-finite margin ({margin}); fix it or set margin_from_data=false")
+            raise DataError(f"{data.where(row, key, i)}: has a non-finite margin ({margin}); fix it or set "
+                            f"margin_from_data=false")
         pair = Pair(prompt, scoring_ids(tokenizer, prompt, chosen), scoring_ids(tokenizer, prompt, rejected), margin)
         if pair.length > max_length:
             dropped += 1

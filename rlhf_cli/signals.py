@@ -25,6 +25,9 @@ import sys
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell convention
 
+INTERRUPTED_OUTSIDE_STEPS = ("stopped by SIGINT outside a training step (no step was cut short); rerun the same "
+                             "command to start, or to resume a run that has a checkpoint")
+
 _requested: int | None = None
 _command: str | None = None
 
@@ -53,6 +56,23 @@ def remember_command(stage: str, args: list[str]) -> None:
 
 def resume_command() -> str:
     return _command or "the command that started this run"
+
+
+def exit_at_once_on_sigint() -> None:
+    """Ctrl-C while no run holds the step-boundary handler (start-up: importing torch, composing the config;
+    a tool's work) prints one line and exits 130 at once, from the handler: a KeyboardInterrupt raised
+    inside an import or a C++ extension's start-up comes out as another library's error, or an abort.
+    Left alone where the shell started us with SIGINT ignored (a background job)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _exit_now)
+
+
+def _exit_now(signum, frame) -> None:
+    try:
+        sys.stdout.flush()
+    finally:
+        print(INTERRUPTED_OUTSIDE_STEPS, file=sys.stderr, flush=True)
+        os._exit(EXIT_CODES[signal.SIGINT])
 
 
 def _on_signal(signum, frame) -> None:

@@ -6,10 +6,12 @@
 
 Composes and checks the config exactly as `rlhf <stage>` does (unknown keys,
 types, ranges, cross-field checks, every sweep combination), then reads the
-data and checks every row the way the stage will: the columns it needs, chat
-rows rendered through the tokenizer's chat template, rows that model.max_length
-truncates or drops. Model directories are checked to exist and hold a
-config.json, and reward functions / eval.rule to import; no weights load.
+data and checks every row the way the stage will: the columns it needs and
+their types (file lines named), chat rows rendered through the tokenizer's chat
+template, rows that model.max_length truncates or drops, a batch larger than
+the data. Model directories are checked to exist, hold a config.json and be of
+the kind their key needs (from its architectures), and reward functions /
+eval.rule to import; no weights load.
 Prints an `ok` summary, or one `error:` line and exits 2.
 """
 
@@ -35,12 +37,16 @@ class _StructureOnly:
 
     chat_template = "structure only"
     eos_token_id = 0
+    bos_token_id = None
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": list(text.encode())}
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
 
 
 def main(args: list[str]) -> None:
@@ -84,21 +90,16 @@ def main(args: list[str]) -> None:
 def check_run(stage: str, cfg, cache: dict) -> list[str]:
     """Model paths, reward functions, eval rule and data of one composed config -> summary lines."""
     from rlhf_cli import lora
-    from rlhf_cli.models import check_model_dir
+    from rlhf_cli.models import check_models, configured_models
 
     model_cfg = cfg.policy if stage == "rl" else cfg.model
     model_key = "policy.path" if stage == "rl" else "model.path"
-    paths = [(model_key, model_cfg.path)]
-    if stage == "rl":
-        paths += [("reference.path", cfg.reference.path), ("critic.path", cfg.critic.path),
-                  ("reward.model.path", cfg.reward.model.path)]
+    check_models(stage, cfg)  # exists, not a run dir, the kind its key needs (from config.json, no weights)
     lines = []
-    for key, path in paths:
-        if path:
-            check_model_dir(str(path), key)
-            if lora.is_adapter_dir(path):  # a LoRA final/: its base model must be there too
-                lines.append(f"{key}: {path} (LoRA adapter over {lora.adapter_base(path, key)})")
-                continue
+    for key, path, _ in configured_models(stage, cfg):
+        if lora.is_adapter_dir(path):  # a LoRA final/: its base model must be there too
+            lines.append(f"{key}: {path} (LoRA adapter over {lora.adapter_base(path, key)})")
+        else:
             lines.append(f"{key}: {path}")
     if not model_cfg.path:
         lines.append(f"{model_key}: the embedded tiny model (written into output_dir/base at the start)")
@@ -115,7 +116,7 @@ def check_run(stage: str, cfg, cache: dict) -> list[str]:
 
 
 def check_data(stage: str, cfg, model_cfg) -> list[str]:
-    from rlhf_cli import data
+    from rlhf_cli import data, loop
 
     tokenizer, note = _tokenizer(model_cfg)
     train_rows, eval_rows = data.stage_rows(cfg.data, DATA_KINDS[stage], cfg.seed)
@@ -125,7 +126,7 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
     counts = {}
     for key, rows in (("data.train", train_rows), ("data.eval", eval_rows)):
         if stage == "sft":
-            examples, cut = data.tokenize_sft(tokenizer, rows, limit, key)
+            examples, cut = data.tokenize_sft(tokenizer, rows, limit, key, _stop_ids(tokenizer, model_cfg))
             counts[key] = (len(examples), f"{cut} truncated to model.max_length={limit}")
         elif stage == "train-rm":
             from rlhf_cli.scoring import tokenize_pairs
@@ -133,17 +134,28 @@ def check_data(stage: str, cfg, model_cfg) -> list[str]:
             pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
             counts[key] = (len(pairs), f"{dropped} dropped as longer than model.max_length={limit}")
         else:
-            long = 0
+            long, room = 0, limit - cfg.rollout.max_new_tokens  # as the stage cuts them: prompt + response fit
             for i, row in enumerate(rows):
-                long += len(data.encode(tokenizer, data.prompt_text(tokenizer, row, i, key))) > limit
-            counts[key] = (len(rows), f"{long} prompts longer than policy.max_length={limit} (cut from the left)")
+                long += len(data.encode_prompt(tokenizer, data.prompt_text(tokenizer, row, i, key))) > room
+            counts[key] = (len(rows), f"{long} prompts longer than {room} tokens (policy.max_length={limit} - "
+                                      f"rollout.max_new_tokens; cut from the left)")
     if counts["data.train"][0] == 0:
         raise DataError(f"data.train: no usable rows ({counts['data.train'][1]}); raise model.max_length or shorten the rows")
+    loop.check_batch_fits(cfg, 1, counts["data.train"][0])  # as the stage will, for one process
     lines = [f"data.train: {counts['data.train'][0]} rows ({source}); {counts['data.train'][1]}",
              f"data.eval: {counts['data.eval'][0]} rows ({eval_source}); {counts['data.eval'][1]}"]
     if note:
         lines.append(note)
     return lines
+
+
+def _stop_ids(tokenizer, model_cfg) -> list[int]:
+    """The stop ids the stage will use (read from the model dir's configs; the EOS for the embedded model)."""
+    from rlhf_cli.models import stop_token_ids
+
+    if not model_cfg.path or isinstance(tokenizer, _StructureOnly):
+        return [tokenizer.eos_token_id]
+    return stop_token_ids(tokenizer, model_cfg.path)
 
 
 def _tokenizer(model_cfg):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 
 from conftest import assert_one_line_error
@@ -46,11 +48,47 @@ class Case:
     extra: list[str] = field(default_factory=list)
     before_run: bool = True  # refused while composing the config: not even the run directory is made (False:
     #                          refused by the stage, after the run directory exists: no final/, no complete checkpoint)
+    validate: bool = False  # run as `rlhf validate <stage> ...` (never makes a run directory)
 
 
 def copy_model(src: Path, dst: Path, weights: bool = True) -> Path:
     shutil.copytree(src, dst, ignore=None if weights else shutil.ignore_patterns("*.safetensors"))
     return dst
+
+
+def reward_model(src: Path, dst: Path, labels: int = 1) -> Path:
+    """A real sequence-classifier layout (what train-rm's final/ holds) made from the tiny causal LM."""
+    from rlhf_cli.models import load_scalar_head_model, load_tokenizer
+
+    model = load_scalar_head_model(str(src), "model.path")
+    if labels != 1:
+        model.config.id2label = {i: f"LABEL_{i}" for i in range(labels)}
+        model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.save_pretrained(dst)
+    load_tokenizer(str(src), "model.path").save_pretrained(dst)
+    return dst
+
+
+def finished_run(d: Path, m: Path) -> Path:
+    """A run directory's layout, as RunDir and save_final leave it: the run's config.json, checkpoints/, final/."""
+    run = d / "sft_run"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    write(run / "checkpoints" / "step-000002" / "manifest.json", json.dumps({"step": 2}))
+    write(run / "config.json", json.dumps({"output_dir": str(run), "seed": 0, "model": {"path": str(m)}}))
+    copy_model(m, run / "final")
+    return run
+
+
+def latin1_jsonl(d: Path, m: Path) -> list[str]:
+    """Line 2 written in Latin-1 (an editor's default elsewhere): 'café' as the single byte 0xe9."""
+    rows = [json.dumps({"prompt": "a", "completion": "b"}), json.dumps({"prompt": "café", "completion": "b"},
+                                                                      ensure_ascii=False)]
+    return [f"data.train={write(d / 'l1.jsonl', chr(10).join(rows).encode('latin-1'))}"]
+
+
+def latin1_csv(d: Path, m: Path) -> list[str]:
+    text = "prompt,chosen,rejected\na,b,c\nd,é,f\n"
+    return [f"data.train={write(d / 'p.csv', text.encode('latin-1'))}"]
 
 
 def other_tokenizer(d: Path, m: Path) -> list[str]:
@@ -95,6 +133,37 @@ def pickled_weights(d: Path, m: Path) -> list[str]:
 def long_pairs(d: Path, m: Path) -> list[str]:
     rows = [{**r, "chosen": r["chosen"] + " and so on" * 20} for r in task.preference_rows(16)]
     return [f"data.train={jsonl(d / 'long.jsonl', rows)}"]
+
+
+def other_tokenizer_reward_model(d: Path, m: Path) -> list[str]:
+    from rlhf_cli.embedded import build_tokenizer
+
+    rm = reward_model(m, d / "rm_other_tok")
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.save_pretrained(rm)
+    return ["reward=rule_rm", f"reward.model.path={rm}"]
+
+
+def margin_on_line(d: Path, m: Path) -> list[str]:
+    """A bad margin on line 33 of 40: checked after the 5% hold-out shuffled the rows, it must still be
+    named by the file's own line, and as data.train (no data.eval was given)."""
+    rows = task.preference_rows(40)
+    rows[32] = {**rows[32], "margin": "high"}
+    jsonl(d / "pairs.jsonl", rows)
+    return ["data.train=pairs.jsonl"]  # relative to the case dir, the command's working directory
+
+
+def null_content_on_line(d: Path, m: Path) -> list[str]:
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}] * 3
+    null = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}]
+    return [f"data.train={jsonl(d / 'chat.jsonl', chat + null)}"]
+
+
+def empty_prompt_on_line(d: Path, m: Path) -> list[str]:
+    rows = task.prompt_rows(12)
+    rows[8] = {**rows[8], "prompt": ""}
+    return [f"data.train={jsonl(d / 'prompts.jsonl', rows)}"]
 
 
 def malformed_line(d: Path, m: Path) -> list[str]:
@@ -145,13 +214,12 @@ CASES: dict[str, Case] = {
     "sft empty eval file": Case("sft", lambda d, m: [f"data.train={jsonl(d / 't.jsonl', task.sft_rows(16))}",
                                                      f"data.eval={write(d / 'e.jsonl', '')}"], "has no rows", before_run=False),
     "train-rm corrupt json": Case("train-rm", lambda d, m: [f"data.train={write(d / 'c.json', '{not json')}"],
-                                  "could not read", before_run=False),
+                                  "c.json line 1 is not valid JSON", before_run=False),
     "sft csv wrong columns": Case("sft", lambda d, m: ["data.train=" + str(write(d / "q.csv", "question,answer\nhi,1\n"))],
                                   "needs prompt/completion or messages", before_run=False),
     "train-rm every pair over-long": Case("train-rm", long_pairs, "none of its", before_run=False),
     # ---- models and tokenizers
-    "rl reward model with another tokenizer": Case("rl", lambda d, m: ["reward=rule_rm",
-                                                                    f"reward.model.path={other_tokenizer(d, m)[0].split('=', 1)[1]}"],
+    "rl reward model with another tokenizer": Case("rl", other_tokenizer_reward_model,
                                                    "uses a different tokenizer from the policy", before_run=False),
     "rl mismatched tokenizer": Case("rl", other_tokenizer, "uses a different tokenizer from the policy", before_run=False),
     "sft remote code not trusted": Case("sft", remote_code, "contains custom code", marker="code-ran", before_run=False),
@@ -192,8 +260,46 @@ CASES: dict[str, Case] = {
     "rl shared critic under fsdp": Case("rl", lambda d, m: ["algorithm=ppo", "critic.init=shared",
                                                             "device.distributed=fsdp"], "critic.init=shared is not supported with"),
     "rl unknown engine": Case("rl", lambda d, m: ["rollout.engine=vllm"], "rollout.engine='vllm' is not one of auto, lean, hf"),
+    # ---- response limits: prompt + response must fit policy.max_length and the model's positions (config.json);
+    # the position cases use a copy without weights, so the check provably runs before any weights load
+    "rl rollout longer than max_length": Case("rl", lambda d, m: ["rollout.max_new_tokens=100000"],
+                                              "rollout.max_new_tokens=100000 leaves no room for a prompt in "
+                                              "policy.max_length=160"),
+    "rl rollout longer than the positions": Case("rl", lambda d, m: [f"policy.path={copy_model(m, d / 'nw', weights=False)}",
+                                                                     "policy.max_length=4096", "rollout.max_new_tokens=300"],
+                                                 "rollout.max_new_tokens=300 does not fit the model's 256 positions",
+                                                 before_run=False),
     "rl lean engine under fsdp": Case("rl", lambda d, m: ["rollout.engine=lean", "device.distributed=fsdp"],
                                       "rollout.engine=lean cannot decode an FSDP-sharded policy"),
+    # ---- (issue 16) one decoding path: bytes that are not UTF-8, in the stages and in validate
+    "sft jsonl not utf-8": Case("sft", latin1_jsonl, "l1.jsonl line 2 is not valid UTF-8 (byte 0xe9 at column 16); "
+                                                     "save the file as UTF-8", before_run=False),
+    "validate csv not utf-8": Case("train-rm", latin1_csv, "p.csv line 3 is not valid UTF-8", validate=True),
+    # ---- every row's field types, before any model loads, named by the file's own line
+    "sft chat content null": Case("sft", null_content_on_line, "chat.jsonl line 4: `messages` message 2 (assistant) has "
+                                                               "content null", before_run=False),
+    "rl empty prompt": Case("rl", empty_prompt_on_line, "prompts.jsonl line 9: `prompt` is empty", before_run=False),
+    "train-rm bad margin after the hold-out": Case("train-rm", margin_on_line, "data.train: pairs.jsonl line 33: has margin 'high'",
+                                                   before_run=False),
+    "rl seed out of range": Case("rl", lambda d, m: ["seed=18446744073709551616"], "seed=18446744073709551616 is out of range"),
+    # ---- the model kind a key needs, from config.json before any weights load; a run dir is not a model
+    "sft model.path a reward model": Case("sft", lambda d, m: [f"model.path={reward_model(m, d / 'rm')}"],
+                                          "is a reward model", before_run=False),
+    "validate rl reward.model.path a causal LM": Case("rl", lambda d, m: ["reward=rule_rm", f"reward.model.path={m}"],
+                                                      "is not a reward model", validate=True),
+    "rl policy.path a run directory": Case("rl", lambda d, m: [f"policy.path={finished_run(d, m)}"],
+                                           "is a run directory, not a model; its trained model is in", before_run=False),
+    "validate sft model.path a checkpoint": Case("sft", lambda d, m: [f"model.path={finished_run(d, m) / 'checkpoints' / 'step-000002'}"],
+                                                 "is a training checkpoint", validate=True),
+    # ---- dataset size and batches
+    "sft batch larger than the data": Case("sft", lambda d, m: ["batch_size=32"], "set batch_size=16 or less", before_run=False),
+    "validate rl prompts per step larger than the data": Case("rl", lambda d, m: ["rollout.prompts_per_step=16"],
+                                                              "set rollout.prompts_per_step=8 or less", validate=True),
+    "train-rm one row and nothing to hold out": Case("train-rm", lambda d, m: [f"data.train={jsonl(d / 'one.jsonl', task.preference_rows(1))}"],
+                                                  "too few to hold any out for evaluation", before_run=False),
+    # ---- messages that mislead
+    "rl reward attribute not callable": Case("rl", lambda d, m: ["reward.functions=[rlhf_cli.rewards:RESERVED]"],
+                                             "rlhf_cli.rewards:RESERVED is tuple", before_run=False),
 }
 
 
@@ -219,8 +325,9 @@ def test_bad_inputs_table(tmp_path, tiny_model_dir):
             key = MODEL_KEY[case.stage]
             model = [] if any(a.startswith(key + "=") for a in args) else [f"{key}={tiny_model_dir}"]
             out = case.extra or ["output_dir=out"]
+            command = ["validate", case.stage] if case.validate else [case.stage]
             running[name] = (d, subprocess.Popen(
-                [sys.executable, "-m", "rlhf_cli", case.stage, *BASE[case.stage], *model, *out, *args], cwd=d, env=env,
+                [sys.executable, "-m", "rlhf_cli", *command, *BASE[case.stage], *model, *out, *args], cwd=d, env=env,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 preexec_fn=_limit_file_size(case.rlimit_fsize) if case.rlimit_fsize else None))
         for name, (d, proc) in list(running.items()):
@@ -239,7 +346,7 @@ def test_bad_inputs_table(tmp_path, tiny_model_dir):
             assert not [p for p in (run / "checkpoints").glob("step-*") if (p / "manifest.json").exists()], \
                 "a complete checkpoint written"
             assert not list((run / "checkpoints").glob(".tmp-*")) and not list(run.glob(".tmp*")), "debris left"
-            assert run.exists() == (not case.before_run), \
+            assert run.exists() == (not case.before_run and not case.validate), \
                 "the run directory was made" if case.before_run else "refused before the run: set before_run=True"
             if case.marker:
                 assert not (d / case.marker).exists(), "code from the input ran"
@@ -248,3 +355,184 @@ def test_bad_inputs_table(tmp_path, tiny_model_dir):
         print(f"{name:32} exit {proc.returncode} run dir {'made' if (d / 'out').exists() else 'absent':6} "
               f"{(proc.stdout + proc.stderr).strip().splitlines()[-1][:160]}")
     assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------- the same classes, every variant, in-process
+# (config.json layouts and config objects only: no subprocess, no weights)
+
+
+def test_model_kind_of_every_key_is_read_from_the_config(tmp_path, tiny_model_dir):
+    """Each stage's model keys against each model kind (models.EXPECTED_KINDS), checked before any weights load."""
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.models import check_model_kind
+
+    causal = copy_model(tiny_model_dir, tmp_path / "lm", weights=False)
+    rm = reward_model(tiny_model_dir, tmp_path / "rm")
+    classifier = reward_model(tiny_model_dir, tmp_path / "cls", labels=3)
+    adapters = {}
+    for task_type in ("CAUSAL_LM", "SEQ_CLS"):
+        adapters[task_type] = write(tmp_path / task_type / "adapter_config.json",
+                                    json.dumps({"task_type": task_type, "base_model_name_or_path": str(causal)})).parent
+    custom = copy_model(tiny_model_dir, tmp_path / "custom", weights=False)  # custom code: the loader decides
+    config = json.loads((custom / "config.json").read_text())
+    write(custom / "config.json", json.dumps({**config, "architectures": ["MyScorer"], "auto_map": {"AutoModel": "x.Y"}}))
+    refused = {  # (key, expected kind) -> the models it refuses, with the message fragment
+        ("policy.path", "causal LM"): {rm: "is a reward model", classifier: "is a classifier",
+                                       adapters["SEQ_CLS"]: "LoRA adapter with task_type SEQ_CLS"},
+        ("reward.model.path", "reward model"): {causal: "is not a reward model", classifier: "3 output(s)",
+                                                adapters["CAUSAL_LM"]: "task_type CAUSAL_LM"},
+        ("critic.path", "either"): {},
+    }
+    for (key, expected), bad in refused.items():
+        for model in (causal, rm, classifier, adapters["CAUSAL_LM"], adapters["SEQ_CLS"], custom):
+            if model in bad:
+                with pytest.raises(UserError, match=re.escape(bad[model])) as err:
+                    check_model_kind(str(model), key, expected)
+                assert str(err.value).startswith(f"{key}: {model} ") and "\n" not in str(err.value)
+            else:
+                check_model_kind(str(model), key, expected)
+
+
+@pytest.mark.parametrize("stage,override,fragment", [
+    ("rl", "seed=18446744073709551616", "seed=18446744073709551616 is out of range: it must be from -2**63 to 2**63-1"),
+    ("sft", "seed=-9223372036854775809", "seed=-9223372036854775809 is out of range"),
+    ("sft", "device.threads=4294967296", "device.threads=4294967296 is out of range: it must be from 1 to 2**31-1"),
+    ("train-rm", "max_steps=100000000000000000000", "max_steps=100000000000000000000 is out of range"),
+    ("rl", "rollout.max_new_tokens=100000000000000000000", "rollout.max_new_tokens=100000000000000000000 is out of range"),
+])
+def test_integers_out_of_range_are_refused_while_composing(stage, override, fragment):
+    from rlhf_cli.compose import compose_all
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        compose_all(stage, [override], multirun=False)
+
+
+@pytest.mark.parametrize("stage,overrides,fragment", [
+    ("rl", ["eval.max_new_tokens=160"], "eval.max_new_tokens=160 leaves no room for a prompt in policy.max_length=160"),
+    ("rl", ["policy.max_length=64", "rollout.max_new_tokens=100"], "rollout.max_new_tokens=100 leaves no room for a "
+                                                                     "prompt in policy.max_length=64"),
+    ("sft", ["model.max_length=64", "eval.max_new_tokens=100"], "eval.max_new_tokens=100 leaves no room for a prompt "
+                                                                  "in model.max_length=64"),
+])
+def test_response_limits_past_max_length_are_refused_while_composing(stage, overrides, fragment):
+    """Variants of the table's "rl rollout longer than max_length" row: each response limit of each stage."""
+    from rlhf_cli.compose import compose_all
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        compose_all(stage, overrides, multirun=False)
+
+
+def test_response_limits_past_the_positions_are_refused_from_config_json(tiny_model_dir):
+    """Variants of the table's "rl rollout longer than the positions" row, read from config.json alone (the
+    embedded model has 256 positions): the limit must leave a prompt at least one position."""
+    from rlhf_cli.errors import ConfigError
+    from rlhf_cli.models import check_generation_fits
+
+    check_generation_fits(str(tiny_model_dir), {"eval.max_new_tokens": 255, "rollout.max_new_tokens": 255})
+    for key in ("eval.max_new_tokens", "rollout.max_new_tokens"):
+        with pytest.raises(ConfigError, match=re.escape(f"{key}=256 does not fit the model's 256 positions")):
+            check_generation_fits(str(tiny_model_dir), {key: 256})
+
+
+def test_a_run_dir_given_as_a_model_names_its_final_model(tmp_path, tiny_model_dir):
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.models import check_model_dir
+
+    run = finished_run(tmp_path, tiny_model_dir)
+    with pytest.raises(UserError, match=re.escape(f"is a run directory, not a model; its trained model is in "
+                                                  f"{run / 'final'}: set policy.path={run / 'final'}")):
+        check_model_dir(str(run), "policy.path")
+    shutil.rmtree(run / "final")
+    with pytest.raises(UserError, match=re.escape(f"without a final/ model yet (the run has not finished); rerun "
+                                                  f"its command to finish it, then set model.path={run / 'final'}")):
+        check_model_dir(str(run), "model.path")
+
+
+# (stage, overrides the user set, keys warned as ignored): one row per rule of config.READ_WHEN and per
+# algorithm key that only some registry entries read, each with a config where it is read (no warning)
+IGNORED = [
+    ("sft", ["epochs=3"], ["epochs"]),
+    ("sft", ["max_steps=null", "epochs=3"], []),
+    ("train-rm", ["lora.alpha=8", "lora.save=adapter"], ["lora.alpha", "lora.save"]),
+    ("train-rm", ["lora.r=4", "lora.alpha=8"], []),
+    ("sft", ["logging.wandb_project=x"], ["logging.wandb_project"]),
+    ("sft", ["data.train=t.jsonl", "data.num_train=5", "data.num_eval=2"], ["data.num_train", "data.num_eval"]),
+    ("sft", ["data.num_train=5"], []),
+    ("rl", ["algorithm=ppo", "algorithm.baseline=mean"], ["algorithm.baseline"]),
+    ("rl", ["algorithm=reinforce", "algorithm.baseline=mean"], []),
+    ("rl", ["algorithm=reinforce", "algorithm.lam=0.9", "algorithm.nstep=3", "algorithm.clip_low=0.1",
+            "algorithm.clip_high=0.3"], ["algorithm.lam", "algorithm.nstep", "algorithm.clip_low", "algorithm.clip_high"]),
+    ("rl", ["algorithm=ppo", "algorithm.lam=0.9", "algorithm.clip_low=0.1"], []),
+    ("rl", ["algorithm=a2c", "algorithm.advantage=nstep", "algorithm.nstep=3", "algorithm.lam=0.9"], ["algorithm.lam"]),
+    ("rl", ["algorithm=reinforce", "critic.init=policy", "critic.lr=1e-4", "placement.critic=cpu",
+            "algorithm.value_coef=1"], ["critic.init", "critic.lr", "placement.critic", "algorithm.value_coef"]),
+    ("rl", ["algorithm=a2c", "critic.lr=1e-4", "algorithm.value_clip=0.1", "algorithm.target_kl=0.1"],
+     ["algorithm.value_clip", "algorithm.target_kl"]),
+    ("rl", ["kl.horizon=500"], ["kl.horizon"]),
+    ("rl", ["kl.target=6", "kl.horizon=500"], []),
+    ("rl", ["reward.model.weight=2", "reward.model.normalize=false", "placement.reward=cpu"],
+     ["reward.model.weight", "reward.model.normalize", "placement.reward"]),
+    ("rl", ["reward=rm", "reward.model.path=/some/rm", "reward.function_weight=2"], ["reward.function_weight"]),
+    ("rl", ["critic.path=null", "algorithm.baseline=rloo"], []),  # null is "unset"; rloo is read by reinforce
+]
+
+
+@pytest.mark.parametrize("stage,overrides,warned", IGNORED)
+def test_keys_the_chosen_options_ignore_are_named(stage, overrides, warned):
+    from rlhf_cli.compose import compose_config
+    from rlhf_cli.config import ignored_keys
+
+    lines = ignored_keys(stage, compose_config(stage, overrides), overrides)
+    assert [line.split("=", 1)[0] for line in lines] == warned, lines
+    for line in lines:
+        assert " is ignored: it is read only with " in line and "; drop the key or change that setting" in line
+
+
+def test_every_algorithm_key_some_options_skip_has_a_rule():
+    """The registry side of the table is derived: each algorithm key that a registered estimator or loss names
+    in its signature, and that another one does not, is warned about under the one that does not."""
+    import inspect
+
+    from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+    from rlhf_cli.config import AlgorithmConfig, _registry_rules
+
+    fields = set(AlgorithmConfig.__dataclass_fields__)
+    partial = set()  # keys some entries of a registry read and others do not
+    for registry in (ADVANTAGE_ESTIMATORS, POLICY_LOSSES):
+        named = [set(inspect.signature(fn).parameters) & fields for fn in registry.values()]
+        partial |= set().union(*named) - set.intersection(*named)
+    ruled = {rule.keys[0].split(".", 1)[1] for rule in _registry_rules()}
+    assert {"baseline", "lam", "nstep", "clip_low", "clip_high"} <= partial <= ruled
+
+
+def test_an_ignored_key_is_one_warning_line_and_the_run_goes_on_without_it(tmp_path, tiny_model_dir):
+    """epochs=3 with max_steps=2: the run warns that epochs is read only with max_steps=null, then does 2 steps."""
+    from conftest import run_cli
+    from helpers import read_metrics
+
+    proc = run_cli("sft", *SFT, f"model.path={tiny_model_dir}", "output_dir=run", "epochs=3", "log_every=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: epochs=3 is ignored: it is read only with max_steps=null (a run counted in epochs), "
+                        "and this run has max_steps=2; drop the key or change that setting"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [1, 2]
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+    """SIGINT while torch imports and the config composes (before the run's own step-boundary handler): one
+    plain line, exit 130 as for a stop during training (signals.py), no traceback, no run directory."""
+    import signal
+
+    env = {**os.environ, "RLHF_NO_PROGRESS": "1"}
+    for delay in (0.3, 1.5):
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", "sft", "output_dir=run"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        out = (stdout + stderr).strip()
+        assert proc.returncode == 130 and "Traceback" not in out and len(out.splitlines()) == 1, out
+        assert out.startswith("stopped by SIGINT outside a training step"), out
+        assert not (tmp_path / "run").exists()

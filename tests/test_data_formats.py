@@ -8,6 +8,7 @@ message as `<|role|>content` + newline (assistant turns end with `<eos>` instead
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pandas as pd
@@ -145,6 +146,22 @@ BAD_ROWS = [
     ("pairs", {"chosen": [USER, ANSWER], "rejected": [SYSTEM, USER, WRONG]}, "must share every turn"),
     ("pairs", {"prompt": 3, "chosen": "a", "rejected": "b"}, "prompt must be a string"),
     ("prompts", {"completion": "x"}, "has no prompt"),
+    # field types (issue 16): null and non-text content, non-text fields, empty ones say "empty"
+    ("sft", {"messages": [USER, {"role": "assistant", "content": None}]}, "message 2 (assistant) has content null"),
+    ("sft", {"messages": [USER, {"role": "assistant", "content": 4}]}, "has content the number 4"),
+    ("sft", {"messages": [{"content": "hi"}, ANSWER]}, "message 1 has role null"),
+    ("sft", {"messages": ["hi", ANSWER]}, "message 1 is a str, not a {role, content} object"),
+    ("sft", {"prompt": "q", "completion": None}, "has no `completion` (null; fields with values: ['prompt'])"),
+    ("sft", {"prompt": "q", "completion": 7}, "completion must be a string or a list"),
+    ("pairs", {"prompt": "q", "chosen": 1.5, "rejected": "b"}, "chosen must be a string"),
+    ("pairs", {"prompt": "q", "chosen": "a", "rejected": ""}, "`rejected` is empty"),
+    ("pairs", {"prompt": "q", "chosen": [{"role": "assistant", "content": None}], "rejected": "b"}, "has content null"),
+    ("pairs", {"prompt": "q", "chosen": "same", "rejected": "same"}, "identical chosen and rejected"),
+    ("prompts", {"prompt": ""}, "`prompt` is empty"),
+    ("prompts", {"prompt": []}, "`prompt` is empty"),
+    ("prompts", {"prompt": True}, "got the boolean true"),
+    ("prompts", {"prompt": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "has content a list"),
+    ("prompts", {"messages": [ANSWER]}, "holds only an assistant turn"),
 ]
 
 
@@ -153,9 +170,56 @@ def test_bad_rows_name_the_row_and_the_fix(tok, kind, row, fragment):
     split = {"sft": lambda: data.split_sft_row(tok, row, 7, "data.train"),
              "pairs": lambda: data.split_pair_row(tok, row, 7, "data.train"),
              "prompts": lambda: data.prompt_text(tok, row, 7, "data.train")}[kind]
-    with pytest.raises(DataError, match=fragment) as err:
+    with pytest.raises(DataError, match=re.escape(fragment)) as err:
         split()
     assert "row 7" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind,row,fragment", BAD_ROWS)
+def test_every_row_is_checked_when_read_with_its_file_line(tmp_path, kind, row, fragment):
+    """The same problems, found by stage_rows as it reads the file (before any tokenizer or model), named by the
+    file's own line: the bad row is line 3 of a file whose line 2 is blank."""
+    good = {"sft": {"prompt": "q", "completion": "a"}, "pairs": {"prompt": "q", "chosen": "a", "rejected": "b"},
+            "prompts": {"prompt": "q"}}[kind]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n" + json.dumps(good) + "\n")
+    cfg = SimpleNamespace(train=str(path), eval=None, train_split="train", eval_split="test", subset=None,
+                          num_train=10, num_eval=10, eval_limit=200)
+    with pytest.raises(DataError, match=re.escape(fragment)) as err:
+        data.stage_rows(cfg, kind, seed=0)
+    assert str(err.value).startswith(f"data.train: {path} line 3: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("suffix,content,fragment", [
+    (".jsonl", b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n', "line 2 is not valid UTF-8 (byte 0xe9 at column 16)"),
+    (".json", b'[\n {"prompt": "a"},\n {"prompt": "\xff"}\n]', "line 3 is not valid UTF-8 (byte 0xff at column 14)"),
+    (".csv", b"prompt,answer\nq,1\nr\xe9,2\n", "line 3 is not valid UTF-8 (byte 0xe9 at column 2)"),
+    (".json", b'[\n {"prompt": "a"}\n {"prompt": "b"}\n]', "line 3 is not valid JSON"),
+    (".json", b'[{"prompt": "a"}, 3]', "line 1 is not a JSON object"),
+])
+def test_one_decoding_path_names_the_line_of_bad_bytes(tmp_path, suffix, content, fragment):
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(fragment)) as err:
+        data.load_rows(str(path), "data.train")
+    assert "\n" not in str(err.value)
+
+
+def test_rows_keep_their_file_line_through_the_hold_out(tmp_path):
+    """A JSON array spread over lines, a BOM, and CSV records with a quoted newline: each row's origin is its
+    own first line, whichever split the 5% hold-out put it in."""
+    rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(40)]
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=1).encode())  # 4 lines per row
+    cfg = SimpleNamespace(train=str(tmp_path / "a.json"), eval=None, train_split="train", eval_split="test",
+                          subset=None, num_train=10, num_eval=10, eval_limit=200)
+    train, held_out = data.stage_rows(cfg, "sft", seed=0)
+    assert len(held_out) == 2
+    for row in train + held_out:
+        i = int(row["prompt"][1:])
+        assert row.origin == f"data.train: {tmp_path / 'a.json'} line {2 + 4 * i}"
+    (tmp_path / "b.csv").write_text('prompt,completion\n"two\nlines",a\n\nq,b\n')
+    loaded = data.load_rows(str(tmp_path / "b.csv"), "data.eval")
+    assert [r.origin.rsplit(" ", 1)[1] for r in loaded] == ["2", "5"] and loaded[0]["prompt"] == "two\nlines"
 
 
 def test_chat_rows_without_a_chat_template_fail_in_one_line(tok):

@@ -131,3 +131,28 @@ def test_shared_value_head_reads_the_hidden_states_before_each_response_token():
     _, _, values = shared(ids, mask, P)
     hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
     assert torch.allclose(values, shared.v_head(hidden[:, P - 1:-1]).squeeze(-1), atol=1e-6)
+
+
+def test_training_log_probs_are_over_the_ids_the_sampler_can_draw():
+    """A padded vocabulary (rows past the tokenizer) and a pad that is not a stop token are never sampled;
+    the update's log-probs are of that same distribution (the sampler's own log-probs), not the full one."""
+    from rlhf_cli.logprobs import Support
+    from rlhf_cli.rollout import sample
+
+    model = llama().eval()
+    ids, mask, P = batch(B=4, P=5, T=0)
+    support = Support(vocab_limit=V - 99, never=(7,))
+    rollout = sample(model, ids, mask, 12, eos_id=[3, 4], pad_id=7, noise=torch.rand(4, 12),
+                     vocab_limit=support.vocab_limit, never=list(support.never))
+    full_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)
+    full_mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1)
+    m = rollout.response_mask.bool()
+    assert not torch.isnan(rollout.logprobs).any()
+    with torch.no_grad():
+        for chunk in (None, 0, 3 * V):  # default chunks, the full path, small chunks
+            got, ent, _ = response_terms(model, full_ids, full_mask, P, with_entropy=True, chunk_elements=chunk,
+                                         support=support)
+            assert torch.allclose(got[m], rollout.logprobs[m], atol=1e-5), chunk
+            assert torch.isfinite(ent).all() and torch.isfinite(got).all()
+        unrestricted = response_terms(model, full_ids, full_mask, P)[0]
+    assert (unrestricted[m] - rollout.logprobs[m]).abs().max() > 1e-4  # the support matters at this size

@@ -40,9 +40,9 @@ from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOS
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy
-from rlhf_cli.logprobs import PolicyWithValueHead, TokenValues, response_logprobs
-from rlhf_cli.models import (check_same_tokenizer, frozen, load_causal_lm, load_scalar_head_model, load_tokenizer,
-                             model_path)
+from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, response_logprobs
+from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, frozen, load_causal_lm,
+                             load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses, make_engine
@@ -91,8 +91,13 @@ class RLRecipe:
     # ================================================================ setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
+        check_models("rl", cfg)  # every model path a model dir of the kind its key needs, before any weights load
         self.reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]  # cheap to fail
         self.policy_path = model_path(cfg.policy, self.run_dir.root, cfg.seed, rt)
+        check_generation_fits(self.policy_path, {"rollout.max_new_tokens": cfg.rollout.max_new_tokens,  # before
+                                                 "eval.max_new_tokens": cfg.eval.max_new_tokens})  # any weights
+        # prompt + response fit in policy.max_length and in the model's positions
+        self.max_sequence = min(cfg.policy.max_length, position_limit(self.policy_path) or cfg.policy.max_length)
         self.dev_policy, self.dev_ref, self.dev_reward, self.dev_critic = (
             rt.placement[k] for k in ("policy", "reference", "reward", "critic"))
         self.precision = Precision(cfg.policy.dtype, cfg.device.autocast, self.dev_policy)
@@ -124,10 +129,13 @@ class RLRecipe:
     def _setup_data(self) -> None:
         cfg, tokenizer = self.cfg, self.tokenizer
         self.train_rows, self.eval_rows = data.stage_rows(cfg.data, "prompts", cfg.seed)
+        loop.check_batch_fits(cfg, self.rt.world_size, len(self.train_rows))
         # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn
         self.train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(self.train_rows)]
         self.eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(self.eval_rows)]
-        self.train_prompt_ids = [data.encode(tokenizer, p)[-cfg.policy.max_length:] for p in self.train_prompts]
+        room = self.max_sequence - cfg.rollout.max_new_tokens  # a prompt's tokens: cut from the left beyond it
+        self.train_prompt_ids = [data.cut_left(data.encode_prompt(tokenizer, p), room, tokenizer)
+                                 for p in self.train_prompts]
 
     def _setup_policy_and_reference(self) -> None:
         cfg, rt, path = self.cfg, self.rt, self.policy_path
@@ -147,6 +155,8 @@ class RLRecipe:
             check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reference.path, "reference.path"), "reference.path")
         self.policy = policy
         self.engine = make_engine(cfg.rollout.engine, policy, self.tokenizer)  # rollouts and held-out evaluation
+        # log-probs over the ids the engine can draw, so the update's pi is the one responses came from
+        self.support = Support(self.engine.vocab_limit, tuple(self.engine.never or ()))
 
     def _setup_reward_model(self) -> None:
         cfg = self.cfg
@@ -158,7 +168,7 @@ class RLRecipe:
         # as a module whose forward scores (TokenValues): what FSDP2 shards and gathers as one root
         self.reward_model = frozen(TokenValues(load_scalar_head_model(
             cfg.reward.model.path, "reward.model.path", frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32"),
-            self.dev_reward)))
+            self.dev_reward, pad_id=self.tokenizer.pad_token_id)))
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
         if cfg.reward.model.normalize and "score_std" in rm_manifest:
             self.rm_mean = float(rm_manifest["score_mean"])
@@ -169,13 +179,13 @@ class RLRecipe:
         cfg = self.cfg
         self.critic, self.shared = None, None
         if cfg.algorithm.needs_critic and cfg.critic.init == "shared":
-            self.shared = PolicyWithValueHead(self.policy, self.chunk)
+            self.shared = PolicyWithValueHead(self.policy, self.chunk, self.support)
             self.critic = self.shared.v_head
         elif cfg.algorithm.needs_critic:
             critic_path = cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
                                               else self.policy_path)
             self.critic = TokenValues(load_scalar_head_model(critic_path, "critic.path", self.precision.weights,
-                                                             self.dev_critic))
+                                                             self.dev_critic, pad_id=self.tokenizer.pad_token_id))
             self.critic.eval()
 
     def _setup_optimizer(self) -> None:
@@ -274,7 +284,8 @@ class RLRecipe:
         scores, step_rewards, score_stats = self.rewards(rollout, prompts, rows)
         with torch.no_grad(), self.precision.autocast():
             logprobs_ref = response_logprobs(self.reference, input_ids.to(self.dev_ref), attention_mask.to(self.dev_ref),
-                                             P, cfg.rollout.temperature, chunk_elements=self.chunk).to(self.dev_policy)
+                                             P, cfg.rollout.temperature, chunk_elements=self.chunk,
+                                             support=self.support).to(self.dev_policy)
         update_forward = None
         if self.single_pass:  # one update over every row: its own forward gives the old log-probs and values,
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
@@ -327,7 +338,7 @@ class RLRecipe:
         if self.shared is not None:  # one forward for both
             return self.ddp_policy(ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad)
         out = response_logprobs(self.ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad,
-                                self.chunk)
+                                self.chunk, self.support)
         logprobs, entropy = out if with_entropy else (out, None)
         values = (self.ddp_critic(ids.to(self.dev_critic), attn.to(self.dev_critic))[:, P - 1:-1].to(self.dev_policy)
                   if self.ddp_critic is not None else None)
@@ -447,7 +458,8 @@ class RLRecipe:
             if not self.rt.is_main:
                 return {}
             accuracy, samples, mean_len, responses = held_out_accuracy(
-                self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, self.cfg.eval, self.dev_policy)
+                self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, self.cfg.eval, self.dev_policy,
+                self.max_sequence)
             metrics = {"eval_response_chars": mean_len, "_samples": samples}
             if accuracy is not None:
                 metrics["eval_accuracy"] = accuracy

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.errors import DataError
 from rlhf_cli.evaluation import held_out_accuracy
-from rlhf_cli.models import load_causal_lm, model_and_tokenizer
+from rlhf_cli.models import (check_generation_fits, check_models, load_causal_lm, model_and_tokenizer,
+                             position_limit, stop_token_ids)
 from rlhf_cli.precision import Precision
 from rlhf_cli.rollout import make_engine
 from rlhf_cli.tracking import Throughput, Tracker
@@ -63,10 +64,12 @@ class SFTRecipe:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
+        check_models("sft", cfg)  # a model dir of the right kind (from its config.json), before anything loads
         self.path, self.tokenizer = model_and_tokenizer(cfg.model, "model", self.run_dir.root, cfg.seed, rt)
+        check_generation_fits(self.path, {"eval.max_new_tokens": cfg.eval.max_new_tokens})  # before any weights
         self._setup_data()
-        self._setup_model()
         self.global_batch, self.total_steps = loop.batch_plan(cfg, rt, len(self.train_examples))
+        self._setup_model()
         self.optimizer, self.scheduler, self.guard = optim.build(self.model.parameters(), cfg.optim, self.total_steps)
         lengths = None if cfg.packing else [ex.length for ex in self.train_examples]  # bucket when padding
         self.sampler = data.EpochSampler(len(self.train_examples), cfg.seed, lengths, self.global_batch)
@@ -77,9 +80,10 @@ class SFTRecipe:
     def _setup_data(self) -> None:
         cfg, tokenizer = self.cfg, self.tokenizer
         self.train_rows, self.eval_rows = data.stage_rows(cfg.data, "sft", cfg.seed)
+        stop_ids = stop_token_ids(tokenizer, self.path)  # a chat turn's end-of-turn token is kept as its stop
         self.train_examples, self.truncated = data.tokenize_sft(tokenizer, self.train_rows, cfg.model.max_length,
-                                                                "data.train")
-        self.eval_examples, _ = data.tokenize_sft(tokenizer, self.eval_rows, cfg.model.max_length, "data.eval")
+                                                                "data.train", stop_ids)
+        self.eval_examples, _ = data.tokenize_sft(tokenizer, self.eval_rows, cfg.model.max_length, "data.eval", stop_ids)
         if not self.train_examples:
             raise DataError("data.train has no usable rows")
         self.eval_prompts = [data.split_sft_row(tokenizer, r, i, "data.eval")[0] for i, r in enumerate(self.eval_rows)]
@@ -97,6 +101,7 @@ class SFTRecipe:
         self.model = model
         self.ddp_model = distributed.wrap_model(model, rt, cfg.device.distributed)  # before the optimizer (FSDP2)
         self.engine = make_engine("auto", model, self.tokenizer)  # held-out generation
+        self.max_sequence = min(cfg.model.max_length, position_limit(self.path) or cfg.model.max_length)
 
     def _announce(self) -> None:
         cfg, rt, step = self.cfg, self.rt, self.step
@@ -165,7 +170,8 @@ class SFTRecipe:
                 return {}
             cfg, rt = self.cfg, self.rt
             accuracy, samples, mean_len, _ = held_out_accuracy(self.engine, self.tokenizer, self.eval_rows,
-                                                               self.eval_prompts, cfg.eval, rt.device)
+                                                               self.eval_prompts, cfg.eval, rt.device,
+                                                               self.max_sequence)
             metrics = {"eval_loss": eval_loss(self.model, self.eval_examples, cfg, self.tokenizer.pad_token_id, rt.device),
                        "eval_response_chars": mean_len}
             if accuracy is not None:

@@ -24,7 +24,7 @@ import torch
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms.reward import pairwise_loss
 from rlhf_cli.errors import DataError
-from rlhf_cli.models import load_scalar_head_model, model_and_tokenizer
+from rlhf_cli.models import check_models, load_scalar_head_model, model_and_tokenizer
 from rlhf_cli.precision import Precision
 from rlhf_cli.scoring import Pair, last_token_scores, pad_right, tokenize_pairs
 from rlhf_cli.tracking import Throughput, Tracker
@@ -99,11 +99,12 @@ class RewardModelRecipe:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
+        check_models("train-rm", cfg)  # a model dir (not a run dir), before anything loads
         self.path, self.tokenizer = model_and_tokenizer(cfg.model, "model", self.run_dir.root, cfg.seed, rt)
         self.pad_id = self.tokenizer.pad_token_id
         self._setup_data()
-        self._setup_model()
         self.global_batch, self.total_steps = loop.batch_plan(cfg, rt, len(self.train_pairs))
+        self._setup_model()
         self.optimizer, self.scheduler, self.guard = optim.build(self.model.parameters(), cfg.optim, self.total_steps)
         self.sampler = data.EpochSampler(len(self.train_pairs), cfg.seed, [p.length for p in self.train_pairs],
                                          self.global_batch)
@@ -127,7 +128,7 @@ class RewardModelRecipe:
         cfg, rt = self.cfg, self.rt
         self.precision = Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
         model = load_scalar_head_model(self.path, "model.path", self.precision.weights, rt.device,
-                                       cfg.model.trust_remote_code)
+                                       cfg.model.trust_remote_code, pad_id=self.pad_id)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # lora.r > 0: adapters + score head train

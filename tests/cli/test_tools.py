@@ -180,7 +180,7 @@ def test_validate_counts_rows_of_user_files_without_loading_models(sweep, tmp_pa
                                                   + "\n" for i in range(5)))
     (tmp_path / "eval.csv").write_text("prompt,completion\nq,a\nr,b\n")
     proc = run_cli("validate", "sft", f"model.path={sweep / 'seed-0' / 'final'}", "data.train=train.jsonl",
-                   "data.eval=eval.csv", "output_dir=out", cwd=tmp_path)
+                   "data.eval=eval.csv", "batch_size=4", "output_dir=out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "ok: rlhf sft" in proc.stderr
     assert "data.train: 5 rows (train.jsonl); 1 truncated" in proc.stderr
@@ -196,7 +196,7 @@ def test_validate_every_combination_of_a_sweep(tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["sft", "optim.lrr=1"], "did you mean optim.lr"),
-    (["train-rm", "data.train=sft_rows.jsonl"], "row 0 has no chosen or rejected"),
+    (["train-rm", "data.train=sft_rows.jsonl"], "sft_rows.jsonl line 1: has no chosen or rejected"),
     (["rl", "policy.path=no/such/model"], "does not exist"),
     (["rl", "reward.functions=[nowhere.mod:fn]"], "cannot import module 'nowhere.mod'"),
     (["stf"], "did you mean 'sft'"),

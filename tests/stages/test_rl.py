@@ -110,11 +110,16 @@ def test_the_stage_freezes_the_reference_and_reward_model_it_builds(tiny_model_d
     from rlhf_cli import runtime
     from rlhf_cli.checkpoint import RunDir
     from rlhf_cli.compose import compose_config
+    from rlhf_cli.models import load_scalar_head_model, load_tokenizer
     from rlhf_cli.stages.rl import RLRecipe
 
+    reward_model = tmp_path / "rm"  # a reward model's layout: the tiny model with a one-output score head
+    load_scalar_head_model(str(tiny_model_dir), "reward.model.path").save_pretrained(reward_model)
+    load_tokenizer(str(tiny_model_dir), "reward.model.path").save_pretrained(reward_model)
     cfg = compose_config("rl", [f"policy.path={tiny_model_dir}", "algorithm=ppo", "reward=rule_rm",
-                                f"reward.model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "device=cpu",
-                                "device.threads=1", "data.num_train=8", "data.num_eval=4", *dtypes])
+                                f"reward.model.path={reward_model}", f"output_dir={tmp_path / 'run'}", "device=cpu",
+                                "device.threads=1", "data.num_train=8", "data.num_eval=4", "rollout.prompts_per_step=4",
+                                *dtypes])
     rt = runtime.setup(cfg.device, cfg.seed, cfg.placement)
     run_dir = RunDir(tmp_path / "run", dataclasses.asdict(cfg), "rl", rt.is_main)
     recipe = RLRecipe(cfg, rt, run_dir, 0.0)

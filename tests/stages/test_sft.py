@@ -120,7 +120,11 @@ def test_chat_messages_rows_use_the_chat_template(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr
     tok = load_tokenizer(str(tiny_model_dir), "model.path")
     prompt, completion = data.split_sft_row(tok, rows[0], 0, "data.train")
-    assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>") and completion == rows[0]["messages"][1]["content"]
+    assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>")
+    # the assistant turn as the template writes it, its end-of-turn token (here the EOS) included, once
+    assert completion == rows[0]["messages"][1]["content"] + "<eos>"
+    (example,), _ = data.tokenize_sft(tok, rows[:1], 160, "data.train")
+    assert example.completion_ids.count(tok.eos_token_id) == 1 and example.completion_ids[-1] == tok.eos_token_id
 
 
 def test_gradient_checkpointing_and_bf16_autocast_run(tmp_path):
