@@ -201,28 +201,34 @@ def rule_scores(rows: list[dict], functions: list[str]) -> list[list[float]]:
     return scores
 
 
-def load_reward_model(cfg: LabelToolConfig):
-    """(model, tokenizer, device) of reward.model.path; a non-RM is refused before its weights load."""
-    import torch
-
+def check_reward_model(path: str) -> None:
+    """A one-line error when reward.model.path is missing or not a reward model, read from its manifest and
+    config.json: before any rule runs or any weights load."""
     from rlhf_cli.checkpoint import read_manifest
-    from rlhf_cli.models import (REWARD_MODEL, check_model_dir, check_model_kind, frozen, load_scalar_head_model,
-                                 load_tokenizer)
-    from rlhf_cli.runtime import resolve_device
+    from rlhf_cli.models import REWARD_MODEL, check_model_dir, check_model_kind
 
-    path = cfg.reward.model.path
     stage = read_manifest(path).get("stage")
     if stage is not None and stage != "train-rm":
         raise UserError(f"reward.model.path: {path} is not a reward model (its manifest says stage {stage!r}); "
                         f"give a train-rm final/")
     check_model_dir(path, "reward.model.path")
-    check_model_kind(path, "reward.model.path", REWARD_MODEL)  # from config.json: no weights yet
+    check_model_kind(path, "reward.model.path", REWARD_MODEL)
+
+
+def load_reward_model(cfg: LabelToolConfig) -> tuple:
+    """(model, tokenizer, device, batch_size) of reward.model.path, frozen."""
+    import torch
+
+    from rlhf_cli.models import frozen, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.runtime import resolve_device
+
+    path = cfg.reward.model.path
     tokenizer = load_tokenizer(path, "reward.model.path")
     device = resolve_device(cfg.device.type, key="device.type")
     if cfg.device.threads:
         torch.set_num_threads(cfg.device.threads)
     model = frozen(load_scalar_head_model(path, "reward.model.path", cfg.reward.model.dtype, device))
-    return model, tokenizer, device
+    return model, tokenizer, device, cfg.batch_size
 
 
 def rm_scores(rows: list[dict], rm) -> list[list[float]]:
@@ -261,11 +267,13 @@ def make_pairs(rows: list[dict], scores: list[list[float]], pairs: str, margin: 
 
 def label(rows: list[dict], output: Path, cfg: LabelToolConfig) -> None:
     """Judge every response, pair them, mine the RM's disagreements if asked, write the pairs file."""
+    if cfg.reward.model.path and (cfg.judge == "rm" or cfg.mine == "disagree"):
+        check_reward_model(cfg.reward.model.path)
     if cfg.judge == "rule":
         scores = rule_scores(rows, cfg.reward.functions)
-        rm = load_reward_model(cfg) + (cfg.batch_size,) if cfg.mine == "disagree" else None
+        rm = load_reward_model(cfg) if cfg.mine == "disagree" else None
     else:
-        rm = load_reward_model(cfg) + (cfg.batch_size,)
+        rm = load_reward_model(cfg)
         scores = rm_scores(rows, rm)
     for per in scores:
         if not all(math.isfinite(s) for s in per):
