@@ -34,9 +34,17 @@ from rlhf_cli import runtime
 from rlhf_cli.distributed import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 from rlhf_cli.errors import UserError
 
-# Keys that may change between a run and its resumption (run length, cadence; lora.save only shapes final/).
-RUN_LENGTH_KEYS = ("max_steps", "epochs", "log_every", "eval.", "checkpoint.", "device.threads", "data.eval_limit", "logging.",
-                   "lora.save")
+# Keys a rerun may change and still resume its run (docs/runs-logging-resume.md): run length and
+# cadence, logging, what final/ holds, the learning-rate schedule (its peaks are re-applied on resume,
+# loop.resume) and the step guard's thresholds. The weights, the optimizer's moments and the data order
+# in a checkpoint stay valid under them. Anything else is another experiment: data, model, batch, seed,
+# algorithm, and optim.betas / weight_decay, which the optimizer state restored on resume would override.
+SAFE_TO_CHANGE = ("max_steps", "epochs", "log_every", "eval.", "checkpoint.", "device.threads", "data.eval_limit",
+                  "logging.", "lora.save", "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio",
+                  "optim.max_grad_norm", "optim.max_bad_steps", "optim.max_grad_spike", "optim.max_weight_growth",
+                  "critic.lr")
+# Keys naming files or directories: a run is identified by what they resolve to, not by how they were written
+PATH_KEYS = ("data.train", "data.eval")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,6 +86,87 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def run_identity(config: dict) -> dict:
+    """The flat config as it identifies a run: keys naming files (*.path, data.train, data.eval) as the
+    resolved absolute path when they exist here, output_dir as its resolved absolute path. The same
+    directory written absolute, relative or from another working directory is then the same run."""
+    flat = flatten(json.loads(json.dumps(config, default=str)))
+    for key, value in flat.items():
+        if isinstance(value, str) and value and (key == "output_dir" or key.endswith(".path") or key in PATH_KEYS):
+            path = Path(value).expanduser()
+            if key == "output_dir" or path.exists():
+                flat[key] = str(path.resolve())
+    return flat
+
+
+def unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _safe(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_TO_CHANGE)
+
+
+def rerun_changes(root: Path, config: dict) -> tuple[Path | None, dict]:
+    """A rerun of `config` in run dir `root`, checked before anything is written: -> (its newest complete
+    checkpoint or None, the safe-to-change keys that differ {key: [saved, now]}). Raises UserError
+    naming the keys when any other key differs from the run's config.json and there is a checkpoint to
+    resume (output_dir is not compared: it is the run's own location)."""
+    root = Path(root).expanduser()
+    saved_path = root / "config.json"
+    ckpt = next(reversed(complete_checkpoints(root / "checkpoints")), None)  # no hash pass: this runs first
+    if ckpt is None or not saved_path.exists():
+        return None, {}
+    try:
+        saved = run_identity(json.loads(saved_path.read_text()))
+    except (OSError, ValueError):
+        saved = {}
+    now = run_identity(config)
+    # a key only one side has came or went with a version of this tool, not with the user's command
+    differ = sorted(k for k in set(saved) & set(now) if k != "output_dir" and saved[k] != now[k])
+    refused = [k for k in differ if not _safe(k)]
+    if refused:
+        shown = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in refused[:6])
+        raise UserError(f"{root} holds a run with a different config ({shown}); only run length, cadence, logging "
+                        f"and learning-rate keys may change on a rerun (docs/runs-logging-resume.md): use a new "
+                        f"output_dir=... or delete the old run")
+    return ckpt, {k: [saved[k], now[k]] for k in differ}
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.rsplit("-", 1)[1])
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """checkpoints/step-N dirs with a manifest (written completely), oldest first."""
+    return sorted(p for p in checkpoints.glob("step-*") if (p / "manifest.json").exists())
+
+
+def latest_checkpoint(checkpoints: Path, warn=None) -> Path | None:
+    """The newest complete checkpoint whose checksums hold; corrupt ones are reported and skipped."""
+    for ckpt in reversed(complete_checkpoints(checkpoints)):
+        if _verify(ckpt):
+            return ckpt
+        if warn:
+            warn(f"checkpoint {ckpt} is corrupt (checksum mismatch); skipping it")
+    return None
+
+
+def _verify(ckpt: Path) -> bool:
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        return all(_sha256(ckpt / n) == h for n, h in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 class RunDir:
     """One run's directory: locked while in use, config fixed at creation."""
 
@@ -96,6 +185,9 @@ class RunDir:
         except OSError as e:
             raise UserError(f"output_dir {self.root} is not writable ({e.strerror}); choose another output_dir=...") from None
         self._lock_fd = None
+        self.rejected = self.checkpoints / "rejected"
+        self.suspect_from: int | None = None  # the step guard's: checkpoints of earlier steps are trusted
+        self.changes: dict = {}  # safe-to-change keys this rerun changed {key: [before, now]}
         if is_main:
             self._lock()  # before the config check: a refused second run must not touch the first one's files
             try:
@@ -106,17 +198,20 @@ class RunDir:
 
     # -- config: a rerun must be the same experiment
     def _check_config(self, config: dict) -> None:
-        saved_path = self.root / "config.json"
-        if saved_path.exists():
-            saved = flatten(json.loads(saved_path.read_text()))
-            now = flatten(json.loads(json.dumps(config, default=str)))
-            diff = sorted(k for k in set(saved) | set(now)
-                          if saved.get(k) != now.get(k) and not any(k == r or k.startswith(r) for r in RUN_LENGTH_KEYS))
-            if diff and self.latest() is not None:
-                shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
-                raise UserError(f"{self.root} holds a run with a different config ({shown}); "
-                                f"use a new output_dir=... or delete the old run")
-        write_json(saved_path, config)
+        """Refuse a rerun that changes more than safe-to-change keys (rerun_changes); record the safe ones
+        it changed in changes.jsonl with the step they take effect from; save the config (paths resolved)."""
+        _, self.changes = rerun_changes(self.root, config)
+        ckpt = self.latest() if self.changes else None  # the one resume will load
+        if ckpt is None:
+            self.changes = {}  # every checkpoint is corrupt: a fresh start
+        else:
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": ckpt.name,
+                      "from_step": step_of(ckpt) + 1, "changes": self.changes}
+            with open(self.root / "changes.jsonl", "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        write_json(self.root / "config.json", unflatten(run_identity(config)))
 
     def _lock(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
@@ -208,15 +303,20 @@ class RunDir:
         return final
 
     def _complete(self) -> list[Path]:
-        return sorted(p for p in self.checkpoints.glob("step-*") if (p / "manifest.json").exists())
+        return complete_checkpoints(self.checkpoints)
 
     def _prune(self, keep_last: int) -> None:
-        """Keep the newest `keep_last` complete checkpoints, and never delete the newest one that verifies:
-        when none of the kept ones does (a corrupt newest with keep_last=1), the newest good older one stays."""
+        """Keep the newest `keep_last` complete checkpoints, and never delete
+        - the newest one that verifies: when none of the kept ones does (a corrupt newest with keep_last=1),
+          the newest good older one stays;
+        - the newest one the step guard trusts (step < suspect_from): a blow-up shows one step after the
+          update that caused it, so the newest checkpoint is not trusted yet and the one before it stays."""
         complete = self._complete()
         keep = complete[-keep_last:]
         if not any(self.verify(c) for c in reversed(keep)):  # usually one hash pass over the newest
             keep += [next((c for c in reversed(complete[:-keep_last]) if self.verify(c)), None)]
+        if self.suspect_from is not None:
+            keep += [next((c for c in reversed(complete) if step_of(c) < self.suspect_from), None)]
         for old in complete:
             if old not in keep:
                 shutil.rmtree(old, ignore_errors=True)
@@ -224,21 +324,25 @@ class RunDir:
             if not tmp.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def set_aside(self, suspect_from: int) -> tuple[Path | None, list[str]]:
+        """After the step guard stopped the run: checkpoints of steps >= suspect_from (they may hold the
+        trouble) move to checkpoints/rejected/, kept for a look and never resumed. -> (the checkpoint a
+        rerun resumes from (the newest that verifies) or None, the names moved)."""
+        moved = [c for c in self._complete() if step_of(c) >= suspect_from]
+        if self.is_main:
+            for ckpt in moved:
+                self.rejected.mkdir(exist_ok=True)
+                shutil.rmtree(self.rejected / ckpt.name, ignore_errors=True)
+                os.rename(ckpt, self.rejected / ckpt.name)
+            _fsync_dir(self.checkpoints)
+        return self.latest(), [c.name for c in moved]
+
     def verify(self, ckpt: Path) -> bool:
-        try:
-            manifest = json.loads((ckpt / "manifest.json").read_text())
-            return all(_sha256(ckpt / n) == h for n, h in manifest["files"].items())
-        except (OSError, ValueError, KeyError):
-            return False
+        return _verify(ckpt)
 
     def latest(self, warn=None) -> Path | None:
         """The newest checkpoint whose checksums hold; corrupt ones are reported and skipped."""
-        for ckpt in reversed(self._complete()):
-            if self.verify(ckpt):
-                return ckpt
-            if warn:
-                warn(f"checkpoint {ckpt} is corrupt (checksum mismatch); skipping it")
-        return None
+        return latest_checkpoint(self.checkpoints, warn)
 
     @staticmethod
     def load(ckpt: Path, names: list[str], map_location="cpu") -> tuple[dict, dict]:

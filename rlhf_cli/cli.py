@@ -121,8 +121,7 @@ def dispatch(argv: list[str] | None = None) -> None:
         except UserError as e:
             fail(str(e), code=e.exit_code)
         overrides += sweep.dirname_overrides(overrides)
-    if os.environ.get("RANK", "0") != "0":
-        overrides.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
+    overrides.append("hydra.output_subdir=null")  # .hydra/ is written by the job once its run is accepted
     run_hydra(stage, overrides, hydra_args)
 
 
@@ -143,6 +142,27 @@ def check_not_in_use(output_dir: str) -> None:
     if holder is not None:
         fail(f"{output_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}); "
              f"wait for it to finish or stop it, or choose another output_dir=...")
+
+
+def accept_run(cfg, config, output_dir: Path) -> None:
+    """Rank 0 of a job (a plain run or one of a sweep), before anything is written into its run dir:
+    refuse a live run's dir or a rerun that changes more than safe-to-change keys (RunDir checks again
+    under the run's lock), then write Hydra's .hydra/ files (hydra.output_subdir is null for that)."""
+    import dataclasses
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from rlhf_cli.checkpoint import rerun_changes
+
+    check_not_in_use(str(output_dir))
+    rerun_changes(output_dir, dataclasses.asdict(config))  # UserError: refused, nothing written
+    hydra_cfg = OmegaConf.create({"hydra": OmegaConf.to_container(HydraConfig.get())})
+    hydra_cfg.hydra.output_subdir = ".hydra"
+    saved = output_dir / ".hydra"
+    saved.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", HydraConfig.get().overrides.task)):
+        (saved / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
 
 def run_hydra(stage: str, overrides: list[str], hydra_args: list[str]) -> None:
@@ -180,11 +200,17 @@ def _task_function(stage: str, runner):
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             config = OmegaConf.to_object(cfg)
+
+            def run(config, output_dir):
+                if os.environ.get("RANK", "0") == "0":
+                    accept_run(cfg, config, output_dir)  # a refused rerun writes nothing, .hydra/ included
+                return runner.run(config, output_dir)
+
             with signals.stop_at_step_boundary():
                 if HydraConfig.get().mode == RunMode.MULTIRUN:  # a failed job is reported; the sweep goes on
-                    sweep.run_job(runner.run, config, output_dir, explain_failure)
+                    sweep.run_job(run, config, output_dir, explain_failure)
                 else:
-                    runner.run(config, output_dir)
+                    run(config, output_dir)
         except UserError as e:
             fail(str(e), code=e.exit_code)
         except signals.Interrupted as e:  # SIGTERM / SIGINT: checkpoint written; one plain line, 143 / 130

@@ -117,7 +117,12 @@ class OptimConfig:
     min_lr_ratio: float = doc(0.1, "cosine decays to lr * min_lr_ratio")
     max_grad_norm: Optional[float] = doc(1.0, "clip the global grad norm to this (null = no clipping)")
     grad_accum: int = doc(1, "micro-batches accumulated per optimizer step")
-    max_bad_steps: int = doc(5, "stop after this many updates in a row with a NaN/inf loss or gradient (each is skipped)")
+    max_bad_steps: int = doc(5, "stop after this many updates in a row with a NaN/inf loss or gradient, or a grad-norm "
+                                "spike (each is skipped)")
+    max_grad_spike: Optional[float] = doc(100.0, "skip an update whose pre-clip grad norm is over this x the running "
+                                                 "median of recent ones (floored at max_grad_norm; null = off)")
+    max_weight_growth: Optional[float] = doc(1.5, "stop when one update grows the trained weights' norm past this x "
+                                                  "(healthy: under 1.02x; an absurd lr shows at once; null = off)")
 
     def __post_init__(self):
         check_positive("optim.lr", self.lr)
@@ -126,6 +131,9 @@ class OptimConfig:
         check_positive("optim.max_grad_norm", self.max_grad_norm)
         check_positive("optim.grad_accum", self.grad_accum)
         check_positive("optim.max_bad_steps", self.max_bad_steps)
+        for key, value in (("optim.max_grad_spike", self.max_grad_spike), ("optim.max_weight_growth", self.max_weight_growth)):
+            if value is not None and not value > 1:
+                raise ConfigError(f"{key} must be > 1 (got {value}): it is a factor over normal; e.g. {key}=100, or null for off")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {list(self.betas)}); e.g. optim.betas=[0.9,0.95]")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -164,11 +172,29 @@ class EvalConfig:
     show_samples: int = doc(3, "sample generations printed at the end")
     rule: Optional[str] = doc("rlhf_cli.task:correctness_reward",
                               "held-out accuracy rule 'module:function' f(prompt, response, **row) -> 0/1; null = none")
+    samples: int = doc(0, "K sampled responses per held-out prompt for pass@1, pass@k and maj@k beside greedy "
+                          "accuracy (0 = greedy only)")
+    pass_k: Optional[List[int]] = doc(None, "the k of pass@k and maj@k, each <= eval.samples (null = eval.samples alone)")
+    temperature: float = doc(1.0, "sampling temperature of the eval.samples responses")
 
     def __post_init__(self):
         check_positive("eval.every", self.every)
         check_positive("eval.max_new_tokens", self.max_new_tokens)
         check_positive("eval.batch_size", self.batch_size)
+        check_eval_sampling(self)
+
+
+def check_eval_sampling(eval_cfg) -> None:
+    """eval.samples / eval.pass_k / eval.temperature (the stages' eval group and `rlhf eval`'s); resolves
+    pass_k=null to [eval.samples]."""
+    check_positive("eval.samples", eval_cfg.samples, allow_zero=True)
+    check_positive("eval.temperature", eval_cfg.temperature)
+    if eval_cfg.samples and eval_cfg.pass_k is None:
+        eval_cfg.pass_k = [eval_cfg.samples]
+    bad = [k for k in eval_cfg.pass_k or [] if not 1 <= k <= eval_cfg.samples]
+    if bad:
+        raise ConfigError(f"eval.pass_k={list(eval_cfg.pass_k)} needs every k in [1, eval.samples={eval_cfg.samples}] "
+                          f"(pass@k and maj@k look at k of the K samples); e.g. eval.samples=8 eval.pass_k=[1,4,8]")
 
 
 @dataclass
@@ -275,6 +301,9 @@ class TrainRMConfig:
         check_positive("center_coef", self.center_coef, allow_zero=True)
         check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)
+        if self.eval.samples:
+            raise ConfigError("eval.samples samples a policy's responses (sft, rl, rlhf eval); a reward model "
+                              "generates none: drop eval.samples")
 
 
 @dataclass
@@ -330,8 +359,13 @@ class RewardConfig:
     functions: List[str] = doc([], "rule rewards by dotted path 'module:function', each f(prompt, response, **row)")
     function_weight: float = doc(1.0, "weight of each rule reward in the total reward")
     no_stop_penalty: float = doc(0.0, "added to the score of a response that never emits the stop token")
+    overlong_buffer: int = doc(0, "DAPO's soft overlong penalty: over the last N tokens before rollout.max_new_tokens "
+                                  "the score falls linearly from 0 to -reward.overlong_penalty (0 = off)")
+    overlong_penalty: float = doc(1.0, "the overlong penalty at the length limit (with reward.overlong_buffer > 0)")
 
     def __post_init__(self):
+        check_positive("reward.overlong_buffer", self.overlong_buffer, allow_zero=True)
+        check_positive("reward.overlong_penalty", self.overlong_penalty, allow_zero=True)
         for name in self.functions:
             if ":" not in name:
                 raise ConfigError(f"reward.functions entry {name!r} is not 'module:function'; e.g. reward.functions=[mypkg.rewards:exact]")
@@ -341,7 +375,8 @@ class RewardConfig:
 class AlgorithmConfig:
     name: str = doc("reinforce", "reinforce, a2c or ppo")
     advantage: str = doc("reinforce", "advantage estimator: reinforce (return-to-go - baseline), gae or nstep")
-    baseline: str = doc("rloo", "REINFORCE baseline: none, mean, rloo or group_norm")
+    baseline: str = doc("rloo", "REINFORCE baseline: none, mean, rloo, group_norm (GRPO, population std), "
+                                "group_norm_unbiased (GRPO with the K-1 std: verl, TRL) or group_mean (Dr. GRPO: no std)")
     gamma: float = doc(1.0, "discount")
     lam: float = doc(0.95, "GAE lambda")
     nstep: int = doc(8, "n of n-step TD")
@@ -354,6 +389,15 @@ class AlgorithmConfig:
     value_coef: float = doc(0.5, "weight of the value loss")
     entropy_coef: float = doc(0.0, "weight of the entropy bonus")
     target_kl: Optional[float] = doc(None, "PPO: stop the epochs early when approx KL passes this")
+    clip_ratio_c: Optional[float] = doc(None, "PPO dual clip (Ye et al. 2020): cap the loss of tokens with a negative "
+                                              "advantage at -A * c, c > 1 (e.g. 3.0); null = off")
+    dynamic_sampling: bool = doc(False, "DAPO dynamic sampling: drop prompts whose K samples got equal rewards and draw "
+                                        "more prompts until the step's batch is full (algorithm.max_draws at most)")
+    max_draws: int = doc(4, "dynamic sampling: rollout draws per step at most; a batch still short is filled with "
+                            "equal-reward groups (logged as sampling_topped_up_groups)")
+    loss_agg: str = doc("token-mean", "how per-token loss terms become one number: token-mean, seq-mean-token-mean "
+                                      "(GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO: token sums / "
+                                      "rollout.max_new_tokens); docs/algorithms.md")
 
     def __post_init__(self):
         from rlhf_cli import algorithms  # here, not at the top: `rlhf --help` and config docs need no torch
@@ -361,8 +405,13 @@ class AlgorithmConfig:
         check_choice("algorithm.name", self.name, algorithms.POLICY_LOSSES)
         check_choice("algorithm.advantage", self.advantage, algorithms.ADVANTAGE_ESTIMATORS)
         check_choice("algorithm.baseline", self.baseline, algorithms.BASELINES)
+        check_choice("algorithm.loss_agg", self.loss_agg, algorithms.LOSS_AGGREGATIONS)
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ConfigError(f"algorithm.clip_ratio_c={self.clip_ratio_c} must be > 1 (the dual clip caps the loss at "
+                              f"-A * c, above PPO's own clip); e.g. algorithm.clip_ratio_c=3.0, or null for off")
         check_positive("algorithm.epochs", self.epochs)
         check_positive("algorithm.minibatches", self.minibatches)
+        check_positive("algorithm.max_draws", self.max_draws)
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError("algorithm.gamma and algorithm.lam must be in [0, 1]")
 
@@ -385,7 +434,8 @@ class KLConfig:
     coef: Optional[float] = doc(None, "initial KL coefficient beta; null = by reward source: 0.05 for rule rewards "
                                       "alone, 0.2 when a reward model contributes (it is a learned proxy the policy "
                                       "can exploit; measured on the task suite, docs/suite.md)")
-    estimator: str = doc("k1", "k1: penalty in the reward; k3: low-variance penalty in the loss")
+    estimator: str = doc("k1", "k1: penalty in the reward; in the loss: k3 (low variance), k2 (0.5 log-ratio^2: "
+                               "the unbiased KL gradient) or k3_clamped (verl's low_var_kl); docs/algorithms.md")
     target: Optional[float] = doc(None, "adaptive beta toward this KL per sequence (null = fixed beta)")
     horizon: int = doc(10000, "adaptive KL horizon (Ziegler et al. 2019)")
 
@@ -465,12 +515,19 @@ class RLConfig:
         if self.kl.coef is None:  # resolved here, so the saved config and the log show the value in force
             self.kl.coef = KL_COEF_WITH_RM if self.reward.model.path else KL_COEF_RULES_ONLY
         algo = self.algorithm
-        from rlhf_cli.algorithms import POLICY_LOSSES  # torch: see AlgorithmConfig.__post_init__
+        from rlhf_cli.algorithms import GROUP_BASELINES, POLICY_LOSSES  # torch: see AlgorithmConfig.__post_init__
 
         if POLICY_LOSSES.trait(algo.name, "needs_critic") and not algo.needs_critic:
             raise ConfigError(f"algorithm {algo.name} needs a critic: set algorithm.advantage=gae or nstep")
-        if algo.advantage == "reinforce" and algo.baseline in ("rloo", "group_norm") and self.rollout.samples_per_prompt < 2:
+        if algo.advantage == "reinforce" and algo.baseline in GROUP_BASELINES and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"algorithm.baseline={algo.baseline} needs rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
+        if algo.dynamic_sampling and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"algorithm.dynamic_sampling=true compares the K samples of a prompt and needs "
+                              f"rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
+        if self.reward.overlong_buffer > self.rollout.max_new_tokens:
+            raise ConfigError(f"reward.overlong_buffer={self.reward.overlong_buffer} is longer than the response limit "
+                              f"rollout.max_new_tokens={self.rollout.max_new_tokens}; set it to at most that "
+                              f"(DAPO: 4096 of 20480)")
         batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         if batch % algo.minibatches:
             raise ConfigError(f"algorithm.minibatches={algo.minibatches} does not divide the rollout batch of {batch} "

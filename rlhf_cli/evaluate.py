@@ -3,11 +3,16 @@
     rlhf eval runs/rl/final                                        # the embedded task's held-out prompts
     rlhf eval runs/rl/final reward.model.path=runs/rm/final device=cpu device.threads=2 --json eval.json
     rlhf eval runs/sft/final data.eval=test.jsonl eval.rule=mypkg.rules:exact eval.show_samples=5
+    rlhf eval runs/rl/final eval.samples=8 --json eval.json         # + pass@1, pass@8, maj@8 from 8 samples each
 
 CHECKPOINT is a policy's final/ (sft or rl) or the run dir holding it. Greedy
 responses to the held-out prompts are checked by eval.rule (held-out accuracy,
 the stages' own function), scored by a reward model when reward.model.path= is set,
-and measured (mean characters and tokens); a few are shown in a table.
+and measured (mean characters and tokens); a few are shown in a table. With
+eval.samples=K, K responses per prompt are also sampled (eval.temperature) and
+checked by the same rule: pass@1 (their mean), pass@k for k in eval.pass_k (the
+unbiased estimator of Chen et al. 2021) and maj@k (the majority final answer of
+k samples, rlhf_cli.reasoning.answer_key), under those names in the JSON.
 Unset seed / data.num_eval / data.eval_limit / eval.max_new_tokens follow the
 checkpoint's own run (its manifest), so the embedded held-out split and the
 numbers match what that run reported. Keys are named as in the stages
@@ -22,10 +27,11 @@ import difflib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from rlhf_cli import helptext, task
-from rlhf_cli.config import EvalConfig, check_choice, check_positive, doc, field_docs, leaf_keys
+from rlhf_cli.config import (EvalConfig, check_choice, check_eval_sampling, check_positive, doc, field_docs,
+                             leaf_keys)
 from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tracking import console, fmt_value
@@ -49,6 +55,10 @@ class EvalRunConfig:
     max_new_tokens: Optional[int] = doc(None, "response length limit (null = as the checkpoint's run, else 40)")
     batch_size: int = doc(100, "prompts per generation batch")
     show_samples: int = doc(3, "sample generations shown in the table")
+    samples: int = doc(0, "K sampled responses per prompt for pass@1, pass@k (unbiased, Chen et al. 2021) and maj@k "
+                          "beside greedy accuracy (0 = greedy only)")
+    pass_k: Optional[List[int]] = doc(None, "the k of pass@k and maj@k, each <= eval.samples (null = eval.samples alone)")
+    temperature: float = doc(1.0, "sampling temperature of the eval.samples responses")
 
 
 @dataclass
@@ -93,6 +103,7 @@ class EvalToolConfig:
                            ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
             check_positive(key, value)
         check_positive("eval.show_samples", self.eval.show_samples, allow_zero=True)
+        check_eval_sampling(self.eval)
         if self.eval.rule is not None and ":" not in self.eval.rule:
             raise ConfigError(f"eval.rule={self.eval.rule!r} is not 'module:function'; e.g. eval.rule={DEFAULT_RULE}")
 
@@ -215,7 +226,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
 
     from rlhf_cli import data
     from rlhf_cli.checkpoint import read_manifest
-    from rlhf_cli.evaluation import held_out_accuracy
+    from rlhf_cli.evaluation import held_out_accuracy, sampled_accuracy
     from rlhf_cli.models import (CAUSAL_LM, REWARD_MODEL, check_generation_fits, check_model_dir, check_model_kind,
                                  load_causal_lm, load_scalar_head_model, load_tokenizer, position_limit)
     from rlhf_cli.rollout import make_engine
@@ -267,12 +278,19 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
         accuracy, _, mean_chars, responses = held_out_accuracy(make_engine("auto", model, tokenizer), tokenizer, rows,
                                                                prompts, eval_cfg, device, position_limit(str(ckpt)))
     checks = _checks(rows, prompts, responses, eval_cfg.rule) if accuracy is not None else [None] * len(rows)
+    sampled, correct_samples = {}, [None] * len(rows)
+    if eval_cfg.samples and accuracy is not None:  # K samples per prompt, checked by the same rule
+        with torch.no_grad():
+            sampled, correct_samples = sampled_accuracy(make_engine("auto", model, tokenizer), tokenizer, rows,
+                                                        prompts, eval_cfg, device, eval_cfg.rule, seed,
+                                                        position_limit(str(ckpt)))
     del model
 
     rm_scores = None
     metrics = {"prompts": len(rows)}
     if accuracy is not None:
         metrics["accuracy"] = accuracy
+    metrics.update(sampled)  # pass@1, pass@k, maj@k
     if rm_path:
         rm_tokenizer = load_tokenizer(rm_path, "reward.model.path", cfg.model.trust_remote_code)
         rm = load_scalar_head_model(rm_path, "reward.model.path", cfg.model.dtype, device, cfg.model.trust_remote_code)
@@ -283,11 +301,13 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
             metrics["rm_score_normalized"] = (metrics["rm_score"] - mean) / std
     metrics["response_chars"] = mean_chars
     metrics["response_tokens"] = sum(len(data.encode(tokenizer, r)) for r in responses) / max(1, len(responses))
-    generations = [{"prompt": p, "response": r, "correct": c, **({"rm_score": s} if rm_scores else {})}
-                   for p, r, c, s in zip(prompts, responses, checks, rm_scores or [None] * len(rows))]
+    generations = [{"prompt": p, "response": r, "correct": c, **({"rm_score": s} if rm_scores else {}),
+                    **({"samples_correct": n} if sampled else {})}
+                   for p, r, c, s, n in zip(prompts, responses, checks, rm_scores or [None] * len(rows), correct_samples)]
     return {"checkpoint": str(ckpt), "stage": manifest.get("stage"), "data": source,
             "rule": eval_cfg.rule if accuracy is not None else None, "reward_model": rm_path,
-            "max_new_tokens": max_new_tokens, "metrics": metrics, "wall_time_s": round(time.time() - t0, 2),
+            "max_new_tokens": max_new_tokens, **({"samples_per_prompt": eval_cfg.samples} if sampled else {}),
+            "metrics": metrics, "wall_time_s": round(time.time() - t0, 2),
             "samples": generations[: eval_cfg.show_samples], "generations": generations}
 
 

@@ -1,11 +1,17 @@
-"""Held-out evaluation: greedy responses from a rollout engine, checked by a rule (the task's by default)."""
+"""Held-out evaluation: greedy responses from a rollout engine, checked by a rule (the task's by default);
+with eval.samples=K also K sampled responses per prompt: pass@1, pass@k (Chen et al. 2021) and maj@k."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 from rlhf_cli.data import cut_left, encode_prompt, left_pad
+from rlhf_cli.reasoning import answer_key
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import RolloutEngine, SamplingParams, decode_responses
 
+EVAL_NOISE_STEP = 1_000_000  # the noise of evaluation samples: keyed apart from every training step
 
 def generate_texts(engine: RolloutEngine, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
                    device, max_sequence: int | None = None) -> list[str]:
@@ -35,9 +41,7 @@ def held_out_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompt
     """
     responses = generate_texts(engine, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, device,
                                max_sequence)
-    rule = eval_cfg.rule
-    if rule == DEFAULT_RULE and not all("answer" in r for r in rows):
-        rule = None
+    rule = effective_rule(eval_cfg.rule, rows)
     checks = []
     if rule:
         fn = import_reward_function(rule, "eval.rule")
@@ -47,3 +51,88 @@ def held_out_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompt
                for p, resp, c in zip(prompts, responses, checks or [None] * len(prompts))][: eval_cfg.show_samples]
     mean_len = sum(len(r) for r in responses) / max(1, len(responses))
     return accuracy, samples, mean_len, responses
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt from n samples, c of them correct (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code", eq. 1): the chance that k of the n, drawn without replacement, hold
+    at least one correct.
+
+    Formula: ``1 - C(n - c, k) / C(n, k)`` (1 when ``n - c < k``); pass@1 is ``c / n``. Exact integers,
+    so no overflow for any n.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(responses: list[str], checks: list[bool]) -> bool:
+    """maj@k of one prompt: is the most frequent final answer among ``responses`` right?
+
+    Answers are grouped by :func:`rlhf_cli.reasoning.answer_key` (``0.5`` and ``1/2`` vote together);
+    responses without a readable answer do not vote; a tie goes to the answer seen first. The winning
+    answer is right when the rule judged its first response right (so any 0/1 rule works). No votes:
+    wrong (Wang et al. 2023, "Self-Consistency", majority vote over sampled reasoning paths).
+    """
+    keys = [answer_key(r) for r in responses]
+    votes = Counter(k for k in keys if k is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(k for k in keys if k is not None and votes[k] == top)  # first seen among the tied
+    return bool(checks[keys.index(winner)])
+
+
+def sampled_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device,
+                     rule: str, seed: int, max_sequence: int | None = None) -> tuple[dict[str, float], list[int]]:
+    """K = eval.samples responses per prompt at eval.temperature, checked by `rule`.
+
+    Returns ``({"pass@1": .., "pass@k": .., "maj@k": .. for k in eval.pass_k}, correct samples per prompt)``:
+    pass@k averaged over prompts by :func:`pass_at_k`, maj@k the share of prompts whose first k samples'
+    majority answer is right (:func:`majority_correct`). Noise is keyed by (seed, row), so a rerun draws
+    the same samples. Rows per generate call: at most eval.batch_size (whole prompts' K samples). Prompts are
+    cut to fit max_sequence as in :func:`generate_texts`.
+    """
+    K = eval_cfg.samples
+    fn = import_reward_function(rule, "eval.rule")
+    per_call = max(1, eval_cfg.batch_size // K)  # prompts per generate call
+    room = max(1, max_sequence - eval_cfg.max_new_tokens) if max_sequence else None
+    correct, metrics = [], {}
+    majority = {k: 0 for k in eval_cfg.pass_k}
+    for i in range(0, len(prompts), per_call):
+        chunk = prompts[i:i + per_call]
+        encoded = [encode_prompt(tokenizer, p) for p in chunk]
+        encoded = [cut_left(e, room, tokenizer) if room else e for e in encoded]
+        ids, mask = left_pad([e for e in encoded for _ in range(K)], tokenizer.pad_token_id)
+        params = SamplingParams(max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature,
+                                noise_key=(seed, EVAL_NOISE_STEP, i * K))
+        texts = decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params))
+        for j, (prompt, row) in enumerate(zip(chunk, rows[i:i + per_call])):
+            samples = texts[j * K:(j + 1) * K]
+            checks = [bool(call_reward(fn, rule, prompt, text, row)) for text in samples]
+            correct.append(sum(checks))
+            for k in majority:
+                majority[k] += majority_correct(samples[:k], checks[:k])
+    for k in sorted({1, *eval_cfg.pass_k}):
+        metrics[f"pass@{k}"] = sum(pass_at_k(K, c, k) for c in correct) / max(1, len(correct))
+    for k in sorted(majority):
+        metrics[f"maj@{k}"] = majority[k] / max(1, len(correct))
+    return metrics, correct
+
+
+def effective_rule(rule: str | None, rows: list[dict]) -> str | None:
+    """eval.rule, or None when it is the task's default rule and the rows have no `answer` column to check."""
+    return None if rule == DEFAULT_RULE and not all("answer" in r for r in rows) else rule
+
+
+def stage_sampled_metrics(engine: RolloutEngine, tokenizer, rows: list[dict], prompts: list[str], eval_cfg, device,
+                          seed: int, max_sequence: int | None = None) -> dict[str, float]:
+    """The stages' held-out evaluation with eval.samples=K: ``{"eval_pass@1": .., "eval_pass@k": ..,
+    "eval_maj@k": ..}``; empty when eval.samples is 0 or there is no rule to check (see :func:`held_out_accuracy`)."""
+    rule = effective_rule(eval_cfg.rule, rows)
+    if not eval_cfg.samples or not rule:
+        return {}
+    metrics, _ = sampled_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device, rule, seed, max_sequence)
+    return {f"eval_{k}": v for k, v in metrics.items()}

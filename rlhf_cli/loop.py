@@ -10,6 +10,11 @@ Three functions the recipes call (stages/sft.py, train_rm.py, rl.py), not a base
 - `end_of_step`: log, evaluate, honour a stop request (SIGTERM / SIGINT), checkpoint,
   barrier, in that order, on the cadences the config sets.
 
+The step guard (optim.StepGuard) is one mechanism for the three stages: each recipe's update
+goes through it; `end_of_step` tells the run dir which checkpoints it trusts (keep_last never
+prunes the newest of them), and when it stops the run (optim.Blowup) `run_stage` sets the
+untrusted checkpoints aside and names the one to resume from.
+
 The phases a recipe names (`train`, `train_step` or RL's `rollout` / `score` /
 `advantages` / `update`, `evaluate`) are what tests/test_faults.py kills inside.
 """
@@ -22,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from rlhf_cli import checkpoint, runtime, signals
+from rlhf_cli import checkpoint, optim, runtime, signals
 from rlhf_cli.checkpoint import RunDir
-from rlhf_cli.errors import DataError
+from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.precision import check_trainable_dtype
 
 
@@ -39,28 +44,63 @@ def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable, model_ke
     check_trainable_dtype(getattr(cfg, model_key), model_key, device_spec)
     rt = runtime.setup(cfg.device, cfg.seed, placement)  # every device resolved before anything loads
     run_dir = RunDir(output_dir, dataclasses.asdict(cfg), stage, rt.is_main)
+    if run_dir.changes and rt.is_main:
+        print(f"{stage}: resuming with " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in run_dir.changes.items())
+              + f" (safe to change; recorded in {run_dir.root / 'changes.jsonl'})", flush=True)
     try:
         recipe = make_recipe(cfg, rt, run_dir, t_start)
         recipe.setup()
-        return recipe.train()
+        try:
+            return recipe.train()
+        except optim.Blowup as e:
+            raise stopped_by_guard(e, cfg, run_dir) from None
     finally:
         run_dir.release()
         runtime.teardown()
+
+
+def stopped_by_guard(e: optim.Blowup, cfg, run_dir: RunDir) -> UserError:
+    """The step guard stopped the run: set aside the checkpoints it does not trust -> the one-line error
+    naming the checkpoint a rerun resumes from and the fix (a lower optim.lr, a safe-to-change key)."""
+    resume_from, moved = run_dir.set_aside(e.suspect_from)
+    fix = f"a lower learning rate, e.g. optim.lr={cfg.optim.lr / 10:g}"
+    if resume_from is None:
+        return UserError(f"{e.reason} at step {e.step}; stopped before any checkpoint: rerun the same command with "
+                         f"{fix} (it starts afresh), or check the data, model weights and reward functions")
+    aside = f"; {', '.join(moved)} moved to {run_dir.rejected}" if moved else ""
+    return UserError(f"{e.reason} at step {e.step}; stopped: the last checkpoint before it is {resume_from}{aside}. "
+                     f"Rerun the same command with {fix}, and it resumes from there (or check the data, model "
+                     f"weights and reward functions)")
 
 
 def resume(run_dir: RunDir, rt, parts: dict, optimizer, scheduler, precision, **stateful) -> int:
     """Load the newest complete checkpoint (none: a fresh run) -> its step (0 when fresh).
 
     parts: name -> (module, key prefix) as saved; stateful: name -> an object whose
-    load_state_dict takes what the checkpoint holds under that name (sampler, KL controller ...).
+    load_state_dict takes what the checkpoint holds under that name (sampler, KL controller,
+    step guard ...; a name an older checkpoint lacks keeps its fresh state). The schedule goes on
+    from the checkpoint's position with this run's peak learning rates: optim.lr may have changed.
     """
     ckpt = run_dir.latest(warn=print if rt.is_main else None)
     if ckpt is None:
         return 0
+    configured = list(scheduler.base_lrs)
     state = checkpoint.load_checkpoint(ckpt, rt, parts, optimizer, scheduler, precision)
+    use_learning_rates(optimizer, scheduler, configured)
     for name, obj in stateful.items():
-        obj.load_state_dict(state[name])
+        if name in state:
+            obj.load_state_dict(state[name])
     return int(state["step"])
+
+
+def use_learning_rates(optimizer, scheduler, base_lrs: list[float]) -> None:
+    """Set the peak learning rates of a restored optimizer and LambdaLR (both carry the saved run's) and
+    the current ones at the schedule's position: base x factor(step), as scheduler.step() computes them."""
+    scheduler.base_lrs = list(base_lrs)
+    current = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(optimizer.param_groups, base_lrs, current):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = current
 
 
 def batch_plan(cfg, rt, n_items: int) -> tuple[int, int]:
@@ -109,8 +149,10 @@ def public(metrics: dict) -> dict:
 
 
 def end_of_step(step: int, total_steps: int, cfg, rt, run_dir: RunDir, tracker, metrics: dict,
-                evaluate: Callable[[], dict], save_checkpoint: Callable[[], None]) -> dict | None:
+                evaluate: Callable[[], dict], save_checkpoint: Callable[[], None],
+                guard: optim.StepGuard) -> dict | None:
     """After optimizer step `step` (1-based): log, evaluate, stop request, checkpoint, barrier.
+    guard: the recipe's step guard, which says from which step on checkpoints are not trusted yet.
 
     Collective (every rank calls it). Returns the evaluation's metrics when it evaluated
     ({} on ranks other than 0), else None. Raises signals.Interrupted after checkpointing
@@ -127,6 +169,7 @@ def end_of_step(step: int, total_steps: int, cfg, rt, run_dir: RunDir, tracker, 
         tracker.log(step, public(evaluated), kind="eval")
     stop = signals.stop_requested(rt)  # SIGTERM / SIGINT: checkpoint this step, then exit 143 / 130
     if step % cfg.checkpoint.every == 0 or last or stop:  # collective; rank 0 writes
+        run_dir.suspect_from = guard.suspect_from(step)  # keep_last never prunes the newest trusted one
         save_checkpoint()
     rt.barrier()
     if stop and not last:

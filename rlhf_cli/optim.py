@@ -1,8 +1,9 @@
-"""Optimizer, learning-rate schedule, and the step guard (clipping, NaN/inf refusal)."""
+"""Optimizer, learning-rate schedule, and the step guard (clipping; NaN/inf, spikes and blow-ups refused)."""
 
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -22,7 +23,8 @@ def build(params, optim_cfg, total_steps: int):
     """-> (optimizer, scheduler, step guard): what every stage trains with (params: tensors or param groups)."""
     optimizer = build_optimizer(params, optim_cfg)
     return (optimizer, build_scheduler(optimizer, optim_cfg, total_steps),
-            StepGuard(optim_cfg.max_grad_norm, optim_cfg.max_bad_steps))
+            StepGuard(optim_cfg.max_grad_norm, optim_cfg.max_bad_steps, optim_cfg.max_grad_spike,
+                      optim_cfg.max_weight_growth))
 
 
 def build_scheduler(optimizer, optim_cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -38,21 +40,65 @@ def build_scheduler(optimizer, optim_cfg, total_steps: int) -> torch.optim.lr_sc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class StepGuard:
-    """Clip gradients (logging the pre-clip norm) and refuse non-finite steps.
+class Blowup(UserError):
+    """The step guard stopped the run. `suspect_from`: the first step whose update may have caused the
+    trouble, so only checkpoints of earlier steps are trusted (loop.run_stage names the newest of them)."""
 
-    A step whose loss or gradient norm is NaN/inf is not applied; after
-    `max_bad_steps` such steps in a row the run stops with a clear message
-    (the last good checkpoint stays).
+    def __init__(self, reason: str, step: int, suspect_from: int):
+        super().__init__(reason)
+        self.reason, self.step, self.suspect_from = reason, step, suspect_from
+
+
+class StepGuard:
+    """Clip gradients (logging the pre-clip norm) and refuse updates that would wreck the weights.
+
+    Three checks, one mechanism for every stage (each calls `step` once per optimizer update):
+
+    - a NaN/inf loss or gradient norm: the update is not applied;
+    - a gradient-norm spike: the pre-clip norm is over `max_grad_spike` x the running median of the
+      last `SPIKE_WINDOW` applied updates, floored at the clip threshold `max_grad_norm` (1 without
+      clipping). A median,
+      not a mean or EMA: one earlier outlier does not move it, and it follows the large early
+      drift of grad norms within a window. The floor keeps an RL run whose first updates have no
+      signal (all advantages 0, grad norm ~0) from calling its first real gradient a spike. It
+      starts after `SPIKE_WARMUP` applied updates: fewer are no statistic. Such an update is not
+      applied either; after `max_bad_steps` refused updates in a row the run stops (Blowup), since
+      weights that keep producing them are already broken;
+    - after an applied update, non-finite weights, or a weight norm grown by more than
+      `max_weight_growth` x in one update. An absurd learning rate shows here at its very first
+      update, before any statistic exists (Adam moves every weight by about lr, whatever the
+      gradient), and an LM's grad norm and loss stay bounded while its weights blow up (the softmax
+      saturates: with optim.lr=3 on the embedded task the grad norm stayed under 210, never 100x its
+      median). Measured on the embedded sft task: the default lr grows the norm by at most 1.02x
+      per update, 5x that lr by 1.18x, 17x by 2.3x. The update is applied by then: the run stops at
+      once (Blowup) and resumes from a checkpoint taken before it.
+
+    `suspect_from(step)` is the first step that may hold the trouble: the current one (a loss is
+    computed on the weights of the previous update, so the newest update is confirmed only by the
+    next step's loss), or the step before a streak of refused updates began. Checkpoints of earlier
+    steps are trusted: `checkpoint.keep_last` never prunes the newest of them. The grad-norm history
+    is part of the checkpoint (state_dict), so a resumed run keeps its statistics.
     """
 
-    def __init__(self, max_grad_norm: float | None, max_bad_steps: int = 5):
+    SPIKE_WINDOW = 50
+    SPIKE_WARMUP = 5
+
+    def __init__(self, max_grad_norm: float | None, max_bad_steps: int = 5, max_grad_spike: float | None = None,
+                 max_weight_growth: float | None = None):
         self.max_grad_norm = max_grad_norm
         self.max_bad_steps = max_bad_steps
+        self.max_grad_spike = max_grad_spike
+        self.max_weight_growth = max_weight_growth
         self.bad_in_a_row = 0
+        self.first_bad_step: int | None = None  # the step of the first refused update of the current streak
+        self.grad_norms: list[float] = []  # pre-clip norms of the last SPIKE_WINDOW applied updates
+        self.weight_norm: float | None = None  # after the last update (None: measure before the next)
+        self._norm_of = 0  # ... over this many tensors (a different set is measured afresh)
 
-    def step(self, parameters, optimizer, loss_value: float, scaler=None) -> tuple[float, bool]:
-        """scaler: a torch.amp.GradScaler (fp16): gradients are unscaled before clipping, and an
+    def step(self, parameters, optimizer, loss_value: float, scaler=None, at_step: int = 0) -> tuple[float, bool]:
+        """One update (of stage step `at_step`, 1-based) -> (pre-clip grad norm, applied).
+
+        scaler: a torch.amp.GradScaler (fp16): gradients are unscaled before clipping, and an
         overflow is the scaler's business (it skips the step and lowers the scale), not a bad step."""
         params = [p for p in parameters if p.grad is not None]
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
@@ -60,23 +106,80 @@ class StepGuard:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else 0.0
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
-        if scaler is not None and params:
-            if math.isfinite(loss_value):
-                scaler.step(optimizer)  # skipped inside when the unscaled gradients hold inf/NaN
+        if scaler is not None and params and math.isfinite(loss_value) and not math.isfinite(grad_norm):
+            scaler.step(optimizer)  # an fp16 overflow: the scaler skips the step and lowers its scale
             scaler.update()
-            if math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                self.bad_in_a_row = 0
-                return grad_norm, math.isfinite(grad_norm)
-        if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
             optimizer.zero_grad(set_to_none=True)
-            self.bad_in_a_row += 1
-            if self.bad_in_a_row >= self.max_bad_steps:
-                raise UserError(f"{self.bad_in_a_row} updates in a row had a NaN/inf loss or gradient and were skipped "
-                                f"(optim.max_bad_steps={self.max_bad_steps}); stopped, the last good checkpoint is kept: "
-                                f"lower optim.lr, or check the data, model weights and reward functions")
+            self.bad_in_a_row, self.first_bad_step = 0, None
             return grad_norm, False
-        optimizer.step()
+        problem = self._problem(loss_value, grad_norm)
+        if problem:
+            if scaler is not None and params:
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            return grad_norm, self._refused(problem, at_step)
+        before = self.weight_norm if self._norm_of == len(params) else None  # measured after the previous update
+        if self.max_weight_growth is not None and before is None:
+            before = self._weight_norm(params)
+        if scaler is not None and params:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.bad_in_a_row = 0
+        self._check_weights(params, before, at_step)
+        self.bad_in_a_row, self.first_bad_step = 0, None
+        self.grad_norms = (self.grad_norms + [grad_norm])[-self.SPIKE_WINDOW:]
         return grad_norm, True
+
+    def _problem(self, loss_value: float, grad_norm: float) -> str | None:
+        """Why this update must not be applied, or None."""
+        if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
+            return "a NaN/inf loss or gradient"
+        if self.max_grad_spike is None or len(self.grad_norms) < self.SPIKE_WARMUP:
+            return None
+        typical = max(statistics.median(self.grad_norms), self.max_grad_norm or 1.0)
+        if grad_norm > self.max_grad_spike * typical:
+            return (f"a gradient norm over optim.max_grad_spike={self.max_grad_spike:g} x its running median "
+                    f"({grad_norm:.3g} vs {typical:.3g})")
+        return None
+
+    def _refused(self, problem: str, at_step: int) -> bool:
+        """Count a refused update; stop (Blowup) after max_bad_steps in a row -> False (not applied)."""
+        self.bad_in_a_row += 1
+        self.first_bad_step = at_step if self.first_bad_step is None else self.first_bad_step
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise Blowup(f"{self.bad_in_a_row} updates in a row had {problem} and were skipped "
+                         f"(optim.max_bad_steps={self.max_bad_steps})", at_step, self.suspect_from(at_step))
+        return False
+
+    def _check_weights(self, params: list, before: float, at_step: int) -> None:
+        """After an applied update: non-finite weights, or a norm grown past max_weight_growth x -> Blowup."""
+        if self.max_weight_growth is None:
+            return
+        after = self._weight_norm(params)
+        self.weight_norm, self._norm_of = after, len(params)
+        if not math.isfinite(after):
+            raise Blowup("an update left non-finite weights", at_step, at_step)
+        if before > 0 and after > self.max_weight_growth * before:
+            raise Blowup(f"an update grew the weight norm {after / before:.3g}x at once "
+                         f"({before:.3g} -> {after:.3g}; optim.max_weight_growth={self.max_weight_growth:g})",
+                         at_step, at_step)
+
+    @staticmethod
+    def _weight_norm(params: list) -> float:
+        """The global L2 norm of the trained weights (one read of them; FSDP2: of every rank's shards)."""
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm([p.detach() for p in params])
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def suspect_from(self, step: int) -> int:
+        """After step `step` (1-based): the first step that may hold trouble not detected yet."""
+        return step if self.first_bad_step is None else min(step, self.first_bad_step - 1)
+
+    def state_dict(self) -> dict:
+        return {"grad_norms": list(self.grad_norms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.grad_norms = [float(x) for x in state.get("grad_norms", [])]

@@ -30,7 +30,7 @@ from rlhf_cli.tracking import console
 
 # (family, pattern) in panel order; a key joins the first family it matches
 FAMILIES = [("loss", r"loss$"), ("reward", r"(score|reward)"), ("KL", r"(^|_)kl$"),
-            ("accuracy", r"accuracy$"), ("length", r"(_len|_chars|_tokens)$")]
+            ("accuracy", r"(accuracy|pass@\d+|maj@\d+)$"), ("length", r"(_len|_chars|_tokens)$")]
 SKIP = re.compile(r"^(first_mb_|time_)")
 MAX_PANELS = 24
 STAGE_ORDER = ("sft", "train-rm", "rl")

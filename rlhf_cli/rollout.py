@@ -64,6 +64,36 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.response_mask.long()], 1)
 
 
+def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rollout's rows `rows` (a slice, or a (N,) index or bool tensor), every field alike."""
+    return Rollout(*(getattr(rollout, f)[rows] for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask",
+                                                         "logprobs", "stopped")))
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of different widths stacked row-wise: prompts padded on the left to the widest P, responses on the
+    right to the widest T (ids with pad_id, masks, log-probs with 0). Masks come from the parts' own masks, so
+    padding never becomes a real token, and position ids (from the attention mask) stay those of each row."""
+    width_p = max(r.prompt_ids.shape[1] for r in rollouts)
+    width_t = max(r.response_ids.shape[1] for r in rollouts)
+
+    def filler(x: torch.Tensor, width: int, value) -> torch.Tensor:  # any dtype, bool masks included
+        return torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
+
+    def left(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([filler(x, width_p, value), x], 1)
+
+    def right(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([x, filler(x, width_t, value)], 1)
+
+    return Rollout(torch.cat([left(r.prompt_ids, pad_id) for r in rollouts]),
+                   torch.cat([left(r.prompt_mask, 0) for r in rollouts]),
+                   torch.cat([right(r.response_ids, pad_id) for r in rollouts]),
+                   torch.cat([right(r.response_mask, 0) for r in rollouts]),
+                   torch.cat([right(r.logprobs, 0.0) for r in rollouts]),
+                   torch.cat([r.stopped for r in rollouts]))
+
+
 @dataclass
 class SamplingParams:
     """How to sample one rollout batch."""

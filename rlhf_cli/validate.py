@@ -173,24 +173,14 @@ def _tokenizer(model_cfg):
 
 
 def output_dir_state(cfg) -> str:
-    """What `rlhf <stage>` will do with output_dir: start, resume, or refuse a different config."""
+    """What `rlhf <stage>` will do with output_dir: start, resume (with which safe changes), or refuse a
+    different config (the same check as the run's, checkpoint.rerun_changes)."""
     import dataclasses
 
-    from rlhf_cli.checkpoint import RUN_LENGTH_KEYS, flatten
+    from rlhf_cli.checkpoint import rerun_changes
 
-    root = Path(cfg.output_dir)
-    checkpoints = sorted(p.name for p in (root / "checkpoints").glob("step-*") if (p / "manifest.json").exists())
-    if not checkpoints:
+    ckpt, changes = rerun_changes(Path(cfg.output_dir), dataclasses.asdict(cfg))
+    if ckpt is None:
         return f"output_dir: {cfg.output_dir} (a new run)"
-    try:
-        saved = flatten(json.loads((root / "config.json").read_text()))
-    except (OSError, ValueError):
-        saved = {}
-    now = flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
-    diff = sorted(k for k in set(saved) | set(now)
-                  if saved.get(k) != now.get(k) and not any(k == r or k.startswith(r) for r in RUN_LENGTH_KEYS))
-    if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
-        raise UserError(f"{root} holds a run with a different config ({shown}); "
-                        f"use a new output_dir=... or delete the old run")
-    return f"output_dir: {cfg.output_dir} (resumes from {checkpoints[-1]})"
+    changed = "; changing " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()) if changes else ""
+    return f"output_dir: {cfg.output_dir} (resumes from {ckpt.name}{changed})"

@@ -184,7 +184,7 @@ CASES: dict[str, Case] = {
     "sft max_bad_steps 0": Case("sft", lambda d, m: ["optim.max_bad_steps=0"], "optim.max_bad_steps must be > 0"),
     "train-rm keep_last 0": Case("train-rm", lambda d, m: ["checkpoint.keep_last=0"], "checkpoint.keep_last must be > 0"),
     "rl unknown algorithm": Case("rl", lambda d, m: ["algorithm=dqn"], "options in 'algorithm': a2c, ppo, reinforce"),
-    "rl bad choice": Case("rl", lambda d, m: ["kl.estimator=k2"], "kl.estimator='k2' is not one of"),
+    "rl bad choice": Case("rl", lambda d, m: ["kl.estimator=k4"], "kl.estimator='k4' is not one of"),
     "rl reward not dotted": Case("rl", lambda d, m: ["reward.functions=[notdotted]"], "is not 'module:function'"),
     "sft invalid yaml file": Case("sft", lambda d, m: [str(write(d / "bad.yaml", "optim: [unclosed\n"))], "is not valid YAML"),
     "sft yaml file missing": Case("sft", lambda d, m: [str(d / "mine.yaml")], "mine.yaml not found"),
@@ -200,7 +200,7 @@ CASES: dict[str, Case] = {
     "train-rm batch_size 0": Case("train-rm", lambda d, m: ["batch_size=0"], "batch_size must be > 0"),
     # ---- output dir: unwritable, full disk
     "output_dir is a file": Case("sft", lambda d, m: [], "not writable", extra=["output_dir=afile"]),
-    "disk full as the run starts": Case("rl", lambda d, m: [], "could not write: file too large", rlimit_fsize=1500, before_run=False),
+    "disk full as the run starts": Case("rl", lambda d, m: [], "file too large (disk full", rlimit_fsize=1500, before_run=False),
     "disk full writing the base model": Case("sft", lambda d, m: ["model.path=null"], "file too large (disk full",
                                              rlimit_fsize=8000, before_run=False),
     "disk full during a checkpoint": Case("sft", lambda d, m: [f"model.path={m}", "checkpoint.every=1"],
@@ -300,6 +300,21 @@ CASES: dict[str, Case] = {
     # ---- messages that mislead
     "rl reward attribute not callable": Case("rl", lambda d, m: ["reward.functions=[rlhf_cli.rewards:RESERVED]"],
                                              "rlhf_cli.rewards:RESERVED is tuple", before_run=False),
+    # ---- (issue 20) reasoning-RL options and evaluation by sampling
+    "rl unknown loss aggregation": Case("rl", lambda d, m: ["algorithm.loss_agg=seq-mean"],
+                                        "algorithm.loss_agg='seq-mean' is not one of token-mean, seq-mean-token-mean"),
+    "rl dual clip not above 1": Case("rl", lambda d, m: ["algorithm=ppo", "algorithm.clip_ratio_c=0.8"],
+                                     "algorithm.clip_ratio_c=0.8 must be > 1"),
+    "rl group_mean with one sample": Case("rl", lambda d, m: ["algorithm.baseline=group_mean",
+                                                              "rollout.samples_per_prompt=1"], "samples_per_prompt >= 2"),
+    "rl pass_k above eval.samples": Case("rl", lambda d, m: ["eval.samples=2", "eval.pass_k=[1,4]"],
+                                         "eval.pass_k=[1, 4] needs every k in [1, eval.samples=2]"),
+    "train-rm eval.samples": Case("train-rm", lambda d, m: ["eval.samples=2"], "a reward model generates none"),
+    "rl dynamic sampling with one sample": Case("rl", lambda d, m: ["algorithm.dynamic_sampling=true", "algorithm.baseline=mean",
+                                                                    "rollout.samples_per_prompt=1"],
+                                                "algorithm.dynamic_sampling=true compares the K samples"),
+    "rl overlong buffer past the limit": Case("rl", lambda d, m: ["reward.overlong_buffer=50", "rollout.max_new_tokens=40"],
+                                              "reward.overlong_buffer=50 is longer than the response limit"),
 }
 
 

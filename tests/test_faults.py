@@ -503,22 +503,26 @@ def test_a_non_finite_step_is_not_applied_and_the_run_goes_on(tmp_path, tiny_mod
 
 def test_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, injector):
     """A reward function that returns 1e39 from step 3 on (finite in Python, inf in float32): every update
-    from then on has a NaN loss, is skipped, and the third in a row stops the run."""
+    from then on has a NaN loss, is skipped, and the third in a row stops the run. Step 2's update may have
+    caused the streak (a loss is computed on the previous update's weights), so the checkpoints from step 2
+    on are set aside in checkpoints/rejected/ and the error names step 1's, which a rerun resumes from."""
     bad = run_cli("rl", "output_dir=run", *STAGE_ARGS["rl"](tiny_model_dir), "reward.functions=[faultrewards:goes_bad]",
                   "checkpoint.every=1", "checkpoint.keep_last=9", "optim.max_bad_steps=3", "max_steps=10",
                   cwd=tmp_path, env={"PYTHONPATH": str(injector)})
     assert_one_line_error(bad, "3 updates in a row had a NaN/inf loss or gradient")
-    assert "optim.max_bad_steps=3" in bad.stderr and "last good checkpoint is kept" in bad.stderr
     run = tmp_path / "run"
+    assert "optim.max_bad_steps=3" in bad.stderr and "at step 5; stopped" in bad.stderr
+    assert f"the last checkpoint before it is {run / 'checkpoints' / 'step-000001'}" in bad.stderr
     assert not (run / "final").exists()
     checkpoints = complete_checkpoints(run)
-    assert [step_of(c) for c in checkpoints] == [1, 2, 3, 4]  # step 5, the third bad one, stopped the run
-    assert all(verifies(c) for c in checkpoints)
-    first, last_good = (load_file(run / "checkpoints" / f"step-00000{s}" / "policy.safetensors") for s in (1, 2))
-    assert any(not torch.equal(first[k], last_good[k]) for k in first)  # good steps trained ...
-    for ckpt in checkpoints[2:]:  # ... the skipped updates wrote nothing into the weights
+    assert [step_of(c) for c in checkpoints] == [1] and verifies(checkpoints[0])
+    rejected = sorted((run / "checkpoints" / "rejected").iterdir())
+    assert [step_of(c) for c in rejected] == [2, 3, 4]  # step 5, the third bad one, stopped the run
+    first, last_applied = (load_file(d / "policy.safetensors") for d in (checkpoints[0], rejected[0]))
+    assert any(not torch.equal(first[k], last_applied[k]) for k in first)  # good steps trained ...
+    for ckpt in rejected[1:]:  # ... the skipped updates wrote nothing into the weights
         weights = load_file(ckpt / "policy.safetensors")
-        assert all(torch.equal(weights[k], last_good[k]) for k in last_good)
+        assert all(torch.equal(weights[k], last_applied[k]) for k in last_applied)
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and train[2]["score"] > 1e30  # inf is logged as 1e308
 

@@ -2,6 +2,7 @@
 
 - :mod:`.core`: masked statistics, KL estimators (``KL_ESTIMATORS``), token rewards, KL controllers.
 - :mod:`.advantages`: return-to-go + REINFORCE baselines, GAE, n-step TD (``ADVANTAGE_ESTIMATORS``).
+- :mod:`.aggregation`: loss aggregation over tokens and responses (``LOSS_AGGREGATIONS``).
 - :mod:`.losses`: policy losses (``POLICY_LOSSES``), value loss, entropy, explained variance.
 - :mod:`.reward`: the reward model's pairwise loss (train-rm).
 - :mod:`.registry`: the Registry the three above are made of.
@@ -12,11 +13,13 @@ Nothing here imports the rest of the project: tensors in, tensors out.
 from rlhf_cli.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     BASELINES,
+    GROUP_BASELINES,
     discounted_returns,
     gae,
     nstep_advantages,
     reinforce_advantages,
 )
+from rlhf_cli.algorithms.aggregation import LOSS_AGGREGATIONS, aggregate, local_units, rank_share
 from rlhf_cli.algorithms.core import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -24,11 +27,14 @@ from rlhf_cli.algorithms.core import (
     RunningMean,
     bool_mask,
     kl_k1,
+    kl_k2,
     kl_k3,
+    kl_k3_clamped,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
+    overlong_penalty,
     place_step_rewards,
     token_rewards,
 )
@@ -46,28 +52,36 @@ from rlhf_cli.algorithms.reward import pairwise_loss
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "BASELINES",
+    "GROUP_BASELINES",
     "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "Registry",
     "RunningMean",
+    "aggregate",
     "bool_mask",
     "discounted_returns",
     "entropy_from_logits",
     "explained_variance",
     "gae",
     "kl_k1",
+    "kl_k2",
     "kl_k3",
+    "kl_k3_clamped",
+    "local_units",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "nstep_advantages",
+    "overlong_penalty",
     "pairwise_loss",
     "place_step_rewards",
     "policy_gradient_loss",
     "ppo_policy_loss",
+    "rank_share",
     "reinforce_advantages",
     "token_rewards",
     "value_loss",

@@ -27,7 +27,8 @@ ADVANTAGE_ESTIMATORS = Registry("algorithm.advantage",
                                 "(rewards, values, response_mask, scores=None, **hparams) -> (advantages, returns)",
                                 needs_values=False)
 
-BASELINES = ("none", "mean", "rloo", "group_norm")
+BASELINES = ("none", "mean", "rloo", "group_norm", "group_norm_unbiased", "group_mean")
+GROUP_BASELINES = ("rloo", "group_norm", "group_norm_unbiased", "group_mean")  # compare the K samples of a prompt
 
 
 def _zero_padding(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -178,6 +179,15 @@ def reinforce_advantages(
       Without this, a group whose scores are all equal has a tiny std made of KL
       differences alone, and dividing the per-token KL part of G by it blows
       advantages up by orders of magnitude (seen as grad norms of 1e3).
+    - ``'group_norm_unbiased'``: ``'group_norm'`` with the unbiased (Bessel, K - 1)
+      group std, verl's ``compute_grpo_outcome_advantage`` and TRL's GRPOTrainer
+      convention (``torch.std``): advantages smaller by ``sqrt((K-1)/K)`` than
+      ``'group_norm'``'s (0.935 for K = 8), so the two differ only in scale.
+    - ``'group_mean'`` (Liu et al. 2025, Dr. GRPO, sec. 3.2; verl's
+      ``norm_adv_by_std_in_grpo=False``): ``ĉ = c - mean_group(c)``, no division by
+      the std; otherwise as ``'group_norm'``. Dividing by the std weighs prompts that
+      are nearly always (or never) solved most (their std is small): Dr. GRPO's
+      "question-level difficulty bias". This is ``'rloo'`` times ``(K-1)/K``.
 
     Args:
         rewards: (B, T) token rewards.
@@ -203,7 +213,7 @@ def reinforce_advantages(
             f"batch of {batch_size} responses is not divisible by group_size={group_size} "
             "(samples per prompt); make the batch a multiple of the samples per prompt"
         )
-    if baseline in ("rloo", "group_norm") and group_size < 2:
+    if baseline in GROUP_BASELINES and group_size < 2:
         raise ValueError(
             f"baseline {baseline!r} compares the samples of one prompt and needs group_size >= 2 "
             f"(got {group_size}); sample more responses per prompt or use baseline 'mean' or 'none'"
@@ -227,15 +237,19 @@ def reinforce_advantages(
         if baseline == "rloo":
             others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (B/K, K)
             advantages = returns - others_mean.reshape(-1, 1)
-        else:  # group_norm
+        else:  # group_norm, group_norm_unbiased, group_mean
             c = sequence_returns if scores is None else scores.to(returns)
             grouped = c.view(-1, group_size)
             group_mean = grouped.mean(dim=1, keepdim=True).expand_as(grouped).reshape(-1, 1)
-            group_std = grouped.std(dim=1, unbiased=False, keepdim=True).expand_as(grouped).reshape(-1, 1)
-            if scores is None:
-                advantages = (returns - group_mean) / (group_std + eps)
+            if baseline == "group_mean":
+                scale = torch.ones_like(group_mean)
             else:
-                normalised = (c[:, None] - group_mean) / (group_std + eps)  # (B, 1)
+                group_std = grouped.std(dim=1, unbiased=baseline == "group_norm_unbiased", keepdim=True)
+                scale = group_std.expand_as(grouped).reshape(-1, 1) + eps
+            if scores is None:
+                advantages = (returns - group_mean) / scale
+            else:
+                normalised = (c[:, None] - group_mean) / scale  # (B, 1)
                 mask = response_mask.to(returns)
                 positions = torch.arange(mask.shape[1], device=mask.device)
                 last = (positions * mask).argmax(-1, keepdim=True)  # last real token of each row

@@ -176,6 +176,52 @@ def kl_k3(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
+@KL_ESTIMATORS.register("k2")
+def kl_k2(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
+    """Per-token squared-log-ratio KL estimator k2 ("mse"), always >= 0.
+
+    Formula: ``k2[t] = 0.5 * (logp[t] - logp_ref[t])^2`` (Schulman 2020,
+    "Approximating KL Divergence"; verl ``kl_penalty`` modes ``mse`` / ``k2``).
+    Biased as a value (it is KL's second-order approximation, close while the
+    policy stays near the reference), but as a loss term its gradient,
+    ``(logp - logp_ref) grad logp``, is in expectation the exact gradient of
+    KL(pi || pi_ref) under samples from pi; k3's gradient is not (in expectation,
+    ``(1 - pi_ref/pi) grad logp``: the gradient of KL(pi_ref || pi), the other direction). Wise when the penalty must pull the
+    right way, e.g. a large beta on a long run; k3 when the logged KL value matters.
+
+    Args:
+        logprobs: (B, T) log-probs of sampled tokens under the policy.
+        logprobs_ref: (B, T) the same under the frozen reference.
+
+    Returns:
+        (B, T); not masked.
+    """
+    return 0.5 * (logprobs - logprobs_ref) ** 2
+
+
+@KL_ESTIMATORS.register("k3_clamped")
+def kl_k3_clamped(logprobs: torch.Tensor, logprobs_ref: torch.Tensor) -> torch.Tensor:
+    """k3 with verl's clamps (verl ``kl_penalty`` mode ``low_var_kl`` / ``k3``).
+
+    Formula: ``u = clamp(logp_ref - logp, -20, 20)``,
+    ``k3c[t] = clamp(exp(u) - u - 1, -10, 10)``. Equal to :func:`kl_k3` while
+    ``-11 <= u <= 2.6`` (where k3 <= 10); past that the value stays at 10 and its gradient is 0, so one token
+    whose reference log-prob is far above the policy's (``exp(u)`` explodes) cannot
+    dominate the loss or overflow in bf16. Wise with low-precision log-probs or a
+    policy that has drifted far; it drops the penalty's pull exactly on the tokens that
+    drifted most, so prefer plain k3 (or k2) when the run stays near the reference.
+
+    Args:
+        logprobs: (B, T) log-probs of sampled tokens under the policy.
+        logprobs_ref: (B, T) the same under the frozen reference.
+
+    Returns:
+        (B, T); not masked.
+    """
+    log_ratio = torch.clamp(logprobs_ref - logprobs, min=-20.0, max=20.0)
+    return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, min=-10.0, max=10.0)
+
+
 # ---------------------------------------------------------------------------
 # Token rewards
 # ---------------------------------------------------------------------------
@@ -223,6 +269,30 @@ def token_rewards(
         raise ValueError("token_rewards: every response needs at least one real token (a row of response_mask is all 0)")
     last_index = (lengths - 1).unsqueeze(-1)  # (B, 1)
     return rewards.scatter_add(-1, last_index, scores.to(kl.dtype).unsqueeze(-1))
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer_length: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", eq. 13): a length-aware penalty on the score.
+
+    Formula, with ``L_max = max_length``, ``L_cache = buffer_length``, ``|y|`` the response length:
+    ``0`` if ``|y| <= L_max - L_cache``; ``((L_max - L_cache) - |y|) / L_cache`` inside the last
+    ``L_cache`` tokens (0 down to -1); ``-1`` past ``L_max``. A response cut by the length limit
+    is then told so gradually instead of being scored as if it were finished (or zeroed).
+    verl's DAPO reward manager computes the same (``-exceed_len / overlong_buffer_len``, times its
+    ``penalty_factor``).
+
+    Args:
+        lengths: (B,) response lengths in tokens (the stop token included).
+        max_length: L_max, the response length limit.
+        buffer_length: L_cache, 1 <= L_cache <= L_max.
+
+    Returns:
+        (B,) penalties in [-1, 0], in ``lengths``' float dtype (float32 for integer lengths).
+    """
+    if not 1 <= buffer_length <= max_length:
+        raise ValueError(f"overlong_penalty needs 1 <= buffer_length <= max_length, got {buffer_length}, {max_length}")
+    lengths = lengths if lengths.is_floating_point() else lengths.float()
+    return torch.clamp(((max_length - buffer_length) - lengths) / buffer_length, min=-1.0, max=0.0)
 
 
 def place_step_rewards(

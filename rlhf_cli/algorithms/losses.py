@@ -1,8 +1,9 @@
 """Policy and value losses, entropy, explained variance.
 
 Shapes: B responses x T response tokens; ``response_mask`` (B, T) is 1 on
-real tokens. Losses are token-level means over all real tokens of the
-batch (see ALGORITHMS.md). Advantages, old log-probs, old values and
+real tokens. The policy losses aggregate their (B, T) per-token terms by
+``algorithm.loss_agg`` (:mod:`.aggregation`; a token-level mean by default), the
+value loss is a token-level mean. Advantages, old log-probs, old values and
 returns are treated as constants (detached here).
 
 Policy losses are chosen by ``algorithm.name`` from :data:`POLICY_LOSSES`; every
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_cli.algorithms.aggregation import aggregate
 from rlhf_cli.algorithms.core import masked_mean, masked_var
 from rlhf_cli.algorithms.registry import Registry
 
@@ -35,20 +37,20 @@ def policy_gradient_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Vanilla policy-gradient loss (Williams 1992, REINFORCE; actor of A2C, Mnih et al. 2016).
 
-    Formula: ``L = -masked_mean(A[t] * logp[t])``; its gradient is
-    ``-E[A grad log pi]``.
+    Formula: ``L = agg(-A[t] * logp[t])`` (``agg``: ``algorithm.loss_agg``, a
+    token-level mean by default); its gradient is ``-E[A grad log pi]``.
 
     Args:
         logprobs: (B, T) log-probs of sampled tokens under the current policy (with grad).
         logprobs_old: (B, T) log-probs at sampling time; unused (one on-policy pass).
         advantages: (B, T), detached inside.
         response_mask: (B, T) bool or 0/1.
-        hparams: the algorithm's other keys; none used.
+        hparams: the algorithm's other keys; ``loss_agg`` and ``max_new_tokens`` are read.
 
     Returns:
         ``(loss, {})``: 0-dim loss, no stats.
     """
-    return -masked_mean(advantages.detach() * logprobs, response_mask), {}
+    return aggregate(-advantages.detach() * logprobs, response_mask, **hparams), {}
 
 
 @POLICY_LOSSES.register("ppo", needs_critic=True, trust_region=True)
@@ -59,13 +61,21 @@ def ppo_policy_loss(
     response_mask: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
     **hparams,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), with asymmetric clip range.
+    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), asymmetric clip range, optional dual clip.
 
     Formula: ``ratio = exp(logp - logp_old)``;
     ``pg_loss1 = -A * ratio``; ``pg_loss2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)``;
-    ``L = masked_mean(max(pg_loss1, pg_loss2))``.
+    ``clipped = max(pg_loss1, pg_loss2)``. Dual clip (Ye et al. 2020, "Mastering Complex
+    Control in MOBA Games with Deep RL", arXiv:1912.09729, sec. 3; verl's ``clip_ratio_c``), on tokens with
+    ``A < 0`` only: ``pg_loss3 = -A * c``, ``clipped = min(clipped, pg_loss3)``. With
+    ``A < 0`` the plain PPO term ``-A * ratio`` grows without bound in the ratio (a token
+    the policy now likes far more than at sampling time, e.g. after a few epochs or with
+    stale rollouts); the dual clip caps it at ``-A * c``, and its gradient there is 0.
+    ``L = agg(clipped)`` (``agg``: ``algorithm.loss_agg``, a token-level mean by default).
+    Clip-higher (DAPO, Yu et al. 2025, sec. 3.1) is ``clip_high > clip_low``.
 
     Stats (detached 0-dim tensors, over real tokens):
         ``ratio_mean``: masked mean of ratio.
@@ -74,6 +84,8 @@ def ppo_policy_loss(
         ``approx_kl``: ``masked_mean((ratio - 1) - log ratio)``, the k3
         estimator of KL(pi_old || pi) under samples from pi_old (Schulman
         2020, "Approximating KL Divergence"; >= 0, as in CleanRL).
+        ``clip_frac_lower`` (with dual clip): fraction of tokens where the dual clip is
+        active (``A < 0`` and ``clipped > pg_loss3``; verl's ``pg_clipfrac_lower``).
 
     Args:
         logprobs: (B, T) log-probs under the current policy (with grad).
@@ -81,7 +93,8 @@ def ppo_policy_loss(
         advantages: (B, T), detached inside.
         response_mask: (B, T) bool or 0/1.
         clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``.
-        hparams: the algorithm's other keys; none used.
+        clip_ratio_c: dual-clip bound c > 1 (e.g. 3.0), or None for none.
+        hparams: the algorithm's other keys; ``loss_agg`` and ``max_new_tokens`` are read.
 
     Returns:
         ``(loss, stats)``: 0-dim loss and the stats dict.
@@ -91,13 +104,20 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = masked_mean(torch.maximum(pg_loss1, pg_loss2), response_mask)
+    clipped = torch.maximum(pg_loss1, pg_loss2)
+    if clip_ratio_c is not None:
+        pg_loss3 = -advantages * clip_ratio_c
+        dual_active = (advantages < 0) & (clipped > pg_loss3)
+        clipped = torch.where(advantages < 0, torch.minimum(clipped, pg_loss3), clipped)
+    loss = aggregate(clipped, response_mask, **hparams)
     with torch.no_grad():
         stats = {
             "ratio_mean": masked_mean(ratio, response_mask),
             "clip_frac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), response_mask),
             "approx_kl": masked_mean((ratio - 1) - log_ratio, response_mask),
         }
+        if clip_ratio_c is not None:
+            stats["clip_frac_lower"] = masked_mean(dual_active.to(ratio.dtype), response_mask)
     return loss, {name: value.detach() for name, value in stats.items()}
 
 

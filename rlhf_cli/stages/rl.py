@@ -20,8 +20,10 @@ rollout row g is drawn with noise keyed by (seed, step, g): ranks sample
 differently, reruns and resumes sample the same, and W ranks x B rows draw
 what one process with W*B rows draws. Everything computed across rows is
 global: the running-mean baseline, advantage whitening, the loss (normalised
-by the minibatch's token count over all ranks), the KL controller, PPO's
-early stop and the logged metrics.
+by the minibatch's token or response count over all ranks, by
+algorithm.loss_agg), the KL controller, PPO's early stop and the logged
+metrics. Dynamic sampling (algorithm.dynamic_sampling) fills each rank's share
+of the batch from its own draws, every rank drawing until all are full.
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ import torch
 
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
-                                 FixedKLController, kl_k1, masked_mean, masked_sum, place_step_rewards, token_rewards,
-                                 value_loss)
+                                 FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
+                                 overlong_penalty, place_step_rewards, rank_share, token_rewards, value_loss)
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
-from rlhf_cli.evaluation import held_out_accuracy
+from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, response_logprobs
 from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, frozen, load_causal_lm,
                              load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
-from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses, make_engine
+from rlhf_cli.rollout import (Rollout, SamplingParams, concat_rollouts, decode_responses, make_engine,
+                              select_rows)
 from rlhf_cli.scoring import score_texts
 from rlhf_cli.tracking import Tracker
 
@@ -79,7 +82,8 @@ class RLRecipe:
     def __init__(self, cfg, rt, run_dir, t_start: float):
         self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
         a = cfg.algorithm
-        self.hparams = dataclasses.asdict(a)  # every registered loss / estimator takes the keys it uses
+        # every registered loss / estimator takes the keys it uses (+ the length limit: Dr. GRPO's loss normaliser)
+        self.hparams = dataclasses.asdict(a) | {"max_new_tokens": cfg.rollout.max_new_tokens}
         self.policy_loss = POLICY_LOSSES.get(a.name)
         self.trust_region = POLICY_LOSSES.trait(a.name, "trust_region")  # clipped value loss, first-minibatch checks
         self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(a.advantage)
@@ -109,7 +113,7 @@ class RLRecipe:
         self._setup_critic()
         self._setup_optimizer()
         self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
-                                sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean)
+                                sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean, guard=self.guard)
         self._announce()
 
     def _setup_batch_shape(self) -> None:
@@ -246,7 +250,7 @@ class RLRecipe:
         last_eval = None  # {} on ranks other than 0
         while self.step < self.cfg.max_steps:
             t0 = time.perf_counter()
-            rows, prompts, rollout = self.rollout()                                  # 1. rollout
+            rows, prompts, rollout, sampling = self.rollout_batch()                  # 1. rollout
             t1 = time.perf_counter()
             scored = self.score(rollout, prompts, rows)                              # 2. score
             t2 = time.perf_counter()
@@ -254,13 +258,42 @@ class RLRecipe:
             update_stats = self.update(scored, advantages, returns, beta)            # 4. update
             t3 = time.perf_counter()
             evaluated = self.log_and_checkpoint(scored, rewards, returns, beta,      # 5. log and checkpoint
-                                                update_stats, (t0, t1, t2, t3))
+                                                update_stats | sampling, (t0, t1, t2, t3))
             last_eval = evaluated if evaluated is not None else last_eval
         return self.save(last_eval if last_eval is not None else self.evaluate())
 
     # ---------------------------------------------------------------- 1. rollout
-    def rollout(self) -> tuple[list[dict], list[str], Rollout]:
-        """This rank's prompts of the step's global draw, K contiguous samples each, from the rollout engine."""
+    def rollout_batch(self) -> tuple[list[dict], list[str], Rollout, dict]:
+        """The step's rollout; with algorithm.dynamic_sampling, DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2):
+        groups whose K outcome totals are all equal (no signal for a group baseline) are dropped and further
+        draws of prompts_per_step prompts fill the batch, up to algorithm.max_draws draws; a batch still short
+        is filled with dropped groups. Every rank draws until every rank is full (one all-reduce a draw), so
+        collective rollouts and the sampler's position agree. -> (rows, prompts, rollout, logged stats)."""
+        if not self.cfg.algorithm.dynamic_sampling:
+            return *self.rollout(), {}
+        K, quota = self.K, self.prompts_per_rank
+        kept, dropped = [], []  # whole groups: (rows, prompts, rollout) of K rows each
+        for draw in range(self.cfg.algorithm.max_draws):
+            rows, prompts, rollout = self.rollout(draw)
+            scores, step_rewards, _ = self.rewards(rollout, prompts, rows)  # scored again in step 2 for the kept rows
+            outcome = (scores + step_rewards.sum(-1)).view(-1, K)  # (prompts, K), as zero_signal_group_frac
+            informative = (outcome.max(1).values - outcome.min(1).values > 1e-6).tolist()
+            for g, useful in enumerate(informative):
+                group = slice(g * K, (g + 1) * K)
+                (kept if useful else dropped).append((rows[group], prompts[group], select_rows(rollout, group)))
+            (missing,) = self.rt.sum(float(max(0, quota - len(kept))))
+            if missing == 0:
+                break
+        short = max(0, quota - len(kept))
+        groups = kept[:quota] + dropped[:short]
+        (topped_up,) = self.rt.sum(float(short))
+        rollout = concat_rollouts([g[2] for g in groups], self.tokenizer.pad_token_id)
+        return ([r for g in groups for r in g[0]], [p for g in groups for p in g[1]], rollout,
+                {"sampling_draws": draw + 1, "sampling_topped_up_groups": topped_up})
+
+    def rollout(self, draw: int = 0) -> tuple[list[dict], list[str], Rollout]:
+        """This rank's prompts of the step's global draw, K contiguous samples each, from the rollout engine
+        (draw > 0: dynamic sampling's further draws, with noise of their own)."""
         cfg, rt, K = self.cfg, self.rt, self.K
         chosen = self.sampler.take(cfg.rollout.prompts_per_step)[rt.rank * self.prompts_per_rank:
                                                                  (rt.rank + 1) * self.prompts_per_rank]
@@ -269,7 +302,8 @@ class RLRecipe:
         prompt_ids, prompt_mask = data.left_pad([self.train_prompt_ids[i] for i in chosen for _ in range(K)],
                                                 self.tokenizer.pad_token_id)
         params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k,
-                                cfg.rollout.top_p, noise_key=(cfg.seed, self.step, rt.rank * self.rows_per_rank))
+                                cfg.rollout.top_p, noise_key=(cfg.seed, self.step, (draw * rt.world_size + rt.rank)
+                                                              * self.rows_per_rank))
         self.engine.sync_weights(self.policy)
         with distributed.gathered(self.policy), self.precision.autocast():  # FSDP2: ranks stop at different lengths
             rollout = self.engine.generate(prompt_ids.to(self.dev_policy), prompt_mask.to(self.dev_policy), params)
@@ -327,6 +361,10 @@ class RLRecipe:
             scores += cfg.reward.model.weight * rm
             stats["rm_score"] = rm.mean()
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
+        if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, by response length in tokens
+            overlong = overlong_penalty(torch.tensor(lengths), cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer)
+            scores += cfg.reward.overlong_penalty * overlong
+            stats["overlong_penalty"] = overlong.mean()
         step_rewards = place_step_rewards(step_values, step_positions, (B, T), dtype=torch.float32)
         return scores.to(self.dev_policy), step_rewards.to(self.dev_policy), stats
 
@@ -390,11 +428,12 @@ class RLRecipe:
         """One optimizer step on rows idx -> the minibatch's token means over every rank (+ grad_norm)."""
         a, rt = self.cfg.algorithm, self.rt
         mb_mask = s.mask[idx]
-        mb_tokens = float(mb_mask.sum())
-        (all_tokens,) = rt.sum(mb_tokens)
-        # DDP averages the ranks' gradients: weighting each rank's token mean by its share of the
-        # minibatch's tokens (1 on one process) makes the loss the mean over every rank's tokens
-        share = mb_tokens * rt.world_size / max(all_tokens, 1.0)
+        mb_tokens, mb_units = float(mb_mask.sum()), local_units(mb_mask, a.loss_agg)
+        all_tokens, all_units = rt.sum(mb_tokens, mb_units)
+        # DDP averages the ranks' gradients: weighting each rank's loss by its share of the minibatch's
+        # tokens (or responses, by algorithm.loss_agg; 1 on one process) makes it the loss over every rank's rows
+        share = rank_share(mb_tokens, all_tokens, rt.world_size)  # the value loss: a token mean
+        agg_share = rank_share(mb_units, all_units, rt.world_size)  # the policy's terms: by algorithm.loss_agg
         if self.single_pass:
             logprobs, entropy, values = s.update_forward
         else:
@@ -404,19 +443,25 @@ class RLRecipe:
         if first and self.trust_region:  # checklist 2: ratio 1, clip 0, approx-KL 0 before any update
             ratio_dev = ((logprobs.detach() - s.logprobs_old[idx]).exp() - 1).abs() * mb_mask
             first_mb["first_mb_ratio_dev"] = float(ratio_dev.max())  # this rank's rows
-        entropy_mean = masked_mean(entropy, mb_mask)
+        entropy_mean = masked_mean(entropy, mb_mask)  # logged: the entropy per token
+        entropy_term = aggregate(entropy, mb_mask, **self.hparams)  # as verl: the policy's terms aggregate alike
         kl_penalty = (0.0 if self.kl_in_reward else
-                      beta * masked_mean(self.kl_estimator(logprobs, s.logprobs_ref[idx]), mb_mask))
+                      beta * aggregate(self.kl_estimator(logprobs, s.logprobs_ref[idx]), mb_mask, **self.hparams))
         v_loss = (value_loss(values, s.values_old[idx], returns[idx], mb_mask, a.value_clip if self.trust_region else None)
                   if values is not None else None)
-        # the total loss: policy gradient - entropy bonus + KL penalty (k3: in the loss) + value loss (critic)
-        loss = pg_loss - a.entropy_coef * entropy_mean + kl_penalty + (a.value_coef * v_loss if v_loss is not None else 0.0)
-        stats = {"loss": loss, "entropy": entropy_mean, **pg_stats} | ({"value_loss": v_loss} if v_loss is not None else {})
-        self.precision.backward(loss * share)
-        # token means over every rank (one all-reduce): the guard, early stop and logs agree on all ranks
-        sums = rt.sum(*(float(v.detach()) * mb_tokens for v in stats.values()))
-        means = {k: total / max(all_tokens, 1.0) for k, total in zip(stats, sums)}
-        grad_norm, applied = self.guard.step(params, self.optimizer, means["loss"], scaler=self.precision.scaler)
+        # the total loss: policy gradient - entropy bonus + KL penalty (k2 / k3: in the loss) + value loss (critic)
+        policy_terms = pg_loss - a.entropy_coef * entropy_term + kl_penalty
+        value_term = a.value_coef * v_loss if v_loss is not None else 0.0
+        stats = {"entropy": entropy_mean, **pg_stats} | ({"value_loss": v_loss} if v_loss is not None else {})
+        self.precision.backward(policy_terms * agg_share + value_term * share)
+        # the loss over every rank's rows (each term by its own units) and token means of the stats (one
+        # all-reduce): the guard, early stop and logs agree on all ranks
+        loss_part = (float(policy_terms) * mb_units / max(all_units, 1.0)
+                     + float(value_term) * mb_tokens / max(all_tokens, 1.0))
+        loss_total, *sums = rt.sum(loss_part, *(float(v.detach()) * mb_tokens for v in stats.values()))
+        means = {"loss": loss_total, **{k: total / max(all_tokens, 1.0) for k, total in zip(stats, sums)}}
+        grad_norm, applied = self.guard.step(params, self.optimizer, means["loss"], scaler=self.precision.scaler,
+                                             at_step=self.step + 1)
         if first and self.trust_region:
             first_mb.update(first_mb_clip_frac=means["clip_frac"], first_mb_approx_kl=means["approx_kl"])
         return {**means, "grad_norm": grad_norm}
@@ -449,7 +494,7 @@ class RLRecipe:
         if s.values_old is not None:
             metrics["explained_variance"] = distributed.global_explained_variance(s.values_old, returns, mask, rt)
         return loop.end_of_step(self.step, cfg.max_steps, cfg, rt, self.run_dir, self.tracker, metrics, self.evaluate,
-                                self.save_checkpoint)
+                                self.save_checkpoint, self.guard)
 
     def evaluate(self) -> dict:
         """Greedy held-out responses from the rollout engine: accuracy, length, the reward model's score."""
@@ -463,6 +508,9 @@ class RLRecipe:
             metrics = {"eval_response_chars": mean_len, "_samples": samples}
             if accuracy is not None:
                 metrics["eval_accuracy"] = accuracy
+            metrics |= stage_sampled_metrics(self.engine, self.tokenizer, self.eval_rows, self.eval_prompts,
+                                             self.cfg.eval, self.dev_policy, self.cfg.seed,  # eval.samples: pass@k, maj@k
+                                             self.max_sequence)
             if self.reward_model is not None:  # the RM's (normalised) score of the greedy held-out responses
                 rm_scores = score_texts(self.reward_model, self.tokenizer, self.eval_prompts, responses, self.dev_reward)
                 metrics["eval_rm_score"] = float(((rm_scores - self.rm_mean) / self.rm_std).mean())
@@ -471,7 +519,8 @@ class RLRecipe:
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
                                    self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict(),
-                                   kl=self.kl_ctl.state_dict(), running_mean=self.running_mean.state_dict())
+                                   kl=self.kl_ctl.state_dict(), running_mean=self.running_mean.state_dict(),
+                                   guard=self.guard.state_dict())
 
     # ================================================================ save
     def save(self, last_eval: dict) -> dict:

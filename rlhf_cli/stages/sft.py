@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.errors import DataError
-from rlhf_cli.evaluation import held_out_accuracy
+from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.models import (check_generation_fits, check_models, load_causal_lm, model_and_tokenizer,
                              position_limit, stop_token_ids)
 from rlhf_cli.precision import Precision
@@ -74,7 +74,7 @@ class SFTRecipe:
         lengths = None if cfg.packing else [ex.length for ex in self.train_examples]  # bucket when padding
         self.sampler = data.EpochSampler(len(self.train_examples), cfg.seed, lengths, self.global_batch)
         self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
-                                sampler=self.sampler)
+                                sampler=self.sampler, guard=self.guard)
         self._announce()
 
     def _setup_data(self) -> None:
@@ -130,7 +130,7 @@ class SFTRecipe:
         while self.step < self.total_steps:
             metrics = self.train_step()
             evaluated = loop.end_of_step(self.step, self.total_steps, cfg, self.rt, self.run_dir, self.tracker,
-                                         metrics, self.evaluate, self.save_checkpoint)
+                                         metrics, self.evaluate, self.save_checkpoint, self.guard)
             last_eval = evaluated if evaluated is not None else last_eval
         return self.save(last_eval if last_eval is not None else self.evaluate())
 
@@ -155,7 +155,7 @@ class SFTRecipe:
             loss_total += float(loss_sum.detach())
         loss_total = float(rt.all_reduce_sum(torch.tensor([loss_total], device=rt.device))) / global_tokens
         grad_norm, applied = self.guard.step(self.model.parameters(), self.optimizer, loss_total,
-                                             scaler=self.precision.scaler)
+                                             scaler=self.precision.scaler, at_step=self.step + 1)
         self.scheduler.step()
         self.step += 1
         logged = self.step % cfg.log_every == 0 or self.step == self.total_steps
@@ -176,12 +176,15 @@ class SFTRecipe:
                        "eval_response_chars": mean_len}
             if accuracy is not None:
                 metrics["eval_accuracy"] = accuracy
+            metrics |= stage_sampled_metrics(self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, cfg.eval,
+                                             rt.device, cfg.seed, self.max_sequence)  # eval.samples=K: pass@k, maj@k
             metrics["_samples"] = samples
             return metrics
 
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
-                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict())
+                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict(),
+                                   guard=self.guard.state_dict())
 
     # ---------------------------------------------------------------- save
     def save(self, last_eval: dict) -> dict:

@@ -109,7 +109,7 @@ class RewardModelRecipe:
         self.sampler = data.EpochSampler(len(self.train_pairs), cfg.seed, [p.length for p in self.train_pairs],
                                          self.global_batch)
         self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
-                                sampler=self.sampler)
+                                sampler=self.sampler, guard=self.guard)
         self._announce()
 
     def _setup_data(self) -> None:
@@ -169,7 +169,7 @@ class RewardModelRecipe:
         while self.step < self.total_steps:
             metrics = self.train_step()
             evaluated = loop.end_of_step(self.step, self.total_steps, self.cfg, self.rt, self.run_dir, self.tracker,
-                                         metrics, self.evaluate, self.save_checkpoint)
+                                         metrics, self.evaluate, self.save_checkpoint, self.guard)
             last_eval = evaluated if evaluated is not None else last_eval
         return self.save(last_eval if last_eval is not None else self.evaluate())
 
@@ -192,7 +192,7 @@ class RewardModelRecipe:
                                                float(stats["accuracy"]), float(stats["margin"])], dtype=torch.float64)
         loss_value, bt_value, accuracy, margin = (rt.all_reduce_sum(sums.to(rt.device)).cpu() / global_batch).tolist()
         grad_norm, applied = self.guard.step(self.scorer.parameters(), self.optimizer, loss_value,
-                                             scaler=self.precision.scaler)
+                                             scaler=self.precision.scaler, at_step=self.step + 1)
         self.scheduler.step()
         self.step += 1
         logged = self.step % cfg.log_every == 0 or self.step == self.total_steps
@@ -209,7 +209,8 @@ class RewardModelRecipe:
 
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
-                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict())
+                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict(),
+                                   guard=self.guard.state_dict())
 
     # ---------------------------------------------------------------- save
     def save(self, results: dict) -> dict:

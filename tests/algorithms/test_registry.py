@@ -12,12 +12,13 @@ import torch
 
 from conftest import REPO, run_cli
 from helpers import load_weights, read_metrics
-from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, Registry
+from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, Registry
 
 SIGNATURES = {  # the positional arguments every entry takes, then **hparams (except KL: two tensors)
     "POLICY_LOSSES": (POLICY_LOSSES, ["logprobs", "logprobs_old", "advantages", "response_mask"], True),
     "ADVANTAGE_ESTIMATORS": (ADVANTAGE_ESTIMATORS, ["rewards", "values", "response_mask", "scores"], True),
     "KL_ESTIMATORS": (KL_ESTIMATORS, ["logprobs", "logprobs_ref"], False),
+    "LOSS_AGGREGATIONS": (LOSS_AGGREGATIONS, ["loss_mat", "response_mask"], True),
 }
 
 
@@ -61,6 +62,7 @@ def test_the_config_offers_exactly_the_registered_names():
 
     for registry, make in ((POLICY_LOSSES, lambda v: AlgorithmConfig(name=v, advantage="gae")),
                            (ADVANTAGE_ESTIMATORS, lambda v: AlgorithmConfig(advantage=v)),
+                           (LOSS_AGGREGATIONS, lambda v: AlgorithmConfig(loss_agg=v)),
                            (KL_ESTIMATORS, lambda v: KLConfig(estimator=v))):
         for name in registry:
             make(name)

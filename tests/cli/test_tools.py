@@ -161,7 +161,29 @@ def test_eval_on_a_file_without_answers_reports_no_accuracy(sweep, tmp_path):
     assert result["generations"][1]["prompt"] == "<|user|>hi\n<|assistant|>"  # the model's chat template
 
 
+def test_eval_samples_gives_pass_at_k_and_majority_vote(sweep, tmp_path):
+    """`rlhf eval CKPT eval.samples=8 --json out.json`: pass@1, pass@8 and maj@8 printed and written under those
+    names, pass@1 <= pass@4 <= pass@8, and each equal to what the per-prompt counts of right samples give. The rule
+    (a response writing a digit) is one an untrained policy meets sometimes, so the numbers are not all 0 or 1."""
+    (tmp_path / "digitrule.py").write_text("def has_digit(prompt, response, **row):\n"
+                                           "    return float(any(map(str.isdigit, response)))\n")
+    proc = run_cli("eval", str(sweep / "seed-0"), "eval.samples=8", "eval.pass_k=[1,4,8]",
+                   "eval.rule=digitrule:has_digit", "--json", "out.json", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(name in proc.stdout + proc.stderr for name in ("pass@1", "pass@8", "maj@8"))
+    result = json.loads((tmp_path / "out.json").read_text())
+    metrics, counts = result["metrics"], [g["samples_correct"] for g in result["generations"]]
+    assert result["samples_per_prompt"] == 8 and len(counts) == metrics["prompts"] == 8
+    assert {"accuracy", "pass@1", "pass@4", "pass@8", "maj@1", "maj@4", "maj@8"} <= metrics.keys()
+    assert 0 < metrics["pass@1"] < 1, counts
+    assert metrics["pass@1"] <= metrics["pass@4"] <= metrics["pass@8"]
+    assert metrics["pass@1"] == pytest.approx(sum(counts) / 64)
+    assert metrics["pass@8"] == pytest.approx(sum(c > 0 for c in counts) / 8)
+    assert 0 <= metrics["maj@8"] <= 1
+
+
 @pytest.mark.parametrize("args,fragment", [
+    (["{run}", "eval.samples=4", "eval.pass_k=[1,8]"], "eval.pass_k=[1, 8] needs every k in [1, eval.samples=4]"),
     (["missing/final"], "does not exist"),
     (["{run}", "eval.max_new_tokns=4"], "did you mean eval.max_new_tokens"),
     (["{run}", "data.eval=nope.jsonl"], "file not found"),

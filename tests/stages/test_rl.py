@@ -69,6 +69,30 @@ def test_left_padding_does_not_change_logprobs(policy):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_concatenated_rollouts_keep_every_rows_tokens_and_log_probs(policy):
+    """Dynamic sampling stacks groups from different draws: re-padded to the widest prompt and response, each row
+    keeps its masks, ids and (recomputed) log-probs exactly."""
+    from rlhf_cli.rollout import concat_rollouts, select_rows
+
+    tok, model = policy
+    torch.manual_seed(0)
+    ids_a, mask_a = _prompts(tok, 2)
+    ids_b, mask_b = data.left_pad([data.encode(tok, "Start at 1. add 1.")] * 2, tok.pad_token_id)  # shorter prompts
+    a = sample(model, ids_a, mask_a, 6, tok.eos_token_id, tok.pad_token_id)
+    b = sample(model, ids_b, mask_b, 3, tok.eos_token_id, tok.pad_token_id)
+    both = concat_rollouts([select_rows(a, slice(0, 2)), b], tok.pad_token_id)
+    P, T = max(ids_a.shape[1], ids_b.shape[1]), max(a.response_ids.shape[1], b.response_ids.shape[1])
+    assert both.prompt_ids.shape == (4, P) and both.response_ids.shape == (4, T)
+    assert both.prompt_mask.sum(1).tolist() == mask_a.sum(1).tolist() + mask_b.sum(1).tolist()
+    assert both.response_mask.sum(1).tolist() == a.response_mask.sum(1).tolist() + b.response_mask.sum(1).tolist()
+    assert both.stopped.tolist() == a.stopped.tolist() + b.stopped.tolist()
+    merged = response_logprobs(model, both.input_ids, both.attention_mask, P) * both.response_mask
+    alone = response_logprobs(model, b.input_ids, b.attention_mask, ids_b.shape[1]) * b.response_mask
+    torch.testing.assert_close(merged[2:, :alone.shape[1]], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both.logprobs[2:, :b.logprobs.shape[1]], b.logprobs)
+    assert (both.logprobs[2:, b.logprobs.shape[1]:] == 0).all()
+
+
 def test_masks_come_from_lengths_even_when_pad_equals_eos():
     eos = pad = 7
     tokens = torch.tensor([[1, 2, eos, pad, pad], [eos, pad, pad, pad, pad], [1, 2, 3, 4, 5]])
@@ -346,3 +370,77 @@ def test_bad_reward_functions_name_the_prompt(tmp_path, tiny_model_dir, body, fr
                    "max_steps=1", "rollout.max_new_tokens=4", *SMALL, cwd=tmp_path, env=env)
     assert_one_line_error(proc, fragment)
     assert not (tmp_path / "out" / "final").exists()
+
+
+@pytest.mark.parametrize("extra, config_keys, train_keys", [
+    (["algorithm=ppo", "algorithm.clip_ratio_c=3.0", "algorithm.loss_agg=seq-mean-token-sum-norm", "kl.estimator=k2",
+      "algorithm.epochs=2", "algorithm.minibatches=2", "reward.overlong_buffer=4"],
+     {"algorithm": {"clip_ratio_c": 3.0, "loss_agg": "seq-mean-token-sum-norm"}, "kl": {"estimator": "k2"},
+      "reward": {"overlong_buffer": 4}}, {"clip_frac_lower", "overlong_penalty"}),
+    (["algorithm.baseline=group_norm_unbiased", "algorithm.loss_agg=seq-mean-token-mean", "kl.estimator=k3_clamped",
+      "eval.samples=4"],
+     {"algorithm": {"baseline": "group_norm_unbiased", "loss_agg": "seq-mean-token-mean"},
+      "kl": {"estimator": "k3_clamped"}, "eval": {"pass_k": [4]}}, set()),
+], ids=["ppo-dual-clip-drgrpo-k2-overlong", "grpo-unbiased-seq-mean-k3-clamped-eval-samples"])
+def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, config_keys, train_keys):
+    """Issue 20's options through the real CLI: the run finishes, the saved config holds them, the update ran on
+    finite numbers, and the options' own stats are logged (dual clip: clip_frac_lower; overlong shaping: its mean
+    penalty; eval.samples=4: the
+    held-out evaluations before and after carry pass@1, pass@4 and maj@4 beside greedy accuracy)."""
+    out = tmp_path / "rl"
+    # the shipped reasoning rewards, plus one that varies within a group on an untrained model (digits written)
+    env = _reward_module(tmp_path, "def digits(prompt, response, **row):\n    return sum(map(str.isdigit, response)) / 4\n")
+    rewards = "reward.functions=[rlhf_cli.reasoning:answer_reward,rlhf_cli.reasoning:format_reward,myrewards:digits]"
+    proc = run_cli("rl", *extra, f"policy.path={tiny_model_dir}", f"output_dir={out}", "max_steps=2", rewards,
+                   "rollout.max_new_tokens=8", *SMALL, "data.num_eval=2", "eval.max_new_tokens=4", "device=cpu",
+                   "device.threads=1", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((out / "config.json").read_text())
+    for group, values in config_keys.items():
+        assert {k: saved[group][k] for k in values} == values
+    train = [r for r in metrics(out) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert train_keys <= r.keys()
+        assert all(torch.isfinite(torch.tensor(float(r[k]))) for k in ("loss", "grad_norm", "kl", "entropy"))
+        assert r["grad_norm"] > 0  # the loss reached the weights
+        if "overlong_penalty" in train_keys:  # 8-token limit, free up to 4: an untrained policy rarely stops sooner
+            assert -1 <= r["overlong_penalty"] < 0
+    evals = [r for r in metrics(out) if r["kind"] == "eval"]
+    sampled = {"eval_pass@1", "eval_pass@4", "eval_maj@4"}
+    if "eval.samples=4" in extra:
+        assert len(evals) == 2 and all(sampled | {"eval_accuracy"} <= r.keys() for r in evals)
+        assert all(0 <= r["eval_pass@1"] <= r["eval_pass@4"] <= 1 for r in evals)
+    else:
+        assert evals and not any(sampled & r.keys() for r in evals)  # greedy only unless asked
+
+
+@pytest.mark.parametrize("reward_body, informative", [
+    ("def score(prompt, response, **row):\n    return 0.0\n", False),  # every group flat: all draws, topped up
+    ("def score(prompt, response, **row):\n    return float(len(response) % 2)\n", True),  # flat groups now and then
+], ids=["flat-rewards", "some-signal"])
+def test_dynamic_sampling_draws_until_groups_differ(tmp_path, tiny_model_dir, reward_body, informative):
+    """DAPO's dynamic sampling through the real CLI: draws are logged; when every group is flat, all
+    algorithm.max_draws draws are made and the batch is topped up with flat groups (the step still trains on a
+    full batch); when some groups differ, a batch made within the cap holds no flat group. (With Dr. GRPO's
+    no-std baseline and a per-response token-sum loss, so that those run end to end too.)"""
+    env = _reward_module(tmp_path, reward_body)
+    out = tmp_path / "rl"
+    proc = run_cli("rl", "algorithm.dynamic_sampling=true", "algorithm.max_draws=3", f"policy.path={tiny_model_dir}",
+                   "algorithm.baseline=group_mean", "algorithm.loss_agg=seq-mean-token-sum",  # Dr. GRPO's baseline too
+                   f"output_dir={out}", "max_steps=2", "reward.functions=[myrewards:score]", "rollout.max_new_tokens=6",
+                   *SMALL, "data.num_eval=2", "eval.max_new_tokens=4", "device=cpu", "device.threads=1",
+                   cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    train = [r for r in metrics(out) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert 1 <= r["sampling_draws"] <= 3
+        if not informative:
+            assert r["sampling_draws"] == 3 and r["sampling_topped_up_groups"] == 4 and r["zero_signal_group_frac"] == 1
+        elif r["sampling_draws"] < 3:
+            assert r["sampling_topped_up_groups"] == 0 and r["zero_signal_group_frac"] == 0
+        # the groups topped up are exactly the flat ones left in the batch
+        assert r["zero_signal_group_frac"] == pytest.approx(r["sampling_topped_up_groups"] / 4)
+    if informative:
+        assert any(r["sampling_draws"] < 3 for r in train)
