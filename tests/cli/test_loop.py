@@ -107,6 +107,7 @@ def test_generate_killed_and_rerun_writes_the_uninterrupted_file(gens, root, tin
     assert out.read_bytes() == gens.read_bytes()
 
 
+@pytest.mark.slow  # ~15 s: two ranks import torch; the one-process path is the same loop, tested above
 @pytest.mark.distributed
 def test_generate_under_torchrun_resumes_and_writes_the_one_process_file(gens, root, tiny_model_dir):
     """Two gloo ranks each sample every other batch (batch_size=5: batches of unequal count per rank) and
