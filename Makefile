@@ -6,10 +6,11 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: install demo test test-slow bench bench-trl suite clean help
+.PHONY: install demo demo-loop test test-slow bench bench-trl suite clean help
 
 help:
 	@echo "make demo    install, then sft -> train-rm -> rl on the embedded default (CPU, minutes)"
+	@echo "make demo-loop  install, then the RLHF loop with rounds: generate, label, retrain the RM, RL (scripts/loop.mk)"
 	@echo "make test    install, then the test suite (slow tests: make test-slow)"
 	@echo "make bench   throughput of every stage, tiny and ~25M models (bench/latest.json)"
 	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
@@ -25,6 +26,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/python scripts/demo.py --runs $(RUNS)
+
+# the RLHF loop (docs/loop.md): sft -> rm0 -> rl0, then per round generate -> label -> rm{k} -> rl{k}; LOOP_ARGS='ROUNDS=3'
+demo-loop: install
+	$(MAKE) -f scripts/loop.mk RLHF=$(abspath $(BIN))/rlhf RUNS=$(RUNS)/loop $(LOOP_ARGS)
 
 # two workers: most tests wait on a subprocess importing torch, so two cores overlap them
 TEST_WORKERS ?= 2

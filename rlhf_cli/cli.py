@@ -39,6 +39,8 @@ TOOLS = {  # commands beside the stages: each module has main(args)
     "validate": ("rlhf_cli.validate", "check a stage's config and data files without loading any model"),
     "eval": ("rlhf_cli.evaluate", "held-out accuracy, reward-model score, length and samples of a final/ model"),
     "plot": ("rlhf_cli.plot", "PNG curves (loss, reward, KL, accuracy, length) comparing runs or a sweep"),
+    "generate": ("rlhf_cli.generate", "K sampled responses per prompt from a policy, resumable (docs/loop.md)"),
+    "label": ("rlhf_cli.label", "preference pairs from generations, judged by rules, a reward model or people"),
 }
 DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # a write failed: one line, exit 2
 
@@ -259,8 +261,9 @@ def print_stages(stages: dict) -> None:
     helptext.print_text(f"rlhf {__version__}\n"
                         "usage: rlhf <stage> [CONFIG.yaml] [key=value ...] [-m]   (rlhf <stage> --help for its keys)\n"
                         "tools: rlhf validate <stage> [CONFIG.yaml] [key=value ...] | rlhf eval CHECKPOINT "
-                        "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png]   "
-                        "(rlhf <tool> --help)\n"
+                        "[key=value ...] [--json OUT] | rlhf plot RUN_DIR [RUN_DIR ...] [-o OUT.png] | "
+                        "rlhf generate model.path=CKPT output=gens.jsonl [key=value ...] | rlhf label input=gens.jsonl "
+                        "judge=rule|rm|human output=prefs.jsonl [key=value ...]   (rlhf <tool> --help)\n"
                         "other: rlhf --version | rlhf completion bash (tab completion, docs/config-and-cli.md)")
     width = max(len(n) for n in [*stages, *TOOLS])
     for kind, commands in (("stages", stages), ("tools", TOOLS)):

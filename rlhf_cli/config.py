@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -84,7 +84,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = doc(None, "local .json/.jsonl/.parquet/.csv file or a datasets hub name; null = embedded task")
+    train: Any = doc(None, "local .json/.jsonl/.parquet/.csv file or a datasets hub name, or a list of them "
+                           "read one after another ([pairs.jsonl,round1.jsonl]); null = embedded task")
     eval: Optional[str] = doc(None, "held-out rows, same formats; null = embedded task's held-out split")
     train_split: str = doc("train", "split of data.train when it is a hub name")
     eval_split: str = doc("test", "split of data.eval when it is a hub name")
@@ -94,6 +95,14 @@ class DataConfig:
     eval_limit: int = doc(200, "at most this many held-out rows are used per evaluation")
 
     def __post_init__(self):
+        if isinstance(self.train, (list, tuple)):
+            if not self.train or not all(isinstance(t, str) and t for t in self.train):
+                raise ConfigError(f"data.train={list(self.train)!r}: a list must hold file paths or dataset names, "
+                                  f"e.g. data.train=[pairs.jsonl,round1.jsonl]")
+            self.train = list(self.train)
+        elif self.train is not None and not isinstance(self.train, str):
+            raise ConfigError(f"data.train={self.train!r} is not a path or dataset name; e.g. data.train=pairs.jsonl "
+                              f"or data.train=[pairs.jsonl,round1.jsonl]")
         check_positive("data.num_train", self.num_train)
         check_positive("data.num_eval", self.num_eval)
         check_positive("data.eval_limit", self.eval_limit)

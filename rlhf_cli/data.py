@@ -192,8 +192,7 @@ def stage_rows(data_cfg, kind: str, seed: int) -> tuple[list[dict], list[dict]]:
     if data_cfg.train is None:
         train = make(data_cfg.num_train, seed=seed, split="train", n_eval=data_cfg.num_eval)
     else:
-        train = load_rows(data_cfg.train, "data.train", data_cfg.train_split, data_cfg.subset)
-        check_rows(train, kind, "data.train")
+        train = train_rows(data_cfg, kind)
     if data_cfg.eval is None:
         # the embedded held-out split; with user train data and no eval file, hold out 5%
         if data_cfg.train is None:
@@ -332,6 +331,19 @@ def check_rows(rows: list[dict], kind: str, key: str) -> None:
         problem = problem_of(row) if isinstance(row, dict) else f"is {_describe(row)}, not a row object"
         if problem:
             raise DataError(f"{where(row, key, i)}: {problem}")
+
+
+def train_rows(data_cfg, kind: str) -> list[dict]:
+    """data.train's rows, checked for `kind`: one source, or a list of them concatenated in order (a reward
+    model's original pairs plus each loop round's, docs/loop.md)."""
+    sources = data_cfg.train if isinstance(data_cfg.train, list) else [data_cfg.train]
+    rows = []
+    for i, spec in enumerate(sources):
+        key = "data.train" if len(sources) == 1 else f"data.train[{i}]"
+        loaded = load_rows(spec, key, data_cfg.train_split, data_cfg.subset)
+        check_rows(loaded, kind, key)
+        rows.extend(loaded)
+    return rows
 
 
 # ---------------------------------------------------------------- row formats

@@ -207,6 +207,10 @@ CASES: dict[str, Case] = {
                                           "could not write checkpoint", rlimit_fsize=1_000_000, before_run=False),
     # ---- data: missing, empty, corrupt, wrong columns, bad values, over-long
     "rl missing file": Case("rl", lambda d, m: [f"data.train={d / 'nope.jsonl'}"], "file not found", before_run=False),
+    "train-rm empty list of train files": Case("train-rm", lambda d, m: ["data.train=[]"], "a list must hold file paths"),
+    "train-rm missing file in a list": Case("train-rm", lambda d, m: [
+        f"data.train=[{jsonl(d / 'p.jsonl', task.preference_rows(8))},{d / 'nope.jsonl'}]"],
+        "data.train[1]: file not found", before_run=False),
     "sft empty eval file": Case("sft", lambda d, m: [f"data.train={jsonl(d / 't.jsonl', task.sft_rows(16))}",
                                                      f"data.eval={write(d / 'e.jsonl', '')}"], "has no rows", before_run=False),
     "train-rm corrupt json": Case("train-rm", lambda d, m: [f"data.train={write(d / 'c.json', '{not json')}"],

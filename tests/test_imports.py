@@ -95,7 +95,8 @@ def test_algorithms_import_nothing_else_from_the_project():
             assert not bad, f"{m} imports {bad}: algorithms/ is pure tensor math"
 
 
-@pytest.mark.parametrize("tool", ["rlhf_cli.evaluate", "rlhf_cli.validate", "rlhf_cli.plot"])
+@pytest.mark.parametrize("tool", ["rlhf_cli.evaluate", "rlhf_cli.validate", "rlhf_cli.plot", "rlhf_cli.generate",
+                                  "rlhf_cli.label", "rlhf_cli.label_page"])
 def test_tools_never_import_a_stage_the_cli_or_private_names(tool):
     for target, _, line, name in imports_of(tool):
         assert not target.startswith("rlhf_cli.stages"), f"{tool}:{line} imports the stage {target}"

@@ -28,7 +28,7 @@ def test_help_lists_only_existing_stages(tmp_path):
                      if p.stem != "__init__")
     assert sorted(lists) == ["stages", "tools"]
     assert sorted(lists["stages"]) == runners == sorted(STAGE_SCHEMAS)
-    assert lists["tools"] == ["validate", "eval", "plot"]
+    assert lists["tools"] == ["validate", "eval", "plot", "generate", "label"]
 
 
 def test_stage_help_lists_groups_and_documented_keys(tmp_path):

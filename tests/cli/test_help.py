@@ -78,7 +78,7 @@ def test_version_matches_the_package(tmp_path):
 def test_top_level_and_tool_help_go_to_stdout(tmp_path):
     top = run_cli("--help", cwd=tmp_path)
     assert top.returncode == 0 and re.search(r"^  train-rm +reward model from", top.stdout, re.M)
-    for tool in ("validate", "eval", "plot"):
+    for tool in ("validate", "eval", "plot", "generate", "label"):
         proc = run_cli(tool, "--help", cwd=tmp_path)
         assert proc.returncode == 0 and f"rlhf {tool}" in proc.stdout and not proc.stderr.strip(), proc.stderr
 

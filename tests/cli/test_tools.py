@@ -231,5 +231,5 @@ def test_validate_bad_input(tmp_path, args, fragment):
 def test_help_lists_the_tools(tmp_path):
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
-    for tool in ("validate", "eval", "plot"):
+    for tool in ("validate", "eval", "plot", "generate", "label"):
         assert f"rlhf {tool}" in proc.stdout

@@ -1,0 +1,304 @@
+"""`rlhf generate model.path=CKPT output=gens.jsonl [key=value ...]`: K sampled responses per prompt.
+
+    rlhf generate model.path=runs/rl/final output=gens.jsonl                  # embedded task's training prompts
+    rlhf generate model.path=runs/rl/final data.prompts=prompts.jsonl samples_per_prompt=4 \\
+        temperature=1.0 max_new_tokens=64 seed=1 output=gens.jsonl device=cpu device.threads=2
+    torchrun --nproc-per-node 8 -m rlhf_cli generate model.path=runs/rl/final output=gens.jsonl device=cuda
+
+The first step of the RLHF loop (docs/loop.md): sample the policy, then `rlhf label`
+the responses, then `rlhf train-rm` on the pairs. One JSONL row per prompt: the row's
+own columns, `prompt` as the text the model saw (message lists rendered through the
+chat template) and `responses`, a list of K strings.
+
+Resumable: rows are appended and flushed (fsync) as each batch of prompts finishes.
+A rerun with the same settings continues after the last complete row (a line torn
+by a kill is discarded), so nothing is generated twice or lost; the settings live
+beside the output in OUTPUT.meta.json and a rerun with other settings is refused.
+Reproducible: response j of prompt i draws token t with uniform noise keyed by
+(seed, i * K + j) (runtime.keyed_uniform through SamplingParams.noise_key), so a
+killed-and-resumed run writes the same file as an uninterrupted one, and N ranks
+under torchrun (each samples every N-th batch; rank 0 appends them in order) write
+the file one process writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rlhf_cli import helptext, task
+from rlhf_cli.config import check_choice, check_positive, doc, field_docs
+from rlhf_cli.errors import ConfigError, DataError, UserError
+from rlhf_cli.evaluate import parse_overrides
+from rlhf_cli.tracking import console
+
+ENGINES = ("auto", "lean", "hf")  # rollout.ENGINES, named here without importing torch
+
+
+@dataclass
+class GenerateModelConfig:
+    path: Optional[str] = doc(None, "the policy to sample: an sft or rl final/ (or any causal LM dir); required")
+    dtype: str = doc("fp32", "weights dtype: fp32, bf16 or fp16")
+    trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
+
+
+@dataclass
+class GenerateDataConfig:
+    prompts: Optional[str] = doc(None, "prompt rows (`prompt` text or messages, or `messages`): .jsonl/.json/"
+                                       ".parquet/.csv, dataset dir or hub name; null = the embedded task")
+    split: str = doc("train", "split of data.prompts when it is a dataset dir or hub name; embedded task: "
+                              "train or eval (its held-out prompts)")
+    subset: Optional[str] = doc(None, "dataset config name (subset) of data.prompts")
+    num_prompts: int = doc(200, "embedded task: number of prompts")
+    num_eval: int = doc(200, "embedded task: size of its held-out split (as the stages' data.num_eval)")
+    limit: Optional[int] = doc(None, "use at most this many rows of data.prompts (null = all)")
+
+
+@dataclass
+class GenerateDeviceConfig:
+    type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
+    threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
+
+
+@dataclass
+class GenerateToolConfig:
+    output: Optional[str] = doc(None, "the generations file (.jsonl) to write or continue; required")
+    samples_per_prompt: int = doc(4, "K: responses per prompt")
+    temperature: float = doc(1.0, "sampling temperature")
+    max_new_tokens: int = doc(40, "response length limit in tokens")
+    seed: int = doc(0, "seed of the keyed sampling noise (and of the embedded task's prompts)")
+    batch_size: int = doc(16, "prompts per generate call (each with its K responses); rows are flushed per batch")
+    engine: str = doc("auto", "decoder of the local rollout engine: auto, lean or hf (as rl's rollout.engine)")
+    model: GenerateModelConfig = doc(GenerateModelConfig, "the policy")
+    data: GenerateDataConfig = doc(GenerateDataConfig, "the prompts")
+    device: GenerateDeviceConfig = doc(GenerateDeviceConfig, "device placement")
+
+    def __post_init__(self):
+        check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
+        check_choice("engine", self.engine, ENGINES)
+        check_positive("device.threads", self.device.threads)
+        for key in ("samples_per_prompt", "temperature", "max_new_tokens", "batch_size"):
+            check_positive(key, getattr(self, key))
+        for key in ("num_prompts", "num_eval", "limit"):
+            check_positive(f"data.{key}", getattr(self.data, key))
+        if self.model.path is None:
+            raise ConfigError("model.path= is required: the policy to sample, e.g. model.path=runs/rl/final")
+        if self.output is None:
+            raise ConfigError("output= is required: the generations file, e.g. output=gens.jsonl")
+        if self.data.prompts is None:
+            check_choice("data.split", self.data.split, ("train", "eval"))
+
+
+def settings(cfg: GenerateToolConfig) -> dict:
+    """What decides the file's content: a rerun continues only with the same."""
+    keep = dataclasses.asdict(cfg)
+    keep.pop("output")
+    keep.pop("device")
+    keep.pop("batch_size")  # rows are keyed per prompt: any batch size writes the same rows
+    return keep
+
+
+def print_help() -> None:
+    helptext.print_text(__doc__.strip())
+    print_keys(GenerateToolConfig, "generate")
+
+
+def print_keys(schema, tool: str) -> None:
+    """Every key of a tool's schema with its default and doc, on stdout."""
+    rows = [(key, helptext.render(_default(schema, key)), help_text) for key, _, help_text in field_docs(schema)]
+    helptext.print_keys(f"keys of `rlhf {tool}`", rows)
+
+
+def _default(schema, dotted: str):
+    """The default of a dotted key of a schema dataclass, without constructing it (required keys have none)."""
+    head, _, rest = dotted.partition(".")
+    field = next(f for f in dataclasses.fields(schema) if f.name == head)
+    if rest:
+        return _default(field.default_factory if field.default_factory is not dataclasses.MISSING else field.type, rest)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def main(args: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in args):
+        print_help()
+        return
+    positional = [a for a in args if "=" not in a]
+    if positional:
+        raise UserError(f"rlhf generate takes key=value settings only (got {positional[0]!r}); "
+                        f"e.g. rlhf generate model.path=runs/rl/final output=gens.jsonl")
+    cfg = parse_overrides(GenerateToolConfig, args, "generate")
+    generate(cfg)
+
+
+# ---------------------------------------------------------------- the output file
+
+
+def meta_path(output: Path) -> Path:
+    return output.with_name(output.name + ".meta.json")
+
+
+def read_done_rows(output: Path) -> tuple[list[dict], int]:
+    """(complete rows of an existing output, the byte length they take); bytes after the last newline are a
+    line torn by a kill (cut_torn_line removes them)."""
+    if not output.exists():
+        return [], 0
+    raw = output.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    rows = []
+    for lineno, line in enumerate(raw[:end].splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"output: {output} line {lineno} is not a JSON row; it was not written by an "
+                            f"interrupted `rlhf generate`: choose another output=... or remove the file") from None
+    return rows, end
+
+
+def cut_torn_line(output: Path, complete_bytes: int) -> None:
+    if output.exists() and output.stat().st_size > complete_bytes:
+        with open(output, "r+b") as f:
+            f.truncate(complete_bytes)
+
+
+def check_resumable(output: Path, cfg: GenerateToolConfig) -> None:
+    """An existing output continues only when it was written by generate with the same settings."""
+    meta = meta_path(output)
+    if not output.exists():
+        return
+    if not meta.exists():
+        raise UserError(f"output: {output} exists and was not written by `rlhf generate` (no {meta.name}); "
+                        f"choose another output=... or remove it")
+    before = json.loads(meta.read_text())
+    now = settings(cfg)
+    diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(f"output: {output} was generated with {k}={before.get(k)!r}, not {now.get(k)!r}; "
+                        f"rerun with the same settings to continue it, or choose another output=...")
+
+
+def append_rows(f, rows: list[dict]) -> None:
+    """One write of whole lines, flushed to disk: a kill leaves complete rows and at most one torn line."""
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- generation
+
+
+def load_prompt_rows(cfg: GenerateToolConfig) -> tuple[list[dict], str]:
+    from rlhf_cli import data
+
+    if cfg.data.prompts is None:
+        rows = task.prompt_rows(cfg.data.num_prompts if cfg.data.split == "train" else cfg.data.num_eval,
+                                seed=cfg.seed, split=cfg.data.split, n_eval=cfg.data.num_eval)
+        return rows, f"embedded task, {cfg.data.split} split (seed {cfg.seed}, {len(rows)} prompts)"
+    rows = data.load_rows(cfg.data.prompts, "data.prompts", cfg.data.split, cfg.data.subset)
+    return rows[: cfg.data.limit] if cfg.data.limit else rows, cfg.data.prompts
+
+
+def generate(cfg: GenerateToolConfig) -> None:
+    """Sample K responses for every prompt not yet in cfg.output, appending one row per prompt."""
+    output = Path(cfg.output).expanduser()
+    if not output.absolute().parent.is_dir():
+        raise UserError(f"output: the directory of {cfg.output} does not exist; create it or choose another output=...")
+    check_resumable(output, cfg)
+    # the model's kind and size from its config.json, the prompts, the tokenizer and the rows already written
+    # first: a wrong model or a data problem fails before any weights load
+    import torch
+
+    from rlhf_cli import data, runtime
+    from rlhf_cli.models import (CAUSAL_LM, check_generation_fits, check_model_dir, check_model_kind, load_causal_lm,
+                                 load_tokenizer, position_limit)
+    from rlhf_cli.rollout import make_engine
+
+    check_model_dir(cfg.model.path, "model.path")
+    check_model_kind(cfg.model.path, "model.path", CAUSAL_LM)
+    check_generation_fits(cfg.model.path, {"max_new_tokens": cfg.max_new_tokens})
+
+    rows, source = load_prompt_rows(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)
+    prompts = [data.prompt_text(tokenizer, row, i, "data.prompts") for i, row in enumerate(rows)]
+    done, complete_bytes = read_done_rows(output)  # every rank reads before any rank writes (setup is a rendezvous)
+    if len(done) > len(rows) or any(r.get("prompt") != p for r, p in zip(done, prompts)):
+        raise UserError(f"output: {output} holds rows of other prompts than {source}; rerun with the same "
+                        f"data.prompts to continue it, or choose another output=...")
+
+    rt = runtime.setup(cfg.device, cfg.seed)  # under torchrun: one process per device, each samples its batches
+    try:
+        say = console.print if rt.is_main else (lambda *a, **k: None)
+        if rt.is_main:
+            cut_torn_line(output, complete_bytes)
+            if not meta_path(output).exists():
+                from rlhf_cli.checkpoint import write_json
+
+                write_json(meta_path(output), settings(cfg))
+        if len(done) == len(rows):
+            say(f"{output}: all {len(rows)} prompts already have responses; nothing to do", markup=False)
+            return
+        model = load_causal_lm(cfg.model.path, "model.path", cfg.model.dtype, rt.device, cfg.model.trust_remote_code)
+        engine = make_engine(cfg.engine, model, tokenizer)
+        positions = position_limit(cfg.model.path)  # a prompt longer than the room left is cut from the left
+        say(f"generate: {len(rows)} prompts from {source}, {cfg.samples_per_prompt} responses each"
+            f"{f' on {rt.world_size} ranks' if rt.distributed else ''}, "
+            f"{'resuming at prompt ' + str(len(done)) if done else 'starting'}; writing {output}", markup=False)
+        batches = grid_batches(len(done), len(rows), cfg.batch_size)
+        t0 = time.time()
+        with torch.no_grad():
+            for first in range(0, len(batches), rt.world_size):  # one batch per rank, then rank 0 appends them in order
+                mine = batches[first + rt.rank] if first + rt.rank < len(batches) else None
+                texts = sample_batch(engine, tokenizer, prompts, mine, cfg, rt.device, positions) if mine else []
+                gathered = rt.all_gather_object((mine, texts))
+                if rt.is_main:
+                    with open(output, "a", encoding="utf-8") as f:
+                        for bounds, batch_texts in gathered:
+                            if bounds:
+                                append_rows(f, batch_rows(rows, prompts, bounds, batch_texts, cfg.samples_per_prompt))
+                last = max(b[1] for b, _ in gathered if b)
+                say(f"  {last}/{len(rows)} prompts ({time.time() - t0:.1f} s)", markup=False)
+        say(f"wrote {output}: {len(rows)} prompts x {cfg.samples_per_prompt} responses", markup=False)
+    finally:
+        runtime.teardown()
+
+
+def grid_batches(start: int, n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, n) cut at multiples of batch_size: a resumed run batches its prompts as the first run did."""
+    bounds = []
+    while start < n:
+        end = min(n, (start // batch_size + 1) * batch_size)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def sample_batch(engine, tokenizer, prompts: list[str], bounds: tuple[int, int], cfg: GenerateToolConfig,
+                 device, positions: int | None) -> list[str]:
+    """K responses for each prompt of prompts[start:end], flat: response j of prompt i at (i - start) * K + j.
+    Prompts are tokenized as rl and eval do (one BOS where the tokenizer adds one), cut from the left to fit
+    the model's positions with the responses."""
+    from rlhf_cli import data
+    from rlhf_cli.rollout import SamplingParams, decode_responses
+
+    start, end = bounds
+    K = cfg.samples_per_prompt
+    room = max(1, positions - cfg.max_new_tokens) if positions else None
+    encoded = [data.encode_prompt(tokenizer, p) for p in prompts[start:end]]
+    encoded = [data.cut_left(e, room, tokenizer) if room else e for e in encoded]
+    ids, mask = data.left_pad([e for e in encoded for _ in range(K)], tokenizer.pad_token_id)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            noise_key=(cfg.seed, 0, start * K))  # row i*K+j draws its own noise, on any rank
+    return decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params))
+
+
+def batch_rows(rows: list[dict], prompts: list[str], bounds: tuple[int, int], texts: list[str], K: int) -> list[dict]:
+    start, end = bounds
+    return [{**rows[i], "prompt": prompts[i], "responses": texts[(i - start) * K:(i - start + 1) * K]}
+            for i in range(start, end)]

@@ -1,0 +1,308 @@
+"""`rlhf label input=gens.jsonl judge=rule|rm|human output=prefs.jsonl`: preference pairs from generations.
+
+    rlhf label input=gens.jsonl judge=rule reward.functions=[rlhf_cli.task:correctness_reward] output=prefs.jsonl
+    rlhf label input=gens.jsonl judge=rm reward.model.path=runs/big_rm/final pairs=all margin=true output=prefs.jsonl
+    rlhf label input=gens.jsonl judge=rule reward.functions=[mypkg.rules:exact] mine=disagree \\
+        reward.model.path=runs/rm/final output=hard_pairs.jsonl
+    rlhf label input=gens.jsonl judge=human port=8765 labeler=ana output=prefs.jsonl   # a page on 127.0.0.1
+
+The second step of the RLHF loop (docs/loop.md). `input` is what `rlhf generate`
+writes: one row per prompt with `prompt` and `responses` (a list of >= 2 strings).
+The judge scores every response and each prompt gives prompt/chosen/rejected pairs
+where the scores differ: the best against the worst (pairs=best_worst) or every
+ordered pair (pairs=all); margin=true adds the score gap as `margin` (train-rm
+reads it). The row's other columns (e.g. `answer`) are kept on each pair.
+
+- judge=rule: the sum of `reward.functions`, called as in `rlhf rl` (f(prompt, response, **row)).
+- judge=rm: the scores of the reward model at `reward.model.path` (AI feedback from a stronger RM).
+- judge=human: a local page that shows the pairs to people (rlhf_cli/label_page.py).
+- mine=disagree reward.model.path=RM (with judge=rule): keep only the pairs that RM does
+  not rank above the judge's choice: the RM's blind spots, found in the policy's own samples.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import os
+from dataclasses import dataclass
+from itertools import permutations
+from pathlib import Path
+from typing import List, Optional
+
+from rlhf_cli import helptext, label_page
+from rlhf_cli.config import check_choice, check_positive, doc
+from rlhf_cli.errors import ConfigError, DataError, UserError
+from rlhf_cli.evaluate import parse_overrides
+from rlhf_cli.generate import print_keys
+from rlhf_cli.rewards import call_reward, import_reward_function
+from rlhf_cli.tracking import console
+
+
+@dataclass
+class LabelRewardModelConfig:
+    path: Optional[str] = doc(None, "a train-rm final/: the judge (judge=rm) or the model mined (mine=disagree)")
+    dtype: str = doc("fp32", "reward model weights dtype: fp32, bf16 or fp16")
+
+
+@dataclass
+class LabelRewardConfig:
+    functions: List[str] = doc([], "judge=rule: rule rewards 'module:function', each f(prompt, response, **row); "
+                                   "a response's score is their sum")
+    model: LabelRewardModelConfig = doc(LabelRewardModelConfig, "the reward model")
+
+
+@dataclass
+class LabelDeviceConfig:
+    type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
+    threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
+
+
+@dataclass
+class LabelToolConfig:
+    input: Optional[str] = doc(None, "generations file from `rlhf generate` (prompt + responses per row); required")
+    output: Optional[str] = doc(None, "preference pairs file (.jsonl) to write; judge=human appends to it; required")
+    judge: str = doc("rule", "who prefers: rule (reward.functions), rm (reward.model.path) or human (a local page)")
+    pairs: str = doc("best_worst", "pairs per prompt: best_worst (one) or all (every pair the judge orders); "
+                                   "judge=human: best_worst shows responses 0 and 1, all every pair")
+    margin: bool = doc(False, "write the judge's score gap as `margin` (rule and rm)")
+    mine: str = doc("none", "none, or disagree: keep only pairs reward.model.path does not rank the judge's way")
+    batch_size: int = doc(64, "responses per reward-model forward")
+    port: int = doc(8765, "judge=human: the page's port on 127.0.0.1")
+    labeler: Optional[str] = doc(None, "judge=human: the labeler's name written with each choice (null = the "
+                                       "login name); a page opened with ?labeler=NAME labels as NAME")
+    reward: LabelRewardConfig = doc(LabelRewardConfig, "the judge's rule functions and reward model")
+    device: LabelDeviceConfig = doc(LabelDeviceConfig, "device placement of reward models")
+
+    def __post_init__(self):
+        check_choice("judge", self.judge, ("rule", "rm", "human"))
+        check_choice("pairs", self.pairs, ("best_worst", "all"))
+        check_choice("mine", self.mine, ("none", "disagree"))
+        check_choice("reward.model.dtype", self.reward.model.dtype, ("fp32", "bf16", "fp16"))
+        check_positive("batch_size", self.batch_size)
+        check_positive("device.threads", self.device.threads)
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port={self.port} is not a TCP port; set port=<1..65535>, e.g. port=8765")
+        for key in ("input", "output"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"{key}= is required, e.g. input=gens.jsonl output=prefs.jsonl")
+        for name in self.reward.functions:
+            if ":" not in name:
+                raise ConfigError(f"reward.functions entry {name!r} is not 'module:function'; "
+                                  f"e.g. reward.functions=[rlhf_cli.task:correctness_reward]")
+        if self.judge == "rule" and not self.reward.functions:
+            raise ConfigError("judge=rule needs reward.functions=[module:function,...], "
+                              "e.g. reward.functions=[rlhf_cli.task:correctness_reward]")
+        if self.judge == "rm" and not self.reward.model.path:
+            raise ConfigError("judge=rm needs reward.model.path=<a train-rm final/>")
+        if self.mine == "disagree":
+            if self.judge == "human":
+                raise ConfigError("mine=disagree is for judge=rule: people's choices are kept as they are made; "
+                                  "drop mine=disagree (or judge the samples with judge=rule)")
+            if self.judge == "rm":
+                raise ConfigError("mine=disagree compares reward.model.path with the judge, and judge=rm is that "
+                                  "same model; use judge=rule or judge=human to mine its blind spots")
+            if not self.reward.model.path:
+                raise ConfigError("mine=disagree needs reward.model.path=<the train-rm final/ whose mistakes to keep>")
+
+
+def main(args: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in args):
+        helptext.print_text(__doc__.strip())
+        print_keys(LabelToolConfig, "label")
+        return
+    positional = [a for a in args if "=" not in a]
+    if positional:
+        raise UserError(f"rlhf label takes key=value settings only (got {positional[0]!r}); "
+                        f"e.g. rlhf label input=gens.jsonl judge=rule output=prefs.jsonl")
+    cfg = parse_overrides(LabelToolConfig, args, "label")
+    rows = read_generations(cfg.input)
+    output = Path(cfg.output).expanduser()
+    if not output.absolute().parent.is_dir():
+        raise UserError(f"output: the directory of {cfg.output} does not exist; create it or choose another output=...")
+    if cfg.judge == "human":
+        label_page.serve(rows, output, cfg.pairs, cfg.port, cfg.labeler or _login())
+        return
+    if output.exists():
+        raise UserError(f"output: {output} exists; choose another output=... or remove it (judge={cfg.judge} "
+                        f"writes a whole new file)")
+    label(rows, output, cfg)
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in a container: a plain default
+        return "labeler"
+
+
+# ---------------------------------------------------------------- input
+
+
+def read_generations(spec: str) -> list[dict]:
+    """Rows of a generations file, each with a text `prompt` and >= 2 text `responses`."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"input: {spec} not found; give the file `rlhf generate` wrote, e.g. input=gens.jsonl")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"input: {spec} line {lineno} is not valid JSON ({e}); fix or remove that line") from None
+            check_generation_row(row, spec, lineno)
+            rows.append(row)
+    if not rows:
+        raise DataError(f"input: {spec} has no rows; run `rlhf generate ... output={spec}` first")
+    return rows
+
+
+def check_generation_row(row, spec: str, lineno: int) -> None:
+    where = f"input: {spec} line {lineno}"
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is not a JSON object; each line must be one row")
+    responses = row.get("responses")
+    if responses is None:
+        raise DataError(f"{where} has no `responses` (fields {sorted(row)}); give a generations file written by "
+                        f"`rlhf generate` (prompt + responses per row), not a pairs or prompts file")
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise DataError(f"{where}: `responses` must be a list of strings (got {type(responses).__name__})")
+    if len(responses) < 2:
+        raise DataError(f"{where} has {len(responses)} response(s); a pair needs >= 2: generate with samples_per_prompt>=2")
+    if not isinstance(row.get("prompt"), str):
+        raise DataError(f"{where}: `prompt` must be the prompt text (got {type(row.get('prompt')).__name__})")
+
+
+# ---------------------------------------------------------------- scores and pairs
+
+
+def rule_scores(rows: list[dict], functions: list[str]) -> list[list[float]]:
+    """Per row, per response: the sum of the rule functions (step rewards summed over steps)."""
+    fns = [(name, import_reward_function(name)) for name in functions]
+    scores = []
+    for row in rows:
+        other = {k: v for k, v in row.items() if k != "responses"}
+        per = []
+        for response in row["responses"]:
+            total = 0.0
+            for name, fn in fns:
+                try:
+                    value = call_reward(fn, name, row["prompt"], response, other)
+                except UserError as e:
+                    raise UserError(f"judge=rule: {e}; each function must return a number (or (end_char, value) "
+                                    f"step pairs) for every response") from None
+                total += sum(v for _, v in value) if isinstance(value, list) else value
+            per.append(total)
+        scores.append(per)
+    return scores
+
+
+def check_reward_model(path: str) -> None:
+    """A one-line error when reward.model.path is missing or not a reward model, read from its manifest and
+    config.json: before any rule runs or any weights load."""
+    from rlhf_cli.checkpoint import read_manifest
+    from rlhf_cli.models import REWARD_MODEL, check_model_dir, check_model_kind
+
+    stage = read_manifest(path).get("stage")
+    if stage is not None and stage != "train-rm":
+        raise UserError(f"reward.model.path: {path} is not a reward model (its manifest says stage {stage!r}); "
+                        f"give a train-rm final/")
+    check_model_dir(path, "reward.model.path")
+    check_model_kind(path, "reward.model.path", REWARD_MODEL)
+
+
+def load_reward_model(cfg: LabelToolConfig) -> tuple:
+    """(model, tokenizer, device, batch_size) of reward.model.path, frozen."""
+    import torch
+
+    from rlhf_cli.models import frozen, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.runtime import resolve_device
+
+    path = cfg.reward.model.path
+    tokenizer = load_tokenizer(path, "reward.model.path")
+    device = resolve_device(cfg.device.type, key="device.type")
+    if cfg.device.threads:
+        torch.set_num_threads(cfg.device.threads)
+    model = frozen(load_scalar_head_model(path, "reward.model.path", cfg.reward.model.dtype, device))
+    return model, tokenizer, device, cfg.batch_size
+
+
+def rm_scores(rows: list[dict], rm) -> list[list[float]]:
+    from rlhf_cli.scoring import score_texts
+
+    model, tokenizer, device, batch_size = rm
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    flat = score_texts(model, tokenizer, prompts, [r for row in rows for r in row["responses"]], device,
+                       batch_size).tolist()
+    out, i = [], 0
+    for row in rows:
+        out.append(flat[i:i + len(row["responses"])])
+        i += len(row["responses"])
+    return out
+
+
+def make_pairs(rows: list[dict], scores: list[list[float]], pairs: str, margin: bool) -> list[dict]:
+    """prompt/chosen/rejected rows where the judge's scores differ (and the texts do)."""
+    out = []
+    for row, per in zip(rows, scores):
+        if pairs == "best_worst":
+            best = max(range(len(per)), key=lambda i: per[i])
+            worst = min(range(len(per)), key=lambda i: per[i])
+            candidates = [(best, worst)]
+        else:
+            candidates = list(permutations(range(len(per)), 2))
+        other = {k: v for k, v in row.items() if k not in ("prompt", "responses", "chosen", "rejected", "margin")}
+        for i, j in candidates:
+            if per[i] > per[j] and row["responses"][i] != row["responses"][j]:
+                pair = {"prompt": row["prompt"], "chosen": row["responses"][i], "rejected": row["responses"][j]}
+                if margin:
+                    pair["margin"] = per[i] - per[j]
+                out.append({**pair, **other})
+    return out
+
+
+def label(rows: list[dict], output: Path, cfg: LabelToolConfig) -> None:
+    """Judge every response, pair them, mine the RM's disagreements if asked, write the pairs file."""
+    if cfg.reward.model.path and (cfg.judge == "rm" or cfg.mine == "disagree"):
+        check_reward_model(cfg.reward.model.path)
+    if cfg.judge == "rule":
+        scores = rule_scores(rows, cfg.reward.functions)
+        rm = load_reward_model(cfg) if cfg.mine == "disagree" else None
+    else:
+        rm = load_reward_model(cfg)
+        scores = rm_scores(rows, rm)
+    for per in scores:
+        if not all(math.isfinite(s) for s in per):
+            raise UserError("judge: a score is not finite (NaN or inf); check the reward model or rule functions")
+    pairs = make_pairs(rows, scores, cfg.pairs, cfg.margin)
+    judged = len(pairs)
+    if cfg.mine == "disagree" and pairs:
+        from rlhf_cli.scoring import score_texts
+
+        model, tokenizer, device, batch_size = rm
+        prompts = [p["prompt"] for p in pairs]
+        chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], device, batch_size).tolist()
+        rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], device, batch_size).tolist()
+        agree = sum(c > r for c, r in zip(chosen, rejected))
+        console.print(f"reward model {cfg.reward.model.path} ranks {agree}/{judged} judged pairs the judge's way "
+                      f"({agree / judged:.1%}); keeping the {judged - agree} it gets wrong", markup=False)
+        pairs = [p for p, c, r in zip(pairs, chosen, rejected) if c <= r]
+    write_rows(output, pairs)
+    ties = sum(1 for per in scores if max(per) == min(per))
+    console.print(f"wrote {output}: {len(pairs)} pairs from {len(rows)} prompts (judge={cfg.judge}, "
+                  f"pairs={cfg.pairs}; {ties} prompts had no score difference)", markup=False)
+
+
+def write_rows(output: Path, rows: list[dict]) -> None:
+    """The whole file at once (temp file + rename): a kill never leaves half a pairs file."""
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, output)
+

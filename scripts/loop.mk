@@ -1,0 +1,61 @@
+# The RLHF loop as a Makefile with rounds (docs/loop.md): stages and tools talk only through paths.
+#
+#     make -f scripts/loop.mk                       # the embedded task, 2 rounds, CPU
+#     make -f scripts/loop.mk ROUNDS=3 DEV="device=cuda" RLHF=.venv/bin/rlhf
+#     make -n -f scripts/loop.mk                    # print the commands only
+#
+# round 0: sft -> reward model on the given pairs -> RL against that reward model alone
+# round k: generate from RL policy k-1 -> label by the rule, keeping the pairs RM k-1 gets wrong (mine=disagree)
+#          -> retrain the RM from RM k-1 (its head kept) on every round's pairs so far -> RL again from the sft policy
+# PAIRS=file.jsonl adds your own preference pairs to every retraining (the embedded task's are built in).
+
+RLHF ?= rlhf
+RUNS ?= runs/loop
+ROUNDS ?= 2
+DEV ?= device=cpu
+RULE ?= rlhf_cli.task:correctness_reward
+SAMPLES ?= 4
+PAIRS ?=
+SFT_ARGS ?=
+RM_ARGS ?=
+RL_ARGS ?= algorithm=reinforce
+GEN_ARGS ?= data.num_prompts=400
+
+comma := ,
+empty :=
+space := $(empty) $(empty)
+
+.PHONY: all
+all: $(RUNS)/rl$(ROUNDS)/final/manifest.json
+
+$(RUNS)/sft/final/manifest.json:
+	$(RLHF) sft output_dir=$(RUNS)/sft $(DEV) $(SFT_ARGS)
+
+$(RUNS)/rm0/final/manifest.json: $(RUNS)/sft/final/manifest.json
+	$(RLHF) train-rm model.path=$(RUNS)/sft/final output_dir=$(RUNS)/rm0 $(if $(PAIRS),data.train=$(PAIRS)) $(DEV) $(RM_ARGS)
+
+$(RUNS)/rl0/final/manifest.json: $(RUNS)/rm0/final/manifest.json
+	$(RLHF) rl policy.path=$(RUNS)/sft/final reward=rm reward.model.path=$(RUNS)/rm0/final output_dir=$(RUNS)/rl0 \
+		$(DEV) $(RL_ARGS)
+
+# one round: $(1) = this round, $(2) = the one before, $(3) = the pairs files of rounds 1..$(1)
+define ROUND
+$(RUNS)/gens$(1).jsonl: $(RUNS)/rl$(2)/final/manifest.json
+	$(RLHF) generate model.path=$(RUNS)/rl$(2)/final samples_per_prompt=$(SAMPLES) seed=$(1) \
+		output=$(RUNS)/gens$(1).jsonl $(DEV) $(GEN_ARGS)
+
+$(RUNS)/pairs$(1).jsonl: $(RUNS)/gens$(1).jsonl $(RUNS)/rm$(2)/final/manifest.json
+	$(RLHF) label input=$(RUNS)/gens$(1).jsonl judge=rule reward.functions=[$(RULE)] pairs=all mine=disagree \
+		reward.model.path=$(RUNS)/rm$(2)/final output=$(RUNS)/pairs$(1).jsonl $(DEV)
+
+$(RUNS)/rm$(1)/final/manifest.json: $(RUNS)/pairs$(1).jsonl
+	$(RLHF) train-rm model.path=$(RUNS)/rm$(2)/final output_dir=$(RUNS)/rm$(1) \
+		data.train=[$(subst $(space),$(comma),$(strip $(PAIRS) $(3)))] $(DEV) $(RM_ARGS)
+
+$(RUNS)/rl$(1)/final/manifest.json: $(RUNS)/rm$(1)/final/manifest.json
+	$(RLHF) rl policy.path=$(RUNS)/sft/final reward=rm reward.model.path=$(RUNS)/rm$(1)/final \
+		output_dir=$(RUNS)/rl$(1) $(DEV) $(RL_ARGS)
+endef
+
+$(foreach r,$(shell seq 1 $(ROUNDS)),$(eval $(call ROUND,$(r),$(shell expr $(r) - 1),\
+	$(foreach k,$(shell seq 1 $(r)),$(RUNS)/pairs$(k).jsonl))))

@@ -1,0 +1,303 @@
+"""The RLHF loop's tools through the real CLI: `rlhf generate`, `rlhf label` (rule and rm judges),
+`rlhf train-rm` continuing a reward model on several files (docs/loop.md).
+
+    .venv/bin/pytest -q tests/cli/test_loop.py
+
+Everything runs on the embedded tiny model as `python -m rlhf_cli` subprocesses; the labeling
+page in a real browser is tested in tests/cli/test_label_page.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from itertools import permutations
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from helpers import ONE_THREAD, write_jsonl, write_text
+
+# 24 prompts, one per batch: a kill lands between batches; 24 tokens so responses differ in length
+GEN = ["data.num_prompts=24", "samples_per_prompt=3", "max_new_tokens=24", "batch_size=1", "seed=5", *ONE_THREAD]
+RULES = '''
+def length(prompt, response, **row):
+    """Longer is better: the tiny untrained model's responses differ in length."""
+    return float(len(response))
+
+def words(prompt, response, **row):
+    return "not a number"
+'''
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loop")
+    write_text(root / "rules" / "looprules.py", RULES)
+    return root
+
+
+def cli(*args, cwd: Path):
+    return run_cli(*args, cwd=cwd, env={"PYTHONPATH": str(cwd / "rules")})
+
+
+@pytest.fixture(scope="module")
+def gens(root, tiny_model_dir) -> Path:
+    """An uninterrupted `rlhf generate`: the file every resumed run must reproduce."""
+    proc = cli("generate", f"model.path={tiny_model_dir}", f"output={root / 'gens.jsonl'}", *GEN, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root / "gens.jsonl"
+
+
+@pytest.fixture(scope="module")
+def reward_model(root, tiny_model_dir) -> Path:
+    proc = cli("train-rm", f"model.path={tiny_model_dir}", f"output_dir={root / 'rm'}", "max_steps=2",
+               "data.num_train=16", "data.num_eval=8", "batch_size=8", "eval.every=1000", *ONE_THREAD, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root / "rm" / "final"
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def longer_pairs(rows: list[dict]) -> list[dict]:
+    """Every ordered pair of a prompt's responses the `length` rule orders, as label pairs=all writes them."""
+    return [{"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]} for r in rows
+            for i, j in permutations(range(len(r["responses"])), 2) if len(r["responses"][i]) > len(r["responses"][j])]
+
+
+# ---------------------------------------------------------------- generate
+
+
+def test_generate_writes_k_responses_per_prompt_with_the_rows_columns(gens):
+    rows = read_rows(gens)
+    assert len(rows) == 24
+    assert all(len(r["responses"]) == 3 and isinstance(r["answer"], str) for r in rows)  # the row's own column kept
+    assert all(r["prompt"].startswith("Start at") for r in rows)
+    assert len({resp for r in rows for resp in r["responses"]}) > 40  # sampled, not one greedy answer repeated
+
+
+def test_generate_killed_and_rerun_writes_the_uninterrupted_file(gens, root, tiny_model_dir):
+    out = root / "killed.jsonl"
+    args = ["generate", f"model.path={tiny_model_dir}", f"output={out}", *GEN]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "RLHF_NO_PROGRESS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = out.read_text().count("\n")
+    assert 3 <= written < 24, f"the kill should land mid-way ({written} rows written)"
+    with open(out, "a") as f:  # and a line torn by a kill mid-write
+        f.write('{"prompt": "Start at 3. add')
+    rerun = cli(*args, cwd=root)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming at prompt {written}" in (rerun.stdout + rerun.stderr).replace("\n", " ")
+    assert out.read_bytes() == gens.read_bytes()
+    again = cli(*args, cwd=root)  # complete: nothing generated twice
+    assert again.returncode == 0 and "nothing to do" in (again.stdout + again.stderr).replace("\n", " ")
+    assert out.read_bytes() == gens.read_bytes()
+
+
+@pytest.mark.slow  # ~15 s: two ranks import torch; the one-process path is the same loop, tested above
+@pytest.mark.distributed
+def test_generate_under_torchrun_resumes_and_writes_the_one_process_file(gens, root, tiny_model_dir):
+    """Two gloo ranks each sample every other batch (batch_size=5: batches of unequal count per rank) and
+    continue a file a kill left with 7 rows and a torn line: the bytes of the one-process run."""
+    out = root / "ranks.jsonl"
+    lines = gens.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:7]) + lines[7][:20])
+    (root / "ranks.jsonl.meta.json").write_bytes((root / "gens.jsonl.meta.json").read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                           "-m", "rlhf_cli", "generate", f"model.path={tiny_model_dir}", f"output={out}", *GEN,
+                           "batch_size=5"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RLHF_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on 2 ranks, resuming at prompt 7" in (proc.stdout + proc.stderr).replace("\n", " ")
+    assert out.read_bytes() == gens.read_bytes()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["seed=6"], "was generated with seed=5, not 6"),
+    (["samples_per_prompt=2"], "was generated with samples_per_prompt=3, not 2"),
+])
+def test_generate_refuses_to_continue_a_file_with_other_settings(gens, root, tiny_model_dir, args, fragment):
+    before = gens.read_bytes()
+    proc = cli("generate", f"model.path={tiny_model_dir}", f"output={gens}", *GEN, *args, cwd=root)
+    assert_one_line_error(proc, fragment)
+    assert gens.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "model.path= is required"),
+    (["model.path=x"], "output= is required"),
+    (["model.path=x", "output=o.jsonl", "samples_per_promt=2"], "did you mean samples_per_prompt"),
+    (["model.path=x", "output=o.jsonl", "temperature=0"], "temperature must be > 0"),
+    (["model.path=x", "output=o.jsonl", "engine=vllm"], "engine='vllm' is not one of"),
+    (["model.path=x", "output=no/such/dir/o.jsonl"], "directory of no/such/dir/o.jsonl does not exist"),
+])
+def test_generate_bad_input(tmp_path, args, fragment):
+    proc = run_cli("generate", *args, cwd=tmp_path)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_refuses_a_file_it_did_not_write_and_a_reward_model(root, reward_model, tiny_model_dir):
+    other = write_jsonl(root / "mine.jsonl", [{"prompt": "x"}])
+    assert_one_line_error(cli("generate", f"model.path={tiny_model_dir}", f"output={other}", cwd=root),
+                          "was not written by `rlhf generate`")
+    assert_one_line_error(cli("generate", f"model.path={reward_model}", f"output={root / 'g2.jsonl'}", cwd=root),
+                          "is a reward model")
+    assert not (root / "g2.jsonl").exists()
+
+
+# ---------------------------------------------------------------- label
+
+
+def test_label_rule_best_worst_and_all_pairs_follow_the_rule(gens, root):
+    rows = read_rows(gens)
+    best = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "margin=true",
+               f"output={root / 'bw.jsonl'}", cwd=root)
+    assert best.returncode == 0, best.stdout + best.stderr
+    pairs = read_rows(root / "bw.jsonl")
+    differ = [r for r in rows if len({len(x) for x in r["responses"]}) > 1]
+    assert len(pairs) == len(differ) > 0
+    for pair, row in zip(pairs, differ):
+        lengths = [len(x) for x in row["responses"]]
+        assert (pair["prompt"], pair["answer"]) == (row["prompt"], row["answer"])
+        assert len(pair["chosen"]) == max(lengths) and len(pair["rejected"]) == min(lengths)
+        assert pair["margin"] == max(lengths) - min(lengths)
+    every = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "pairs=all",
+                f"output={root / 'all.jsonl'}", cwd=root)
+    assert every.returncode == 0, every.stdout + every.stderr
+    expected = [(p["prompt"], p["chosen"], p["rejected"]) for p in longer_pairs(rows)]
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in read_rows(root / "all.jsonl")] == expected
+    assert "margin" not in read_rows(root / "all.jsonl")[0]
+
+
+def test_label_rm_judge_and_mining_the_reward_models_disagreements(gens, root, reward_model):
+    import torch
+
+    from rlhf_cli.models import load_scalar_head_model, load_tokenizer
+    from rlhf_cli.scoring import score_texts
+
+    mined = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "pairs=all",
+                "mine=disagree", f"reward.model.path={reward_model}", f"output={root / 'mined.jsonl'}", *ONE_THREAD,
+                cwd=root)
+    assert mined.returncode == 0, mined.stdout + mined.stderr
+    judged = longer_pairs(read_rows(gens))
+    kept = read_rows(root / "mined.jsonl")
+    model = load_scalar_head_model(str(reward_model), "rm")
+    tok = load_tokenizer(str(reward_model), "rm")
+
+    def rm_prefers_chosen(pairs):
+        prompts = [p["prompt"] for p in pairs]
+        chosen = score_texts(model, tok, prompts, [p["chosen"] for p in pairs], torch.device("cpu"))
+        rejected = score_texts(model, tok, prompts, [p["rejected"] for p in pairs], torch.device("cpu"))
+        return (chosen > rejected).tolist()
+
+    assert kept and not any(rm_prefers_chosen(kept))  # every kept pair is one the RM gets wrong
+    wrong = [p for p, right in zip(judged, rm_prefers_chosen(judged)) if not right]
+    assert [(p["chosen"], p["rejected"]) for p in kept] == [(p["chosen"], p["rejected"]) for p in wrong]  # all kept
+    by_rm = cli("label", f"input={gens}", "judge=rm", f"reward.model.path={reward_model}", "margin=true",
+                f"output={root / 'rm_pairs.jsonl'}", *ONE_THREAD, cwd=root)
+    assert by_rm.returncode == 0, by_rm.stdout + by_rm.stderr
+    pairs = read_rows(root / "rm_pairs.jsonl")
+    assert pairs and all(rm_prefers_chosen(pairs)) and all(p["margin"] > 0 for p in pairs)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("no responses", "has no `responses`"),
+    ("one response", "a pair needs >= 2"),
+    ("judge returns text", "returned 'not a number', not a finite number"),
+    ("rule judge without functions", "judge=rule needs reward.functions"),
+    ("rm judge without a model", "judge=rm needs reward.model.path"),
+    ("mine with the rm judge", "judge=rm is that same model"),
+    ("mine without a model", "mine=disagree needs reward.model.path"),
+    ("mine with the human judge", "mine=disagree is for judge=rule"),
+    ("rm judge given a base LM", "is not a reward model"),
+    ("output exists", "exists; choose another output"),
+    ("unknown key", "did you mean judge"),
+    ("bad port", "is not a TCP port"),
+])
+def test_label_bad_input(gens, root, tiny_model_dir, tmp_path, case, fragment):
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    single = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "responses": ["a"]}])
+    out = f"output={tmp_path / 'out.jsonl'}"
+    rule = "reward.functions=[looprules:length]"
+    args = {"no responses": [f"input={pairs_file}", rule, out],
+            "one response": [f"input={single}", rule, out],
+            "judge returns text": [f"input={gens}", "reward.functions=[looprules:words]", out],
+            "rule judge without functions": [f"input={gens}", out],
+            "rm judge without a model": [f"input={gens}", "judge=rm", out],
+            "mine with the rm judge": [f"input={gens}", "judge=rm", "mine=disagree", "reward.model.path=x", out],
+            "mine without a model": [f"input={gens}", rule, "mine=disagree", out],
+            "mine with the human judge": [f"input={gens}", "judge=human", "mine=disagree", "reward.model.path=x", out],
+            "rm judge given a base LM": [f"input={gens}", "judge=rm", f"reward.model.path={tiny_model_dir}", out],
+            "output exists": [f"input={gens}", rule, f"output={pairs_file}"],
+            "unknown key": [f"input={gens}", "jugde=rm", out],
+            "bad port": [f"input={gens}", "judge=human", "port=70000", out]}[case]
+    before = pairs_file.read_bytes()
+    proc = cli("label", *args, cwd=root)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out.jsonl").exists() and pairs_file.read_bytes() == before
+
+
+# ---------------------------------------------------------------- train-rm: a round adds to what the RM knew
+
+
+def test_train_rm_continues_a_reward_model_on_several_files(root, reward_model):
+    from rlhf_cli import task
+
+    parent = json.loads((reward_model / "manifest.json").read_text())
+    rows = task.preference_rows(10, seed=0, split="train", n_eval=8)
+    first, second = write_jsonl(root / "pairs.jsonl", rows[:6]), write_jsonl(root / "round1.jsonl", rows[6:])
+    # the parent's own held-out pairs (the embedded split it evaluated on): the same numbers before training
+    held_out = write_jsonl(root / "held_out.jsonl", task.preference_rows(8, seed=0, split="eval", n_eval=8))
+    proc = cli("train-rm", f"model.path={reward_model}", f"output_dir={root / 'rm2'}", f"data.train=[{first},{second}]",
+               f"data.eval={held_out}", "max_steps=1", "batch_size=4", "eval.every=1000", *ONE_THREAD, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    child = json.loads((root / "rm2" / "final" / "manifest.json").read_text())
+    assert child["pairs"]["train"] == 10  # both files, in full
+    assert child["parent_model"] == str(reward_model)
+    # the head was kept: before its first step the child scores the held-out pairs exactly as the parent did
+    # (a re-initialised head scores every response 0: margin 0, score std 0)
+    assert parent["metrics"]["eval_score_std"] > 0
+    for key in ("eval_margin", "eval_score_mean", "eval_score_std", "eval_accuracy"):
+        assert child["metrics_before"][key] == pytest.approx(parent["metrics"][key], rel=1e-5, abs=1e-7), key
+
+
+# ---------------------------------------------------------------- the loop as a Makefile (docs/loop.md)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
+    """`make -n` prints the loop's commands in order; each composes against its schema (no model, no files)."""
+    import shlex
+
+    from rlhf_cli import compose, generate, label
+    from rlhf_cli.evaluate import parse_overrides
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["make", "-n", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=2", f"RUNS={tmp_path}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line) for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[1] for c in commands] == ["sft", "train-rm", "rl"] + ["generate", "label", "train-rm", "rl"] * 2
+    for command in commands:
+        name, args = command[1], command[2:]
+        if name in ("generate", "label"):
+            parse_overrides({"generate": generate.GenerateToolConfig, "label": label.LabelToolConfig}[name], args, name)
+        else:
+            compose.compose_all(name, args, multirun=False)
+    last_rm = [c for c in commands if c[1] == "train-rm"][-1]
+    assert f"data.train=[{tmp_path}/pairs1.jsonl,{tmp_path}/pairs2.jsonl]" in last_rm  # every round's pairs
+    assert f"model.path={tmp_path}/rm1/final" in last_rm  # continued from the round before
