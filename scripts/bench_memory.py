@@ -99,11 +99,9 @@ def worker(mode: str, vocab: int, device_name: str) -> dict:
 
 
 def trl_installed() -> bool:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
 
 
 def run(mode: str, vocab: int, device: str) -> dict:

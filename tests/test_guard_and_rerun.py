@@ -160,6 +160,7 @@ def test_keep_last_keeps_the_newest_trusted_checkpoint_and_a_stop_sets_the_rest_
 # ---------------------------------------------------------------- run identity
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_the_same_directory_however_written_is_the_same_run_and_a_refused_rerun_writes_nothing(tmp_path,
                                                                                                 tiny_model_dir):
     quick = [*QUICK_SFT, "checkpoint.every=1"]

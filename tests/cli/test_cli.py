@@ -49,6 +49,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert not (tmp_path / "runs").exists()  # printing the config writes nothing
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_user_yaml_file_plus_overrides(tmp_path):
     cfg = tmp_path / "my_sft.yaml"
     cfg.write_text("max_steps: 2\noptim:\n  lr: 0.001\ndata:\n  num_train: 32\n  num_eval: 8\nbatch_size: 8\n"
@@ -60,6 +61,7 @@ def test_user_yaml_file_plus_overrides(tmp_path):
     assert (tmp_path / "from_yaml" / "final" / "config.json").exists()
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_sweep_goes_on_past_a_failed_job_and_names_dirs_that_pass_back_as_paths(tmp_path):
     """Two swept keys, one job's data missing: that job is reported with its overrides, the others run,
     a summary table closes the sweep, the exit status is non-zero; the job dirs (`key-value+key-value`,
@@ -87,6 +89,7 @@ def test_sweep_goes_on_past_a_failed_job_and_names_dirs_that_pass_back_as_paths(
     assert back.returncode == 0, back.stdout + back.stderr
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_a_sweep_inside_a_run_dir_and_a_run_inside_a_sweep_dir_are_refused(tmp_path):
     """`rlhf rl` then `rlhf rl -m ...` (the README's old order) would put every job inside runs/rl; a single
     run into a sweep's dir would sit beside its jobs. Either way `rlhf plot` of the dir would hide runs."""

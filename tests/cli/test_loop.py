@@ -183,6 +183,7 @@ def test_label_rule_best_worst_and_all_pairs_follow_the_rule(gens, root):
     assert "margin" not in read_rows(root / "all.jsonl")[0]
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_label_rm_judge_and_mining_the_reward_models_disagreements(gens, root, reward_model):
     import torch
 

@@ -134,6 +134,7 @@ def test_train_rm_beats_chance_and_final_reloads_with_plain_transformers(tmp_pat
     assert [r["step"] for r in lines if r["kind"] == "eval"] == [0, 125, 250]
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_resume_gives_identical_weights_and_drops_are_counted(tmp_path):
     # the cosine horizon is max_steps, so QUICK's constant schedule makes N-then-2N comparable to 2N
     rows = task.preference_rows(64)
