@@ -376,6 +376,7 @@ def test_twenty_kills_per_stage_end_bit_identical(tmp_path, tiny_model_dir, inje
 # ---------------------------------------------------------------- corrupt, partial and pruned checkpoints
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_truncated_checkpoint_is_reported_and_skipped_for_the_previous_one(tmp_path, tiny_model_dir):
     args = [f"model.path={tiny_model_dir}", *QUICK_SFT, "max_steps=4", "checkpoint.every=1", "checkpoint.keep_last=3"]
     first = run_cli("sft", "output_dir=run", *args, cwd=tmp_path)
@@ -449,6 +450,7 @@ def test_lock_is_exclusive_and_a_dead_runs_lock_is_taken_over(tmp_path):
     RunDir(root, {"seed": 0}, "sft").release()  # free again
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_second_run_at_the_same_output_dir_refuses_while_the_first_goes_on(tmp_path, tiny_model_dir):
     args = [f"model.path={tiny_model_dir}", *QUICK_SFT, "max_steps=3"]
     first = subprocess.Popen(command("sft", tmp_path / "run", args), cwd=tmp_path, env=env(tmp_path),
@@ -501,6 +503,7 @@ def test_a_non_finite_step_is_not_applied_and_the_run_goes_on(tmp_path, tiny_mod
         assert same == (step in bad), (step, bad)  # skipped steps change nothing, applied ones change weights
 
 
+@pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
 def test_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, injector):
     """A reward function that returns 1e39 from step 3 on (finite in Python, inf in float32): every update
     from then on has a NaN loss, is skipped, and the third in a row stops the run. Step 2's update may have
