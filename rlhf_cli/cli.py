@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     composing the config, a tool's work) is one line and exit 130, as a stop during training is (signals.py)."""
     # OpenMP threads that sleep while they wait instead of spinning, unless the user chose: set before torch
     # loads libgomp. On a shared CPU, spinning threads collapse (scripts/bench_threads.py: a tiny sft 379 s with
-    # torch's default vs 25 s passive, the same as one thread; quiet figures in docs/benchmarks.md).
+    # torch's default vs 25 s passive; quiet it costs 21%: docs/benchmarks.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signals.exit_at_once_on_sigint()
     dispatch(argv)
