@@ -68,7 +68,8 @@ class EvalModelConfig:
 
 
 @dataclass
-class EvalDeviceConfig:
+class ToolDeviceConfig:
+    """`device` of the tools (eval, generate, label): the stages' key names."""
     type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
     threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
 
@@ -92,7 +93,7 @@ class EvalToolConfig:
     seed: Optional[int] = doc(None, "seed of the embedded task's held-out split (null = the checkpoint's run seed, else 0)")
     model: EvalModelConfig = doc(EvalModelConfig, "how the checkpoint loads")
     reward: EvalRewardConfig = doc(EvalRewardConfig, "reward-model score of the responses")
-    device: EvalDeviceConfig = doc(EvalDeviceConfig, "device placement")
+    device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement")
     data: EvalDataConfig = doc(EvalDataConfig, "the held-out prompts")
     eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
 

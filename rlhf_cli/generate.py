@@ -34,7 +34,7 @@ from typing import Optional
 from rlhf_cli import helptext, task
 from rlhf_cli.config import check_choice, check_positive, doc, field_docs
 from rlhf_cli.errors import ConfigError, DataError, UserError
-from rlhf_cli.evaluate import parse_overrides
+from rlhf_cli.evaluate import ToolDeviceConfig, parse_overrides
 from rlhf_cli.tracking import console
 
 ENGINES = ("auto", "lean", "hf")  # rollout.ENGINES, named here without importing torch
@@ -60,12 +60,6 @@ class GenerateDataConfig:
 
 
 @dataclass
-class GenerateDeviceConfig:
-    type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
-    threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
-
-
-@dataclass
 class GenerateToolConfig:
     output: Optional[str] = doc(None, "the generations file (.jsonl) to write or continue; required")
     samples_per_prompt: int = doc(4, "K: responses per prompt")
@@ -76,7 +70,7 @@ class GenerateToolConfig:
     engine: str = doc("auto", "decoder of the local rollout engine: auto, lean or hf (as rl's rollout.engine)")
     model: GenerateModelConfig = doc(GenerateModelConfig, "the policy")
     data: GenerateDataConfig = doc(GenerateDataConfig, "the prompts")
-    device: GenerateDeviceConfig = doc(GenerateDeviceConfig, "device placement")
+    device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement")
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))

@@ -34,7 +34,7 @@ from typing import List, Optional
 from rlhf_cli import helptext, label_page
 from rlhf_cli.config import check_choice, check_positive, doc
 from rlhf_cli.errors import ConfigError, DataError, UserError
-from rlhf_cli.evaluate import parse_overrides
+from rlhf_cli.evaluate import ToolDeviceConfig, parse_overrides
 from rlhf_cli.generate import print_keys
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tracking import console
@@ -54,12 +54,6 @@ class LabelRewardConfig:
 
 
 @dataclass
-class LabelDeviceConfig:
-    type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
-    threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
-
-
-@dataclass
 class LabelToolConfig:
     input: Optional[str] = doc(None, "generations file from `rlhf generate` (prompt + responses per row); required")
     output: Optional[str] = doc(None, "preference pairs file (.jsonl) to write; judge=human appends to it; required")
@@ -73,7 +67,7 @@ class LabelToolConfig:
     labeler: Optional[str] = doc(None, "judge=human: the labeler's name written with each choice (null = the "
                                        "login name); a page opened with ?labeler=NAME labels as NAME")
     reward: LabelRewardConfig = doc(LabelRewardConfig, "the judge's rule functions and reward model")
-    device: LabelDeviceConfig = doc(LabelDeviceConfig, "device placement of reward models")
+    device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement of reward models")
 
     def __post_init__(self):
         check_choice("judge", self.judge, ("rule", "rm", "human"))

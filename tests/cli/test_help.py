@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, assert_one_line_error, run_cli
+from rlhf_cli.checkpoint import flatten
 
 HELP_LINE = re.compile(r"^  (\S+) += (.*?)(?:  # .*)?$")
 
@@ -30,16 +31,6 @@ def help_defaults(stdout: str) -> dict:
         if m:
             found[m.group(1)] = yaml.safe_load(m.group(2))
     return found
-
-
-def flatten(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @pytest.mark.parametrize("stage,choice", [
