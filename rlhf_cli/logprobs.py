@@ -234,9 +234,10 @@ class PolicyWithValueHead(torch.nn.Module):
                 entropy_grad: bool = True):
         """-> (B, T) log-probs, (B, T) entropies (None unless with_entropy), (B, T) values V(s_t) of the
         states before each response token."""
+        chunk = 0 if distributed.is_sharded(self) else self.chunk_elements  # FSDP2 root: the full path, as for a policy
         logprobs, entropy, before_response = response_terms(self.policy, input_ids, attention_mask, prompt_len,
-                                                            temperature, with_entropy, entropy_grad,
-                                                            self.chunk_elements, self.support)
+                                                            temperature, with_entropy, entropy_grad, chunk,
+                                                            self.support)
         return logprobs, entropy, self.v_head(before_response).squeeze(-1).float()
 
     def _lm_head(self) -> torch.nn.Module:
