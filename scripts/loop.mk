@@ -7,9 +7,12 @@
 # round 0: sft -> reward model on the given pairs -> RL against that reward model alone
 # round k: generate from RL policy k-1 -> label by the rule, keeping the pairs RM k-1 gets wrong (mine=disagree)
 #          -> retrain the RM from RM k-1 (its head kept) on every round's pairs so far -> RL again from the sft policy
-# PAIRS=file.jsonl adds your own preference pairs to every retraining (the embedded task's are built in).
+# Every retraining sees the original pairs beside each round's: PAIRS=file.jsonl (yours), or by default the
+# embedded task's 32,000 pairs written to $(RUNS)/pairs0.jsonl (a first run without them trained rm1 on the
+# 148 mined pairs alone and its RL policy fell from 100% to 41% held-out: docs/loop.md).
 
 RLHF ?= rlhf
+PYTHON ?= $(if $(findstring /,$(RLHF)),$(dir $(RLHF))python,python3)
 RUNS ?= runs/loop
 ROUNDS ?= 2
 DEV ?= device=cpu
@@ -27,6 +30,13 @@ space := $(empty) $(empty)
 
 .PHONY: all
 all: $(RUNS)/rl$(ROUNDS)/final/manifest.json
+
+ORIGINAL := $(if $(PAIRS),$(PAIRS),$(RUNS)/pairs0.jsonl)
+
+$(RUNS)/pairs0.jsonl:
+	mkdir -p $(RUNS)
+	$(PYTHON) -c "import json; from rlhf_cli import task; print(*(json.dumps(r) for r in task.preference_rows(32000, seed=0)), sep='\n')" > $@.tmp
+	mv $@.tmp $@
 
 $(RUNS)/sft/final/manifest.json:
 	$(RLHF) sft output_dir=$(RUNS)/sft $(DEV) $(SFT_ARGS)
@@ -48,9 +58,9 @@ $(RUNS)/pairs$(1).jsonl: $(RUNS)/gens$(1).jsonl $(RUNS)/rm$(2)/final/manifest.js
 	$(RLHF) label input=$(RUNS)/gens$(1).jsonl judge=rule reward.functions=[$(RULE)] pairs=all mine=disagree \
 		reward.model.path=$(RUNS)/rm$(2)/final output=$(RUNS)/pairs$(1).jsonl $(DEV)
 
-$(RUNS)/rm$(1)/final/manifest.json: $(RUNS)/pairs$(1).jsonl
+$(RUNS)/rm$(1)/final/manifest.json: $(RUNS)/pairs$(1).jsonl $(ORIGINAL)
 	$(RLHF) train-rm model.path=$(RUNS)/rm$(2)/final output_dir=$(RUNS)/rm$(1) \
-		data.train=[$(subst $(space),$(comma),$(strip $(PAIRS) $(3)))] $(DEV) $(RM_ARGS)
+		data.train=[$(subst $(space),$(comma),$(strip $(ORIGINAL) $(3)))] $(DEV) $(RM_ARGS)
 
 $(RUNS)/rl$(1)/final/manifest.json: $(RUNS)/rm$(1)/final/manifest.json
 	$(RLHF) rl policy.path=$(RUNS)/sft/final reward=rm reward.model.path=$(RUNS)/rm$(1)/final \

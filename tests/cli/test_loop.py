@@ -288,10 +288,14 @@ def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
     from rlhf_cli.evaluate import parse_overrides
 
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(["make", "-n", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=2", f"RUNS={tmp_path}"],
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=2",
+                           f"RUNS={tmp_path}"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    commands = [shlex.split(line) for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+    lines = [line for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+    # the original pairs written once (the embedded task's), beside the rlhf commands
+    assert sum("task.preference_rows(32000" in line for line in lines) == 1
+    commands = [shlex.split(line) for line in lines if line.startswith("rlhf ")]
     assert [c[1] for c in commands] == ["sft", "train-rm", "rl"] + ["generate", "label", "train-rm", "rl"] * 2
     for command in commands:
         name, args = command[1], command[2:]
@@ -300,5 +304,6 @@ def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
         else:
             compose.compose_all(name, args, multirun=False)
     last_rm = [c for c in commands if c[1] == "train-rm"][-1]
-    assert f"data.train=[{tmp_path}/pairs1.jsonl,{tmp_path}/pairs2.jsonl]" in last_rm  # every round's pairs
+    # the original pairs and every round's
+    assert f"data.train=[{tmp_path}/pairs0.jsonl,{tmp_path}/pairs1.jsonl,{tmp_path}/pairs2.jsonl]" in last_rm
     assert f"model.path={tmp_path}/rm1/final" in last_rm  # continued from the round before
