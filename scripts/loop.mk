@@ -23,6 +23,7 @@ SFT_ARGS ?=
 RM_ARGS ?=
 RL_ARGS ?= algorithm=reinforce
 GEN_ARGS ?= data.num_prompts=400
+HELD_ARGS ?= data.split=eval
 
 comma := ,
 empty :=
@@ -66,6 +67,24 @@ $(RUNS)/rl$(1)/final/manifest.json: $(RUNS)/rm$(1)/final/manifest.json
 	$(RLHF) rl policy.path=$(RUNS)/sft/final reward=rm reward.model.path=$(RUNS)/rm$(1)/final \
 		output_dir=$(RUNS)/rl$(1) $(DEV) $(RL_ARGS)
 endef
+
+# the report (make -f scripts/loop.mk report): per round k, rl{k}'s samples on held-out prompts labeled by the rule
+# (heldpairs{k}.jsonl), and the share of them rm{k} ranks the rule's way beside rl{k}'s held-out accuracy
+define HELD
+$(RUNS)/held$(1).jsonl: $(RUNS)/rl$(1)/final/manifest.json
+	$(RLHF) generate model.path=$(RUNS)/rl$(1)/final samples_per_prompt=$(SAMPLES) seed=1000 \
+		output=$(RUNS)/held$(1).jsonl $(DEV) $(HELD_ARGS)
+
+$(RUNS)/heldpairs$(1).jsonl: $(RUNS)/held$(1).jsonl
+	$(RLHF) label input=$(RUNS)/held$(1).jsonl judge=rule reward.functions=[$(RULE)] pairs=all \
+		output=$(RUNS)/heldpairs$(1).jsonl
+endef
+
+$(foreach r,$(shell seq 0 $(ROUNDS)),$(eval $(call HELD,$(r))))
+
+.PHONY: report
+report: $(foreach r,$(shell seq 0 $(ROUNDS)),$(RUNS)/heldpairs$(r).jsonl)
+	$(PYTHON) $(dir $(lastword $(MAKEFILE_LIST)))loop_report.py $(RUNS) $(ROUNDS)
 
 $(foreach r,$(shell seq 1 $(ROUNDS)),$(eval $(call ROUND,$(r),$(shell expr $(r) - 1),\
 	$(foreach k,$(shell seq 1 $(r)),$(RUNS)/pairs$(k).jsonl))))

@@ -307,3 +307,36 @@ def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
     # the original pairs and every round's
     assert f"data.train=[{tmp_path}/pairs0.jsonl,{tmp_path}/pairs1.jsonl,{tmp_path}/pairs2.jsonl]" in last_rm
     assert f"model.path={tmp_path}/rm1/final" in last_rm  # continued from the round before
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+def test_the_loop_report_labels_each_rounds_held_out_samples(tmp_path):
+    """`make -n report`: per round, the policy's samples on held-out prompts labeled by the rule, then the table."""
+    import shlex
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=1",
+                           f"RUNS={tmp_path}", "report"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [shlex.split(line) for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+    held = [c for c in lines if c[:2] == ["rlhf", "generate"] and f"output={tmp_path}/held1.jsonl" in c]
+    assert held and "data.split=eval" in held[0] and f"model.path={tmp_path}/rl1/final" in held[0]
+    labels = [c for c in lines if c[:2] == ["rlhf", "label"] and f"output={tmp_path}/heldpairs1.jsonl" in c]
+    assert labels and "pairs=all" in labels[0] and not any(a.startswith("mine=") for a in labels[0])
+    assert lines[-1][-3:] == [str(repo / "scripts" / "loop_report.py"), str(tmp_path), "1"]
+
+
+def test_the_loop_reports_agreement_counting_ties_half(root, reward_model):
+    """scripts/loop_report.py's RM accuracy: a pair and its swap split one between them; a tie is half."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from loop_report import rm_agreement
+
+    from rlhf_cli import task
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in task.preference_rows(6, seed=3)]
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    ties = [{**r, "rejected": r["chosen"]} for r in rows]
+    a, n = rm_agreement(reward_model, write_jsonl(root / "agree.jsonl", rows))
+    b, _ = rm_agreement(reward_model, write_jsonl(root / "swapped.jsonl", swapped))
+    assert n == 6 and a + b == pytest.approx(1.0)
+    assert rm_agreement(reward_model, write_jsonl(root / "ties.jsonl", ties)) == (0.5, 6)
