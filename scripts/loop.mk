@@ -19,6 +19,7 @@ DEV ?= device=cpu
 RULE ?= rlhf_cli.task:correctness_reward
 SAMPLES ?= 4
 PAIRS ?=
+MINED_COPIES ?= 1
 SFT_ARGS ?=
 RM_ARGS ?=
 RL_ARGS ?= algorithm=reinforce
@@ -49,6 +50,9 @@ $(RUNS)/rl0/final/manifest.json: $(RUNS)/rm0/final/manifest.json
 	$(RLHF) rl policy.path=$(RUNS)/sft/final reward=rm reward.model.path=$(RUNS)/rm0/final output_dir=$(RUNS)/rl0 \
 		$(DEV) $(RL_ARGS)
 
+# each round's mined pairs listed MINED_COPIES times (a few hundred pairs beside the original thousands weigh little)
+COPIES = $(foreach i,$(shell seq 1 $(MINED_COPIES)),$(1))
+
 # one round: $(1) = this round, $(2) = the one before, $(3) = the pairs files of rounds 1..$(1)
 define ROUND
 $(RUNS)/gens$(1).jsonl: $(RUNS)/rl$(2)/final/manifest.json
@@ -61,7 +65,7 @@ $(RUNS)/pairs$(1).jsonl: $(RUNS)/gens$(1).jsonl $(RUNS)/rm$(2)/final/manifest.js
 
 $(RUNS)/rm$(1)/final/manifest.json: $(RUNS)/pairs$(1).jsonl $(ORIGINAL)
 	$(RLHF) train-rm model.path=$(RUNS)/rm$(2)/final output_dir=$(RUNS)/rm$(1) \
-		data.train=[$(subst $(space),$(comma),$(strip $(ORIGINAL) $(3)))] $(DEV) $(RM_ARGS)
+		data.train=[$(subst $(space),$(comma),$(strip $(ORIGINAL) $(foreach f,$(3),$(call COPIES,$(f)))))] $(DEV) $(RM_ARGS)
 
 $(RUNS)/rl$(1)/final/manifest.json: $(RUNS)/rm$(1)/final/manifest.json
 	$(RLHF) rl policy.path=$(RUNS)/sft/final reward=rm reward.model.path=$(RUNS)/rm$(1)/final \
