@@ -7,6 +7,8 @@
 # round 0: sft -> reward model on the given pairs -> RL against that reward model alone
 # round k: generate from RL policy k-1 -> label by the rule, keeping the pairs RM k-1 gets wrong (mine=disagree)
 #          -> retrain the RM from RM k-1 (its head kept) on every round's pairs so far -> RL again from the sft policy
+#          (RL_FROM=previous: from RL policy k-1, the KL still to the sft policy; the online form of the loop)
+# make -f scripts/loop.mk report: the table per round (held-out accuracy; the RM's accuracy on the policy's samples)
 # Every retraining sees the original pairs beside each round's: PAIRS=file.jsonl (yours), or by default the
 # embedded task's 32,000 pairs written to $(RUNS)/pairs0.jsonl (a first run without them trained rm1 on the
 # 148 mined pairs alone and its RL policy fell from 100% to 41% held-out: docs/loop.md).
@@ -20,6 +22,7 @@ RULE ?= rlhf_cli.task:correctness_reward
 SAMPLES ?= 4
 PAIRS ?=
 MINED_COPIES ?= 1
+RL_FROM ?= sft
 SFT_ARGS ?=
 RM_ARGS ?=
 RL_ARGS ?= algorithm=reinforce
@@ -68,7 +71,8 @@ $(RUNS)/rm$(1)/final/manifest.json: $(RUNS)/pairs$(1).jsonl $(ORIGINAL)
 		data.train=[$(subst $(space),$(comma),$(strip $(ORIGINAL) $(foreach f,$(3),$(call COPIES,$(f)))))] $(DEV) $(RM_ARGS)
 
 $(RUNS)/rl$(1)/final/manifest.json: $(RUNS)/rm$(1)/final/manifest.json
-	$(RLHF) rl policy.path=$(RUNS)/sft/final reward=rm reward.model.path=$(RUNS)/rm$(1)/final \
+	$(RLHF) rl policy.path=$(RUNS)/$(if $(filter previous,$(RL_FROM)),rl$(2)/final reference.path=$(RUNS)/sft,sft)/final reward=rm \
+		reward.model.path=$(RUNS)/rm$(1)/final \
 		output_dir=$(RUNS)/rl$(1) $(DEV) $(RL_ARGS)
 endef
 

@@ -340,3 +340,24 @@ def test_the_loop_reports_agreement_counting_ties_half(root, reward_model):
     b, _ = rm_agreement(reward_model, write_jsonl(root / "swapped.jsonl", swapped))
     assert n == 6 and a + b == pytest.approx(1.0)
     assert rm_agreement(reward_model, write_jsonl(root / "ties.jsonl", ties)) == (0.5, 6)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+def test_the_loop_can_continue_each_round_from_the_last_policy_with_the_sft_reference(tmp_path):
+    """RL_FROM=previous: rl{k} starts from rl{k-1} and keeps its KL to the sft policy; MINED_COPIES repeats pairs."""
+    import shlex
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=2",
+                           f"RUNS={tmp_path}", "RL_FROM=previous", "MINED_COPIES=2"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [shlex.split(line) for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+    rl = [c for c in lines if c[:2] == ["rlhf", "rl"]]
+    assert f"policy.path={tmp_path}/sft/final" in rl[0]
+    for k in (1, 2):
+        assert f"policy.path={tmp_path}/rl{k - 1}/final" in rl[k]
+        assert f"reference.path={tmp_path}/sft/final" in rl[k]
+    last_rm = [c for c in lines if c[:2] == ["rlhf", "train-rm"]][-1]
+    p = str(tmp_path)
+    assert f"data.train=[{p}/pairs0.jsonl,{p}/pairs1.jsonl,{p}/pairs1.jsonl,{p}/pairs2.jsonl,{p}/pairs2.jsonl]" in last_rm
