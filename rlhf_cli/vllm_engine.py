@@ -94,7 +94,7 @@ def _head_dim(config: dict) -> int | None:
 def _quiet_import() -> None:
     """One process, one engine: vLLM's engine core in this process (no worker processes to pickle weights to)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its start-up notes would drown the run's own lines
 
 
 def request_seed(seed: int, step: int, row: int) -> int:
@@ -152,13 +152,15 @@ class VLLMEngine:
             requests.append({"prompt_token_ids": ids})
             seed = request_seed(*params.noise_key[:2], params.noise_key[2] + first) if params.noise_key else None
             sampling.append(VLLMSamplingParams(
-                n=count, max_tokens=params.max_new_tokens, temperature=0.0 if params.greedy else params.temperature,
+                n=1 if params.greedy else count, max_tokens=params.max_new_tokens, temperature=0.0 if params.greedy else params.temperature,
                 top_k=params.top_k or 0, top_p=params.top_p if params.top_p is not None else 1.0, seed=seed,
                 stop_token_ids=self.stop_ids,  # every id that ends a response (no tokenizer here: no eos of vLLM's own)
                 allowed_token_ids=self.allowed, logprobs=0, detokenize=False, skip_special_tokens=False))
         with torch.autocast(self.device.type, enabled=False):  # vLLM runs its own dtype (the caller may autocast)
             outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+        completions = [c for out, (_, count) in zip(outputs, groups)  # greedy: one completion stands for its copies
+                       for c in (sorted(out.outputs, key=lambda c: c.index) if len(out.outputs) == count
+                                 else out.outputs * count)]
         rollout = self._rollout(prompt_ids, prompt_mask, completions, params.max_new_tokens)
         if self.sleep:
             self.llm.sleep(level=2)  # weights and KV cache released until the next sync_weights

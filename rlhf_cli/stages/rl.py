@@ -74,8 +74,8 @@ class Scored:
     logprobs_old: torch.Tensor  # (B, T) under the policy before the update (detached)
     values_old: torch.Tensor | None  # (B, T) critic values before the update, 0 on padding; None without a critic
     kl_per_token: torch.Tensor  # (B, T) k1 KL to the reference, 0 on padding (logged; the KL controller's input)
-    is_weights: torch.Tensor | None  # (B, T) truncated importance weights pi_train / pi_engine (rollout.is_cap, vllm)
     update_forward: tuple | None  # single pass: the update's own (log-probs, entropies, values), with gradients
+    is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights pi_train / pi_engine (vllm)
 
 
 class RLRecipe:
