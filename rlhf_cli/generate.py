@@ -37,7 +37,7 @@ from rlhf_cli.errors import ConfigError, DataError, UserError
 from rlhf_cli.evaluate import ToolDeviceConfig, parse_overrides
 from rlhf_cli.tracking import console
 
-ENGINES = ("auto", "lean", "hf")  # rollout.ENGINES, named here without importing torch
+ENGINES = ("auto", "lean", "hf", "vllm")  # rollout.ENGINES, named here without importing torch
 
 
 @dataclass
@@ -221,7 +221,7 @@ def generate(cfg: GenerateToolConfig) -> None:
     check_model_dir(cfg.model.path, "model.path")
     check_model_kind(cfg.model.path, "model.path", CAUSAL_LM)
     check_generation_fits(cfg.model.path, {"max_new_tokens": cfg.max_new_tokens})
-    check_engine(cfg.engine, cfg.model.path, "model.path")  # vllm: an architecture it runs, before the weights load
+    check_engine(cfg.engine, cfg.model.path, "model.path", "engine")  # vllm: an architecture it runs, before the weights load
 
     rows, source = load_prompt_rows(cfg)
     tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)

@@ -166,11 +166,11 @@ def engine_class(name: str):
     return entry
 
 
-def check_engine(name: str, model_path: str, key: str) -> None:
+def check_engine(name: str, model_path: str, key: str, engine_key: str = "rollout.engine") -> None:
     """An engine's own checks of the model at `model_path` (config only, before any weights load): vLLM's
-    architectures. The local engines check nothing here."""
+    architectures and head sizes. The local engines check nothing here."""
     if isinstance(ENGINES[name], str):
-        importlib.import_module(ENGINES[name].split(":")[0]).check_model(model_path, key)
+        importlib.import_module(ENGINES[name].split(":")[0]).check_model(model_path, key, engine_key)
 
 
 def make_engine(name: str, model: torch.nn.Module, tokenizer, options: dict | None = None) -> RolloutEngine:

@@ -39,17 +39,17 @@ import torch
 from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.rollout import Rollout, SamplingParams, response_mask_from_tokens
 
-INSTALL_HINT = ("run `make install-vllm` and use .venv-vllm/bin/rlhf (on a CUDA machine: "
-                "pip install -e '.[vllm]'), or choose rollout.engine=auto")
 
 
 def check_installed(key: str) -> None:
     """A one-line ConfigError when `key`=vllm is chosen and vLLM is not importable (found without importing it)."""
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"{key}=vllm needs vLLM, which is not installed in this Python environment; {INSTALL_HINT}")
+        raise ConfigError(f"{key}=vllm needs vLLM, which is not installed in this Python environment; run `make "
+                          f"install-vllm` and use .venv-vllm/bin/rlhf (on a CUDA machine: pip install -e '.[vllm]'), "
+                          f"or choose {key}=auto")
 
 
-def check_model(path: str, key: str) -> None:
+def check_model(path: str, key: str, engine_key: str = "rollout.engine") -> None:
     """A one-line UserError when vLLM cannot run the model at `path`: no implementation of its architecture,
     or (CPU backend) no attention kernel for its head size; read from config.json, before any weights load.
     Imports vLLM (seconds)."""
@@ -68,7 +68,7 @@ def check_model(path: str, key: str) -> None:
     missing = [a for a in architectures if a not in supported]
     if missing or not architectures:
         what = ", ".join(missing) or "a model without architectures in config.json"
-        raise UserError(f"{key}: vLLM {vllm.__version__} cannot run {what} ({path}); choose rollout.engine=auto "
+        raise UserError(f"{key}: vLLM {vllm.__version__} cannot run {what} ({path}); choose {engine_key}=auto "
                         f"for this model")
     if current_platform.is_cpu():  # the CPU attention kernels exist for some head sizes only
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -77,7 +77,7 @@ def check_model(path: str, key: str) -> None:
         head_dim = _head_dim(config)
         if head_dim not in sizes:
             raise UserError(f"{key}: vLLM's CPU backend has no attention kernel for head_dim {head_dim} ({path}; it "
-                            f"has {', '.join(map(str, sizes))}); choose rollout.engine=auto, or a model with one of "
+                            f"has {', '.join(map(str, sizes))}); choose {engine_key}=auto, or a model with one of "
                             f"those head sizes")
 
 
