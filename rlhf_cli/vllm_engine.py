@@ -117,7 +117,7 @@ class VLLMEngine:
         options = dict(options or {})
         self.stop_ids, self.pad_id, self.vocab_limit = list(stop_ids), pad_id, vocab_limit
         self.never = [pad_id] if pad_id is not None and pad_id not in stop_ids else None  # Gemma's <pad>
-        self.sleep = bool(options.get("sleep", False))
+        self.sleep, self.asleep = bool(options.get("sleep", False)), False
         self.device = next(model.parameters()).device
         config = _base_config(model)
         rows = config.get_text_config().vocab_size
@@ -130,21 +130,25 @@ class VLLMEngine:
     # ---------------------------------------------------------------- weights
     def sync_weights(self, policy: torch.nn.Module) -> None:
         """Push the policy's current weights (merged LoRA; FSDP2 shards gathered, collective) into vLLM's model."""
-        if self.sleep:
-            self.llm.wake_up(tags=["weights"])  # level 2 dropped them: room for the new ones only
+        self._wake()
         tensors = policy_tensors(policy)
         # vLLM's in-place reload: load_weights, then the per-layer processing its kernels need (CPU: repacking)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
         self.llm.apply_model(_refresh_output_heads)  # a tied head got no tensor of its own: repack it (CPU)
         self.llm.reset_prefix_cache()  # cached prompt keys / values were computed with the old weights
-        if self.sleep:
-            self.llm.wake_up(tags=["kv_cache"])
+
+    def _wake(self) -> None:
+        """rollout.vllm.sleep: weights back from host memory and a fresh KV cache before vLLM runs again."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams) -> Rollout:
         """Left-padded prompts (B, P) -> B responses; runs of equal prompts (rl's K samples) are one request."""
         from vllm import SamplingParams as VLLMSamplingParams
 
+        self._wake()
         groups = _runs(prompt_ids, prompt_mask)  # [(first row, rows)]
         requests, sampling = [], []
         for first, count in groups:
@@ -152,7 +156,8 @@ class VLLMEngine:
             requests.append({"prompt_token_ids": ids})
             seed = request_seed(*params.noise_key[:2], params.noise_key[2] + first) if params.noise_key else None
             sampling.append(VLLMSamplingParams(
-                n=1 if params.greedy else count, max_tokens=params.max_new_tokens, temperature=0.0 if params.greedy else params.temperature,
+                n=1 if params.greedy else count, max_tokens=params.max_new_tokens,
+                temperature=0.0 if params.greedy else params.temperature,
                 top_k=params.top_k or 0, top_p=params.top_p if params.top_p is not None else 1.0, seed=seed,
                 stop_token_ids=self.stop_ids,  # every id that ends a response (no tokenizer here: no eos of vLLM's own)
                 allowed_token_ids=self.allowed, logprobs=0, detokenize=False, skip_special_tokens=False))
@@ -162,8 +167,9 @@ class VLLMEngine:
                        for c in (sorted(out.outputs, key=lambda c: c.index) if len(out.outputs) == count
                                  else out.outputs * count)]
         rollout = self._rollout(prompt_ids, prompt_mask, completions, params.max_new_tokens)
-        if self.sleep:
-            self.llm.sleep(level=2)  # weights and KV cache released until the next sync_weights
+        if self.sleep:  # level 1: weights to host memory, KV cache dropped, the GPU free while the policy trains
+            self.llm.sleep(level=1)
+            self.asleep = True
         return rollout
 
     def _rollout(self, prompt_ids, prompt_mask, completions, max_new_tokens: int) -> Rollout:
