@@ -475,6 +475,7 @@ def test_a_run_dir_given_as_a_model_names_its_final_model(tmp_path, tiny_model_d
 # (stage, overrides the user set, keys warned as ignored): one row per rule of config.READ_WHEN and per
 # algorithm key that only some registry entries read, each with a config where it is read (no warning)
 IGNORED = [
+    ("rl", ["rollout.vllm.sleep=true", "rollout.is_cap=3"], ["rollout.vllm.sleep", "rollout.is_cap"]),  # engine auto
     ("sft", ["epochs=3"], ["epochs"]),
     ("sft", ["max_steps=null", "epochs=3"], []),
     ("train-rm", ["lora.alpha=8", "lora.save=adapter"], ["lora.alpha", "lora.save"]),
