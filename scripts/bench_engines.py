@@ -6,11 +6,11 @@
     .venv-vllm/bin/python scripts/bench_engines.py --shape tiny32 --max-new-tokens 32 --steps 3   # CPU smoke test
 
 The model is random (built from a config, the embedded byte tokenizer, the real vocabulary size), so
-responses run to --max-new-tokens: every engine decodes the same number of tokens. Generation: one
-call of --prompts prompts x --k samples through the engine the RL stage would build, after one
-warm-up call; tokens/s counts response tokens. RL: `rlhf rl` with each engine for --steps steps
-(reinforce, group_norm), samples/s the median over the steps after the first. --trl adds TRL's
-GRPOTrainer with vLLM colocated (use_vllm=True, vllm_mode="colocate") on the same model, prompts,
+responses almost always run to --max-new-tokens (an id among 151,936 is rarely the stop id).
+Generation: one call of --prompts prompts x --k samples through the engine the RL stage would
+build, after one warm-up call; tokens/s counts response tokens. RL: `rlhf rl` with each engine for
+--steps steps (reinforce with the group_norm baseline, as GRPO), samples/s the median over the
+steps after the first. --trl adds TRL's GRPOTrainer with vLLM colocated (use_vllm=True, vllm_mode="colocate") on the same model, prompts,
 K, length and batch (needs `pip install trl` in the venv). Each measurement runs in its own process.
 """
 
@@ -152,7 +152,7 @@ def rl_samples_per_s(model_dir: Path, engine: str, a: argparse.Namespace, root: 
     overrides = [f"policy.path={model_dir}", f"output_dir={run}", f"rollout.engine={engine}", f"device={a.device}",
                  f"max_steps={a.steps}", f"rollout.prompts_per_step={a.prompts}", f"rollout.samples_per_prompt={a.k}",
                  f"rollout.max_new_tokens={a.max_new_tokens}", f"policy.max_length={256 + a.max_new_tokens}",
-                 f"policy.dtype={a.dtype}", "algorithm.advantage=group_norm", "eval.every=100000",
+                 f"policy.dtype={a.dtype}", "algorithm.baseline=group_norm", "eval.every=100000",
                  "checkpoint.every=100000", "data.num_eval=4", "eval.max_new_tokens=4", "log_every=1"]
     if engine == "vllm":
         overrides.append("rollout.vllm.gpu_memory_utilization=0.3")
