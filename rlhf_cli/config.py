@@ -451,8 +451,8 @@ class KLConfig:
 class VLLMConfig:
     gpu_memory_utilization: float = doc(0.2, "fraction of the GPU (on CPU: of the machine's memory) vLLM takes for "
                                              "its weights and KV cache beside the training process")
-    sleep: bool = doc(False, "CUDA: vLLM's sleep mode, its weights and KV cache released while the policy trains "
-                             "(more room for training, a reload each step)")
+    sleep: bool = doc(False, "CUDA: vLLM's sleep mode after each generate call, its weights in host memory and its "
+                             "KV cache released while the policy trains (more room for training, two copies a step)")
 
 
 @dataclass
@@ -467,7 +467,7 @@ class RolloutConfig:
                               "own forward), auto (lean where it applies), vllm (vLLM in this process with a copy of "
                               "the weights, pushed before each rollout: make install-vllm; docs/engines.md)")
     vllm: VLLMConfig = doc(VLLMConfig, "rollout.engine=vllm: vLLM's share of the device")
-    is_cap: Optional[float] = doc(2.0, "rollout.engine=vllm: each token's loss weighted by min(pi_train / "
+    is_cap: Optional[float] = doc(2.0, "rollout.engine=vllm: each token's policy-gradient term weighted by min(pi_train / "
                                        "pi_vllm, is_cap), truncated importance sampling for the engines' "
                                        "mismatch (Yao et al. 2025); null = off (docs/engines.md)")
 
