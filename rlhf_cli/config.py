@@ -448,6 +448,14 @@ class KLConfig:
 
 
 @dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = doc(0.2, "fraction of the GPU (on CPU: of the machine's memory) vLLM takes for "
+                                             "its weights and KV cache beside the training process")
+    sleep: bool = doc(False, "CUDA: vLLM's sleep mode after each generate call, its weights in host memory and its "
+                             "KV cache released while the policy trains (more room for training, two copies a step)")
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_step: int = doc(16, "prompts sampled per RL step (global, all ranks)")
     samples_per_prompt: int = doc(8, "K responses per prompt (groups for rloo / group_norm)")
@@ -456,12 +464,27 @@ class RolloutConfig:
     top_k: Optional[int] = doc(None, "top-k sampling (biases the KL estimate; logged)")
     top_p: Optional[float] = doc(None, "nucleus sampling (biases the KL estimate; logged)")
     engine: str = doc("auto", "decoding engine: lean (Llama-family models, preallocated KV cache), hf (the model's "
-                              "own forward), auto (lean where it applies)")
+                              "own forward), auto (lean where it applies), vllm (vLLM in this process with a copy of "
+                              "the weights, pushed before each rollout: make install-vllm; docs/engines.md)")
+    vllm: VLLMConfig = doc(VLLMConfig, "rollout.engine=vllm: vLLM's share of the device")
+    is_cap: Optional[float] = doc(2.0, "rollout.engine=vllm: each token's policy-gradient term weighted by min(pi_train / "
+                                       "pi_vllm, is_cap), truncated importance sampling for the engines' "
+                                       "mismatch (Yao et al. 2025); null = off (docs/engines.md)")
 
     def __post_init__(self):
         from rlhf_cli.rollout import ENGINES  # torch: see AlgorithmConfig.__post_init__
 
         check_choice("rollout.engine", self.engine, ENGINES)
+        if self.engine == "vllm":
+            from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
+
+            check_installed("rollout.engine")
+        if self.is_cap is not None and self.is_cap < 1:
+            raise ConfigError(f"rollout.is_cap={self.is_cap} is below 1: it would down-weight tokens the engines "
+                              f"agree on; set rollout.is_cap >= 1 (2 is TRL's), or null to turn the correction off")
+        if not 0 < self.vllm.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.vllm.gpu_memory_utilization={self.vllm.gpu_memory_utilization} is not in "
+                              f"(0, 1]; set a fraction such as 0.2")
         check_positive("rollout.prompts_per_step", self.prompts_per_step)
         check_positive("rollout.samples_per_prompt", self.samples_per_prompt)
         check_positive("rollout.max_new_tokens", self.max_new_tokens)
@@ -596,6 +619,8 @@ READ_WHEN = [
              lambda c: "kl.target=null"),
     ReadWhen(("reward.model.weight", "reward.model.normalize", "reward.model.dtype", "placement.reward"),
              lambda c: bool(c.reward.model.path), "reward.model.path set", lambda c: "reward.model.path=null"),
+    ReadWhen(("rollout.vllm", "rollout.is_cap"), lambda c: c.rollout.engine == "vllm", "rollout.engine=vllm",
+             lambda c: f"rollout.engine={c.rollout.engine}"),
     ReadWhen(("reward.function_weight",), lambda c: bool(c.reward.functions), "reward.functions set",
              lambda c: "reward.functions=[]"),
 ]

@@ -37,7 +37,7 @@ from rlhf_cli.errors import ConfigError, DataError, UserError
 from rlhf_cli.evaluate import ToolDeviceConfig, parse_overrides
 from rlhf_cli.tracking import console
 
-ENGINES = ("auto", "lean", "hf")  # rollout.ENGINES, named here without importing torch
+ENGINES = ("auto", "lean", "hf", "vllm")  # rollout.ENGINES, named here without importing torch
 
 
 @dataclass
@@ -67,7 +67,7 @@ class GenerateToolConfig:
     max_new_tokens: int = doc(40, "response length limit in tokens")
     seed: int = doc(0, "seed of the keyed sampling noise (and of the embedded task's prompts)")
     batch_size: int = doc(16, "prompts per generate call (each with its K responses); rows are flushed per batch")
-    engine: str = doc("auto", "decoder of the local rollout engine: auto, lean or hf (as rl's rollout.engine)")
+    engine: str = doc("auto", "rollout engine: auto, lean, hf or vllm (as rl's rollout.engine)")
     model: GenerateModelConfig = doc(GenerateModelConfig, "the policy")
     data: GenerateDataConfig = doc(GenerateDataConfig, "the prompts")
     device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement")
@@ -75,6 +75,10 @@ class GenerateToolConfig:
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
         check_choice("engine", self.engine, ENGINES)
+        if self.engine == "vllm":
+            from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
+
+            check_installed("engine")
         check_positive("device.threads", self.device.threads)
         for key in ("samples_per_prompt", "temperature", "max_new_tokens", "batch_size"):
             check_positive(key, getattr(self, key))
@@ -212,11 +216,12 @@ def generate(cfg: GenerateToolConfig) -> None:
     from rlhf_cli import data, runtime
     from rlhf_cli.models import (CAUSAL_LM, check_generation_fits, check_model_dir, check_model_kind, load_causal_lm,
                                  load_tokenizer, position_limit)
-    from rlhf_cli.rollout import make_engine
+    from rlhf_cli.rollout import check_engine, make_engine
 
     check_model_dir(cfg.model.path, "model.path")
     check_model_kind(cfg.model.path, "model.path", CAUSAL_LM)
     check_generation_fits(cfg.model.path, {"max_new_tokens": cfg.max_new_tokens})
+    check_engine(cfg.engine, cfg.model.path, "model.path", "engine")  # vllm: an architecture it runs, before the weights load
 
     rows, source = load_prompt_rows(cfg)
     tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)

@@ -18,13 +18,14 @@ neither the batch around it nor the number of ranks, and a resumed run samples
 what the uninterrupted one did. Under FSDP2 the caller holds the policy's weights
 gathered around `generate` (distributed.gathered: collective, every rank).
 
-Adding an engine, without touching the recipe:
-- vLLM, colocated on the training GPU: a class with the same two methods, registered
-  in ENGINES under its `rollout.engine` name. `sync_weights` pushes the policy's
-  weights into vLLM's copy (LoRA merged first; FSDP2 shards gathered with
-  distributed.full_state_dict); `generate` maps SamplingParams to vLLM's, seeding
-  each request from `noise_key` (seed, step, row) so ranks and resumes stay
-  reproducible, and returns a Rollout with vLLM's log-probs as behaviour log-probs.
+`vllm` (vllm_engine.py, registered by name so that vLLM is imported only when chosen):
+vLLM colocated with the policy, holding its own copy of the weights; `sync_weights`
+pushes the policy's (LoRA merged; FSDP2 shards gathered), `generate` seeds each request
+from `noise_key` and returns vLLM's log-probs as behaviour log-probs.
+
+Adding an engine, without touching the recipe: a class with the same two methods (and
+`vocab_limit`, `never`, `separate_weights`), registered in ENGINES under its
+`rollout.engine` name.
 - Remote rollout workers (another process or node generating while the learner
   trains): an engine whose `generate` receives rollouts from the workers and whose
   `sync_weights` streams the weights to them (torch.distributed broadcast); a
@@ -34,6 +35,7 @@ Adding an engine, without touching the recipe:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -124,6 +126,8 @@ class LocalEngine:
     is padded beyond it (Qwen: 151,936 rows for 151,665 ids), so no id without a token is sampled;
     nor is a dedicated pad token (Gemma's <pad>)."""
 
+    separate_weights = False  # samples with the training model itself: behaviour log-probs are the policy's
+
     def __init__(self, model: torch.nn.Module, stop_ids: list[int], pad_id: int, decoder: str = "auto",
                  vocab_limit: int | None = None):
         self.model, self.stop_ids, self.pad_id, self.decoder = model, stop_ids, pad_id, decoder
@@ -149,14 +153,32 @@ class LocalEngine:
             self.model.train(was_training)
 
 
-ENGINES = {"auto": LocalEngine, "lean": LocalEngine, "hf": LocalEngine}  # rollout.engine -> engine class
+# rollout.engine -> engine class, or "module:Class" imported only when that engine is built (vLLM)
+ENGINES = {"auto": LocalEngine, "lean": LocalEngine, "hf": LocalEngine, "vllm": "rlhf_cli.vllm_engine:VLLMEngine"}
 
 
-def make_engine(name: str, model: torch.nn.Module, tokenizer) -> RolloutEngine:
+def engine_class(name: str):
+    """The class ENGINES names (a "module:Class" entry imported here)."""
+    entry = ENGINES[name]
+    if isinstance(entry, str):
+        module, cls = entry.split(":")
+        entry = getattr(importlib.import_module(module), cls)
+    return entry
+
+
+def check_engine(name: str, model_path: str, key: str, engine_key: str = "rollout.engine") -> None:
+    """An engine's own checks of the model at `model_path` (config only, before any weights load): vLLM's
+    architectures and head sizes. The local engines check nothing here."""
+    if isinstance(ENGINES[name], str):
+        importlib.import_module(ENGINES[name].split(":")[0]).check_model(model_path, key, engine_key)
+
+
+def make_engine(name: str, model: torch.nn.Module, tokenizer, options: dict | None = None) -> RolloutEngine:
     """The engine `rollout.engine` names, sampling from `model` (the unwrapped policy): it stops on any of
-    the model's stop ids and never samples an id beyond the tokenizer."""
-    return ENGINES[name](model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, decoder=name,
-                         vocab_limit=len(tokenizer))
+    the model's stop ids and never samples an id beyond the tokenizer. options: the engine's own settings
+    (vllm: rollout.vllm and the sequence length; the local engines take none)."""
+    return engine_class(name)(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, decoder=name,
+                              vocab_limit=len(tokenizer), **({"options": options} if options else {}))
 
 
 def response_mask_from_tokens(tokens: torch.Tensor, eos_id) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,7 +128,9 @@ def setup(device_cfg, seed: int, placement_cfg=None) -> Runtime:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    """Close the process group setup() opened under torchrun (one process: a group there is vLLM's own
+    (rollout.engine=vllm), which it closes itself at exit)."""
+    if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ every row: exit 2, one line, no final/, no complete checkpoint, no half-written 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -259,7 +260,8 @@ CASES: dict[str, Case] = {
                                          "critic.path is unused with critic.init=shared"),
     "rl shared critic under fsdp": Case("rl", lambda d, m: ["algorithm=ppo", "critic.init=shared",
                                                             "device.distributed=fsdp"], "critic.init=shared is not supported with"),
-    "rl unknown engine": Case("rl", lambda d, m: ["rollout.engine=vllm"], "rollout.engine='vllm' is not one of auto, lean, hf"),
+    "rl unknown engine": Case("rl", lambda d, m: ["rollout.engine=sglang"],
+                              "rollout.engine='sglang' is not one of auto, lean, hf, vllm"),
     # ---- response limits: prompt + response must fit policy.max_length and the model's positions (config.json);
     # the position cases use a copy without weights, so the check provably runs before any weights load
     "rl rollout longer than max_length": Case("rl", lambda d, m: ["rollout.max_new_tokens=100000"],
@@ -316,6 +318,11 @@ CASES: dict[str, Case] = {
     "rl overlong buffer past the limit": Case("rl", lambda d, m: ["reward.overlong_buffer=50", "rollout.max_new_tokens=40"],
                                               "reward.overlong_buffer=50 is longer than the response limit"),
 }
+
+if importlib.util.find_spec("vllm") is None:  # the default install (.venv-vllm has it: tests/test_vllm.py)
+    CASES["rl vllm not installed"] = Case("rl", lambda d, m: ["rollout.engine=vllm"],
+                                          "rollout.engine=vllm needs vLLM, which is not installed in this Python "
+                                          "environment; run `make install-vllm`")
 
 
 def _limit_file_size(limit: int):
@@ -468,6 +475,7 @@ def test_a_run_dir_given_as_a_model_names_its_final_model(tmp_path, tiny_model_d
 # (stage, overrides the user set, keys warned as ignored): one row per rule of config.READ_WHEN and per
 # algorithm key that only some registry entries read, each with a config where it is read (no warning)
 IGNORED = [
+    ("rl", ["rollout.vllm.sleep=true", "rollout.is_cap=3"], ["rollout.vllm.sleep", "rollout.is_cap"]),  # engine auto
     ("sft", ["epochs=3"], ["epochs"]),
     ("sft", ["max_steps=null", "epochs=3"], []),
     ("train-rm", ["lora.alpha=8", "lora.save=adapter"], ["lora.alpha", "lora.save"]),

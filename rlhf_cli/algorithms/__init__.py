@@ -37,6 +37,7 @@ from rlhf_cli.algorithms.core import (
     overlong_penalty,
     place_step_rewards,
     token_rewards,
+    truncated_is_weights,
 )
 from rlhf_cli.algorithms.losses import (
     POLICY_LOSSES,
@@ -84,5 +85,6 @@ __all__ = [
     "rank_share",
     "reinforce_advantages",
     "token_rewards",
+    "truncated_is_weights",
     "value_loss",
 ]

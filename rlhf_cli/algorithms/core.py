@@ -434,3 +434,38 @@ class RunningMean:
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         self.value = float(state["value"])
         self.count = int(state["count"])
+
+
+def truncated_is_weights(logprobs_train: torch.Tensor, logprobs_behaviour: torch.Tensor, mask: torch.Tensor,
+                         cap: float | None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Truncated importance sampling for a rollout engine whose numerics differ from training's (Yao et
+    al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; TRL's
+    ``vllm_importance_sampling_correction``, cap 2.0).
+
+    Formula: ``w_t = min(exp(log pi_train(y_t) - log pi_engine(y_t)), C)``, detached; the policy-gradient
+    term of token t is multiplied by ``w_t`` (as a positive factor of the advantage, it passes through
+    PPO's min / clip unchanged). Tokens were drawn from pi_engine, the gradient is of pi_train: w
+    reweights them to pi_train's distribution, and the cap C bounds the variance a rare token with a
+    large ratio would bring.
+
+    Args:
+        logprobs_train: (B, T) log-probs of the sampled tokens under the training model (old log-probs).
+        logprobs_behaviour: (B, T) the engine's log-probs of the same tokens, at sampling time.
+        mask: (B, T) response mask.
+        cap: C >= 1, or None: no weights (the stats are still returned).
+
+    Returns:
+        (weights (B, T), 0 on padding, or None without a cap; stats: ``rollout_logprob_diff`` (mean
+        |difference| per token), ``rollout_logprob_diff_max``, and with a cap ``is_weight`` (mean) and
+        ``is_clip_frac`` (tokens whose ratio exceeded C)).
+    """
+    mask = mask.float()
+    diff = (logprobs_train - logprobs_behaviour).detach() * mask
+    stats = {"rollout_logprob_diff": masked_mean(diff.abs(), mask),
+             "rollout_logprob_diff_max": (diff.abs() * mask).max() if mask.numel() else diff.new_zeros(())}
+    if cap is None:
+        return None, stats
+    ratio = diff.exp()
+    weights = ratio.clamp(max=cap) * mask
+    stats |= {"is_weight": masked_mean(weights, mask), "is_clip_frac": masked_mean((ratio > cap).float(), mask)}
+    return weights, stats

@@ -38,7 +38,8 @@ import torch
 from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
-                                 overlong_penalty, place_step_rewards, rank_share, token_rewards, value_loss)
+                                 overlong_penalty, place_step_rewards, rank_share, token_rewards, truncated_is_weights,
+                                 value_loss)
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
@@ -47,8 +48,8 @@ from rlhf_cli.models import (check_generation_fits, check_models, check_same_tok
                              load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
-from rlhf_cli.rollout import (Rollout, SamplingParams, concat_rollouts, decode_responses, make_engine,
-                              select_rows)
+from rlhf_cli.rollout import (Rollout, SamplingParams, check_engine, concat_rollouts, decode_responses,
+                              make_engine, select_rows)
 from rlhf_cli.scoring import score_texts
 from rlhf_cli.tracking import Tracker
 
@@ -74,6 +75,7 @@ class Scored:
     values_old: torch.Tensor | None  # (B, T) critic values before the update, 0 on padding; None without a critic
     kl_per_token: torch.Tensor  # (B, T) k1 KL to the reference, 0 on padding (logged; the KL controller's input)
     update_forward: tuple | None  # single pass: the update's own (log-probs, entropies, values), with gradients
+    is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights pi_train / pi_engine (vllm)
 
 
 class RLRecipe:
@@ -100,6 +102,7 @@ class RLRecipe:
         self.policy_path = model_path(cfg.policy, self.run_dir.root, cfg.seed, rt)
         check_generation_fits(self.policy_path, {"rollout.max_new_tokens": cfg.rollout.max_new_tokens,  # before
                                                  "eval.max_new_tokens": cfg.eval.max_new_tokens})  # any weights
+        check_engine(cfg.rollout.engine, self.policy_path, "policy.path")  # vllm: an architecture it runs
         # prompt + response fit in policy.max_length and in the model's positions
         self.max_sequence = min(cfg.policy.max_length, position_limit(self.policy_path) or cfg.policy.max_length)
         self.dev_policy, self.dev_ref, self.dev_reward, self.dev_critic = (
@@ -158,7 +161,9 @@ class RLRecipe:
         if cfg.reference.path:
             check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reference.path, "reference.path"), "reference.path")
         self.policy = policy
-        self.engine = make_engine(cfg.rollout.engine, policy, self.tokenizer)  # rollouts and held-out evaluation
+        engine_options = ({**dataclasses.asdict(cfg.rollout.vllm), "max_model_len": self.max_sequence,
+                           "seed": cfg.seed, "distributed": rt.distributed} if cfg.rollout.engine == "vllm" else None)
+        self.engine = make_engine(cfg.rollout.engine, policy, self.tokenizer, engine_options)  # rollouts, evaluation
         # log-probs over the ids the engine can draw, so the update's pi is the one responses came from
         self.support = Support(self.engine.vocab_limit, tuple(self.engine.never or ()))
 
@@ -330,8 +335,12 @@ class RLRecipe:
                 logprobs_old, _, values_old = self.forward(input_ids, attention_mask, P, with_entropy=False)
         values_old = values_old * mask if values_old is not None else None
         kl_per_token = kl_k1(logprobs_old, logprobs_ref) * mask
+        is_weights = None
+        if self.engine.separate_weights:  # vllm: its log-probs against the training model's (logged), TIS weights
+            is_weights, mismatch = truncated_is_weights(logprobs_old, rollout.logprobs, mask, cfg.rollout.is_cap)
+            score_stats = score_stats | mismatch
         return Scored(rollout, input_ids, attention_mask, mask, P, scores, step_rewards, score_stats, logprobs_ref,
-                      logprobs_old, values_old, kl_per_token, update_forward)
+                      logprobs_old, values_old, kl_per_token, update_forward, is_weights)
 
     def rewards(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> (scores (B,), step rewards (B, T), stats): rules + reward model + no-stop penalty."""
@@ -393,6 +402,8 @@ class RLRecipe:
                                                        running_mean=self.running_mean, **self.hparams)
         if self.cfg.algorithm.whiten_advantages:  # mean and variance over the real tokens of every rank's rows
             advantages = distributed.global_masked_whiten(advantages, s.mask, self.rt)
+        if s.is_weights is not None:  # the policy-gradient term of each token, reweighted to pi_train (TIS)
+            advantages = advantages * s.is_weights
         return rewards, advantages, returns, beta
 
     # ---------------------------------------------------------------- 4. update
@@ -499,6 +510,7 @@ class RLRecipe:
     def evaluate(self) -> dict:
         """Greedy held-out responses from the rollout engine: accuracy, length, the reward model's score."""
         # FSDP2: every rank gathers the weights (the reward model's too), rank 0 evaluates
+        self.engine.sync_weights(self.policy)  # vllm: the weights of the last update (collective)
         with distributed.gathered(self.policy), distributed.gathered(self.reward_model):
             if not self.rt.is_main:
                 return {}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf_cli.algorithms.core import (
+    truncated_is_weights,
     AdaptiveKLController,
     FixedKLController,
     RunningMean,
@@ -187,3 +188,19 @@ def test_running_mean_is_cumulative():
     running_mean.update([8.0])
     assert running_mean.value == pytest.approx(4.0)
     assert running_mean.count == 3
+
+
+def test_truncated_is_weights_by_hand():
+    """w = min(exp(lp_train - lp_engine), C) on real tokens, 0 on padding; the logged gap is |difference|."""
+    train = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -3.0]])
+    engine = torch.tensor([[-1.0, -2.5, -2.0], [-1.2, -0.9, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    weights, stats = truncated_is_weights(train, engine, mask, cap=2.0)
+    expected = torch.tensor([[1.0, math.exp(0.5), 2.0], [math.exp(0.2), math.exp(-0.1), 0.0]])  # e^1.5 capped at 2
+    assert torch.allclose(weights, expected, atol=1e-6)
+    assert stats["is_clip_frac"].item() == pytest.approx(1 / 5)
+    assert stats["rollout_logprob_diff"].item() == pytest.approx((0 + 0.5 + 1.5 + 0.2 + 0.1) / 5, abs=1e-6)
+    assert stats["rollout_logprob_diff_max"].item() == pytest.approx(1.5)
+    assert stats["is_weight"].item() == pytest.approx(float(expected.sum()) / 5, abs=1e-6)
+    off, stats_off = truncated_is_weights(train, engine, mask, cap=None)
+    assert off is None and "is_weight" not in stats_off and "rollout_logprob_diff" in stats_off

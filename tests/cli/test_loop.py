@@ -9,6 +9,7 @@ page in a real browser is tested in tests/cli/test_label_page.py.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -141,7 +142,9 @@ def test_generate_refuses_to_continue_a_file_with_other_settings(gens, root, tin
     (["model.path=x"], "output= is required"),
     (["model.path=x", "output=o.jsonl", "samples_per_promt=2"], "did you mean samples_per_prompt"),
     (["model.path=x", "output=o.jsonl", "temperature=0"], "temperature must be > 0"),
-    (["model.path=x", "output=o.jsonl", "engine=vllm"], "engine='vllm' is not one of"),
+    (["model.path=x", "output=o.jsonl", "engine=sglang"], "engine='sglang' is not one of auto, lean, hf, vllm"),
+    pytest.param(["model.path=x", "output=o.jsonl", "engine=vllm"], "engine=vllm needs vLLM, which is not installed",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")),
     (["model.path=x", "output=no/such/dir/o.jsonl"], "directory of no/such/dir/o.jsonl does not exist"),
 ])
 def test_generate_bad_input(tmp_path, args, fragment):
