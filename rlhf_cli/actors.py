@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from rlhf_cli import data, loop, optim, runtime
+from rlhf_cli import data, loop, optim, runtime, signals
 from rlhf_cli.checkpoint import RunDir
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import model_path
@@ -124,7 +124,13 @@ def run_async(cfg, output_dir, make_recipe) -> dict:
         recipe = make_recipe(cfg, dataclasses.replace(world, world_size=1), RunDir(output_dir, {}, "rl", False),
                              t_start, learners=layout.learners)
         recipe.setup_rollout_side()
-        act(recipe, layout)
+        try:
+            act(recipe, layout)
+        except RuntimeError:  # a learner closed its ends: after a SIGTERM / SIGINT it checkpointed and stopped
+            signum = signals.stop_requested()
+            if signum is None:
+                raise
+            raise signals.Interrupted(signum, "") from None  # rank 0 (a learner) says where to resume
         return {}
     finally:
         runtime.teardown()

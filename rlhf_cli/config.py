@@ -624,6 +624,8 @@ READ_WHEN = [
              lambda c: bool(c.reward.model.path), "reward.model.path set", lambda c: "reward.model.path=null"),
     ReadWhen(("reward.function_weight",), lambda c: bool(c.reward.functions), "reward.functions set",
              lambda c: "reward.functions=[]"),
+    ReadWhen(("rollout.actors", "rollout.sync_every", "rollout.max_lag", "rollout.rho_max"),
+             lambda c: c.rollout.mode == "async", "rollout.mode=async", lambda c: f"rollout.mode={c.rollout.mode}"),
 ]
 
 
