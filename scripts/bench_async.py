@@ -75,20 +75,25 @@ def main() -> None:
     parser.add_argument("--algorithm", default="a2c")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the three runs, interleaved (a busy "
+                        "machine drifts: each figure is the median over rounds)")
     parser.add_argument("--out", default="bench/async.json")
     args = parser.parse_args()
     rows_per_step = 8 * 4
-    results = {}
+    rounds: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("sync_1x2", "sync_ddp_2x1", "async_1+1"):
-            wall = run(kind, Path(tmp) / kind, args.algorithm, args.steps)
-            results[kind] = figures(Path(tmp) / kind, args.warmup, rows_per_step) | {"wall_s": wall}
-            print(f"{kind:>13}: {results[kind]['samples_per_s']:7.1f} samples/s  "
-                  + "  ".join(f"{k}={v:.3g}" for k, v in results[kind].items() if k != "samples_per_s"), flush=True)
+        for round_ in range(args.repeats):
+            for kind in ("sync_1x2", "sync_ddp_2x1", "async_1+1"):
+                out = Path(tmp) / f"{kind}-{round_}"
+                wall = run(kind, out, args.algorithm, args.steps)
+                rounds.setdefault(kind, []).append(figures(out, args.warmup, rows_per_step) | {"wall_s": wall})
+                print(f"{kind:>13}: {rounds[kind][-1]['samples_per_s']:7.1f} samples/s  " + "  ".join(
+                    f"{k}={v:.3g}" for k, v in rounds[kind][-1].items() if k != "samples_per_s"), flush=True)
+    results = {kind: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for kind, runs in rounds.items()}
     sync = results["sync_1x2"]
     g, u = sync["generate_score_frac"], sync["update_frac"]
     report = {
-        "algorithm": args.algorithm, "steps": args.steps, "warmup": args.warmup, "work": WORK, "runs": results,
+        "algorithm": args.algorithm, "steps": args.steps, "warmup": args.warmup, "work": WORK, "runs": results, "rounds": rounds,
         "async_vs_sync_1x2": results["async_1+1"]["samples_per_s"] / sync["samples_per_s"],
         "async_vs_sync_ddp_2x1": results["async_1+1"]["samples_per_s"] / results["sync_ddp_2x1"]["samples_per_s"],
         "ideal_cpu_ratio": (g + u) / max(g, u),  # one process's step vs a perfect overlap of its two halves
