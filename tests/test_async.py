@@ -71,6 +71,8 @@ def test_lag_runs_and_logs_lag_wait_and_utilisation(root):
         assert r["async_learner_wait_s"] >= 0 and r["async_actor_generate_s"] > 0 and r["async_actor_score_s"] > 0
         assert 0 < r["async_actor_busy_frac"] <= 1 and 0 <= r["time_rollout_frac"] <= 1
         assert abs(r["score"]) < 10 and r["kl"] == r["kl"]  # finite
+        assert 0.5 < r["is_ratio"] < 2 and 0 <= r["is_truncated_frac"] <= 1  # pi_prox / mu of the sampled tokens
+    assert rows[0]["is_ratio"] == 1 and rows[0]["is_truncated_frac"] == 0  # step 1: the actor had the same weights
     assert (run / "final" / "model.safetensors").exists()
 
 

@@ -521,6 +521,10 @@ class RLRecipe:
                     "zero_signal_group_frac": flat_groups,
                     "reward_with_kl": float(rewards.sum()), "kl": float(masked_sum(s.kl_per_token, mask)),
                     "response_len": float(mask.sum()), "stop_fraction": float(s.rollout.stopped.float().sum())}
+        if s.logprobs_behaviour is not None:  # async: pi_prox / mu per token (1 on-policy) and how often it was cut
+            ratio, tokens = (s.logprobs_old - s.logprobs_behaviour).exp(), mask.sum(-1).clamp(min=1)
+            row_sums["is_ratio"] = float(((ratio * mask).sum(-1) / tokens).sum())
+            row_sums["is_truncated_frac"] = float((((ratio > cfg.rollout.rho_max) * mask).sum(-1) / tokens).sum())
         all_rows, *totals = rt.sum(n_rows, *row_sums.values())
         row_means = {k: total / all_rows for k, total in zip(row_sums, totals)}
         self.kl_ctl.update(row_means["kl"], int(all_rows))  # the global KL
