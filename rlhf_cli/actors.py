@@ -139,6 +139,9 @@ def run_async(cfg, output_dir, make_recipe) -> dict:
 def learn(cfg, output_dir, make_recipe, t_start: float, rt, layout: Layout) -> dict:
     """A learner rank: the run dir (rank 0 locks and checks it) and the recipe, as loop.run_stage."""
     run_dir = RunDir(output_dir, dataclasses.asdict(cfg), "rl", rt.is_main)
+    if run_dir.changes and rt.is_main:
+        print("rl: resuming with " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in run_dir.changes.items())
+              + f" (safe to change; recorded in {run_dir.root / 'changes.jsonl'})", flush=True)
     try:
         recipe = make_recipe(cfg, rt, run_dir, t_start, actors=LearnerLink(cfg, layout, rt.rank))
         recipe.setup()

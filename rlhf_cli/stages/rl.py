@@ -24,6 +24,11 @@ by the minibatch's token or response count over all ranks, by
 algorithm.loss_agg), the KL controller, PPO's early stop and the logged
 metrics. Dynamic sampling (algorithm.dynamic_sampling) fills each rank's share
 of the batch from its own draws, every rank drawing until all are full.
+
+With rollout.mode=async (actors.py, docs/async.md) the last rollout.actors ranks run steps 1 and 2
+(`setup_rollout_side`, `rollout_part`, `rewards`, `logprobs_under`) and send each batch to a learner rank;
+the learners run `train` with steps 1 and 2 replaced by receiving that batch and their own forward, and
+correct the advantages for the actor's older weights (algorithms/offpolicy.py).
 """
 
 from __future__ import annotations
