@@ -476,7 +476,7 @@ class RolloutConfig:
     max_lag: int = doc(1, "async: a batch is generated with weights at most N updates older than the update that "
                           "uses it (actors wait for newer weights); 0 = the synchronous algorithm's updates")
     rho_max: float = doc(1.0, "async: truncation of the importance weights pi / mu of the off-policy correction "
-                              "(IMPALA's rho-bar and c-bar)")
+                              "(IMPALA's rho-bar; the V-trace traces use min(1, rho_max))")
 
     def check_async(self) -> None:
         check_choice("rollout.mode", self.mode, ("sync", "async"))
