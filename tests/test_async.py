@@ -55,6 +55,20 @@ def test_max_lag_0_gives_the_synchronous_updates(root, algorithm):
     assert train_steps(root / "async") == [1, 2, 3]
 
 
+def test_two_learners_on_a_sub_group_give_the_ddp_updates(root):
+    """3 processes: learners 0 and 1 (DDP on their own group) + actor 2, max_lag=0, equal the sync run of 2 DDP
+    ranks: the actor makes both learners' shares with the noise keys ranks 0 and 1 would use."""
+    root, env = root
+    args = [*RL_COMMON, "algorithm=ppo", "max_steps=2"]
+    ddp = torchrun(2, "rl", f"output_dir={root / 'ddp'}", *args, cwd=root, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    split = torchrun(3, "rl", f"output_dir={root / 'split'}", *args, *ASYNC, "rollout.max_lag=0", cwd=root, env=env)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert "2 learner rank(s) (0..1) + 1 actor rank(s)" in text(split)
+    assert max_diff(load_weights(root / "split"), load_weights(root / "ddp")) < 1e-6
+    assert max_diff(load_weights(root / "ddp"), load_weights(root / "ddp" / "base")) > 1e-4
+
+
 def test_lag_runs_and_logs_lag_wait_and_utilisation(root):
     """max_lag=2 with weights every 2 updates (PPO, 2 epochs x 2 minibatches): lags stay within the bound and
     reach it; every step logs the lag, the learner's wait and the actor's times and busy fraction."""

@@ -166,6 +166,8 @@ class RLRecipe:
         # the reference computes like the policy (same weights dtype and autocast): KL is exactly 0 at the start
         if self.adapters is not None and not cfg.reference.path:  # LoRA: the policy itself with its adapters off
             self.reference = self.adapters.adapters_off()
+        elif self.actors is not None:  # an async learner: the actors send the reference's log-probs
+            self.reference = None
         else:
             self.reference = frozen(load_causal_lm(cfg.reference.path or path, "reference.path",
                                                    frozen_dtype(cfg.reference.dtype, self.dev_ref, self.precision.weights),
@@ -245,7 +247,8 @@ class RLRecipe:
         say("rl: frozen weights: " + ", ".join(
             f"{name} {str(next(m.parameters()).dtype).removeprefix('torch.')}"
             + (" (sharded)" if distributed.is_sharded(m) else "")
-            for name, m in frozen_models.items() if isinstance(m, torch.nn.Module)) or "none (LoRA reference)")
+            for name, m in frozen_models.items() if isinstance(m, torch.nn.Module))
+            or ("none (the actors hold the reference)" if self.actors else "none (LoRA reference)"))
         say(f"rl: {held['total']:,} parameters in memory ({held['trainable']:,} train): "
             + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
             + (f"; {self.adapters.describe()}" if self.adapters else "")
