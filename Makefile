@@ -71,6 +71,7 @@ test-slow: install
 bench: install
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_async.py
 
 # TRL beside the torch already installed: the constraint keeps pip from replacing it
 bench-trl: install

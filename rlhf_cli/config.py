@@ -489,6 +489,28 @@ class RolloutConfig:
         check_positive("rollout.samples_per_prompt", self.samples_per_prompt)
         check_positive("rollout.max_new_tokens", self.max_new_tokens)
         check_positive("rollout.temperature", self.temperature)
+        self.check_async()
+
+    # rollout.mode=async: actor ranks generate and score, learner ranks train (rlhf_cli/actors.py, docs/async.md)
+    mode: str = doc("sync", "sync: every rank generates, scores and trains in turn; async (under torchrun): "
+                            "rollout.actors ranks generate and score while the others train (A3C / IMPALA layout)")
+    actors: int = doc(1, "async: ranks that generate and score (the last ones); the rest learn")
+    sync_every: int = doc(1, "async: the learners send their weights to the actors every N updates")
+    max_lag: int = doc(1, "async: a batch is generated with weights at most N updates older than the update that "
+                          "uses it (actors wait for newer weights); 0 = the synchronous algorithm's updates")
+    rho_max: float = doc(1.0, "async: truncation of the importance weights pi / mu of the off-policy correction "
+                              "(IMPALA's rho-bar; the V-trace traces use min(1, rho_max))")
+
+    def check_async(self) -> None:
+        check_choice("rollout.mode", self.mode, ("sync", "async"))
+        check_positive("rollout.actors", self.actors)
+        check_positive("rollout.sync_every", self.sync_every)
+        check_positive("rollout.max_lag", self.max_lag, allow_zero=True)
+        check_positive("rollout.rho_max", self.rho_max)
+        if self.max_lag < self.sync_every - 1:  # weights of version v exist on the actors only for v a multiple of N
+            raise ConfigError(f"rollout.max_lag={self.max_lag} with rollout.sync_every={self.sync_every}: the actors "
+                              f"would wait for weights the learners never send; set rollout.max_lag to at least "
+                              f"{self.sync_every - 1} (rollout.sync_every - 1) or lower rollout.sync_every")
 
 
 @dataclass
@@ -566,6 +588,10 @@ class RLConfig:
                               "model's own forward under FSDP) or device.distributed=ddp")
         if not POLICY_LOSSES.trait(algo.name, "trust_region") and algo.epochs != 1:
             raise ConfigError(f"{algo.name} makes one pass per rollout batch: set algorithm.epochs=1 (or algorithm=ppo)")
+        if self.rollout.mode == "async" and (algo.dynamic_sampling or self.device.distributed == "fsdp"):
+            key = "algorithm.dynamic_sampling=true" if algo.dynamic_sampling else "device.distributed=fsdp"
+            raise ConfigError(f"rollout.mode=async does not support {key} yet (the learners train with ddp on the "
+                              f"batches the actors send); drop it or use rollout.mode=sync")
 
 
 # ---------------------------------------------------------------- keys that only some options read
@@ -623,6 +649,8 @@ READ_WHEN = [
              lambda c: f"rollout.engine={c.rollout.engine}"),
     ReadWhen(("reward.function_weight",), lambda c: bool(c.reward.functions), "reward.functions set",
              lambda c: "reward.functions=[]"),
+    ReadWhen(("rollout.actors", "rollout.sync_every", "rollout.max_lag", "rollout.rho_max"),
+             lambda c: c.rollout.mode == "async", "rollout.mode=async", lambda c: f"rollout.mode={c.rollout.mode}"),
 ]
 
 

@@ -46,7 +46,8 @@ def wrap_model(model, rt: runtime.Runtime, strategy: str = "ddp"):
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device  # rl may place the critic apart from the policy
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   process_group=rt.group)  # async rl: among the learner ranks
 
 
 def shard_frozen(model, rt: runtime.Runtime, strategy: str = "ddp"):

@@ -32,6 +32,7 @@ class Runtime:
     local_rank: int = 0
     placement: dict[str, torch.device] = field(default_factory=dict)  # rl: model name -> device
     mesh: object = None  # the FSDP2 DeviceMesh, made once by distributed.wrap_model
+    group: object = None  # the process group of the collectives (None: every rank; async rl: the learners')
 
     @property
     def is_main(self) -> bool:
@@ -43,12 +44,12 @@ class Runtime:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """In place, summed over ranks (a no-op on one process). Gloo reduces CPU tensors, nccl CUDA ones."""
         if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
     def sum(self, *values: float) -> list[float]:
@@ -64,7 +65,7 @@ class Runtime:
         if not self.distributed:
             return [obj]
         gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
 
 

@@ -106,7 +106,7 @@ def stop_requested(rt=None) -> int | None:
         import torch.distributed as dist
 
         flag = torch.tensor([signum], device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=getattr(rt, "group", None))
         signum = int(flag.item())
     return signum or None
 

@@ -50,6 +50,7 @@ class Case:
     before_run: bool = True  # refused while composing the config: not even the run directory is made (False:
     #                          refused by the stage, after the run directory exists: no final/, no complete checkpoint)
     validate: bool = False  # run as `rlhf validate <stage> ...` (never makes a run directory)
+    env: dict = field(default_factory=dict)  # environment on top of the test's (WORLD_SIZE: a torchrun layout)
 
 
 def copy_model(src: Path, dst: Path, weights: bool = True) -> Path:
@@ -271,6 +272,24 @@ CASES: dict[str, Case] = {
                                                                      "policy.max_length=4096", "rollout.max_new_tokens=300"],
                                                  "rollout.max_new_tokens=300 does not fit the model's 256 positions",
                                                  before_run=False),
+    # ---- (issue 18) rollout.mode=async: impossible layouts, refused before torch.distributed starts or any model loads
+    # (the two by world size: by the stage, which knows WORLD_SIZE; `rlhf validate` runs on one process)
+    "rl async on one process": Case("rl", lambda d, m: ["rollout.mode=async"],
+                                    "rollout.mode=async needs 2 or more processes", before_run=False),
+    "rl async actors past the world": Case("rl", lambda d, m: ["rollout.mode=async", "rollout.actors=3"],
+                                           "rollout.actors=3 leaves no learner rank among the 3 processes: set "
+                                           "rollout.actors=2 or less", env={"WORLD_SIZE": "3"}, before_run=False),
+    "rl async unknown mode": Case("rl", lambda d, m: ["rollout.mode=asynchronous"],
+                                  "rollout.mode='asynchronous' is not one of sync, async"),
+    "rl async negative lag": Case("rl", lambda d, m: ["rollout.mode=async", "rollout.max_lag=-1"],
+                                  "rollout.max_lag must be >= 0"),
+    "rl async lag below the sync period": Case("rl", lambda d, m: ["rollout.mode=async", "rollout.sync_every=4",
+                                                                   "rollout.max_lag=2"],
+                                               "set rollout.max_lag to at least 3"),
+    "rl async zero sync period": Case("rl", lambda d, m: ["rollout.mode=async", "rollout.sync_every=0"],
+                                      "rollout.sync_every must be > 0"),
+    "rl async with fsdp": Case("rl", lambda d, m: ["rollout.mode=async", "device.distributed=fsdp"],
+                               "rollout.mode=async does not support device.distributed=fsdp"),
     "rl lean engine under fsdp": Case("rl", lambda d, m: ["rollout.engine=lean", "device.distributed=fsdp"],
                                       "rollout.engine=lean cannot decode an FSDP-sharded policy"),
     # ---- (issue 16) one decoding path: bytes that are not UTF-8, in the stages and in validate
@@ -349,7 +368,7 @@ def test_bad_inputs_table(tmp_path, tiny_model_dir):
             out = case.extra or ["output_dir=out"]
             command = ["validate", case.stage] if case.validate else [case.stage]
             running[name] = (d, subprocess.Popen(
-                [sys.executable, "-m", "rlhf_cli", *command, *BASE[case.stage], *model, *out, *args], cwd=d, env=env,
+                [sys.executable, "-m", "rlhf_cli", *command, *BASE[case.stage], *model, *out, *args], cwd=d, env={**env, **case.env},
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 preexec_fn=_limit_file_size(case.rlimit_fsize) if case.rlimit_fsize else None))
         for name, (d, proc) in list(running.items()):

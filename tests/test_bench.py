@@ -39,3 +39,20 @@ def test_profile_steps_buckets_each_step(tmp_path):
         cells = [c.strip() for c in row.strip("│").split("│")]
         assert float(cells[1]) > 0
         assert abs(sum(int(c.rstrip("%")) for c in cells[2:]) - 100) <= 3, row
+
+
+@pytest.mark.slow  # about 40 s: three short runs (one process, two torchruns)
+def test_bench_async_compares_async_with_both_sync_runs(tmp_path):
+    out = tmp_path / "async.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_async.py"), "--steps", "6", "--warmup", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert set(runs) == {"sync_1x2", "sync_ddp_2x1", "async_1+1"}
+    assert all(r["samples_per_s"] > 0 for r in runs.values())
+    assert report["async_vs_sync_1x2"] == runs["async_1+1"]["samples_per_s"] / runs["sync_1x2"]["samples_per_s"]
+    actor = runs["async_1+1"]
+    assert actor["lag"] == 1 and 0 < actor["actor_busy_frac"] <= 1 and actor["learner_wait_s"] >= 0
+    assert 1 <= report["ideal_cpu_ratio"] <= 2 and report["predicted_gpu_ratio_vs_ddp"] > 0
+    assert "async / sync (1 process x 2 threads)" in proc.stdout

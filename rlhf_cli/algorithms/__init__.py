@@ -4,6 +4,7 @@
 - :mod:`.advantages`: return-to-go + REINFORCE baselines, GAE, n-step TD (``ADVANTAGE_ESTIMATORS``).
 - :mod:`.aggregation`: loss aggregation over tokens and responses (``LOSS_AGGREGATIONS``).
 - :mod:`.losses`: policy losses (``POLICY_LOSSES``), value loss, entropy, explained variance.
+- :mod:`.offpolicy`: truncated importance weights and V-trace (rollout.mode=async).
 - :mod:`.reward`: the reward model's pairwise loss (train-rm).
 - :mod:`.registry`: the Registry the three above are made of.
 
@@ -47,6 +48,7 @@ from rlhf_cli.algorithms.losses import (
     ppo_policy_loss,
     value_loss,
 )
+from rlhf_cli.algorithms.offpolicy import truncated_importance_weights, vtrace
 from rlhf_cli.algorithms.registry import Registry
 from rlhf_cli.algorithms.reward import pairwise_loss
 
@@ -86,5 +88,7 @@ __all__ = [
     "reinforce_advantages",
     "token_rewards",
     "truncated_is_weights",
+    "truncated_importance_weights",
     "value_loss",
+    "vtrace",
 ]

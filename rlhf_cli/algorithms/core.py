@@ -9,10 +9,12 @@ works on the device and dtype of its inputs.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
+from rlhf_cli.algorithms.offpolicy import truncated_importance_weights
 from rlhf_cli.algorithms.registry import Registry
 
 Dim = int | tuple[int, ...] | None
@@ -465,7 +467,7 @@ def truncated_is_weights(logprobs_train: torch.Tensor, logprobs_behaviour: torch
              "rollout_logprob_diff_max": (diff.abs() * mask).max() if mask.numel() else diff.new_zeros(())}
     if cap is None:
         return None, stats
-    ratio = diff.exp()
-    weights = ratio.clamp(max=cap) * mask
-    stats |= {"is_weight": masked_mean(weights, mask), "is_clip_frac": masked_mean((ratio > cap).float(), mask)}
+    weights = truncated_importance_weights(logprobs_train, logprobs_behaviour, mask, cap)  # the async correction's
+    stats |= {"is_weight": masked_mean(weights, mask),
+              "is_clip_frac": masked_mean((diff > math.log(cap)).float(), mask)}
     return weights, stats

@@ -24,6 +24,11 @@ by the minibatch's token or response count over all ranks, by
 algorithm.loss_agg), the KL controller, PPO's early stop and the logged
 metrics. Dynamic sampling (algorithm.dynamic_sampling) fills each rank's share
 of the batch from its own draws, every rank drawing until all are full.
+
+With rollout.mode=async (actors.py, docs/async.md) the last rollout.actors ranks run steps 1 and 2
+(`setup_rollout_side`, `rollout_part`, `rewards`, `logprobs_under`) and send each batch to a learner rank;
+the learners run `train` with steps 1 and 2 replaced by receiving that batch and their own forward, and
+correct the advantages for the actor's older weights (algorithms/offpolicy.py).
 """
 
 from __future__ import annotations
@@ -35,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
+from rlhf_cli import actors, checkpoint, data, distributed, lora, loop, optim
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
-                                 overlong_penalty, place_step_rewards, rank_share, token_rewards, truncated_is_weights,
-                                 value_loss)
+                                 overlong_penalty, place_step_rewards, rank_share, token_rewards,
+                                 truncated_importance_weights, truncated_is_weights, value_loss, vtrace)
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
@@ -76,13 +81,16 @@ class Scored:
     kl_per_token: torch.Tensor  # (B, T) k1 KL to the reference, 0 on padding (logged; the KL controller's input)
     update_forward: tuple | None  # single pass: the update's own (log-probs, entropies, values), with gradients
     is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights pi_train / pi_engine (vllm)
+    logprobs_behaviour: torch.Tensor | None = None  # (B, T) async: under the actor's weights that sampled them
 
 
 class RLRecipe:
     """setup (reward sources, data, models, optimizer, resume) -> train (five steps a loop) -> save final/."""
 
-    def __init__(self, cfg, rt, run_dir, t_start: float):
+    def __init__(self, cfg, rt, run_dir, t_start: float, actors=None, learners: int | None = None):
         self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
+        self.actors = actors  # rollout.mode=async, on a learner rank: its link to the actor ranks (actors.py)
+        self.learners = learners or rt.world_size  # the ranks the step's prompts are split over
         a = cfg.algorithm
         # every registered loss / estimator takes the keys it uses (+ the length limit: Dr. GRPO's loss normaliser)
         self.hparams = dataclasses.asdict(a) | {"max_new_tokens": cfg.rollout.max_new_tokens}
@@ -96,6 +104,16 @@ class RLRecipe:
 
     # ================================================================ setup
     def setup(self) -> None:
+        self.setup_rollout_side()
+        self._setup_critic()
+        self._setup_optimizer()
+        self.step = loop.resume(self.run_dir, self.rt, self.parts, self.optimizer, self.scheduler, self.precision,
+                                sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean, guard=self.guard)
+        self._announce()
+
+    def setup_rollout_side(self) -> None:
+        """What steps 1 and 2 need (an async actor rank stops here): reward sources, data, policy, reference,
+        reward model."""
         cfg, rt = self.cfg, self.rt
         check_models("rl", cfg)  # every model path a model dir of the kind its key needs, before any weights load
         self.reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]  # cheap to fail
@@ -113,15 +131,11 @@ class RLRecipe:
         self._setup_data()
         self._setup_policy_and_reference()
         self._setup_reward_model()
-        self._setup_critic()
-        self._setup_optimizer()
-        self.step = loop.resume(self.run_dir, rt, self.parts, self.optimizer, self.scheduler, self.precision,
-                                sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean, guard=self.guard)
-        self._announce()
+        self.sampler = data.EpochSampler(len(self.train_rows), cfg.seed)  # the same global draw on every rank
 
     def _setup_batch_shape(self) -> None:
         """Ranks split the prompts, never a prompt's K samples (whole rloo / group_norm groups on every rank)."""
-        cfg, world = self.cfg, self.rt.world_size
+        cfg, world = self.cfg, self.learners
         if world > cfg.rollout.prompts_per_step or cfg.rollout.prompts_per_step % world:
             raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
                             f"world size {world} (each rank samples whole groups)")
@@ -154,6 +168,8 @@ class RLRecipe:
         # the reference computes like the policy (same weights dtype and autocast): KL is exactly 0 at the start
         if self.adapters is not None and not cfg.reference.path:  # LoRA: the policy itself with its adapters off
             self.reference = self.adapters.adapters_off()
+        elif self.actors is not None:  # an async learner: the actors send the reference's log-probs
+            self.reference = None
         else:
             self.reference = frozen(load_causal_lm(cfg.reference.path or path, "reference.path",
                                                    frozen_dtype(cfg.reference.dtype, self.dev_ref, self.precision.weights),
@@ -216,7 +232,6 @@ class RLRecipe:
         self.kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.target
                        else FixedKLController(cfg.kl.coef))
         self.running_mean = distributed.GlobalRunningMean(rt)  # the 'mean' baseline over every rank's rows
-        self.sampler = data.EpochSampler(len(self.train_rows), cfg.seed)  # the same global draw on every rank
 
     def _announce(self) -> None:
         cfg, rt, a, K, step = self.cfg, self.rt, self.cfg.algorithm, self.K, self.step
@@ -236,7 +251,8 @@ class RLRecipe:
         say("rl: frozen weights: " + ", ".join(
             f"{name} {str(next(m.parameters()).dtype).removeprefix('torch.')}"
             + (" (sharded)" if distributed.is_sharded(m) else "")
-            for name, m in frozen_models.items() if isinstance(m, torch.nn.Module)) or "none (LoRA reference)")
+            for name, m in frozen_models.items() if isinstance(m, torch.nn.Module))
+            or ("none (the actors hold the reference)" if self.actors else "none (LoRA reference)"))
         say(f"rl: {held['total']:,} parameters in memory ({held['trainable']:,} train): "
             + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
             + (f"; {self.adapters.describe()}" if self.adapters else "")
@@ -249,22 +265,33 @@ class RLRecipe:
 
     # ================================================================ train
     def train(self) -> dict:
+        if self.actors is not None:
+            self.actors.publish(self.policy, self.step)  # async: the actors start from this step's weights
         self.before = self.evaluate() if self.step == 0 else {}
         if self.before:
             self.tracker.log(0, loop.public(self.before), kind="eval")
         last_eval = None  # {} on ranks other than 0
         while self.step < self.cfg.max_steps:
             t0 = time.perf_counter()
-            rows, prompts, rollout, sampling = self.rollout_batch()                  # 1. rollout
-            t1 = time.perf_counter()
-            scored = self.score(rollout, prompts, rows)                              # 2. score
+            if self.actors is None:
+                rows, prompts, rollout, sampling = self.rollout_batch()              # 1. rollout
+                t1 = time.perf_counter()
+                scored = self.score(rollout, prompts, rows)                          # 2. score
+            else:  # rollout.mode=async: rolled out and scored on an actor rank, with weights <= max_lag old
+                received, sampling = self.actors.receive(self.step, self.dev_policy)  # 1.+2. (actors.py)
+                t1 = time.perf_counter()
+                scored = self.score(received.rollout, received=received)             # 2. the learner's forward
             t2 = time.perf_counter()
             rewards, advantages, returns, beta = self.advantages(scored)             # 3. advantages
             update_stats = self.update(scored, advantages, returns, beta)            # 4. update
+            if self.actors is not None:
+                self.actors.publish(self.policy, self.step)                          # async: weights -> actors
             t3 = time.perf_counter()
             evaluated = self.log_and_checkpoint(scored, rewards, returns, beta,      # 5. log and checkpoint
                                                 update_stats | sampling, (t0, t1, t2, t3))
             last_eval = evaluated if evaluated is not None else last_eval
+        if self.actors is not None:
+            self.actors.close()
         return self.save(last_eval if last_eval is not None else self.evaluate())
 
     # ---------------------------------------------------------------- 1. rollout
@@ -299,15 +326,18 @@ class RLRecipe:
     def rollout(self, draw: int = 0) -> tuple[list[dict], list[str], Rollout]:
         """This rank's prompts of the step's global draw, K contiguous samples each, from the rollout engine
         (draw > 0: dynamic sampling's further draws, with noise of their own)."""
-        cfg, rt, K = self.cfg, self.rt, self.K
-        chosen = self.sampler.take(cfg.rollout.prompts_per_step)[rt.rank * self.prompts_per_rank:
-                                                                 (rt.rank + 1) * self.prompts_per_rank]
+        return self.rollout_part(self.sampler.take(self.cfg.rollout.prompts_per_step), self.rt.rank, draw)
+
+    def rollout_part(self, step_prompts: list[int], part: int, draw: int = 0) -> tuple[list[dict], list[str], Rollout]:
+        """Part `part` (a rank's share; async: a learner's) of the step's global draw `step_prompts`."""
+        cfg, K = self.cfg, self.K
+        chosen = step_prompts[part * self.prompts_per_rank:(part + 1) * self.prompts_per_rank]
         rows = [self.train_rows[i] for i in chosen for _ in range(K)]
         prompts = [self.train_prompts[i] for i in chosen for _ in range(K)]
         prompt_ids, prompt_mask = data.left_pad([self.train_prompt_ids[i] for i in chosen for _ in range(K)],
                                                 self.tokenizer.pad_token_id)
         params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k,
-                                cfg.rollout.top_p, noise_key=(cfg.seed, self.step, (draw * rt.world_size + rt.rank)
+                                cfg.rollout.top_p, noise_key=(cfg.seed, self.step, (draw * self.learners + part)
                                                               * self.rows_per_rank))
         self.engine.sync_weights(self.policy)
         with distributed.gathered(self.policy), self.precision.autocast():  # FSDP2: ranks stop at different lengths
@@ -315,16 +345,17 @@ class RLRecipe:
         return rows, prompts, rollout
 
     # ---------------------------------------------------------------- 2. score (+ reference, old log-probs, values)
-    def score(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Scored:
-        """Rewards of each response, and the log-probs and values the update measures itself against."""
-        cfg = self.cfg
+    def score(self, rollout: Rollout, prompts: list[str] = (), rows: list[dict] = (), received=None) -> Scored:
+        """Rewards of each response, and the log-probs and values the update measures itself against.
+        received (async): the rewards, reference and behaviour log-probs an actor computed (actors.Received)."""
         input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
         P = rollout.prompt_ids.shape[1]
-        scores, step_rewards, score_stats = self.rewards(rollout, prompts, rows)
-        with torch.no_grad(), self.precision.autocast():
-            logprobs_ref = response_logprobs(self.reference, input_ids.to(self.dev_ref), attention_mask.to(self.dev_ref),
-                                             P, cfg.rollout.temperature, chunk_elements=self.chunk,
-                                             support=self.support).to(self.dev_policy)
+        if received is None:
+            scores, step_rewards, score_stats = self.rewards(rollout, prompts, rows)
+            logprobs_ref = self.logprobs_under(self.reference, self.dev_ref, rollout)
+        else:
+            scores, step_rewards, score_stats = received.scores, received.step_rewards, received.score_stats
+            logprobs_ref = received.logprobs_ref
         update_forward = None
         if self.single_pass:  # one update over every row: its own forward gives the old log-probs and values,
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
@@ -337,10 +368,19 @@ class RLRecipe:
         kl_per_token = kl_k1(logprobs_old, logprobs_ref) * mask
         is_weights = None
         if self.engine.separate_weights:  # vllm: its log-probs against the training model's (logged), TIS weights
-            is_weights, mismatch = truncated_is_weights(logprobs_old, rollout.logprobs, mask, cfg.rollout.is_cap)
+            is_weights, mismatch = truncated_is_weights(logprobs_old, rollout.logprobs, mask, self.cfg.rollout.is_cap)
             score_stats = score_stats | mismatch
         return Scored(rollout, input_ids, attention_mask, mask, P, scores, step_rewards, score_stats, logprobs_ref,
-                      logprobs_old, values_old, kl_per_token, update_forward, is_weights)
+                      logprobs_old, values_old, kl_per_token, update_forward, is_weights=is_weights,
+                      logprobs_behaviour=received.logprobs_behaviour if received is not None else None)
+
+    def logprobs_under(self, model, device, rollout: Rollout) -> torch.Tensor:
+        """(B, T) log-probs of the rollout's responses under a model run without gradients (the reference;
+        an async actor's policy: the behaviour log-probs), on the policy's device."""
+        with torch.no_grad(), self.precision.autocast():
+            return response_logprobs(model, rollout.input_ids.to(device), rollout.attention_mask.to(device),
+                                     rollout.prompt_ids.shape[1], self.cfg.rollout.temperature,
+                                     chunk_elements=self.chunk, support=self.support).to(self.dev_policy)
 
     def rewards(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> (scores (B,), step rewards (B, T), stats): rules + reward model + no-stop penalty."""
@@ -398,12 +438,20 @@ class RLRecipe:
         kl_in_reward = (self.kl_estimator(s.logprobs_old, s.logprobs_ref) * s.mask if self.kl_in_reward
                         else torch.zeros_like(s.kl_per_token))
         rewards = token_rewards(s.scores, kl_in_reward, s.mask, beta, s.step_rewards)
-        advantages, returns = self.estimate_advantages(rewards, s.values_old, s.mask, s.scores, group_size=self.K,
-                                                       running_mean=self.running_mean, **self.hparams)
+        if s.logprobs_behaviour is not None:  # async: corrected from the actor's weights to the learner's
+            weights = truncated_importance_weights(s.logprobs_old, s.logprobs_behaviour, s.mask, self.cfg.rollout.rho_max)
+        if s.logprobs_behaviour is not None and self.cfg.algorithm.advantage == "gae":  # V-trace: GAE when on-policy
+            advantages, returns = vtrace(rewards, s.values_old, s.mask, weights, gamma=self.cfg.algorithm.gamma,
+                                         lam=self.cfg.algorithm.lam, c_max=min(1.0, self.cfg.rollout.rho_max))
+        else:
+            advantages, returns = self.estimate_advantages(rewards, s.values_old, s.mask, s.scores, group_size=self.K,
+                                                           running_mean=self.running_mean, **self.hparams)
         if self.cfg.algorithm.whiten_advantages:  # mean and variance over the real tokens of every rank's rows
             advantages = distributed.global_masked_whiten(advantages, s.mask, self.rt)
         if s.is_weights is not None:  # the policy-gradient term of each token, reweighted to pi_train (TIS)
             advantages = advantages * s.is_weights
+        if s.logprobs_behaviour is not None:  # each token's policy-gradient term weighted by its rho (offpolicy.py)
+            advantages = advantages * weights
         return rewards, advantages, returns, beta
 
     # ---------------------------------------------------------------- 4. update
@@ -491,6 +539,10 @@ class RLRecipe:
                     "zero_signal_group_frac": flat_groups,
                     "reward_with_kl": float(rewards.sum()), "kl": float(masked_sum(s.kl_per_token, mask)),
                     "response_len": float(mask.sum()), "stop_fraction": float(s.rollout.stopped.float().sum())}
+        if s.logprobs_behaviour is not None:  # async: pi_prox / mu per token (1 on-policy) and how often it was cut
+            ratio, tokens = (s.logprobs_old - s.logprobs_behaviour).exp(), mask.sum(-1).clamp(min=1)
+            row_sums["is_ratio"] = float(((ratio * mask).sum(-1) / tokens).sum())
+            row_sums["is_truncated_frac"] = float((((ratio > cfg.rollout.rho_max) * mask).sum(-1) / tokens).sum())
         all_rows, *totals = rt.sum(n_rows, *row_sums.values())
         row_means = {k: total / all_rows for k, total in zip(row_sums, totals)}
         self.kl_ctl.update(row_means["kl"], int(all_rows))  # the global KL
@@ -559,4 +611,6 @@ class RLRecipe:
 
 
 def run(cfg, output_dir: Path) -> dict:
+    if cfg.rollout.mode == "async":  # actor ranks generate and score, learner ranks run this recipe's train()
+        return actors.run_async(cfg, output_dir, RLRecipe)
     return loop.run_stage("rl", cfg, output_dir, RLRecipe, model_key="policy", placement=cfg.placement)
