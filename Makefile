@@ -56,9 +56,10 @@ test-vllm: install-vllm
 demo: install
 	$(BIN)/python scripts/demo.py --runs $(RUNS)
 
-# the RLHF loop (docs/loop.md): sft -> rm0 -> rl0, then per round generate -> label -> rm{k} -> rl{k}; LOOP_ARGS='ROUNDS=3'
+# the RLHF loop (docs/loop.md): sft -> rm0 -> rl0, then per round generate -> label -> rm{k} -> rl{k}, then the
+# table per round (runs/loop/report.md); LOOP_ARGS='ROUNDS=4 RL_FROM=sft'
 demo-loop: install
-	$(MAKE) -f scripts/loop.mk RLHF=$(abspath $(BIN))/rlhf RUNS=$(RUNS)/loop $(LOOP_ARGS)
+	$(MAKE) -f scripts/loop.mk RLHF=$(abspath $(BIN))/rlhf RUNS=$(RUNS)/loop $(LOOP_ARGS) all report
 
 # two workers: most tests wait on a subprocess importing torch, so two cores overlap them
 TEST_WORKERS ?= 2

@@ -1,13 +1,13 @@
 # The RLHF loop as a Makefile with rounds (docs/loop.md): stages and tools talk only through paths.
 #
-#     make -f scripts/loop.mk                       # the embedded task, 2 rounds, CPU
+#     make -f scripts/loop.mk all report            # the embedded task, 3 rounds, CPU; then the table per round
 #     make -f scripts/loop.mk ROUNDS=3 DEV="device=cuda" RLHF=.venv/bin/rlhf
 #     make -n -f scripts/loop.mk                    # print the commands only
 #
 # round 0: sft -> reward model on the given pairs -> RL against that reward model alone
 # round k: generate from RL policy k-1 -> label by the rule, keeping the pairs RM k-1 gets wrong (mine=disagree)
-#          -> retrain the RM from RM k-1 (its head kept) on every round's pairs so far -> RL again from the sft policy
-#          (RL_FROM=previous: from RL policy k-1, the KL still to the sft policy; the online form of the loop)
+#          -> retrain the RM from RM k-1 (its head kept) on every round's pairs so far -> RL again, from RL policy k-1
+#          with the KL still to the sft policy (RL_FROM=previous, the online loop; RL_FROM=sft starts each round anew)
 # make -f scripts/loop.mk report: the table per round (held-out accuracy; the RM's accuracy on the policy's samples)
 # Every retraining sees the original pairs beside each round's: PAIRS=file.jsonl (yours), or by default the
 # embedded task's 32,000 pairs written to $(RUNS)/pairs0.jsonl (a first run without them trained rm1 on the
@@ -16,17 +16,20 @@
 RLHF ?= rlhf
 PYTHON ?= $(if $(findstring /,$(RLHF)),$(dir $(RLHF))python,python3)
 RUNS ?= runs/loop
-ROUNDS ?= 2
+ROUNDS ?= 3
 DEV ?= device=cpu
 RULE ?= rlhf_cli.task:correctness_reward
 SAMPLES ?= 4
 PAIRS ?=
-MINED_COPIES ?= 1
-RL_FROM ?= sft
+MINED_COPIES ?= 8
+RL_FROM ?= previous
 SFT_ARGS ?=
 RM_ARGS ?=
-RL_ARGS ?= algorithm=reinforce
-GEN_ARGS ?= data.num_prompts=400
+# the README's reward-hacking case: against one RM alone this setting rises to 73% in 50 steps and falls to 35.5% at
+# 150 (docs/loop.md); each round runs 50 steps, continuing the last round's policy against a retrained RM. (The stage
+# defaults, rloo baseline and kl.coef 0.2 with an RM, do not collapse on the embedded task.)
+RL_ARGS ?= algorithm=reinforce algorithm.baseline=group_norm kl.coef=0.05 max_steps=50
+GEN_ARGS ?= data.num_prompts=2000
 HELD_ARGS ?= data.split=eval
 
 comma := ,

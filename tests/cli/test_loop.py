@@ -307,8 +307,9 @@ def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
         else:
             compose.compose_all(name, args, multirun=False)
     last_rm = [c for c in commands if c[1] == "train-rm"][-1]
-    # the original pairs and every round's
-    assert f"data.train=[{tmp_path}/pairs0.jsonl,{tmp_path}/pairs1.jsonl,{tmp_path}/pairs2.jsonl]" in last_rm
+    # the original pairs once and every round's mined pairs MINED_COPIES (default 8) times
+    files = ",".join([f"{tmp_path}/pairs0.jsonl"] + [f"{tmp_path}/pairs{k}.jsonl" for k in (1, 2) for _ in range(8)])
+    assert f"data.train=[{files}]" in last_rm
     assert f"model.path={tmp_path}/rm1/final" in last_rm  # continued from the round before
 
 
