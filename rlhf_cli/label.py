@@ -240,15 +240,17 @@ def rm_scores(rows: list[dict], rm) -> list[list[float]]:
 
 
 def make_pairs(rows: list[dict], scores: list[list[float]], pairs: str, margin: bool) -> list[dict]:
-    """prompt/chosen/rejected rows where the judge's scores differ (and the texts do)."""
+    """prompt/chosen/rejected rows where the judge's scores differ (and the texts do). An empty response (a policy
+    that stopped at once) is left out of every pair: train-rm refuses an empty side as a missing text."""
     out = []
     for row, per in zip(rows, scores):
+        real = [i for i, response in enumerate(row["responses"]) if response.strip()]
         if pairs == "best_worst":
-            best = max(range(len(per)), key=lambda i: per[i])
-            worst = min(range(len(per)), key=lambda i: per[i])
-            candidates = [(best, worst)]
+            best = max(real, key=lambda i: per[i], default=None)
+            worst = min(real, key=lambda i: per[i], default=None)
+            candidates = [(best, worst)] if real else []
         else:
-            candidates = list(permutations(range(len(per)), 2))
+            candidates = list(permutations(real, 2))
         other = {k: v for k, v in row.items() if k not in ("prompt", "responses", "chosen", "rejected", "margin")}
         for i, j in candidates:
             if per[i] > per[j] and row["responses"][i] != row["responses"][j]:
@@ -287,8 +289,10 @@ def label(rows: list[dict], output: Path, cfg: LabelToolConfig) -> None:
         pairs = [p for p, c, r in zip(pairs, chosen, rejected) if c <= r]
     write_rows(output, pairs)
     ties = sum(1 for per in scores if max(per) == min(per))
+    empty = sum(1 for row in rows for response in row["responses"] if not response.strip())
     console.print(f"wrote {output}: {len(pairs)} pairs from {len(rows)} prompts (judge={cfg.judge}, "
-                  f"pairs={cfg.pairs}; {ties} prompts had no score difference)", markup=False)
+                  f"pairs={cfg.pairs}; {ties} prompts had no score difference"
+                  f"{f'; {empty} empty responses left out' if empty else ''})", markup=False)
 
 
 def write_rows(output: Path, rows: list[dict]) -> None:

@@ -365,3 +365,15 @@ def test_the_loop_can_continue_each_round_from_the_last_policy_with_the_sft_refe
     last_rm = [c for c in lines if c[:2] == ["rlhf", "train-rm"]][-1]
     p = str(tmp_path)
     assert f"data.train=[{p}/pairs0.jsonl,{p}/pairs1.jsonl,{p}/pairs1.jsonl,{p}/pairs2.jsonl,{p}/pairs2.jsonl]" in last_rm
+
+
+def test_label_leaves_empty_responses_out_of_pairs(root):
+    """A policy that stops at once writes an empty response: no pair gets an empty side (train-rm refuses one)."""
+    gens = write_jsonl(root / "empty_gens.jsonl", [{"prompt": "p1", "responses": ["", "ab", "abcd"]},
+                                                    {"prompt": "p2", "responses": ["  ", "x"]}])
+    for pairs, expected in (("all", [("p1", "abcd", "ab")]), ("best_worst", [("p1", "abcd", "ab")])):
+        proc = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", f"pairs={pairs}",
+                   f"output={root / f'empty_{pairs}.jsonl'}", cwd=root)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "2 empty responses left out" in " ".join((proc.stdout + proc.stderr).split())  # rich wraps lines
+        assert [(p["prompt"], p["chosen"], p["rejected"]) for p in read_rows(root / f"empty_{pairs}.jsonl")] == expected
