@@ -67,6 +67,18 @@ class EvalModelConfig:
     trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
 
 
+ENGINES = ("auto", "lean", "hf", "vllm")  # rollout.ENGINES (the tools' engine= choices), named without importing torch
+
+
+def check_tool_engine(engine: str) -> None:
+    """The tools' `engine=` (eval, generate): one of ENGINES, and vllm only where vLLM is installed."""
+    check_choice("engine", engine, ENGINES)
+    if engine == "vllm":
+        from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
+
+        check_installed("engine")
+
+
 @dataclass
 class ToolDeviceConfig:
     """`device` of the tools (eval, generate, label): the stages' key names."""
@@ -96,9 +108,11 @@ class EvalToolConfig:
     device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement")
     data: EvalDataConfig = doc(EvalDataConfig, "the held-out prompts")
     eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
+    engine: str = doc("auto", "rollout engine: auto, lean, hf or vllm (as rl's rollout.engine)")
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
+        check_tool_engine(self.engine)
         check_positive("device.threads", self.device.threads)
         for key, value in (("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
                            ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
@@ -230,7 +244,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     from rlhf_cli.evaluation import held_out_accuracy, sampled_accuracy
     from rlhf_cli.models import (CAUSAL_LM, REWARD_MODEL, check_generation_fits, check_model_dir, check_model_kind,
                                  load_causal_lm, load_scalar_head_model, load_tokenizer, position_limit)
-    from rlhf_cli.rollout import make_engine
+    from rlhf_cli.rollout import check_engine, make_engine
     from rlhf_cli.runtime import resolve_device
     from rlhf_cli.scoring import score_texts
 
@@ -271,21 +285,23 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
         import_reward_function(eval_cfg.rule, "eval.rule")
 
     check_generation_fits(str(ckpt), {"eval.max_new_tokens": max_new_tokens})  # before the weights load
+    check_engine(cfg.engine, str(ckpt), "CHECKPOINT", "engine")  # vllm: an architecture it runs
     device = resolve_device(cfg.device.type, key="device.type")
     if cfg.device.threads:
         torch.set_num_threads(cfg.device.threads)
     model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.model.dtype, device, cfg.model.trust_remote_code)
+    engine = make_engine(cfg.engine, model, tokenizer)  # vllm: a copy of the checkpoint's weights, pushed once
     with torch.no_grad():
-        accuracy, _, mean_chars, responses = held_out_accuracy(make_engine("auto", model, tokenizer), tokenizer, rows,
-                                                               prompts, eval_cfg, device, position_limit(str(ckpt)))
+        accuracy, _, mean_chars, responses = held_out_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device,
+                                                               position_limit(str(ckpt)))
     checks = _checks(rows, prompts, responses, eval_cfg.rule) if accuracy is not None else [None] * len(rows)
     sampled, correct_samples = {}, [None] * len(rows)
     if eval_cfg.samples and accuracy is not None:  # K samples per prompt, checked by the same rule
         with torch.no_grad():
-            sampled, correct_samples = sampled_accuracy(make_engine("auto", model, tokenizer), tokenizer, rows,
+            sampled, correct_samples = sampled_accuracy(engine, tokenizer, rows,
                                                         prompts, eval_cfg, device, eval_cfg.rule, seed,
                                                         position_limit(str(ckpt)))
-    del model
+    del model, engine
 
     rm_scores = None
     metrics = {"prompts": len(rows)}

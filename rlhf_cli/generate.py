@@ -34,10 +34,9 @@ from typing import Optional
 from rlhf_cli import helptext, task
 from rlhf_cli.config import check_choice, check_positive, doc, field_docs
 from rlhf_cli.errors import ConfigError, DataError, UserError
-from rlhf_cli.evaluate import ToolDeviceConfig, parse_overrides
+from rlhf_cli.evaluate import ToolDeviceConfig, check_tool_engine, parse_overrides
 from rlhf_cli.tracking import console
 
-ENGINES = ("auto", "lean", "hf", "vllm")  # rollout.ENGINES, named here without importing torch
 
 
 @dataclass
@@ -74,11 +73,7 @@ class GenerateToolConfig:
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
-        check_choice("engine", self.engine, ENGINES)
-        if self.engine == "vllm":
-            from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
-
-            check_installed("engine")
+        check_tool_engine(self.engine)
         check_positive("device.threads", self.device.threads)
         for key in ("samples_per_prompt", "temperature", "max_new_tokens", "batch_size"):
             check_positive(key, getattr(self, key))

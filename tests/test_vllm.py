@@ -190,3 +190,18 @@ def test_rl_with_vllm_lora_resumes(sft32, tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert train[-1]["rollout_logprob_diff_max"] < 1e-3, train[-1]
     assert (tmp_path / "run" / "final" / "manifest.json").exists()
+
+
+def test_rlhf_eval_with_vllm_answers_as_lean(sft32, tmp_path):
+    """`rlhf eval engine=vllm`: the same greedy responses, accuracy and pass@k as the local engine (fp32)."""
+    results = {}
+    for engine in ("lean", "vllm"):
+        out = tmp_path / f"{engine}.json"
+        proc = run_cli("eval", str(sft32), f"engine={engine}", "data.num_eval=40", "data.eval_limit=40",
+                       "eval.samples=4", *ONE_THREAD, "--json", str(out), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[engine] = json.loads(out.read_text())
+    lean, vllm = results["lean"], results["vllm"]
+    assert vllm["metrics"]["accuracy"] == lean["metrics"]["accuracy"]
+    assert [g["response"] for g in vllm["generations"]] == [g["response"] for g in lean["generations"]]
+    assert 0 <= vllm["metrics"]["pass@4"] <= 1
