@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -129,9 +130,11 @@ def setup(device_cfg, seed: int, placement_cfg=None) -> Runtime:
 
 
 def teardown() -> None:
-    """Close the process group setup() opened under torchrun (one process: a group there is vLLM's own
-    (rollout.engine=vllm), which it closes itself at exit)."""
-    if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """Close the process group setup() opened under torchrun. Where vLLM runs in the process
+    (rollout.engine=vllm) it is left to vLLM: its engine's exit hook destroys its own groups, built on
+    the default one, and fails with "Invalid process group" if that one is gone (seen under torchrun);
+    in one process the only group is vLLM's own."""
+    if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "vllm" not in sys.modules:
         dist.destroy_process_group()
 
 
