@@ -70,13 +70,14 @@ class EvalModelConfig:
 ENGINES = ("auto", "lean", "hf", "vllm")  # rollout.ENGINES (the tools' engine= choices), named without importing torch
 
 
-def check_tool_engine(engine: str) -> None:
-    """The tools' `engine=` (eval, generate): one of ENGINES, and vllm only where vLLM is installed."""
-    check_choice("engine", engine, ENGINES)
+def check_tool_engine(engine: str, key: str) -> None:
+    """The tools' engine (generate's `engine`, eval's `rollout.engine`): one of ENGINES, and vllm only where
+    vLLM is installed."""
+    check_choice(key, engine, ENGINES)
     if engine == "vllm":
         from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
 
-        check_installed("engine")
+        check_installed(key)
 
 
 @dataclass
@@ -84,6 +85,11 @@ class ToolDeviceConfig:
     """`device` of the tools (eval, generate, label): the stages' key names."""
     type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
     threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
+
+
+@dataclass
+class EvalRolloutConfig:
+    engine: str = doc("auto", "rollout engine: auto, lean, hf or vllm (rlhf eval CKPT rollout.engine=vllm)")
 
 
 @dataclass
@@ -108,11 +114,11 @@ class EvalToolConfig:
     device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement")
     data: EvalDataConfig = doc(EvalDataConfig, "the held-out prompts")
     eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
-    engine: str = doc("auto", "rollout engine: auto, lean, hf or vllm (as rl's rollout.engine)")
+    rollout: EvalRolloutConfig = doc(EvalRolloutConfig, "the engine that generates (as rl's rollout)")
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
-        check_tool_engine(self.engine)
+        check_tool_engine(self.rollout.engine, "rollout.engine")
         check_positive("device.threads", self.device.threads)
         for key, value in (("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
                            ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
@@ -285,12 +291,12 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
         import_reward_function(eval_cfg.rule, "eval.rule")
 
     check_generation_fits(str(ckpt), {"eval.max_new_tokens": max_new_tokens})  # before the weights load
-    check_engine(cfg.engine, str(ckpt), "CHECKPOINT", "engine")  # vllm: an architecture it runs
+    check_engine(cfg.rollout.engine, str(ckpt), "CHECKPOINT")  # vllm: an architecture it runs
     device = resolve_device(cfg.device.type, key="device.type")
     if cfg.device.threads:
         torch.set_num_threads(cfg.device.threads)
     model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.model.dtype, device, cfg.model.trust_remote_code)
-    engine = make_engine(cfg.engine, model, tokenizer)  # vllm: a copy of the checkpoint's weights, pushed once
+    engine = make_engine(cfg.rollout.engine, model, tokenizer)  # vllm: a copy of the checkpoint's weights, pushed once
     with torch.no_grad():
         accuracy, _, mean_chars, responses = held_out_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device,
                                                                position_limit(str(ckpt)))

@@ -73,7 +73,7 @@ class GenerateToolConfig:
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
-        check_tool_engine(self.engine)
+        check_tool_engine(self.engine, "engine")
         check_positive("device.threads", self.device.threads)
         for key in ("samples_per_prompt", "temperature", "max_new_tokens", "batch_size"):
             check_positive(key, getattr(self, key))

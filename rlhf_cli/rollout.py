@@ -157,20 +157,28 @@ class LocalEngine:
 ENGINES = {"auto": LocalEngine, "lean": LocalEngine, "hf": LocalEngine, "vllm": "rlhf_cli.vllm_engine:VLLMEngine"}
 
 
+def engine_module(name: str):
+    """The module of an ENGINES entry given as "module:Class" (vLLM's, imported only when chosen), else None.
+    Only this fixed table's modules are imported, never a name from the config."""
+    entry = ENGINES[name]
+    if not isinstance(entry, str):
+        return None
+    module_name = entry.split(":")[0]
+    return importlib.import_module(module_name)
+
+
 def engine_class(name: str):
     """The class ENGINES names (a "module:Class" entry imported here)."""
     entry = ENGINES[name]
-    if isinstance(entry, str):
-        module, cls = entry.split(":")
-        entry = getattr(importlib.import_module(module), cls)
-    return entry
+    return getattr(engine_module(name), entry.split(":")[1]) if isinstance(entry, str) else entry
 
 
 def check_engine(name: str, model_path: str, key: str, engine_key: str = "rollout.engine") -> None:
     """An engine's own checks of the model at `model_path` (config only, before any weights load): vLLM's
     architectures and head sizes. The local engines check nothing here."""
-    if isinstance(ENGINES[name], str):
-        importlib.import_module(ENGINES[name].split(":")[0]).check_model(model_path, key, engine_key)
+    module = engine_module(name)
+    if module is not None:
+        module.check_model(model_path, key, engine_key)
 
 
 def make_engine(name: str, model: torch.nn.Module, tokenizer, options: dict | None = None) -> RolloutEngine:

@@ -197,7 +197,7 @@ def test_rlhf_eval_with_vllm_answers_as_lean(sft32, tmp_path):
     results = {}
     for engine in ("lean", "vllm"):
         out = tmp_path / f"{engine}.json"
-        proc = run_cli("eval", str(sft32), f"engine={engine}", "data.num_eval=40", "data.eval_limit=40",
+        proc = run_cli("eval", str(sft32), f"rollout.engine={engine}", "data.num_eval=40", "data.eval_limit=40",
                        "eval.samples=4", *ONE_THREAD, "--json", str(out), cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         results[engine] = json.loads(out.read_text())

@@ -188,8 +188,8 @@ def test_eval_samples_gives_pass_at_k_and_majority_vote(sweep, tmp_path):
     (["{run}", "eval.max_new_tokns=4"], "did you mean eval.max_new_tokens"),
     (["{run}", "data.eval=nope.jsonl"], "file not found"),
     (["{rm}"], "is a reward model"),
-    (["{run}", "engine=sglang"], "engine='sglang' is not one of auto, lean, hf, vllm"),
-    pytest.param(["{run}", "engine=vllm"], "engine=vllm needs vLLM, which is not installed",
+    (["{run}", "rollout.engine=sglang"], "rollout.engine='sglang' is not one of auto, lean, hf, vllm"),
+    pytest.param(["{run}", "rollout.engine=vllm"], "rollout.engine=vllm needs vLLM, which is not installed",
                  marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")),
 ])
 def test_eval_bad_input(sweep, reward_model, tmp_path, args, fragment):
