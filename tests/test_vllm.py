@@ -207,24 +207,29 @@ def test_rlhf_eval_with_vllm_answers_as_lean(sft32, tmp_path):
     assert 0 <= vllm["metrics"]["pass@4"] <= 1
 
 
-def test_rl_with_vllm_under_torchrun_runs_an_engine_per_rank(base32, tmp_path):
-    """Two gloo ranks, each with its own vLLM engine (external_launcher): the run ends cleanly (vLLM closes its
-    own process groups at exit, before ours), and every rank's engine samples as its training model."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_rl_with_vllm_under_torchrun_runs_an_engine_per_rank(sft32, tmp_path, strategy):
+    """Two gloo ranks, each with its own vLLM engine (external_launcher), DDP or FSDP2 (whose shards are gathered
+    for the push): after step 1's update every rank's engine still samples as its training model, and the run
+    ends cleanly (vLLM closes its own process groups at exit, before ours)."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "RLHF_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-                           "-m", "rlhf_cli", "rl", f"policy.path={base32}", "output_dir=run", "max_steps=2",
-                           "rollout.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.1",
-                           "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "data.num_eval=8",
-                           "eval.every=1000", *ONE_THREAD], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
+                           "-m", "rlhf_cli", "rl", f"policy.path={sft32}", "output_dir=run", "max_steps=2",
+                           "rollout.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.1", "optim.lr=1e-3",
+                           f"device.distributed={strategy}", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
+                           "data.num_eval=8", "eval.every=1000", *ONE_THREAD], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Traceback" not in out and "Invalid process group" not in out, out[-3000:]
     assert "x 2 ranks" in " ".join(out.split())
     train = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in train] == [1, 2]
+    # step 1 moved the policy (0.5 nats of KL to the sft weights vLLM started with, measured): a missed push
+    # would show at step 2 as a gap of that order, not under 1e-3 (measured: 1e-6 with DDP and with FSDP2)
+    assert train[1]["kl"] > 0.05, train
     assert max(r["rollout_logprob_diff_max"] for r in train) < 1e-3, train
