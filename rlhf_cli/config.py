@@ -588,8 +588,10 @@ class RLConfig:
                               "model's own forward under FSDP) or device.distributed=ddp")
         if not POLICY_LOSSES.trait(algo.name, "trust_region") and algo.epochs != 1:
             raise ConfigError(f"{algo.name} makes one pass per rollout batch: set algorithm.epochs=1 (or algorithm=ppo)")
-        if self.rollout.mode == "async" and (algo.dynamic_sampling or self.device.distributed == "fsdp"):
-            key = "algorithm.dynamic_sampling=true" if algo.dynamic_sampling else "device.distributed=fsdp"
+        unsupported = {"algorithm.dynamic_sampling=true": algo.dynamic_sampling,
+                       "device.distributed=fsdp": self.device.distributed == "fsdp",
+                       "rollout.engine=vllm": self.rollout.engine == "vllm"}  # actors generate with the local engine
+        for key in (k for k, chosen in unsupported.items() if chosen and self.rollout.mode == "async"):
             raise ConfigError(f"rollout.mode=async does not support {key} yet (the learners train with ddp on the "
                               f"batches the actors send); drop it or use rollout.mode=sync")
 

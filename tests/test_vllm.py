@@ -233,3 +233,12 @@ def test_rl_with_vllm_under_torchrun_runs_an_engine_per_rank(sft32, tmp_path, st
     # would show at step 2 as a gap of that order, not under 1e-3 (measured: 1e-6 with DDP and with FSDP2)
     assert train[1]["kl"] > 0.05, train
     assert max(r["rollout_logprob_diff_max"] for r in train) < 1e-3, train
+
+
+def test_async_actors_with_vllm_are_refused_while_composing():
+    """rollout.mode=async generates on the actors with the local engines: vllm there is one line, not a hang."""
+    from rlhf_cli import compose
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.mode=async does not support rollout.engine=vllm yet"):
+        compose.compose_all("rl", ["rollout.mode=async", "rollout.engine=vllm"], multirun=False)
