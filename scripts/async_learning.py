@@ -26,7 +26,7 @@ def run(mode: str, algorithm: str, args, out: Path) -> list[tuple[int, float, fl
               f"max_steps={args.steps}", f"eval.every={args.eval_every}", f"seed={args.seed}", "checkpoint.every=100000", "device=cpu"]
     command = ([sys.executable, "-m", "rlhf_cli", *common, "device.threads=2"] if mode == "sync" else
                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m", "rlhf_cli",
-                *common, "device.threads=1", "rollout.mode=async"])
+                *common, "device.threads=1", "rollout.mode=async", *args.async_set])
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{mode} {algorithm} failed:\n{proc.stderr[-3000:]}")
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/async_learning")
+    parser.add_argument("--async-set", nargs="*", default=[], help="overrides for the async runs, e.g. rollout.rho_max=2")
     parser.add_argument("--png", default="docs/images/async_learning.png")
     args = parser.parse_args()
     out = Path(args.out)
