@@ -132,6 +132,14 @@ class EvalToolConfig:
 USAGE = "usage: rlhf eval CHECKPOINT [key=value ...] [--json OUT.json]"
 
 
+def parse_settings(schema, args: list[str], tool: str, example: str):
+    """A tool that takes key=value settings only (generate, label): anything else is one line naming an example."""
+    positional = [a for a in args if "=" not in a]
+    if positional:
+        raise UserError(f"rlhf {tool} takes key=value settings only (got {positional[0]!r}); e.g. rlhf {tool} {example}")
+    return parse_overrides(schema, args, tool)
+
+
 def parse_overrides(schema, overrides: list[str], tool: str):
     """key=value strings -> the typed schema object; unknown keys suggest the closest, bad values name the key."""
     from omegaconf import OmegaConf

@@ -34,7 +34,7 @@ from typing import Optional
 from rlhf_cli import helptext, task
 from rlhf_cli.config import check_choice, check_positive, doc, field_docs
 from rlhf_cli.errors import ConfigError, DataError, UserError
-from rlhf_cli.evaluate import ToolDeviceConfig, check_tool_engine, parse_overrides
+from rlhf_cli.evaluate import ToolDeviceConfig, check_tool_engine, parse_settings
 from rlhf_cli.tracking import console
 
 
@@ -122,11 +122,7 @@ def main(args: list[str]) -> None:
     if any(a in ("-h", "--help") for a in args):
         print_help()
         return
-    positional = [a for a in args if "=" not in a]
-    if positional:
-        raise UserError(f"rlhf generate takes key=value settings only (got {positional[0]!r}); "
-                        f"e.g. rlhf generate model.path=runs/rl/final output=gens.jsonl")
-    cfg = parse_overrides(GenerateToolConfig, args, "generate")
+    cfg = parse_settings(GenerateToolConfig, args, "generate", "model.path=runs/rl/final output=gens.jsonl")
     generate(cfg)
 
 

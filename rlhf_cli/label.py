@@ -34,7 +34,7 @@ from typing import List, Optional
 from rlhf_cli import helptext, label_page
 from rlhf_cli.config import check_choice, check_positive, doc
 from rlhf_cli.errors import ConfigError, DataError, UserError
-from rlhf_cli.evaluate import ToolDeviceConfig, parse_overrides
+from rlhf_cli.evaluate import ToolDeviceConfig, parse_settings
 from rlhf_cli.generate import print_keys
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tracking import console
@@ -106,11 +106,7 @@ def main(args: list[str]) -> None:
         helptext.print_text(__doc__.strip())
         print_keys(LabelToolConfig, "label")
         return
-    positional = [a for a in args if "=" not in a]
-    if positional:
-        raise UserError(f"rlhf label takes key=value settings only (got {positional[0]!r}); "
-                        f"e.g. rlhf label input=gens.jsonl judge=rule output=prefs.jsonl")
-    cfg = parse_overrides(LabelToolConfig, args, "label")
+    cfg = parse_settings(LabelToolConfig, args, "label", "input=gens.jsonl judge=rule output=prefs.jsonl")
     rows = read_generations(cfg.input)
     output = Path(cfg.output).expanduser()
     if not output.absolute().parent.is_dir():

@@ -140,6 +140,7 @@ def test_generate_refuses_to_continue_a_file_with_other_settings(gens, root, tin
 @pytest.mark.parametrize("args, fragment", [
     ([], "model.path= is required"),
     (["model.path=x"], "output= is required"),
+    (["runs/rl/final", "output=o.jsonl"], "rlhf generate takes key=value settings only (got 'runs/rl/final')"),
     (["model.path=x", "output=o.jsonl", "samples_per_promt=2"], "did you mean samples_per_prompt"),
     (["model.path=x", "output=o.jsonl", "temperature=0"], "temperature must be > 0"),
     (["model.path=x", "output=o.jsonl", "engine=sglang"], "engine='sglang' is not one of auto, lean, hf, vllm"),
@@ -231,6 +232,7 @@ def test_label_rm_judge_and_mining_the_reward_models_disagreements(gens, root, r
     ("output exists", "exists; choose another output"),
     ("unknown key", "did you mean judge"),
     ("bad port", "is not a TCP port"),
+    ("a positional argument", "rlhf label takes key=value settings only (got 'gens.jsonl')"),
 ])
 def test_label_bad_input(gens, root, tiny_model_dir, tmp_path, case, fragment):
     pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
@@ -248,6 +250,7 @@ def test_label_bad_input(gens, root, tiny_model_dir, tmp_path, case, fragment):
             "rm judge given a base LM": [f"input={gens}", "judge=rm", f"reward.model.path={tiny_model_dir}", out],
             "output exists": [f"input={gens}", rule, f"output={pairs_file}"],
             "unknown key": [f"input={gens}", "jugde=rm", out],
+            "a positional argument": ["gens.jsonl", rule, out],
             "bad port": [f"input={gens}", "judge=human", "port=70000", out]}[case]
     before = pairs_file.read_bytes()
     proc = cli("label", *args, cwd=root)
