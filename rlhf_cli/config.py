@@ -381,7 +381,8 @@ class AlgorithmConfig:
     lam: float = doc(0.95, "GAE lambda")
     nstep: int = doc(8, "n of n-step TD")
     whiten_advantages: bool = doc(False, "whiten advantages over the batch's real tokens")
-    epochs: int = doc(1, "passes over each rollout batch (PPO: K epochs)")
+    epochs: Optional[int] = doc(1, "passes over each rollout batch (PPO: K epochs); null = by staleness: 2, or 1 "
+                                   "when rollout.mode=async with rollout.max_lag > 0 (docs/async.md)")
     minibatches: int = doc(1, "minibatches per pass (PPO: M)")
     clip_low: float = doc(0.2, "PPO ratio clip below 1")
     clip_high: float = doc(0.2, "PPO ratio clip above 1 (asymmetric clip allowed)")
@@ -391,8 +392,11 @@ class AlgorithmConfig:
     target_kl: Optional[float] = doc(None, "PPO: stop the epochs early when approx KL passes this")
     clip_ratio_c: Optional[float] = doc(None, "PPO dual clip (Ye et al. 2020): cap the loss of tokens with a negative "
                                               "advantage at -A * c, c > 1 (e.g. 3.0); null = off")
-    dynamic_sampling: bool = doc(False, "DAPO dynamic sampling: drop prompts whose K samples got equal rewards and draw "
-                                        "more prompts until the step's batch is full (algorithm.max_draws at most)")
+    dynamic_sampling: Optional[bool] = doc(None, "DAPO dynamic sampling: drop prompts whose K samples got equal "
+                                                 "rewards and draw more prompts until the step's batch is full "
+                                                 "(algorithm.max_draws at most); null = by reward source: on for rule "
+                                                 "rewards alone (sync mode), off when a reward model scores "
+                                                 "(continuous scores rarely tie; measured on the task suite, docs/suite.md)")
     max_draws: int = doc(4, "dynamic sampling: rollout draws per step at most; a batch still short is filled with "
                             "equal-reward groups (logged as sampling_topped_up_groups)")
     loss_agg: str = doc("token-mean", "how per-token loss terms become one number: token-mean, seq-mean-token-mean "
@@ -422,6 +426,11 @@ class AlgorithmConfig:
 
         return ADVANTAGE_ESTIMATORS.trait(self.advantage, "needs_values")
 
+
+# algorithm.epochs=null (PPO's default) resolves by staleness (docs/async.md, measured on six seeds): a batch
+# generated one update old is already off-policy by that update, and a second pass moves it further
+PPO_EPOCHS = 2
+PPO_EPOCHS_LAGGED = 1
 
 # kl.coef=null resolves by reward source (docs/suite.md): against a learned reward model the penalty is
 # what keeps the policy inside the region the RM was trained on (Gao et al. 2022, reward over-optimisation)
@@ -501,6 +510,11 @@ class RolloutConfig:
     rho_max: float = doc(1.0, "async: truncation of the importance weights pi / mu of the off-policy correction "
                               "(IMPALA's rho-bar; the V-trace traces use min(1, rho_max))")
 
+    @property
+    def lagged(self) -> bool:
+        """Batches may come from weights older than the ones they update (async with a lag budget)."""
+        return self.mode == "async" and self.max_lag > 0
+
     def check_async(self) -> None:
         check_choice("rollout.mode", self.mode, ("sync", "async"))
         check_positive("rollout.actors", self.actors)
@@ -560,6 +574,10 @@ class RLConfig:
         if self.kl.coef is None:  # resolved here, so the saved config and the log show the value in force
             self.kl.coef = KL_COEF_WITH_RM if self.reward.model.path else KL_COEF_RULES_ONLY
         algo = self.algorithm
+        if algo.dynamic_sampling is None:  # resolved here: config.yaml and the log show the value in force
+            algo.dynamic_sampling = self.dynamic_sampling_default
+        if algo.epochs is None:  # resolved here too: config.yaml and the log show the value in force
+            algo.epochs = PPO_EPOCHS_LAGGED if self.rollout.lagged else PPO_EPOCHS
         from rlhf_cli.algorithms import GROUP_BASELINES, POLICY_LOSSES  # torch: see AlgorithmConfig.__post_init__
 
         if POLICY_LOSSES.trait(algo.name, "needs_critic") and not algo.needs_critic:
@@ -594,6 +612,13 @@ class RLConfig:
         for key in (k for k, chosen in unsupported.items() if chosen and self.rollout.mode == "async"):
             raise ConfigError(f"rollout.mode=async does not support {key} yet (the learners train with ddp on the "
                               f"batches the actors send); drop it or use rollout.mode=sync")
+
+    @property
+    def dynamic_sampling_default(self) -> bool:
+        """algorithm.dynamic_sampling=null: on where groups of equal rewards are common and a redraw is cheap, i.e.
+        rule rewards alone; off with a reward model (continuous scores rarely tie, and each draw would be scored
+        twice), in async mode (not supported there yet) and with one sample per prompt (no group to compare)."""
+        return not self.reward.model.path and self.rollout.mode == "sync" and self.rollout.samples_per_prompt >= 2
 
 
 # ---------------------------------------------------------------- keys that only some options read

@@ -3,6 +3,9 @@
 
     python scripts/async_learning.py --sft runs/sft/final                       # after `make demo`; ~5 min on 2 cores
     python scripts/async_learning.py --sft runs/sft/final --algorithms a2c --steps 40 --out runs/async_learning
+    python scripts/async_learning.py --sft runs/sft/final --algorithms ppo --seeds 0,1,2,3,4,5 --async-steps 50
+        # six seeds, one table (RUNS/summary.md): when each side first reached 98%, and async's accuracy at the
+        # last evaluation within sync's whole wall time (50 async steps outlast sync's 30 on this machine)
 
 Each run is the real CLI with the stage's defaults (16 prompts x 8 samples a step, rollout.max_lag=1 for async),
 evaluating every `--eval-every` steps; the curve puts each evaluation at the run's own clock (metrics.jsonl's
@@ -22,9 +25,10 @@ from pathlib import Path
 def run(mode: str, algorithm: str, args, out: Path) -> list[tuple[int, float, float]]:
     """-> [(step, seconds since start, held-out accuracy)] of one run."""
     env = {**os.environ, "RLHF_NO_PROGRESS": "1", "OMP_NUM_THREADS": "2" if mode == "sync" else "1"}
+    steps = args.async_steps if mode == "async" and args.async_steps else args.steps
     common = ["rl", f"output_dir={out}", f"policy.path={args.sft}", f"algorithm={algorithm}",
-              f"max_steps={args.steps}", f"eval.every={args.eval_every}", f"seed={args.seed}", "checkpoint.every=100000", "device=cpu"]
-    command = ([sys.executable, "-m", "rlhf_cli", *common, "device.threads=2"] if mode == "sync" else
+              f"max_steps={steps}", f"eval.every={args.eval_every}", f"seed={args.seed}", "checkpoint.every=100000", "device=cpu"]
+    command = ([sys.executable, "-m", "rlhf_cli", *common, "device.threads=2", *args.sync_set] if mode == "sync" else
                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m", "rlhf_cli",
                 *common, "device.threads=1", "rollout.mode=async", *args.async_set])
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -34,6 +38,22 @@ def run(mode: str, algorithm: str, args, out: Path) -> list[tuple[int, float, fl
     return [(r["step"], r["time_s"], r["eval_accuracy"]) for r in rows if r["kind"] == "eval"]
 
 
+def summary(sync: list, asyn: list, threshold: float) -> dict:
+    """One seed's sync and async curves -> when each first reached `threshold`, its lowest evaluation after that,
+    and async's accuracy at the last evaluation within sync's whole wall time (its budget)."""
+    def first(points):
+        return next(((s, t) for s, t, a in points if a >= threshold), None)
+
+    def lowest_after(points):
+        hit = first(points)
+        return min(a for s, t, a in points if s >= hit[0]) if hit else None
+
+    budget = sync[-1][1]
+    within = [p for p in asyn if p[1] <= budget]
+    return {"sync_first": first(sync), "async_first": first(asyn), "sync_low": lowest_after(sync),
+            "async_low": lowest_after(asyn), "sync_final": sync[-1], "async_at_budget": within[-1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sft", required=True, help="the SFT final/ to start from (make demo: runs/sft/final)")
@@ -41,14 +61,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="several seeds, e.g. 0,1,2,3,4,5: a table of them (summary.md)")
+    parser.add_argument("--async-steps", type=int, default=None, help="async runs this many steps (default --steps): "
+                        "to read async's accuracy at sync's whole wall time")
+    parser.add_argument("--threshold", type=float, default=0.98)
     parser.add_argument("--out", default="runs/async_learning")
     parser.add_argument("--async-set", nargs="*", default=[], help="overrides for the async runs, e.g. rollout.rho_max=2")
+    parser.add_argument("--sync-set", nargs="*", default=[], help="overrides for the sync runs, e.g. algorithm.epochs=1")
+    parser.add_argument("--modes", default="sync,async", help="which runs to make (sync, async or both)")
     parser.add_argument("--png", default="docs/images/async_learning.png")
     args = parser.parse_args()
+    if args.seeds:
+        return several_seeds(args)
     out = Path(args.out)
     curves = {}
     for algorithm in args.algorithms.split(","):
-        for mode in ("sync", "async"):
+        for mode in args.modes.split(","):
             curves[f"{algorithm} {mode}"] = run(mode, algorithm, args, out / f"{algorithm}-{mode}")
             step, seconds, accuracy = curves[f"{algorithm} {mode}"][-1]
             print(f"{algorithm} {mode}: {accuracy:.1%} after {step} steps, {seconds:.1f} s", flush=True)
@@ -63,6 +91,8 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(algorithms), figsize=(5 * len(algorithms), 3.6), squeeze=False)
     for ax, algorithm in zip(axes[0], algorithms):
         for mode, style in (("sync", "o-"), ("async", "s-")):
+            if f"{algorithm} {mode}" not in curves:
+                continue
             points = curves[f"{algorithm} {mode}"]
             label = "sync, 1 process x 2 threads" if mode == "sync" else "async, 1 actor + 1 learner"
             ax.plot([p[1] for p in points], [100 * p[2] for p in points], style, markersize=3, label=label)
@@ -75,6 +105,27 @@ def main() -> None:
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png, dpi=110)
     print(f"curve: {args.png}")
+
+
+def several_seeds(args) -> None:
+    """Each seed's sync and async runs (the first seed's curve drawn), then one table: RUNS/summary.md."""
+    lines = [f"| algorithm | seed | sync first >= {args.threshold:.0%} | async first | sync lowest after | async lowest "
+             f"after | sync after {args.steps} steps | async at sync's wall time |", "|" + "---|" * 8]
+    seeds, root, png = [int(x) for x in args.seeds.split(",")], Path(args.out), args.png
+    for i, seed in enumerate(seeds):
+        args.seed, args.seeds, args.out = seed, None, str(root / f"seed{seed}")
+        args.png = png if i == 0 else str(root / f"seed{seed}.png")
+        main()
+        curves = json.loads((root / f"seed{seed}" / "curves.json").read_text())
+        for algorithm in args.algorithms.split(","):
+            r = summary(curves[f"{algorithm} sync"], curves[f"{algorithm} async"], args.threshold)
+            hit = lambda h: f"{h[1]:.1f} s (step {h[0]})" if h else "never"
+            low = lambda v: f"{v:.1%}" if v is not None else "-"
+            lines.append(f"| {algorithm} | {seed} | {hit(r['sync_first'])} | {hit(r['async_first'])} | {low(r['sync_low'])} "
+                         f"| {low(r['async_low'])} | {r['sync_final'][2]:.1%} ({r['sync_final'][1]:.1f} s) | "
+                         f"{r['async_at_budget'][2]:.1%} (step {r['async_at_budget'][0]}, {r['async_at_budget'][1]:.1f} s) |")
+    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

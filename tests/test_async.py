@@ -70,14 +70,15 @@ def test_two_learners_on_a_sub_group_give_the_ddp_updates(root):
 
 
 def test_lag_runs_and_logs_lag_wait_and_utilisation(root):
-    """max_lag=2 with weights every 2 updates (PPO, 2 epochs x 2 minibatches): lags stay within the bound and
-    reach it; every step logs the lag, the learner's wait and the actor's times and busy fraction."""
+    """max_lag=2 with weights every 2 updates (PPO, 2 minibatches x 1 epoch: the default under a lag, said in
+    the log): lags stay within the bound and reach it; every step logs the lag, the learner's wait and the actor's times and busy fraction."""
     root, env = root
     run = root / "lag"
     proc = torchrun(2, "rl", f"output_dir={run}", *RL_COMMON, "algorithm=ppo", "max_steps=5", *ASYNC,
                     "rollout.max_lag=2", "rollout.sync_every=2", cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(run, "train")
+    assert "2 minibatch(es) x 1 epoch(s) per rollout" in text(proc) and "rl: algorithm.epochs 1 (batches up to" in text(proc)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # rank 0 writes, once per step
     lags = [r["async_lag"] for r in rows]
     assert lags[0] == 0 and max(lags) == 2 and all(0 <= lag <= 2 for lag in lags), lags

@@ -3,7 +3,7 @@
 import pytest
 
 from rlhf_cli.compose import CONF_DIR, compose_config
-from rlhf_cli.config import AlgorithmConfig, RLConfig, SFTConfig
+from rlhf_cli.config import PPO_EPOCHS, AlgorithmConfig, RLConfig, SFTConfig
 from rlhf_cli.errors import ConfigError
 
 GROUP_OPTIONS = {
@@ -28,8 +28,10 @@ def test_every_group_option_composes(stage, group, option):
     cfg = compose_config(stage, [f"{group}={option}"])
     values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
     assert values, f"{group}/{option}.yaml sets nothing"
+    resolved = {("algorithm", "epochs"): PPO_EPOCHS}  # null in the file: resolved while composing (sync here)
     for key, value in values.items():
-        assert getattr(getattr(cfg, group), key) == value, key
+        expected = resolved[group, key] if value is None and (group, key) in resolved else value
+        assert getattr(getattr(cfg, group), key) == expected, key
 
 
 def test_every_group_file_is_covered_or_needs_a_value():
@@ -87,3 +89,33 @@ def test_kl_coef_defaults_by_reward_source(overrides, coef):
     assert KLConfig().coef is None  # null in the schema: resolved once the reward sources are known
     cfg = compose_config("rl", overrides)
     assert cfg.kl.coef == coef and asdict(cfg)["kl"]["coef"] == coef  # the saved config holds the value in force
+
+
+@pytest.mark.parametrize("overrides, epochs", [
+    (["algorithm=ppo"], 2),                                                              # sync
+    (["algorithm=ppo", "rollout.mode=async"], 1),                                        # a lag of 1 by default
+    (["algorithm=ppo", "rollout.mode=async", "rollout.max_lag=0"], 2),                   # no lag: sync's updates
+    (["algorithm=ppo", "rollout.mode=async", "algorithm.epochs=3"], 3),                  # a set value always wins
+    (["algorithm=a2c", "rollout.mode=async"], 1),                                        # one pass anyway
+])
+def test_ppo_epochs_default_by_staleness(overrides, epochs):
+    from dataclasses import asdict
+
+    cfg = compose_config("rl", overrides)
+    assert cfg.algorithm.epochs == epochs and asdict(cfg)["algorithm"]["epochs"] == epochs
+
+
+@pytest.mark.parametrize("overrides, on", [
+    (["reward=rule"], True),                                                    # rule rewards alone: redraw ties
+    (["reward=rm", "reward.model.path=/some/rm"], False),                       # an RM scores: off
+    (["reward=rule_rm", "reward.model.path=/some/rm"], False),
+    (["reward=rule", "rollout.mode=async"], False),                             # not supported in async yet
+    (["reward=rule", "rollout.samples_per_prompt=1", "algorithm.baseline=mean"], False),  # no group to compare
+    (["reward=rm", "reward.model.path=/some/rm", "algorithm.dynamic_sampling=true"], True),  # a set value wins
+])
+def test_dynamic_sampling_default_by_reward_source(overrides, on):
+    from dataclasses import asdict
+
+    assert AlgorithmConfig().dynamic_sampling is None  # null in the schema: resolved once the sources are known
+    cfg = compose_config("rl", overrides)
+    assert cfg.algorithm.dynamic_sampling is on and asdict(cfg)["algorithm"]["dynamic_sampling"] is on

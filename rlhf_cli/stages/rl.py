@@ -45,7 +45,7 @@ from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOS
                                  FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
                                  overlong_penalty, place_step_rewards, rank_share, token_rewards,
                                  truncated_importance_weights, truncated_is_weights, value_loss, vtrace)
-from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM
+from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM, PPO_EPOCHS_LAGGED
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, response_logprobs
@@ -260,6 +260,12 @@ class RLRecipe:
         if cfg.kl.coef in (KL_COEF_RULES_ONLY, KL_COEF_WITH_RM):
             say(f"rl: kl.coef {cfg.kl.coef} ({'a reward model is in the reward' if self.reward_model is not None else 'rule rewards alone'}"
                 f"; the default by reward source unless set)")
+        if a.dynamic_sampling:
+            say(f"rl: algorithm.dynamic_sampling true: groups with K equal rewards are redrawn, up to "
+                f"{a.max_draws} draws a step (sampling_draws); the default for rule rewards alone unless set")
+        if cfg.rollout.lagged and a.epochs == PPO_EPOCHS_LAGGED and a.name == "ppo":
+            say(f"rl: algorithm.epochs {a.epochs} (batches up to rollout.max_lag={cfg.rollout.max_lag} updates old are "
+                f"off-policy already; the default with a lag unless set)")
         if cfg.rollout.top_k or cfg.rollout.top_p:
             say("rl: top-k/top-p sampling biases the KL estimate (log-probs are of the unfiltered policy)")
 

@@ -40,7 +40,7 @@ def help_defaults(stdout: str) -> dict:
 def test_help_shows_the_composed_defaults_of_cfg_job(tmp_path, stage, choice):
     """Every key's default in `--help` equals Hydra's composed config (`--cfg job`) for the same
     stage and group options: a schema default a stage's YAML or an algorithm's YAML overrides
-    (rl's optim.lr 3e-4, ppo's epochs 2) shows as what the run will use."""
+    (rl's optim.lr 3e-4, ppo's minibatches 2) shows as what the run will use."""
     from rlhf_cli.config import STAGE_SCHEMAS, leaf_keys
 
     shown = run_cli(stage, *choice, "--help", cwd=tmp_path)
@@ -52,7 +52,8 @@ def test_help_shows_the_composed_defaults_of_cfg_job(tmp_path, stage, choice):
     assert defaults == composed
     if stage == "rl":
         assert defaults["optim.lr"] == 3e-4 and defaults["algorithm.name"] == choice[0].split("=")[1]
-        assert defaults["algorithm.epochs"] == (2 if "algorithm=ppo" in choice else 1)
+        assert defaults["algorithm.minibatches"] == (2 if "algorithm=ppo" in choice else 1)
+        assert defaults["algorithm.epochs"] == (None if "algorithm=ppo" in choice else 1)  # ppo: null, by staleness
         # the longest key, whole (a pipe once cut it to `rollout.samples_per_pr…`)
         assert re.search(r"^  rollout\.samples_per_prompt += 8  # K responses per prompt", shown.stdout, re.M)
         assert max(len(line) for line in shown.stdout.splitlines()) > 120  # nothing wrapped at 80 columns
