@@ -427,6 +427,9 @@ class AlgorithmConfig:
         return ADVANTAGE_ESTIMATORS.trait(self.advantage, "needs_values")
 
 
+# rollout.ENGINES' names, here so that a config check imports no model code (tests/test_imports.py keeps them equal)
+ENGINE_NAMES = ("auto", "lean", "hf", "vllm")
+
 # algorithm.epochs=null (PPO's default) resolves by staleness (docs/async.md, measured on six seeds): a batch
 # generated one update old is already off-policy by that update, and a second pass moves it further
 PPO_EPOCHS = 2
@@ -481,9 +484,7 @@ class RolloutConfig:
                                        "mismatch (Yao et al. 2025); null = off (docs/engines.md)")
 
     def __post_init__(self):
-        from rlhf_cli.rollout import ENGINES  # torch: see AlgorithmConfig.__post_init__
-
-        check_choice("rollout.engine", self.engine, ENGINES)
+        check_choice("rollout.engine", self.engine, ENGINE_NAMES)
         if self.engine == "vllm":
             from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from rlhf_cli import helptext, task
-from rlhf_cli.config import (EvalConfig, check_choice, check_eval_sampling, check_positive, doc, field_docs,
+from rlhf_cli.config import (ENGINE_NAMES, EvalConfig, check_choice, check_eval_sampling, check_positive, doc, field_docs,
                              leaf_keys)
 from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.rewards import call_reward, import_reward_function
@@ -67,7 +67,7 @@ class EvalModelConfig:
     trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
 
 
-ENGINES = ("auto", "lean", "hf", "vllm")  # rollout.ENGINES (the tools' engine= choices), named without importing torch
+ENGINES = ENGINE_NAMES  # the tools' engine= choices: the stages' rollout.engine choices
 
 
 def check_tool_engine(engine: str, key: str) -> None:

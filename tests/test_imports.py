@@ -134,3 +134,11 @@ def test_function_local_imports_of_the_project_are_for_start_up_speed_only():
             if is_local and target in MODULES and not (heavy_at_start(target) - mine):
                 needless.append(f"{MODULES[m].relative_to(PACKAGE.parent)}:{line} {target}")
     assert not needless, "function-local imports that defer nothing heavy:\n" + "\n".join(needless)
+
+
+def test_the_config_names_every_rollout_engine():
+    """config.ENGINE_NAMES (checked while composing, no model code imported) = rollout.ENGINES' keys."""
+    from rlhf_cli.config import ENGINE_NAMES
+    from rlhf_cli.rollout import ENGINES
+
+    assert tuple(ENGINES) == ENGINE_NAMES
