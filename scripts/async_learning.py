@@ -74,7 +74,13 @@ def main() -> None:
     parser.add_argument("--png", default="docs/images/async_learning.png")
     args = parser.parse_args()
     if args.seeds:
-        return several_seeds(args)
+        several_seeds(args)
+    else:
+        one_seed(args)
+
+
+def one_seed(args) -> None:
+    """Each algorithm's runs for args.seed -> OUT/curves.json and the PNG."""
     out = Path(args.out)
     curves = {}
     for algorithm in args.algorithms.split(","):
@@ -117,7 +123,7 @@ def several_seeds(args) -> None:
     for i, seed in enumerate(seeds):
         args.seed, args.seeds, args.out = seed, None, str(root / f"seed{seed}")
         args.png = png if i == 0 else str(root / f"seed{seed}.png")
-        main()
+        one_seed(args)
         curves = json.loads((root / f"seed{seed}" / "curves.json").read_text())
         for algorithm in args.algorithms.split(","):
             r = summary(curves[f"{algorithm} sync"], curves[f"{algorithm} async"], args.threshold)

@@ -56,3 +56,20 @@ def test_bench_async_compares_async_with_both_sync_runs(tmp_path):
     assert actor["lag"] == 1 and 0 < actor["actor_busy_frac"] <= 1 and actor["learner_wait_s"] >= 0
     assert 1 <= report["ideal_cpu_ratio"] <= 2 and report["predicted_gpu_ratio_vs_ddp"] > 0
     assert "async / sync (1 process x 2 threads)" in proc.stdout
+
+
+def test_async_learning_summary_reads_the_threshold_and_the_budget():
+    """scripts/async_learning.py's per-seed row: first evaluation at or past the threshold, the lowest one after
+    it, and async's last evaluation within sync's whole wall time (hand-made curves: (step, seconds, accuracy))."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("async_learning", REPO / "scripts" / "async_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sync = [(0, 0.1, 0.3), (2, 2.0, 0.99), (4, 4.0, 0.97), (6, 6.0, 1.0)]
+    asyn = [(0, 0.1, 0.3), (2, 1.0, 0.9), (4, 2.0, 0.98), (6, 3.0, 0.85), (8, 6.0, 1.0), (10, 7.5, 1.0)]
+    r = module.summary(sync, asyn, 0.98)
+    assert r["sync_first"] == (2, 2.0) and r["async_first"] == (4, 2.0)
+    assert r["sync_low"] == 0.97 and r["async_low"] == 0.85
+    assert r["sync_final"] == (6, 6.0, 1.0) and r["async_at_budget"] == (8, 6.0, 1.0)  # step 10 is past 6.0 s
+    assert module.summary(sync, asyn[:2], 0.98)["async_first"] is None and module.summary(sync, asyn[:2], 0.98)["async_low"] is None
