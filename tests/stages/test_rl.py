@@ -444,3 +444,24 @@ def test_dynamic_sampling_draws_until_groups_differ(tmp_path, tiny_model_dir, re
         assert r["zero_signal_group_frac"] == pytest.approx(r["sampling_topped_up_groups"] / 4)
     if informative:
         assert any(r["sampling_draws"] < 3 for r in train)
+
+
+def test_dynamic_sampling_resumes_bit_identical(tmp_path, tiny_model_dir):
+    """Dynamic sampling is the default with rule rewards alone: a run stopped after step 2 and resumed ends with
+    the weights of the straight run, its redraws included (the prompt stream's position and each draw's noise)."""
+    env = _reward_module(tmp_path, "def score(prompt, response, **row):\n    return float(len(response) % 2)\n")
+    common = [f"policy.path={tiny_model_dir}", "reward.functions=[myrewards:score]", "algorithm.max_draws=3",
+              "rollout.max_new_tokens=6", "checkpoint.every=2", *SMALL, "data.num_eval=2", "eval.max_new_tokens=4",
+              "device=cpu", "device.threads=1"]
+    straight = run_cli("rl", f"output_dir={tmp_path / 'a'}", "max_steps=4", *common, cwd=tmp_path, env=env)
+    assert straight.returncode == 0, straight.stderr
+    assert "rl: algorithm.dynamic_sampling true" in straight.stdout + straight.stderr  # the default, said
+    for steps in (2, 4):
+        proc = run_cli("rl", f"output_dir={tmp_path / 'b'}", f"max_steps={steps}", *common, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+    draws = [r["sampling_draws"] for r in metrics(tmp_path / "a") if r["kind"] == "train"]
+    assert max(draws) > 1, draws  # some step redrew, so the resume had a shifted prompt stream to restore
+    assert draws == [r["sampling_draws"] for r in metrics(tmp_path / "b") if r["kind"] == "train"]
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
