@@ -185,6 +185,8 @@ def test_label_rule_best_worst_and_all_pairs_follow_the_rule(gens, root):
     expected = [(p["prompt"], p["chosen"], p["rejected"]) for p in longer_pairs(rows)]
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in read_rows(root / "all.jsonl")] == expected
     assert "margin" not in read_rows(root / "all.jsonl")[0]
+    summary = [line for line in (every.stdout + every.stderr).splitlines() if line.startswith("wrote ")]
+    assert len(summary) == 1 and summary[0].endswith("had no score difference)"), summary  # one line, not cut at 80
 
 
 @pytest.mark.slow  # over 15 s of CPU: out of the default run (make test-slow runs it)
