@@ -511,6 +511,7 @@ def test_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_p
     on are set aside in checkpoints/rejected/ and the error names step 1's, which a rerun resumes from."""
     bad = run_cli("rl", "output_dir=run", *STAGE_ARGS["rl"](tiny_model_dir), "reward.functions=[faultrewards:goes_bad]",
                   "checkpoint.every=1", "checkpoint.keep_last=9", "optim.max_bad_steps=3", "max_steps=10",
+                  "algorithm.dynamic_sampling=false",  # goes_bad counts its calls: one draw of 4 responses a step
                   cwd=tmp_path, env={"PYTHONPATH": str(injector)})
     assert_one_line_error(bad, "3 updates in a row had a NaN/inf loss or gradient")
     run = tmp_path / "run"

@@ -65,6 +65,30 @@ def char_to_token_ends(tokenizer, response_ids: list[int]) -> list[int]:
 
 
 @dataclass
+class Rewarded:
+    """The rewards of B rollout rows, per row: what dynamic sampling scored a draw with and the step reuses for
+    the groups it kept, so that no reward function runs twice on a response."""
+    scores: torch.Tensor  # (B,) sequence scores: rules + reward model + no-stop penalty
+    step_rewards: torch.Tensor  # (B, T) process rewards on the tokens ending each step
+    row_stats: dict  # name -> (B,) per-row values of the logged means (rule_reward, rm_score, overlong_penalty)
+
+    def stats(self) -> dict:
+        return {k: v.mean() for k, v in self.row_stats.items()}
+
+    def select(self, rows: slice) -> "Rewarded":
+        return Rewarded(self.scores[rows], self.step_rewards[rows], {k: v[rows] for k, v in self.row_stats.items()})
+
+    @staticmethod
+    def concat(parts: list["Rewarded"]) -> "Rewarded":
+        """Stacked row-wise; step rewards padded on the right with 0 to the widest T, as concat_rollouts pads."""
+        width = max(p.step_rewards.shape[1] for p in parts)
+        return Rewarded(torch.cat([p.scores for p in parts]),
+                        torch.cat([torch.nn.functional.pad(p.step_rewards, (0, width - p.step_rewards.shape[1]))
+                                   for p in parts]),
+                        {k: torch.cat([p.row_stats[k] for p in parts]) for k in parts[0].row_stats})
+
+
+@dataclass
 class Scored:
     """Step 2's output: one rollout batch of this rank, B rows x T response tokens, everything on the policy's device."""
     rollout: Rollout
@@ -280,9 +304,9 @@ class RLRecipe:
         while self.step < self.cfg.max_steps:
             t0 = time.perf_counter()
             if self.actors is None:
-                rows, prompts, rollout, sampling = self.rollout_batch()              # 1. rollout
+                rows, prompts, rollout, sampling, rewarded = self.rollout_batch()    # 1. rollout
                 t1 = time.perf_counter()
-                scored = self.score(rollout, prompts, rows)                          # 2. score
+                scored = self.score(rollout, prompts, rows, rewarded=rewarded)       # 2. score
             else:  # rollout.mode=async: rolled out and scored on an actor rank, with weights <= max_lag old
                 received, sampling = self.actors.receive(self.step, self.dev_policy)  # 1.+2. (actors.py)
                 t1 = time.perf_counter()
@@ -306,19 +330,21 @@ class RLRecipe:
         groups whose K outcome totals are all equal (no signal for a group baseline) are dropped and further
         draws of prompts_per_step prompts fill the batch, up to algorithm.max_draws draws; a batch still short
         is filled with dropped groups. Every rank draws until every rank is full (one all-reduce a draw), so
-        collective rollouts and the sampler's position agree. -> (rows, prompts, rollout, logged stats)."""
+        collective rollouts and the sampler's position agree. Each draw is scored once: the kept groups' rewards
+        come back for step 2. -> (rows, prompts, rollout, logged stats, Rewarded or None: step 2 scores)."""
         if not self.cfg.algorithm.dynamic_sampling:
-            return *self.rollout(), {}
+            return *self.rollout(), {}, None
         K, quota = self.K, self.prompts_per_rank
-        kept, dropped = [], []  # whole groups: (rows, prompts, rollout) of K rows each
+        kept, dropped = [], []  # whole groups: (rows, prompts, rollout, rewarded) of K rows each
         for draw in range(self.cfg.algorithm.max_draws):
             rows, prompts, rollout = self.rollout(draw)
-            scores, step_rewards, _ = self.rewards(rollout, prompts, rows)  # scored again in step 2 for the kept rows
-            outcome = (scores + step_rewards.sum(-1)).view(-1, K)  # (prompts, K), as zero_signal_group_frac
+            rewarded = self.reward_rows(rollout, prompts, rows)
+            outcome = (rewarded.scores + rewarded.step_rewards.sum(-1)).view(-1, K)  # (prompts, K), as zero_signal_group_frac
             informative = (outcome.max(1).values - outcome.min(1).values > 1e-6).tolist()
             for g, useful in enumerate(informative):
                 group = slice(g * K, (g + 1) * K)
-                (kept if useful else dropped).append((rows[group], prompts[group], select_rows(rollout, group)))
+                (kept if useful else dropped).append((rows[group], prompts[group], select_rows(rollout, group),
+                                                      rewarded.select(group)))
             (missing,) = self.rt.sum(float(max(0, quota - len(kept))))
             if missing == 0:
                 break
@@ -327,7 +353,8 @@ class RLRecipe:
         (topped_up,) = self.rt.sum(float(short))
         rollout = concat_rollouts([g[2] for g in groups], self.tokenizer.pad_token_id)
         return ([r for g in groups for r in g[0]], [p for g in groups for p in g[1]], rollout,
-                {"sampling_draws": draw + 1, "sampling_topped_up_groups": topped_up})
+                {"sampling_draws": draw + 1, "sampling_topped_up_groups": topped_up},
+                Rewarded.concat([g[3] for g in groups]))
 
     def rollout(self, draw: int = 0) -> tuple[list[dict], list[str], Rollout]:
         """This rank's prompts of the step's global draw, K contiguous samples each, from the rollout engine
@@ -351,13 +378,17 @@ class RLRecipe:
         return rows, prompts, rollout
 
     # ---------------------------------------------------------------- 2. score (+ reference, old log-probs, values)
-    def score(self, rollout: Rollout, prompts: list[str] = (), rows: list[dict] = (), received=None) -> Scored:
+    def score(self, rollout: Rollout, prompts: list[str] = (), rows: list[dict] = (), received=None,
+              rewarded: Rewarded | None = None) -> Scored:
         """Rewards of each response, and the log-probs and values the update measures itself against.
-        received (async): the rewards, reference and behaviour log-probs an actor computed (actors.Received)."""
+        received (async): the rewards, reference and behaviour log-probs an actor computed (actors.Received);
+        rewarded: the rewards dynamic sampling already computed for these rows."""
         input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
         P = rollout.prompt_ids.shape[1]
         if received is None:
-            scores, step_rewards, score_stats = self.rewards(rollout, prompts, rows)
+            if rewarded is None:
+                rewarded = self.reward_rows(rollout, prompts, rows)
+            scores, step_rewards, score_stats = rewarded.scores, rewarded.step_rewards, rewarded.stats()
             logprobs_ref = self.logprobs_under(self.reference, self.dev_ref, rollout)
         else:
             scores, step_rewards, score_stats = received.scores, received.step_rewards, received.score_stats
@@ -389,7 +420,12 @@ class RLRecipe:
                                      chunk_elements=self.chunk, support=self.support).to(self.dev_policy)
 
     def rewards(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """-> (scores (B,), step rewards (B, T), stats): rules + reward model + no-stop penalty."""
+        """-> (scores (B,), step rewards (B, T), stats: the logged means) of reward_rows (an async actor's call)."""
+        rewarded = self.reward_rows(rollout, prompts, rows)
+        return rewarded.scores, rewarded.step_rewards, rewarded.stats()
+
+    def reward_rows(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Rewarded:
+        """Rules + reward model + no-stop penalty of each row, and the per-row values of the logged means."""
         cfg, tokenizer = self.cfg, self.tokenizer
         texts = decode_responses(tokenizer, rollout)
         B, T = rollout.response_ids.shape
@@ -409,19 +445,19 @@ class RLRecipe:
                     step_values[b].append(cfg.reward.function_weight * v)
                     step_positions[b].append(t)
                     rule_total[b] += v
-        stats = {"rule_reward": rule_total.mean()} if self.reward_fns else {}
+        stats = {"rule_reward": rule_total} if self.reward_fns else {}
         if self.reward_model is not None:
             # the response's text re-tokenized with its prompt, as train-rm trained and any client scores
             rm = (score_texts(self.reward_model, tokenizer, prompts, texts, self.dev_reward) - self.rm_mean) / self.rm_std
             scores += cfg.reward.model.weight * rm
-            stats["rm_score"] = rm.mean()
+            stats["rm_score"] = rm
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
         if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, by response length in tokens
             overlong = overlong_penalty(torch.tensor(lengths), cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer)
             scores += cfg.reward.overlong_penalty * overlong
-            stats["overlong_penalty"] = overlong.mean()
+            stats["overlong_penalty"] = overlong.float()
         step_rewards = place_step_rewards(step_values, step_positions, (B, T), dtype=torch.float32)
-        return scores.to(self.dev_policy), step_rewards.to(self.dev_policy), stats
+        return Rewarded(scores.to(self.dev_policy), step_rewards.to(self.dev_policy), stats)
 
     def forward(self, ids: torch.Tensor, attn: torch.Tensor, P: int, with_entropy: bool = True):
         """Policy (and critic) over rollout rows of prompt width P -> (log-probs, entropies or None, values

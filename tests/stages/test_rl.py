@@ -448,14 +448,23 @@ def test_dynamic_sampling_draws_until_groups_differ(tmp_path, tiny_model_dir, re
 
 def test_dynamic_sampling_resumes_bit_identical(tmp_path, tiny_model_dir):
     """Dynamic sampling is the default with rule rewards alone: a run stopped after step 2 and resumed ends with
-    the weights of the straight run, its redraws included (the prompt stream's position and each draw's noise)."""
-    env = _reward_module(tmp_path, "def score(prompt, response, **row):\n    return float(len(response) % 2)\n")
+    the weights of the straight run, its redraws included (the prompt stream's position and each draw's noise).
+    Each response is scored once: the reward function runs 16 times a draw (4 prompts x 4 samples), not again
+    for the groups the step keeps."""
+    env = _reward_module(tmp_path, "import os\n"
+                                   "def score(prompt, response, **row):\n"
+                                   "    with open(os.environ['CALLS'], 'a') as f:\n"
+                                   "        f.write('1')\n"
+                                   "    return float(len(response) % 2)\n")
+    env["CALLS"] = str(tmp_path / "calls")
     common = [f"policy.path={tiny_model_dir}", "reward.functions=[myrewards:score]", "algorithm.max_draws=3",
               "rollout.max_new_tokens=6", "checkpoint.every=2", *SMALL, "data.num_eval=2", "eval.max_new_tokens=4",
               "device=cpu", "device.threads=1"]
     straight = run_cli("rl", f"output_dir={tmp_path / 'a'}", "max_steps=4", *common, cwd=tmp_path, env=env)
     assert straight.returncode == 0, straight.stderr
     assert "rl: algorithm.dynamic_sampling true" in straight.stdout + straight.stderr  # the default, said
+    calls = len((tmp_path / "calls").read_text())
+    assert calls == 16 * sum(r["sampling_draws"] for r in metrics(tmp_path / "a") if r["kind"] == "train")
     for steps in (2, 4):
         proc = run_cli("rl", f"output_dir={tmp_path / 'b'}", f"max_steps={steps}", *common, cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stderr
