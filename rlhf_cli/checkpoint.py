@@ -317,9 +317,15 @@ class RunDir:
             keep += [next((c for c in reversed(complete[:-keep_last]) if self.verify(c)), None)]
         if self.suspect_from is not None:
             keep += [next((c for c in reversed(complete) if step_of(c) < self.suspect_from), None)]
-        for old in complete:
-            if old not in keep:
-                shutil.rmtree(old, ignore_errors=True)
+        # renamed out of the checkpoint names first: a kill inside rmtree must not leave a manifest beside missing
+        # files, a checkpoint that looks complete and fails its checksums (the dead process's .tmp-* is swept below)
+        pruned = [(old, self.checkpoints / f".tmp-pruned-{old.name}-{os.getpid()}") for old in complete if old not in keep]
+        for old, trash in pruned:
+            os.rename(old, trash)
+        if pruned:
+            _fsync_dir(self.checkpoints)
+        for _, trash in pruned:
+            shutil.rmtree(trash, ignore_errors=True)
         for tmp in self.checkpoints.glob(".tmp-*"):
             if not tmp.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(tmp, ignore_errors=True)

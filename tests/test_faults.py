@@ -579,3 +579,53 @@ def test_source_loads_only_safely():
     from rlhf_cli.config import ModelConfig
 
     assert ModelConfig().trust_remote_code is False
+
+
+PRUNE_KILL = r'''
+import os, signal, sys
+from pathlib import Path
+
+import torch
+
+from rlhf_cli.checkpoint import RunDir
+
+run = RunDir(Path(sys.argv[1]), {"seed": 0}, "sft")
+for step in (1, 2):
+    run.save(step, {"model": {"w": torch.full((64,), float(step))}}, {"step": step}, keep_last=2)
+
+
+pruning = []
+
+
+def hook(event, args):  # SIGKILL at the first file removed once step 1's rmtree began: mid-prune
+    if event == "shutil.rmtree" and "step-000001" in str(args[0]):
+        pruning.append(True)
+    elif event == "os.remove" and pruning:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+sys.addaudithook(hook)
+run.save(3, {"model": {"w": torch.full((64,), 3.0)}}, {"step": 3}, keep_last=2)  # prunes step 1
+'''
+
+
+def test_a_kill_while_pruning_leaves_no_checkpoint_that_looks_complete(tmp_path):
+    """keep_last prunes old checkpoints; a kill -9 in the middle of deleting one must not leave a directory
+    with its manifest but not its files (it would look complete and fail its checksums: found by the twenty-
+    kills test under load). The real process is killed at the first file removal of the pruned checkpoint."""
+    from rlhf_cli.checkpoint import RunDir, complete_checkpoints
+
+    (tmp_path / "prune_kill.py").write_text(PRUNE_KILL)
+    proc = subprocess.run([sys.executable, str(tmp_path / "prune_kill.py"), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr  # the kill happened, mid-prune
+    checkpoints = tmp_path / "run" / "checkpoints"
+    complete = complete_checkpoints(checkpoints)
+    assert [c.name for c in complete] == ["step-000002", "step-000003"], sorted(p.name for p in checkpoints.iterdir())
+    assert all(verifies(c) for c in complete)
+    run = RunDir(tmp_path / "run", {"seed": 0}, "sft")  # the next run sweeps the dead process's debris
+    try:
+        run.save(4, {"model": {"w": torch.full((64,), 4.0)}}, {"step": 4}, keep_last=2)
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000003", "step-000004"]
+    finally:
+        run.release()
