@@ -238,7 +238,8 @@ def act(recipe, layout: Layout) -> None:
             recipe.step = step  # the noise key
             rows, prompts, rollout = recipe.rollout_part(step_prompts, part)          # 1. rollout
             t2 = time.perf_counter()
-            scores, step_rewards, stats = recipe.rewards(rollout, prompts, rows)      # 2. score
+            rewarded = recipe.reward_rows(rollout, prompts, rows)                     # 2. score
+            scores, step_rewards, stats = rewarded.scores, rewarded.step_rewards, rewarded.stats()
             logprobs_ref = recipe.logprobs_under(recipe.reference, recipe.dev_ref, rollout)
             logprobs_behaviour = recipe.logprobs_under(policy, device, rollout)
             t3 = time.perf_counter()

@@ -617,8 +617,8 @@ class RLConfig:
     @property
     def dynamic_sampling_default(self) -> bool:
         """algorithm.dynamic_sampling=null: on where groups of equal rewards are common and a redraw is cheap, i.e.
-        rule rewards alone; off with a reward model (continuous scores rarely tie, and each draw would be scored
-        twice), in async mode (not supported there yet) and with one sample per prompt (no group to compare)."""
+        rule rewards alone; off with a reward model (its continuous scores rarely tie), in async mode (not supported
+        there yet) and with one sample per prompt (no group to compare)."""
         return not self.reward.model.path and self.rollout.mode == "sync" and self.rollout.samples_per_prompt >= 2
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from rlhf_cli import helptext, task
-from rlhf_cli.config import (ENGINE_NAMES, EvalConfig, check_choice, check_eval_sampling, check_positive, doc, field_docs,
-                             leaf_keys)
+from rlhf_cli.config import (ENGINE_NAMES, EvalConfig, check_choice, check_eval_sampling, check_positive, doc,
+                             field_docs, leaf_keys)
 from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tracking import console, fmt_value
@@ -67,13 +67,10 @@ class EvalModelConfig:
     trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
 
 
-ENGINES = ENGINE_NAMES  # the tools' engine= choices: the stages' rollout.engine choices
-
-
 def check_tool_engine(engine: str, key: str) -> None:
-    """The tools' engine (generate's `engine`, eval's `rollout.engine`): one of ENGINES, and vllm only where
-    vLLM is installed."""
-    check_choice(key, engine, ENGINES)
+    """The tools' engine (generate's `engine`, eval's `rollout.engine`): one of the stages' rollout.engine
+    choices, and vllm only where vLLM is installed."""
+    check_choice(key, engine, ENGINE_NAMES)
     if engine == "vllm":
         from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
 

@@ -281,7 +281,8 @@ def label(rows: list[dict], output: Path, cfg: LabelToolConfig) -> None:
         rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], device, batch_size).tolist()
         agree = sum(c > r for c, r in zip(chosen, rejected))
         console.print(f"reward model {cfg.reward.model.path} ranks {agree}/{judged} judged pairs the judge's way "
-                      f"({agree / judged:.1%}); keeping the {judged - agree} it gets wrong", markup=False, soft_wrap=True)
+                      f"({agree / judged:.1%}); keeping the {judged - agree} it gets wrong", markup=False,
+                      soft_wrap=True)
         pairs = [p for p, c, r in zip(pairs, chosen, rejected) if c <= r]
     write_rows(output, pairs)
     ties = sum(1 for per in scores if max(per) == min(per))

@@ -175,13 +175,15 @@ def serve(rows: list[dict], output: Path, pairs: str, port: int, labeler: str) -
         raise UserError(f"cannot serve on 127.0.0.1:{port}: {e.strerror}; choose another port=...") from None
     state = labels.next(labeler)
     console.print(f"labeling page: http://127.0.0.1:{port}/  ({state['total']} pairs; {labeler} has labeled "
-                  f"{state['labeled']}; another labeler: http://127.0.0.1:{port}/?labeler=NAME)", markup=False, soft_wrap=True)
+                  f"{state['labeled']}; another labeler: http://127.0.0.1:{port}/?labeler=NAME)", markup=False,
+                  soft_wrap=True)
     console.print(f"choices go to {output} (ties and skips to {undecided_path(output).name}); Ctrl-C stops, "
                   f"a rerun continues", markup=False, soft_wrap=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        console.print(f"stopped; every choice made is in {output}; rerun the same command to continue", markup=False, soft_wrap=True)
+        console.print(f"stopped; every choice made is in {output}; rerun the same command to continue", markup=False,
+                      soft_wrap=True)
     finally:
         server.server_close()
 

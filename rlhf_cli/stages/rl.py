@@ -339,7 +339,8 @@ class RLRecipe:
         for draw in range(self.cfg.algorithm.max_draws):
             rows, prompts, rollout = self.rollout(draw)
             rewarded = self.reward_rows(rollout, prompts, rows)
-            outcome = (rewarded.scores + rewarded.step_rewards.sum(-1)).view(-1, K)  # (prompts, K), as zero_signal_group_frac
+            # (prompts, K) outcome totals, as zero_signal_group_frac compares them
+            outcome = (rewarded.scores + rewarded.step_rewards.sum(-1)).view(-1, K)
             informative = (outcome.max(1).values - outcome.min(1).values > 1e-6).tolist()
             for g, useful in enumerate(informative):
                 group = slice(g * K, (g + 1) * K)
@@ -418,11 +419,6 @@ class RLRecipe:
             return response_logprobs(model, rollout.input_ids.to(device), rollout.attention_mask.to(device),
                                      rollout.prompt_ids.shape[1], self.cfg.rollout.temperature,
                                      chunk_elements=self.chunk, support=self.support).to(self.dev_policy)
-
-    def rewards(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """-> (scores (B,), step rewards (B, T), stats: the logged means) of reward_rows (an async actor's call)."""
-        rewarded = self.reward_rows(rollout, prompts, rows)
-        return rewarded.scores, rewarded.step_rewards, rewarded.stats()
 
     def reward_rows(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Rewarded:
         """Rules + reward model + no-stop penalty of each row, and the per-row values of the logged means."""
