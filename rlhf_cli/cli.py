@@ -67,7 +67,20 @@ def main(argv: list[str] | None = None) -> None:
     # torch's default vs 25 s passive; quiet it costs 21%: docs/benchmarks.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signals.exit_at_once_on_sigint()
-    dispatch(argv)
+    try:
+        dispatch(argv)
+    except SystemExit as e:
+        exit_after_gloo(e.code)
+        raise
+    exit_after_gloo(0)
+
+
+def exit_after_gloo(code) -> None:
+    """After a run under torchrun on CPU, end the process at once (why: runtime.exit_process); torch is
+    not imported for this where no run imported it (a config error, --help)."""
+    runtime = sys.modules.get("rlhf_cli.runtime")
+    if runtime is not None:
+        runtime.exit_process(code)
 
 
 def dispatch(argv: list[str] | None = None) -> None:

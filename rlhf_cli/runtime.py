@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from rlhf_cli.errors import ConfigError
 
+_gloo_started = False  # a gloo process group ran in this process: end it with exit_process (below)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PLACED_MODELS = ("policy", "reference", "reward", "critic")
 
@@ -124,7 +125,10 @@ def setup(device_cfg, seed: int, placement_cfg=None) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        global _gloo_started
+        _gloo_started = _gloo_started or backend == "gloo"
     seed_everything(seed + rank)  # dropout differs per rank; data order and rollout noise are keyed globally
     return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank, placement=placement)
 
@@ -136,6 +140,30 @@ def teardown() -> None:
     in one process the only group is vLLM's own."""
     if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "vllm" not in sys.modules:
         dist.destroy_process_group()
+
+
+def exit_process(code) -> None:
+    """Where a gloo process group ran: flush stdout and stderr, then end the process with `code` at once
+    (os._exit), skipping the interpreter's finalization; elsewhere return, and the caller exits as usual.
+
+    Why: gloo's worker threads free each finished collective's work object after the caller saw it done,
+    and that drops references to Python tensors, which takes the GIL. A rank that reaches finalization
+    first (its last barrier done, nothing else to do) makes such a thread exit inside a noexcept
+    destructor: "terminate called without an active exception", SIGABRT, and torchrun fails a run that
+    had written everything (seen 1 in ~12 two-rank fsdp sft runs under load; core: ProcessGroupGloo::
+    runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherCoalescedWork -> decref -> take_gil -> pthread_exit;
+    the same race as pytorch/pytorch#179291). Every file, checkpoint and tracker is closed by then;
+    destroy_process_group has run (teardown); nothing of ours is left to finalization."""
+    if not _gloo_started:
+        return
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message"): printed to stderr, exit 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def seed_everything(seed: int) -> None:
