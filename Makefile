@@ -16,7 +16,7 @@ help:
 	@echo "make test-vllm  the tests marked vllm, in .venv-vllm (docs/engines.md)"
 	@echo "make bench   throughput of every stage, tiny and ~25M models (bench/latest.json)"
 	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
-	@echo "make suite   sft -> train-rm -> rl (3 algorithms x rule/RM) on the task suite with defaults (runs/suite/suite.md)"
+	@echo "make suite   sft -> train-rm -> rl (3 algorithms x rule / RM / rule+RM) on the task suite with defaults (runs/suite/suite.md)"
 
 install: $(VENV)/.installed
 

@@ -38,7 +38,7 @@ from rlhf_cli.tasks import HELD_OUT, TASKS, write
 hf_logging.disable_progress_bar()  # imported eagerly: transformers' lazy imports race in --jobs threads
 
 ALGORITHMS = ("reinforce", "a2c", "ppo")
-REWARDS = ("rule", "rm")
+REWARDS = ("rule", "rm", "both")  # both: reward=rule_rm, the rule's reward plus the RM's normalised score
 
 
 def run_stage(out: Path, stage: str, overrides: list[str], log) -> float:
@@ -124,10 +124,9 @@ def cell(runs: Path, data: Path, task: str, algorithm: str, reward: str, extra: 
     sft = runs / task / "sft" / "final"
     overrides = [f"algorithm={algorithm}", f"policy.path={sft}", f"data.train={data / task / 'prompts_train.jsonl'}",
                  f"data.eval={data / task / 'prompts_eval.jsonl'}", f"eval.rule={t.correct}", *extra]
-    if reward == "rule":
-        overrides += ["reward=rule", f"reward.functions=[{t.reward}]"]
-    else:
-        overrides += ["reward=rm", f"reward.model.path={runs / task / 'rm' / 'final'}"]
+    rm = f"reward.model.path={runs / task / 'rm' / 'final'}"
+    overrides += {"rule": ["reward=rule", f"reward.functions=[{t.reward}]"], "rm": ["reward=rm", rm],
+                  "both": ["reward=rule_rm", f"reward.functions=[{t.reward}]", rm]}[reward]
     out = runs / task / f"rl-{algorithm}-{reward}"
     cpu = run_stage(out, "rl", overrides, log)
     m = json.loads((out / "final" / "manifest.json").read_text())
@@ -189,7 +188,8 @@ def table(result: dict) -> str:
     algs = sorted({c["algorithm"] for c in result["cells"]}, key=ALGORITHMS.index)
     rewards = sorted({c["reward"] for c in result["cells"]}, key=REWARDS.index)
     cols = [(a, r) for r in rewards for a in algs]
-    head = ("| task | SFT greedy | SFT pass@8 | RM (plain HF) | " + " | ".join(f"{a} {r}" for a, r in cols)
+    head = ("| task | SFT greedy | SFT pass@8 | RM (plain HF) | "
+            + " | ".join(f"{a} {'rule+rm' if r == 'both' else r}" for a, r in cols)
             + " | RL CPU min (max) |")
     lines = []
     for held in (False, True):

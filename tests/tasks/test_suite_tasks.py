@@ -90,17 +90,19 @@ def test_make_suite_runs_every_stage_and_writes_the_table(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(root / "scripts" / "suite.py"), "--runs", str(tmp_path / "suite"), "--tasks", "count",
-           "--algorithms", "reinforce", "--rewards", "rule,rm", "--sft-args", "max_steps=60",
+           "--algorithms", "reinforce", "--rewards", "rule,rm,both", "--sft-args", "max_steps=60",
            "--rm-args", "max_steps=60", "--rl-args", "max_steps=3 eval.every=1000"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "suite" / "suite.json").read_text())
     assert [t["task"] for t in result["tasks"]] == ["count"] and result["tasks"][0]["held_out_task"]
-    assert {(c["algorithm"], c["reward"]) for c in result["cells"]} == {("reinforce", "rule"), ("reinforce", "rm")}
+    assert {(c["algorithm"], c["reward"]) for c in result["cells"]} == {("reinforce", r) for r in ("rule", "rm", "both")}
+    both = json.loads((tmp_path / "suite" / "count" / "rl-reinforce-both" / "config.json").read_text())["reward"]
+    assert both["functions"] == ["rlhf_cli.tasks.count:reward"] and both["model"]["path"].endswith("count/rm/final")
     assert all(c["cpu_minutes"] > 0 for c in result["cells"])
     sampled = result["tasks"][0]["sft_sampled"]
     assert 0 <= sampled["pass@1"] <= sampled["pass@8"] <= 1
     md = (tmp_path / "suite" / "suite.md").read_text()
-    assert "Held-out tasks" in md and "| count |" in md
+    assert "Held-out tasks" in md and "| count |" in md and "reinforce rule+rm" in md
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and "start" not in again.stdout  # every stage done: nothing rerun
