@@ -1,6 +1,6 @@
 """The task suite: sft -> train-rm -> rl (each algorithm x each reward source) on every task, one table.
 
-    python scripts/suite.py --runs runs/suite                 # what `make suite` runs (CPU, ~1 hour at 1 thread)
+    python scripts/suite.py --runs runs/suite                 # what `make suite` runs (CPU, ~1.5 hours at 1 thread)
     python scripts/suite.py --runs runs/suite --tasks sort3 --algorithms ppo --rewards rule
     python scripts/suite.py --runs runs/suite --jobs 2         # two cells at a time, one thread each
 
