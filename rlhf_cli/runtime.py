@@ -153,8 +153,9 @@ def exit_process(code) -> None:
     had written everything (seen 1 in ~12 two-rank fsdp sft runs under load; core: ProcessGroupGloo::
     runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherCoalescedWork -> decref -> take_gil -> pthread_exit;
     the same race as pytorch/pytorch#179291). Every file, checkpoint and tracker is closed by then;
-    destroy_process_group has run (teardown); nothing of ours is left to finalization."""
-    if not _gloo_started:
+    destroy_process_group has run (teardown); nothing of ours is left to finalization. Not where vLLM runs in
+    the process: its exit hooks (its process groups, an engine process of its own) must run."""
+    if not _gloo_started or "vllm" in sys.modules:
         return
     if code is None:
         code = 0
