@@ -139,6 +139,8 @@ def teardown() -> None:
     the default one, and fails with "Invalid process group" if that one is gone (seen under torchrun);
     in one process the only group is vLLM's own."""
     if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "vllm" not in sys.modules:
+        if _gloo_started:  # gloo's groups stay alive until exit_process ends the process: see there
+            return
         dist.destroy_process_group()
 
 
@@ -152,9 +154,12 @@ def exit_process(code) -> None:
     destructor: "terminate called without an active exception", SIGABRT, and torchrun fails a run that
     had written everything (seen 1 in ~12 two-rank fsdp sft runs under load; core: ProcessGroupGloo::
     runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherCoalescedWork -> decref -> take_gil -> pthread_exit;
-    the same race as pytorch/pytorch#179291). Every file, checkpoint and tracker is closed by then;
-    destroy_process_group has run (teardown); nothing of ours is left to finalization. Not where vLLM runs in
-    the process: its exit hooks (its process groups, an engine process of its own) must run."""
+    the same race as pytorch/pytorch#179291). The same worker deadlocks the process if the main thread frees
+    the last reference to a gloo group while it holds the GIL (~ProcessGroupGloo joins a worker waiting for the
+    GIL; seen when DDP's reducer was freed after destroy_process_group: a 2-step rl run hung after its table),
+    so teardown does not destroy gloo groups: they live until os._exit. Every file, checkpoint and tracker is
+    closed by then; nothing of ours is left to finalization. Not where vLLM runs in the process: its exit
+    hooks (its process groups, an engine process of its own) must run."""
     if not _gloo_started or "vllm" in sys.modules:
         return
     if code is None:
