@@ -64,6 +64,14 @@ def char_to_token_ends(tokenizer, response_ids: list[int]) -> list[int]:
     return [len(tokenizer.decode(response_ids[: t + 1], skip_special_tokens=True)) for t in range(len(response_ids))]
 
 
+def tied_groups(scores: torch.Tensor, step_rewards: torch.Tensor, K: int) -> torch.Tensor:
+    """(B,) scores + (B, T) process rewards of B = G x K rows -> (G,) bool: the group's K outcome totals are
+    all equal (within 1e-6; a NaN total counts as tied), so a group baseline gives it no signal (dynamic
+    sampling redraws it; logged as zero_signal_group_frac)."""
+    outcome = (scores + step_rewards.sum(-1)).view(-1, K)
+    return ~(outcome.max(1).values - outcome.min(1).values > 1e-6)
+
+
 @dataclass
 class Rewarded:
     """The rewards of B rollout rows, per row: what dynamic sampling scored a draw with and the step reuses for
@@ -339,9 +347,7 @@ class RLRecipe:
         for draw in range(self.cfg.algorithm.max_draws):
             rows, prompts, rollout = self.rollout(draw)
             rewarded = self.reward_rows(rollout, prompts, rows)
-            # (prompts, K) outcome totals, as zero_signal_group_frac compares them
-            outcome = (rewarded.scores + rewarded.step_rewards.sum(-1)).view(-1, K)
-            informative = (outcome.max(1).values - outcome.min(1).values > 1e-6).tolist()
+            informative = (~tied_groups(rewarded.scores, rewarded.step_rewards, K)).tolist()
             for g, useful in enumerate(informative):
                 group = slice(g * K, (g + 1) * K)
                 (kept if useful else dropped).append((rows[group], prompts[group], select_rows(rollout, group),
@@ -570,9 +576,7 @@ class RLRecipe:
         end-of-step tail (log, eval, stop request, checkpoint). -> the evaluation's metrics when it evaluated."""
         cfg, rt, mask = self.cfg, self.rt, s.mask
         n_rows = s.input_ids.shape[0]
-        # groups whose K outcome totals (score + process rewards) are all equal: no signal for a group baseline
-        outcome = (s.scores + s.step_rewards.sum(-1)).view(-1, self.K)  # (prompts, K)
-        flat_groups = float((outcome.max(1).values - outcome.min(1).values <= 1e-6).sum()) * self.K
+        flat_groups = float(tied_groups(s.scores, s.step_rewards, self.K).sum()) * self.K
         row_sums = {"score": float(s.scores.sum()), **{k: float(v) * n_rows for k, v in s.score_stats.items()},
                     "zero_signal_group_frac": flat_groups,
                     "reward_with_kl": float(rewards.sum()), "kl": float(masked_sum(s.kl_per_token, mask)),
