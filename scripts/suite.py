@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +37,10 @@ from rlhf_cli.rewards import import_reward_function, row_kwargs
 from rlhf_cli.tasks import HELD_OUT, TASKS, write
 
 hf_logging.disable_progress_bar()  # imported eagerly: transformers' lazy imports race in --jobs threads
+# One plain-transformers measurement at a time: two from_pretrained calls in --jobs threads at once left meta
+# tensors or an untied, freshly initialised lm_head (0% greedy accuracy, seen), and sampling draws from torch's
+# global RNG, which threads would interleave.
+MEASURE_LOCK = threading.Lock()
 
 ALGORITHMS = ("reinforce", "a2c", "ppo")
 REWARDS = ("rule", "rm", "both")  # both: reward=rule_rm, the rule's reward plus the RM's normalised score
@@ -112,10 +117,11 @@ def sampled_room(model_dir: Path, prompts_file: Path, rule: str, k: int = 8, see
 
 def cached(path: Path, compute) -> dict:
     """compute() once per run directory: a rerun reads the JSON it wrote."""
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(compute()))
-        tmp.replace(path)
+    with MEASURE_LOCK:
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(compute()))
+            tmp.replace(path)
     return json.loads(path.read_text())
 
 
