@@ -250,7 +250,7 @@ class LoRAConfig:
 class SFTConfig:
     output_dir: str = doc("runs/sft", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
     seed: int = doc(0, "seed of every random generator")
-    max_steps: Optional[int] = doc(600, "optimizer steps; null = run epochs epochs")
+    max_steps: Optional[int] = doc(1500, "optimizer steps; null = run epochs epochs")
     epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
     batch_size: int = doc(64, "sequences per micro-batch per device")
     packing: bool = doc(False, "true: pack rows with a block-diagonal mask; false: length-bucketed padded batches")

@@ -16,7 +16,7 @@ from rlhf_cli.models import load_causal_lm, load_tokenizer
 from rlhf_cli.stages.sft import token_loss_sum
 
 
-def test_default_sft_learns_the_format_and_reloads_with_plain_transformers(sft_run):
+def test_sft_learns_the_format_and_reloads_with_plain_transformers(sft_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = sft_run / "final"
