@@ -62,8 +62,14 @@ class StepGuard:
       drift of grad norms within a window. The floor keeps an RL run whose first updates have no
       signal (all advantages 0, grad norm ~0) from calling its first real gradient a spike. It
       starts after `SPIKE_WARMUP` applied updates: fewer are no statistic. Such an update is not
-      applied either; after `max_bad_steps` refused updates in a row the run stops (Blowup), since
-      weights that keep producing them are already broken;
+      applied: one bad batch (a corrupt row) must not move the weights. A spike on the next batch
+      too says the weights, not a batch, produce it, and skipping cannot mend weights (the model
+      stays as it is, so every later batch spikes alike): that update and the spikes after it are
+      applied, clipped to `max_grad_norm` like any other (never without clipping). Seen on a suite
+      task's SFT (caesar, lr 6e-3): one update sent the loss 2.0 -> 3.0 and every later gradient to
+      ~120x its median; refused, five in a row stopped the run; the first clipped update took the
+      loss back to 2.0. After `max_bad_steps` spikes in a row (refused or applied) the run stops
+      (Blowup): weights that keep producing them through clipped updates are broken;
     - after an applied update, non-finite weights, or a weight norm grown by more than
       `max_weight_growth` x in one update. An absurd learning rate shows here at its very first
       update, before any statistic exists (Adam moves every weight by about lr, whatever the
@@ -90,6 +96,7 @@ class StepGuard:
         self.max_grad_spike = max_grad_spike
         self.max_weight_growth = max_weight_growth
         self.bad_in_a_row = 0
+        self.spikes_in_a_row = 0  # grad-norm spikes in the current streak of bad updates
         self.first_bad_step: int | None = None  # the step of the first refused update of the current streak
         self.grad_norms: list[float] = []  # pre-clip norms of the last SPIKE_WINDOW applied updates
         self.weight_norm: float | None = None  # after the last update (None: measure before the next)
@@ -110,14 +117,17 @@ class StepGuard:
             scaler.step(optimizer)  # an fp16 overflow: the scaler skips the step and lowers its scale
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            self.bad_in_a_row, self.first_bad_step = 0, None
+            self.bad_in_a_row, self.spikes_in_a_row, self.first_bad_step = 0, 0, None
             return grad_norm, False
-        problem = self._problem(loss_value, grad_norm)
+        problem, spike = self._problem(loss_value, grad_norm)
         if problem:
-            if scaler is not None and params:
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            return grad_norm, self._refused(problem, at_step)
+            self._count_bad(problem, at_step)
+            if not (spike and self.spikes_in_a_row > 1 and self.max_grad_norm is not None):
+                if scaler is not None and params:
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                return grad_norm, False
+            # the weights produce the spike (the batch before spiked too): apply it clipped, keep counting
         before = self.weight_norm if self._norm_of == len(params) else None  # measured after the previous update
         if self.max_weight_growth is not None and before is None:
             before = self._weight_norm(params)
@@ -128,30 +138,35 @@ class StepGuard:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._check_weights(params, before, at_step)
-        self.bad_in_a_row, self.first_bad_step = 0, None
+        if not problem:
+            self.bad_in_a_row, self.spikes_in_a_row, self.first_bad_step = 0, 0, None
         self.grad_norms = (self.grad_norms + [grad_norm])[-self.SPIKE_WINDOW:]
         return grad_norm, True
 
-    def _problem(self, loss_value: float, grad_norm: float) -> str | None:
-        """Why this update must not be applied, or None."""
+    def _problem(self, loss_value: float, grad_norm: float) -> tuple[str | None, bool]:
+        """(what is wrong with this update or None, whether it is a grad-norm spike)."""
         if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
-            return "a NaN/inf loss or gradient"
+            return "a NaN/inf loss or gradient", False
         if self.max_grad_spike is None or len(self.grad_norms) < self.SPIKE_WARMUP:
-            return None
+            return None, False
         typical = max(statistics.median(self.grad_norms), self.max_grad_norm or 1.0)
         if grad_norm > self.max_grad_spike * typical:
             return (f"a gradient norm over optim.max_grad_spike={self.max_grad_spike:g} x its running median "
-                    f"({grad_norm:.3g} vs {typical:.3g})")
-        return None
+                    f"({grad_norm:.3g} vs {typical:.3g})"), True
+        return None, False
 
-    def _refused(self, problem: str, at_step: int) -> bool:
-        """Count a refused update; stop (Blowup) after max_bad_steps in a row -> False (not applied)."""
+    def _count_bad(self, problem: str, at_step: int) -> None:
+        """Count a bad update (spikes apart: the second in a row on is applied clipped); stop (Blowup) at
+        max_bad_steps in a row."""
+        spike = problem.startswith("a gradient norm")
+        self.spikes_in_a_row = self.spikes_in_a_row + 1 if spike else 0
         self.bad_in_a_row += 1
         self.first_bad_step = at_step if self.first_bad_step is None else self.first_bad_step
         if self.bad_in_a_row >= self.max_bad_steps:
-            raise Blowup(f"{self.bad_in_a_row} updates in a row had {problem} and were skipped "
+            how = ("were skipped" if self.spikes_in_a_row <= 1 or self.max_grad_norm is None else
+                   f"were skipped once, then applied clipped to optim.max_grad_norm={self.max_grad_norm:g}")
+            raise Blowup(f"{self.bad_in_a_row} updates in a row had {problem} and {how} "
                          f"(optim.max_bad_steps={self.max_bad_steps})", at_step, self.suspect_from(at_step))
-        return False
 
     def _check_weights(self, params: list, before: float, at_step: int) -> None:
         """After an applied update: non-finite weights, or a norm grown past max_weight_growth x -> Blowup."""

@@ -111,12 +111,45 @@ def test_grad_norm_spikes_are_skipped_and_a_streak_of_them_stops_the_run():
     assert not applied and norm == pytest.approx(300.0) and torch.equal(w.detach(), before)
     assert _step(guard, w, opt, 90.0, step=7)[1]  # 180 < 200: applied, the streak ends
     assert guard.suspect_from(7) == 7
-    for step in (8, 9):
-        assert not _step(guard, w, opt, 1e3, step)[1]
+    before = w.detach().clone()
+    assert not _step(guard, w, opt, 1e3, 8)[1]  # a spike: skipped
+    assert _step(guard, w, opt, 1e3, 9)[1]  # a second in a row: the weights' doing; applied, clipped to norm 1
+    assert (before - w.detach()).tolist() == pytest.approx([1e-3 * 0.5] * 4, abs=1e-6)  # lr x the clipped gradient
     assert guard.suspect_from(9) == 7  # the update before the streak began may be the culprit
-    with pytest.raises(Blowup, match=r"3 updates in a row had a gradient norm over optim.max_grad_spike=100") as e:
+    with pytest.raises(Blowup, match=r"3 updates in a row had a gradient norm over optim.max_grad_spike=100 .*"
+                                     r"skipped once, then applied clipped") as e:
         _step(guard, w, opt, 1e3, step=10)
     assert e.value.suspect_from == 7
+    unclipped = StepGuard(max_grad_norm=None, max_bad_steps=3, max_grad_spike=100.0)  # no safe size to apply
+    for step in range(1, StepGuard.SPIKE_WARMUP + 1):
+        assert _step(unclipped, w, opt, 1.0, step)[1]
+    assert not any(_step(unclipped, w, opt, 1e3, step)[1] for step in (6, 7))
+    with pytest.raises(Blowup, match="and were skipped"):
+        _step(unclipped, w, opt, 1e3, step=8)
+
+
+def test_a_spike_the_weights_keep_producing_is_applied_clipped_and_mends_them():
+    """Seen on the suite's caesar SFT: one update sent the loss 2.0 -> 3.0 and every later gradient to ~120x
+    its median. Skipped, the weights never changed, five in a row stopped the run; the first clipped update
+    took the loss back. Here the loss is w^2, so the gradient comes from the weights whatever the batch."""
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=1e-3)
+    guard = StepGuard(max_grad_norm=1.0, max_bad_steps=5, max_grad_spike=3.0)
+    for step in range(1, StepGuard.SPIKE_WARMUP + 1):
+        assert _step(guard, w, opt, 1.0, step)[1]  # grad norm 1: the median
+    with torch.no_grad():
+        w.fill_(10.0)  # an applied update sent the weights away
+    opt.param_groups[0]["lr"] = 5.0
+
+    def weights_step(step):
+        w.grad = 2 * w.detach().clone()
+        return guard.step([w], opt, float(w.detach() ** 2), at_step=step)
+
+    assert weights_step(6) == (pytest.approx(20.0), False)  # 20 > 3 x 1: skipped, the weights stay at 10
+    assert weights_step(7) == (pytest.approx(20.0), True) and w.item() == pytest.approx(5.0)  # applied, clipped
+    assert weights_step(8) == (pytest.approx(10.0), True) and w.item() == pytest.approx(0.0, abs=1e-5)
+    assert weights_step(9) == (pytest.approx(0.0, abs=1e-4), True)  # the weights mended: no spike
+    assert guard.bad_in_a_row == 0 and guard.suspect_from(9) == 9
 
 
 def test_spikes_wait_for_warmup_and_gradients_after_silence_are_not_spikes():
