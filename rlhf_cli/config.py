@@ -252,9 +252,6 @@ class SFTConfig:
     seed: int = doc(0, "seed of every random generator")
     max_steps: Optional[int] = doc(1500, "optimizer steps; null = run epochs epochs")
     epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
-    max_epochs: Optional[float] = doc(100.0, "stop sooner than max_steps where max_steps would pass over data.train more "
-                                             "often than this: a small dataset is overfit (the log says which bound "
-                                             "holds; docs/suite.md); null = no such bound")
     batch_size: int = doc(64, "sequences per micro-batch per device")
     packing: bool = doc(False, "true: pack rows with a block-diagonal mask; false: length-bucketed padded batches")
     log_every: int = doc(10, "log metrics every N steps")
@@ -271,7 +268,6 @@ class SFTConfig:
         check_int_ranges(self)
         check_positive("max_steps", self.max_steps)
         check_positive("epochs", self.epochs)
-        check_positive("max_epochs", self.max_epochs)
         check_positive("batch_size", self.batch_size)
         check_positive("log_every", self.log_every)
         self.lora.check_with(self.device)

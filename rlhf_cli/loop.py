@@ -105,13 +105,10 @@ def use_learning_rates(optimizer, scheduler, base_lrs: list[float]) -> None:
 
 def batch_plan(cfg, rt, n_items: int) -> tuple[int, int]:
     """sft / train-rm: -> (global batch = per-device batch x accumulation x ranks, total steps:
-    max_steps, else `epochs` passes over n_items; sft: at most `max_epochs` passes). A batch larger
-    than the data is refused."""
+    max_steps, else `epochs` passes over n_items). A batch larger than the data is refused."""
     check_batch_fits(cfg, rt.world_size, n_items)
     global_batch = cfg.batch_size * cfg.optim.grad_accum * rt.world_size
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_items / global_batch))
-    bound = getattr(cfg, "max_epochs", None)
-    return global_batch, steps if bound is None else min(steps, max(1, math.ceil(bound * n_items / global_batch)))
+    return global_batch, cfg.max_steps or max(1, math.ceil(cfg.epochs * n_items / global_batch))
 
 
 def check_batch_fits(cfg, world_size: int, n_train: int) -> None:

@@ -103,14 +103,6 @@ class SFTRecipe:
         self.engine = make_engine("auto", model, self.tokenizer)  # held-out generation
         self.max_sequence = min(cfg.model.max_length, position_limit(self.path) or cfg.model.max_length)
 
-    def _steps_bound(self) -> str:
-        """Which bound set the step count, when max_epochs cut max_steps short (a small dataset)."""
-        cfg = self.cfg
-        if cfg.max_steps is None or self.total_steps >= cfg.max_steps:
-            return ""
-        return (f" (max_epochs={cfg.max_epochs:g} passes over {len(self.train_examples)} rows come before "
-                f"max_steps={cfg.max_steps}: more would overfit them)")
-
     def _announce(self) -> None:
         cfg, rt, step = self.cfg, self.rt, self.step
         self.tracker = Tracker(self.run_dir.root, "sft", self.total_steps, step, enabled=rt.is_main,
@@ -118,7 +110,7 @@ class SFTRecipe:
         self.tracker.message(
             f"sft: {len(self.train_examples)} train / {len(self.eval_examples)} held-out rows, global batch "
             f"{self.global_batch} = {cfg.batch_size} x {cfg.optim.grad_accum} accum x {rt.world_size} ranks, "
-            f"{self.total_steps} steps{self._steps_bound()}, device {rt.device} ({self.precision.describe()}"
+            f"{self.total_steps} steps, device {rt.device} ({self.precision.describe()}"
             + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
             + (f", resuming at step {step}" if step else ""))
         if self.adapters:
