@@ -121,7 +121,7 @@ class StepGuard:
             return grad_norm, False
         problem, spike = self._problem(loss_value, grad_norm)
         if problem:
-            self._count_bad(problem, at_step)
+            self._count_bad(problem, spike, at_step)
             if not (spike and self.spikes_in_a_row > 1 and self.max_grad_norm is not None):
                 if scaler is not None and params:
                     scaler.update()
@@ -155,10 +155,9 @@ class StepGuard:
                     f"({grad_norm:.3g} vs {typical:.3g})"), True
         return None, False
 
-    def _count_bad(self, problem: str, at_step: int) -> None:
-        """Count a bad update (spikes apart: the second in a row on is applied clipped); stop (Blowup) at
-        max_bad_steps in a row."""
-        spike = problem.startswith("a gradient norm")
+    def _count_bad(self, problem: str, spike: bool, at_step: int) -> None:
+        """Count a bad update (a grad-norm spike when `spike`: the second in a row on is applied clipped);
+        stop (Blowup) at max_bad_steps in a row."""
         self.spikes_in_a_row = self.spikes_in_a_row + 1 if spike else 0
         self.bad_in_a_row += 1
         self.first_bad_step = at_step if self.first_bad_step is None else self.first_bad_step
