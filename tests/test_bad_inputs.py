@@ -569,8 +569,11 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
 
     env = {**os.environ, "RLHF_NO_PROGRESS": "1"}
     for delay in (0.3, 1.5):
+        # SIGINT at its default, as a terminal's foreground job has it: a shell starts a background job
+        # (`make test &`) with SIGINT ignored, the child inherits that, and rlhf rightly leaves it alone
         proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", "sft", "output_dir=run"], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
