@@ -252,8 +252,12 @@ class SFTConfig:
     seed: int = doc(0, "seed of every random generator")
     max_steps: Optional[int] = doc(1500, "optimizer steps; null = run epochs epochs")
     epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
-    batch_size: int = doc(64, "sequences per micro-batch per device")
+    batch_size: int = doc(64, "sequences per optimizer step per device (x optim.grad_accum); forwards run in "
+                              "micro-batches of micro_batch_tokens")
     packing: bool = doc(False, "true: pack rows with a block-diagonal mask; false: length-bucketed padded batches")
+    micro_batch_tokens: Optional[int] = doc(None, "padded tokens per forward+backward micro-batch (rows sorted by length, "
+                                                  "gradients accumulated: the update is unchanged); null = derived from "
+                                                  "the device's free memory and the model's size (logged; docs/memory.md)")
     log_every: int = doc(10, "log metrics every N steps")
     model: ModelConfig = doc(ModelConfig, "the model to fine-tune")
     data: DataConfig = doc(DataConfig, "training and held-out data (prompt/completion or messages rows)")
@@ -270,6 +274,7 @@ class SFTConfig:
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
         check_positive("log_every", self.log_every)
+        check_positive("micro_batch_tokens", self.micro_batch_tokens)
         self.lora.check_with(self.device)
         check_room("eval.max_new_tokens", self.eval.max_new_tokens, "model.max_length", self.model.max_length)
 
@@ -280,7 +285,11 @@ class TrainRMConfig:
     seed: int = doc(0, "seed of every random generator")
     max_steps: Optional[int] = doc(2000, "optimizer steps; null = run epochs epochs")
     epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
-    batch_size: int = doc(32, "preference pairs per micro-batch per device")
+    batch_size: int = doc(32, "preference pairs per optimizer step per device (x optim.grad_accum); forwards run "
+                              "in micro-batches of micro_batch_tokens")
+    micro_batch_tokens: Optional[int] = doc(None, "padded tokens per forward+backward micro-batch (rows sorted by length, "
+                                                  "gradients accumulated: the update is unchanged); null = derived from "
+                                                  "the device's free memory and the model's size (logged; docs/memory.md)")
     margin_from_data: bool = doc(True, "use a `margin` column when the data has one")
     center_coef: float = doc(0.01, "reward-centering coefficient: + c * mean((r_c + r_r)^2)")
     log_every: int = doc(10, "log metrics every N steps")
@@ -300,6 +309,7 @@ class TrainRMConfig:
         check_positive("batch_size", self.batch_size)
         check_positive("center_coef", self.center_coef, allow_zero=True)
         check_positive("log_every", self.log_every)
+        check_positive("micro_batch_tokens", self.micro_batch_tokens)
         self.lora.check_with(self.device)
         if self.eval.samples:
             raise ConfigError("eval.samples samples a policy's responses (sft, rl, rlhf eval); a reward model "
@@ -542,6 +552,9 @@ class RLConfig:
     output_dir: str = doc("runs/rl", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
     seed: int = doc(0, "seed of every random generator (offset by rank)")
     max_steps: int = doc(150, "RL iterations (rollout + update)")
+    micro_batch_tokens: Optional[int] = doc(None, "padded tokens per forward+backward micro-batch (rows sorted by length, "
+                                                  "gradients accumulated: the update is unchanged); null = derived from "
+                                                  "the device's free memory and the model's size (logged; docs/memory.md)")
     log_every: int = doc(1, "log metrics every N iterations")
     policy: PolicyConfig = doc(PolicyConfig, "the policy to train (an SFT final/)")
     reference: ReferenceConfig = doc(ReferenceConfig, "the frozen reference for the KL penalty")
@@ -564,6 +577,7 @@ class RLConfig:
         check_int_ranges(self)
         check_positive("max_steps", self.max_steps)
         check_positive("log_every", self.log_every)
+        check_positive("micro_batch_tokens", self.micro_batch_tokens)
         self.lora.check_with(self.device)
         for key, new_tokens in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
                                 ("eval.max_new_tokens", self.eval.max_new_tokens)):

@@ -102,6 +102,27 @@ def response_terms(model, input_ids, attention_mask, prompt_len: int, temperatur
         return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad,
                            support)
     response_len = input_ids.shape[1] - prompt_len
+    found = head_inputs(model, response_len + 1, input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask))
+    if found is None:
+        return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad,
+                           support)
+    hidden, transform = found  # (B, T + 1, H): the state before each response token, and the last
+    before = hidden[:, :-1]
+    B, T, H = before.shape
+    logprobs, entropy = chunked_logprobs(transform, before.reshape(B * T, H), input_ids[:, prompt_len:].reshape(B * T),
+                                         temperature, support, with_entropy, entropy_grad, chunk_elements)
+    return logprobs.view(B, T), entropy.view(B, T) if with_entropy else None, before
+
+
+def head_inputs(model, keep: int | None = None, **inputs):
+    """The model's forward with its LM head applied to ONE position -> ((B, keep, H) hidden states the model
+    feeds its head (every position when keep is None), hidden -> logits transform) or None when the model's own
+    logits differ from the transform's (a head not reproduced here: the caller takes the full path).
+
+    A pre-hook on the head keeps the hidden states and hands the head their first row; the model's own logits
+    for that row ((B, 1, V), through every transform its forward applies, softcapping or scaling included) are
+    compared with the transform's: the exactness check, free."""
     inner = _causal_lm(model)
     head = inner.get_output_embeddings()
     fed = []
@@ -112,24 +133,28 @@ def response_terms(model, input_ids, attention_mask, prompt_len: int, temperatur
 
     hook = head.register_forward_pre_hook(one_row_to_head)
     try:
-        model_logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                             **_keep_last_logits(model, response_len + 1)).logits  # (B, 1, V)
+        model_logits = model(**inputs, use_cache=False,
+                             **(_keep_last_logits(model, keep) if keep else {})).logits  # (B, 1, V)
     finally:
         hook.remove()
-    hidden = fed[0][:, -(response_len + 1):]  # (B, T + 1, H): the state before each response token, and the last
-    before = hidden[:, :-1]
+    hidden = fed[0] if keep is None else fed[0][:, -keep:]
     transform = _head_logits(inner, head)
     with torch.no_grad():
         first = transform(fed[0][:, :1]).float()  # the row the model's own head computed
     own = model_logits[:, :1].detach().float()
     if not torch.allclose(first, own, rtol=1e-3, atol=1e-3 * (1.0 + own.abs().max().item())):
-        return _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad,
-                           support)
-    targets = input_ids[:, prompt_len:]
-    B, T, H = before.shape
-    rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, first.shape[-1]))
-    flat_h, flat_t = before.reshape(B * T, H), targets.reshape(B * T)
+        return None
+    return hidden, transform
+
+
+def chunked_logprobs(transform, flat_h: torch.Tensor, flat_t: torch.Tensor, temperature: float = 1.0,
+                     support: "Support | None" = None, with_entropy: bool = False, entropy_grad: bool = True,
+                     chunk_elements: int | None = None):
+    """(N, H) hidden states and (N,) target ids -> ((N,) log pi(target), (N,) entropies or None), over chunks of
+    ~chunk_elements / V rows, each under activation checkpointing when gradients flow: the forward keeps only
+    the hidden states, the backward recomputes one chunk's (rows, V) logits at a time (response_terms)."""
+    N = flat_h.shape[0]
+    rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, transform.vocab))
     want_entropy_grad = with_entropy and entropy_grad and torch.is_grad_enabled()
 
     def chunk(h, t):
@@ -141,8 +166,8 @@ def response_terms(model, input_ids, attention_mask, prompt_len: int, temperatur
             return logp, -(logp_all.exp() * logp_all).sum(-1)
 
     logps, ents = [], []
-    recompute = torch.is_grad_enabled() and flat_h.requires_grad and B * T > rows  # one chunk: nothing to save
-    for i in range(0, B * T, rows):
+    recompute = torch.is_grad_enabled() and flat_h.requires_grad and N > rows  # one chunk: nothing to save
+    for i in range(0, N, rows):
         h, t = flat_h[i:i + rows], flat_t[i:i + rows]
         if recompute:
             logp, ent = torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False)
@@ -150,9 +175,9 @@ def response_terms(model, input_ids, attention_mask, prompt_len: int, temperatur
             logp, ent = chunk(h, t)
         logps.append(logp)
         ents.append(ent)
-    logprobs = torch.cat(logps).view(B, T) if logps else flat_h.new_zeros(B, T, dtype=torch.float32)
-    entropy = (torch.cat(ents).view(B, T) if logps else torch.zeros_like(logprobs)) if with_entropy else None
-    return logprobs, entropy, before
+    logprobs = torch.cat(logps) if logps else flat_h.new_zeros(N, dtype=torch.float32)
+    entropy = (torch.cat(ents) if logps else torch.zeros_like(logprobs)) if with_entropy else None
+    return logprobs, entropy
 
 
 def _head_logits(inner, head):
@@ -170,6 +195,7 @@ def _head_logits(inner, head):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    transform.vocab = head.weight.shape[0]  # V: the chunk size in rows is chunk_elements / V
     return transform
 
 

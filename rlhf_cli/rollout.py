@@ -129,28 +129,35 @@ class LocalEngine:
     separate_weights = False  # samples with the training model itself: behaviour log-probs are the policy's
 
     def __init__(self, model: torch.nn.Module, stop_ids: list[int], pad_id: int, decoder: str = "auto",
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, memory=None):
         self.model, self.stop_ids, self.pad_id, self.decoder = model, stop_ids, pad_id, decoder
         self.vocab_limit = vocab_limit
+        self.memory = memory  # memory.MemoryPlan: rows per decode call (KV cache + sampling buffers); None: all rows
         self.never = [pad_id] if pad_id is not None and pad_id not in stop_ids else None  # Gemma's <pad>
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         """Nothing to copy: the engine holds the training model itself."""
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams) -> Rollout:
+        """In decode calls of at most memory.generate_rows rows (the KV cache within the stage's memory plan);
+        each row's draw depends on its own noise only, so the split gives the rows the unsplit call gives."""
+        B = prompt_ids.shape[0]
+        rows = (self.memory.generate_rows(prompt_ids.shape[1] + params.max_new_tokens) if self.memory else None) or B
         noise = None
         if params.noise_key is not None:  # (B, max_new_tokens): row g of the global batch draws with its own noise
             seed, step, first_row = params.noise_key
-            noise = runtime.keyed_uniform(seed, step, first_row, prompt_ids.shape[0], params.max_new_tokens,
-                                          prompt_ids.device)
+            noise = runtime.keyed_uniform(seed, step, first_row, B, params.max_new_tokens, prompt_ids.device)
         was_training = self.model.training
         self.model.eval()
         try:
-            return sample(self.model, prompt_ids, prompt_mask, params.max_new_tokens, self.stop_ids, self.pad_id,
-                          params.temperature, greedy=params.greedy, top_k=params.top_k, top_p=params.top_p,
-                          noise=noise, engine=self.decoder, vocab_limit=self.vocab_limit, never=self.never)
+            parts = [sample(self.model, prompt_ids[i:i + rows], prompt_mask[i:i + rows], params.max_new_tokens,
+                            self.stop_ids, self.pad_id, params.temperature, greedy=params.greedy, top_k=params.top_k,
+                            top_p=params.top_p, noise=noise[i:i + rows] if noise is not None else None,
+                            engine=self.decoder, vocab_limit=self.vocab_limit, never=self.never)
+                     for i in range(0, B, rows)]
         finally:
             self.model.train(was_training)
+        return parts[0] if len(parts) == 1 else concat_rollouts(parts, self.pad_id)
 
 
 # rollout.engine -> engine class, or "module:Class" imported only when that engine is built (vLLM)
@@ -181,12 +188,15 @@ def check_engine(name: str, model_path: str, key: str, engine_key: str = "rollou
         module.check_model(model_path, key, engine_key)
 
 
-def make_engine(name: str, model: torch.nn.Module, tokenizer, options: dict | None = None) -> RolloutEngine:
+def make_engine(name: str, model: torch.nn.Module, tokenizer, options: dict | None = None,
+                memory=None) -> RolloutEngine:
     """The engine `rollout.engine` names, sampling from `model` (the unwrapped policy): it stops on any of
     the model's stop ids and never samples an id beyond the tokenizer. options: the engine's own settings
-    (vllm: rollout.vllm and the sequence length; the local engines take none)."""
+    (vllm: rollout.vllm and the sequence length; the local engines take none). memory: the stage's
+    memory.MemoryPlan, which bounds the rows of one decode call of the local engines (vLLM manages its own)."""
+    extra = {"options": options} if options else {"memory": memory} if memory is not None else {}
     return engine_class(name)(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, decoder=name,
-                              vocab_limit=len(tokenizer), **({"options": options} if options else {}))
+                              vocab_limit=len(tokenizer), **extra)
 
 
 def response_mask_from_tokens(tokens: torch.Tensor, eos_id) -> tuple[torch.Tensor, torch.Tensor]:

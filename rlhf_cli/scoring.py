@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_cli import data
+from rlhf_cli import data, memory
 from rlhf_cli.data import encode_prompt
 from rlhf_cli.errors import DataError
 from rlhf_cli.logprobs import token_values
@@ -49,21 +49,26 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts: list[str], responses: list[str], device, batch_size: int = 64) -> torch.Tensor:
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], device, batch_size: int = 64,
+                tokens: int | None = None) -> torch.Tensor:
     """Reward-model scores of (prompt, response) texts, read at the last token: (N,) float32 on CPU.
 
     Prompts are already rendered text (chat prompts through the chat template).
     The same sequences and score position as train-rm's training and eval.
+    Forwards of `batch_size` rows in order, or with `tokens` (a stage's memory plan) of at most that many
+    padded tokens, rows sorted by length; scores come back in the input's order either way.
     """
     was_training = model.training
     model.eval()
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        seqs = [scoring_ids(tokenizer, p, r) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        ids, mask = pad_right(seqs, tokenizer.pad_token_id)
-        scores.append(last_token_scores(model, ids.to(device), mask.to(device)).cpu())
+    seqs = [scoring_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    groups = (memory.split_by_tokens([len(s) for s in seqs], tokens) if tokens else
+              [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)])
+    scores = torch.zeros(len(seqs))
+    for group in groups:
+        ids, mask = pad_right([seqs[i] for i in group], tokenizer.pad_token_id)
+        scores[group] = last_token_scores(model, ids.to(device), mask.to(device)).float().cpu()
     model.train(was_training)
-    return torch.cat(scores) if scores else torch.zeros(0)
+    return scores
 
 
 # ---------------------------------------------------------------- preference pairs (train-rm, rlhf validate)

@@ -33,6 +33,7 @@ correct the advantages for the actor's older weights (algorithms/offpolicy.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import actors, checkpoint, data, distributed, lora, loop, optim
+from rlhf_cli import actors, checkpoint, data, distributed, lora, loop, memory, optim
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
                                  overlong_penalty, place_step_rewards, rank_share, token_rewards,
@@ -70,6 +71,43 @@ def tied_groups(scores: torch.Tensor, step_rewards: torch.Tensor, K: int) -> tor
     sampling redraws it; logged as zero_signal_group_frac)."""
     outcome = (scores + step_rewards.sum(-1)).view(-1, K)
     return ~(outcome.max(1).values - outcome.min(1).values > 1e-6)
+
+
+@dataclass
+class Micro:
+    """One micro-batch of rollout rows: `rows` (b,) indices into the rank's rows, the prompt's left padding and the
+    responses' right padding beyond these rows' longest cut (position ids come from the attention mask, so
+    values are those of the uncut rows)."""
+    rows: torch.Tensor  # (b,)
+    prompt: int  # prompt columns kept (the longest prompt of these rows)
+    width: int  # response columns kept (the longest response of these rows)
+
+    def inputs(self, rollout) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """-> input_ids and attention_mask (b, prompt + width), the prompt width, the (b, width) response mask."""
+        P = rollout.prompt_ids.shape[1]
+        cols = slice(P - self.prompt, P + self.width)
+        return (rollout.input_ids[self.rows, cols], rollout.attention_mask[self.rows, cols], self.prompt,
+                rollout.response_mask[self.rows, :self.width])
+
+
+def micro_split(rollout, rows: torch.Tensor, tokens: int) -> list[Micro]:
+    """Rows `rows` of a rollout (or Scored) in micro-batches of at most `tokens` padded tokens (memory.py): rows
+    sorted by length, each micro-batch's prompt and response padding cut to its own longest."""
+    prompt_len = rollout.prompt_mask[rows].sum(-1).long().tolist()
+    response_len = rollout.response_mask[rows].sum(-1).long().clamp(min=1).tolist()
+    lengths = [p + t for p, t in zip(prompt_len, response_len)]
+    micros = []
+    for group in memory.split_by_tokens(lengths, tokens):
+        # prompt + response padding is max(prompt) + max(response) wide: halve a group past the budget
+        pending = [group]
+        while pending:
+            g = pending.pop()
+            width = max(prompt_len[i] for i in g) + max(response_len[i] for i in g)
+            if len(g) > 1 and len(g) * width > tokens:
+                pending += [g[len(g) // 2:], g[:len(g) // 2]]
+                continue
+            micros.append(Micro(rows[g], max(prompt_len[i] for i in g), max(response_len[i] for i in g)))
+    return micros
 
 
 @dataclass
@@ -161,6 +199,7 @@ class RLRecipe:
         self._setup_batch_shape()
         self.tokenizer = load_tokenizer(self.policy_path, "policy.path", cfg.policy.trust_remote_code)
         self._setup_data()
+        self.memory = self._memory_plan()  # before any weights load
         self._setup_policy_and_reference()
         self._setup_reward_model()
         self.sampler = data.EpochSampler(len(self.train_rows), cfg.seed)  # the same global draw on every rank
@@ -190,6 +229,29 @@ class RLRecipe:
         self.train_prompt_ids = [data.cut_left(data.encode_prompt(tokenizer, p), room, tokenizer)
                                  for p in self.train_prompts]
 
+    def _memory_plan(self) -> memory.MemoryPlan:
+        """micro_batch_tokens, or a budget from the device's free memory and what this rank holds: the policy
+        (and a separate critic) trained, the reference and the reward model frozen (memory.py)."""
+        cfg = self.cfg
+        longest = max(len(ids) for ids in self.train_prompt_ids) + cfg.rollout.max_new_tokens
+        trained = [(self.policy_path, True)]
+        if cfg.algorithm.needs_critic and cfg.critic.init != "shared":
+            trained.append((self._critic_path(), False))
+        frozen_models = []
+        if not (cfg.lora.r > 0 and not cfg.reference.path) and self.actors is None:
+            frozen_models.append((cfg.reference.path or self.policy_path,
+                                  frozen_dtype(cfg.reference.dtype, self.dev_ref, self.precision.weights)))
+        if cfg.reward.model.path:
+            frozen_models.append((cfg.reward.model.path, frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32")))
+        return memory.plan("micro_batch_tokens", cfg.micro_batch_tokens, self.dev_policy, trained, frozen_models,
+                           longest, cfg.policy.dtype, cfg.policy.gradient_checkpointing, cfg.lora.r > 0,
+                           cfg.policy.trust_remote_code)
+
+    def _critic_path(self) -> str:
+        cfg = self.cfg
+        return cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
+                                   else self.policy_path)
+
     def _setup_policy_and_reference(self) -> None:
         cfg, rt, path = self.cfg, self.rt, self.policy_path
         policy = load_causal_lm(path, "policy.path", self.precision.weights, self.dev_policy, cfg.policy.trust_remote_code)
@@ -211,7 +273,8 @@ class RLRecipe:
         self.policy = policy
         engine_options = ({**dataclasses.asdict(cfg.rollout.vllm), "max_model_len": self.max_sequence,
                            "seed": cfg.seed, "distributed": rt.distributed} if cfg.rollout.engine == "vllm" else None)
-        self.engine = make_engine(cfg.rollout.engine, policy, self.tokenizer, engine_options)  # rollouts, evaluation
+        self.engine = make_engine(cfg.rollout.engine, policy, self.tokenizer, engine_options,  # rollouts, evaluation
+                                  memory=self.memory)
         # log-probs over the ids the engine can draw, so the update's pi is the one responses came from
         self.support = Support(self.engine.vocab_limit, tuple(self.engine.never or ()))
 
@@ -239,9 +302,7 @@ class RLRecipe:
             self.shared = PolicyWithValueHead(self.policy, self.chunk, self.support)
             self.critic = self.shared.v_head
         elif cfg.algorithm.needs_critic:
-            critic_path = cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
-                                              else self.policy_path)
-            self.critic = TokenValues(load_scalar_head_model(critic_path, "critic.path", self.precision.weights,
+            self.critic = TokenValues(load_scalar_head_model(self._critic_path(), "critic.path", self.precision.weights,
                                                              self.dev_critic, pad_id=self.tokenizer.pad_token_id))
             self.critic.eval()
 
@@ -285,6 +346,7 @@ class RLRecipe:
             + (" (sharded)" if distributed.is_sharded(m) else "")
             for name, m in frozen_models.items() if isinstance(m, torch.nn.Module))
             or ("none (the actors hold the reference)" if self.actors else "none (LoRA reference)"))
+        say(f"rl: {self.memory.describe()}")
         say(f"rl: {held['total']:,} parameters in memory ({held['trainable']:,} train): "
             + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
             + (f"; {self.adapters.describe()}" if self.adapters else "")
@@ -401,13 +463,14 @@ class RLRecipe:
             scores, step_rewards, score_stats = received.scores, received.step_rewards, received.score_stats
             logprobs_ref = received.logprobs_ref
         update_forward = None
-        if self.single_pass:  # one update over every row: its own forward gives the old log-probs and values,
+        whole = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if self.single_pass and len(micro_split(rollout, whole, self.memory.tokens)) == 1:
+            # one update over every row, in one micro-batch: its own forward gives the old log-probs and values,
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
                 update_forward = self.forward(input_ids, attention_mask, P)
             logprobs_old, _, values_old = (t.detach() if t is not None else None for t in update_forward)
-        else:
-            with torch.no_grad(), self.precision.autocast():
-                logprobs_old, _, values_old = self.forward(input_ids, attention_mask, P, with_entropy=False)
+        else:  # in micro-batches of the no-grad budget
+            logprobs_old, values_old = self.no_grad_forward(rollout)
         values_old = values_old * mask if values_old is not None else None
         kl_per_token = kl_k1(logprobs_old, logprobs_ref) * mask
         is_weights = None
@@ -420,11 +483,34 @@ class RLRecipe:
 
     def logprobs_under(self, model, device, rollout: Rollout) -> torch.Tensor:
         """(B, T) log-probs of the rollout's responses under a model run without gradients (the reference;
-        an async actor's policy: the behaviour log-probs), on the policy's device."""
-        with torch.no_grad(), self.precision.autocast():
-            return response_logprobs(model, rollout.input_ids.to(device), rollout.attention_mask.to(device),
-                                     rollout.prompt_ids.shape[1], self.cfg.rollout.temperature,
-                                     chunk_elements=self.chunk, support=self.support).to(self.dev_policy)
+        an async actor's policy: the behaviour log-probs), on the policy's device, in micro-batches."""
+        out = torch.zeros(rollout.response_mask.shape, device=self.dev_policy)
+        rows = torch.arange(out.shape[0], device=rollout.response_mask.device)
+        for micro, counts in memory.same_count_everywhere(self.rt, model, micro_split(rollout, rows,
+                                                                                       self.memory.infer_tokens)):
+            ids, attn, P, _ = micro.inputs(rollout)
+            with torch.no_grad(), self.precision.autocast():
+                logprobs = response_logprobs(model, ids.to(device), attn.to(device), P, self.cfg.rollout.temperature,
+                                             chunk_elements=self.chunk, support=self.support).to(self.dev_policy)
+            if counts:
+                out[micro.rows.to(self.dev_policy), :micro.width] = logprobs
+        return out
+
+    def no_grad_forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) log-probs and values (None without a critic) of the policy before the update, in micro-batches."""
+        logprobs_old = torch.zeros(rollout.response_mask.shape, device=self.dev_policy)
+        values_old = torch.zeros_like(logprobs_old) if self.critic is not None else None
+        rows = torch.arange(logprobs_old.shape[0], device=rollout.response_mask.device)
+        for micro, counts in memory.same_count_everywhere(self.rt, self.ddp_policy, micro_split(
+                rollout, rows, self.memory.infer_tokens)):
+            ids, attn, P, _ = micro.inputs(rollout)
+            with torch.no_grad(), self.precision.autocast():
+                logprobs, _, values = self.forward(ids, attn, P, with_entropy=False)
+            if counts:
+                logprobs_old[micro.rows, :micro.width] = logprobs
+                if values is not None:
+                    values_old[micro.rows, :micro.width] = values
+        return logprobs_old, values_old
 
     def reward_rows(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Rewarded:
         """Rules + reward model + no-stop penalty of each row, and the per-row values of the logged means."""
@@ -450,7 +536,8 @@ class RLRecipe:
         stats = {"rule_reward": rule_total} if self.reward_fns else {}
         if self.reward_model is not None:
             # the response's text re-tokenized with its prompt, as train-rm trained and any client scores
-            rm = (score_texts(self.reward_model, tokenizer, prompts, texts, self.dev_reward) - self.rm_mean) / self.rm_std
+            rm = (score_texts(self.reward_model, tokenizer, prompts, texts, self.dev_reward,
+                              tokens=self.memory.infer_tokens) - self.rm_mean) / self.rm_std
             scores += cfg.reward.model.weight * rm
             stats["rm_score"] = rm
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
@@ -528,46 +615,79 @@ class RLRecipe:
 
     def minibatch_step(self, s: Scored, idx: torch.Tensor, advantages, returns, beta: float, params,
                        first_mb: dict, first: bool) -> dict[str, float]:
-        """One optimizer step on rows idx -> the minibatch's token means over every rank (+ grad_norm)."""
+        """One optimizer step on rows idx, in micro-batches of micro_batch_tokens whose gradients accumulate
+        -> the minibatch's token means over every rank (+ grad_norm)."""
         a, rt = self.cfg.algorithm, self.rt
         mb_mask = s.mask[idx]
-        mb_tokens, mb_units = float(mb_mask.sum()), local_units(mb_mask, a.loss_agg)
-        all_tokens, all_units = rt.sum(mb_tokens, mb_units)
-        # DDP averages the ranks' gradients: weighting each rank's loss by its share of the minibatch's
-        # tokens (or responses, by algorithm.loss_agg; 1 on one process) makes it the loss over every rank's rows
-        share = rank_share(mb_tokens, all_tokens, rt.world_size)  # the value loss: a token mean
-        agg_share = rank_share(mb_units, all_units, rt.world_size)  # the policy's terms: by algorithm.loss_agg
-        if self.single_pass:
-            logprobs, entropy, values = s.update_forward
-        else:
-            with self.precision.autocast():
-                logprobs, entropy, values = self.forward(s.input_ids[idx], s.attention_mask[idx], s.prompt_width)
-        pg_loss, pg_stats = self.policy_loss(logprobs, s.logprobs_old[idx], advantages[idx], mb_mask, **self.hparams)
-        if first and self.trust_region:  # checklist 2: ratio 1, clip 0, approx-KL 0 before any update
-            ratio_dev = ((logprobs.detach() - s.logprobs_old[idx]).exp() - 1).abs() * mb_mask
-            first_mb["first_mb_ratio_dev"] = float(ratio_dev.max())  # this rank's rows
-        entropy_mean = masked_mean(entropy, mb_mask)  # logged: the entropy per token
-        entropy_term = aggregate(entropy, mb_mask, **self.hparams)  # as verl: the policy's terms aggregate alike
-        kl_penalty = (0.0 if self.kl_in_reward else
-                      beta * aggregate(self.kl_estimator(logprobs, s.logprobs_ref[idx]), mb_mask, **self.hparams))
-        v_loss = (value_loss(values, s.values_old[idx], returns[idx], mb_mask, a.value_clip if self.trust_region else None)
-                  if values is not None else None)
-        # the total loss: policy gradient - entropy bonus + KL penalty (k2 / k3: in the loss) + value loss (critic)
-        policy_terms = pg_loss - a.entropy_coef * entropy_term + kl_penalty
-        value_term = a.value_coef * v_loss if v_loss is not None else 0.0
-        stats = {"entropy": entropy_mean, **pg_stats} | ({"value_loss": v_loss} if v_loss is not None else {})
-        self.precision.backward(policy_terms * agg_share + value_term * share)
+        all_tokens, all_units = rt.sum(float(mb_mask.sum()), local_units(mb_mask, a.loss_agg))
+        micros = ([(None, True)] if s.update_forward is not None else
+                  memory.same_count_everywhere(rt, self.ddp_policy, micro_split(s.rollout, idx, self.memory.tokens)))
+        loss_part, sums = 0.0, {}
+        for k, (micro, counts) in enumerate(micros):
+            last = k == len(micros) - 1
+            with self._no_sync(last):
+                part, stats, tokens = self.micro_step(s, micro, idx, advantages, returns, beta, first_mb, first,
+                                                      all_tokens, all_units, counts)
+            loss_part += part
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value * tokens
         # the loss over every rank's rows (each term by its own units) and token means of the stats (one
         # all-reduce): the guard, early stop and logs agree on all ranks
-        loss_part = (float(policy_terms) * mb_units / max(all_units, 1.0)
-                     + float(value_term) * mb_tokens / max(all_tokens, 1.0))
-        loss_total, *sums = rt.sum(loss_part, *(float(v.detach()) * mb_tokens for v in stats.values()))
-        means = {"loss": loss_total, **{k: total / max(all_tokens, 1.0) for k, total in zip(stats, sums)}}
+        loss_total, *totals = rt.sum(loss_part, *sums.values())
+        means = {"loss": loss_total, **{k: total / max(all_tokens, 1.0) for k, total in zip(sums, totals)}}
         grad_norm, applied = self.guard.step(params, self.optimizer, means["loss"], scaler=self.precision.scaler,
                                              at_step=self.step + 1)
         if first and self.trust_region:
             first_mb.update(first_mb_clip_frac=means["clip_frac"], first_mb_approx_kl=means["approx_kl"])
         return {**means, "grad_norm": grad_norm}
+
+    def micro_step(self, s: Scored, micro: Micro | None, idx, advantages, returns, beta: float, first_mb: dict,
+                   first: bool, all_tokens: float, all_units: float, counts: bool) -> tuple[float, dict, float]:
+        """Forward and backward of one micro-batch (None: the whole batch, whose forward step 2 kept), each
+        term weighted by its share of the minibatch over every rank -> (its part of the loss, its token-mean
+        stats, its tokens)."""
+        a, rt = self.cfg.algorithm, self.rt
+        if micro is None:
+            rows, width = idx, s.mask.shape[1]
+            logprobs, entropy, values = s.update_forward
+        else:
+            rows, width = micro.rows, micro.width
+            ids, attn, P, _ = micro.inputs(s.rollout)
+            with self.precision.autocast():
+                logprobs, entropy, values = self.forward(ids, attn, P)
+        mask = s.mask[rows, :width]
+        tokens, units = (float(mask.sum()), local_units(mask, a.loss_agg)) if counts else (0.0, 0.0)
+        # DDP averages the ranks' gradients: weighting each micro-batch's loss by its share of the minibatch's
+        # tokens (or responses, by algorithm.loss_agg) over every rank makes the sum the loss over every row
+        share = rank_share(tokens, all_tokens, rt.world_size)  # the value loss: a token mean
+        agg_share = rank_share(units, all_units, rt.world_size)  # the policy's terms: by algorithm.loss_agg
+        logprobs_old, logprobs_ref = s.logprobs_old[rows, :width], s.logprobs_ref[rows, :width]
+        pg_loss, pg_stats = self.policy_loss(logprobs, logprobs_old, advantages[rows, :width], mask, **self.hparams)
+        if first and self.trust_region:  # checklist 2: ratio 1, clip 0, approx-KL 0 before any update
+            ratio_dev = ((logprobs.detach() - logprobs_old).exp() - 1).abs() * mask
+            first_mb["first_mb_ratio_dev"] = max(first_mb.get("first_mb_ratio_dev", 0.0), float(ratio_dev.max()))
+        entropy_mean = masked_mean(entropy, mask)  # logged: the entropy per token
+        entropy_term = aggregate(entropy, mask, **self.hparams)  # as verl: the policy's terms aggregate alike
+        kl_penalty = (0.0 if self.kl_in_reward else
+                      beta * aggregate(self.kl_estimator(logprobs, logprobs_ref), mask, **self.hparams))
+        v_loss = (value_loss(values, s.values_old[rows, :width], returns[rows, :width], mask,
+                             a.value_clip if self.trust_region else None) if values is not None else None)
+        # the total loss: policy gradient - entropy bonus + KL penalty (k2 / k3: in the loss) + value loss (critic)
+        policy_terms = pg_loss - a.entropy_coef * entropy_term + kl_penalty
+        value_term = a.value_coef * v_loss if v_loss is not None else 0.0
+        stats = {"entropy": entropy_mean, **pg_stats} | ({"value_loss": v_loss} if v_loss is not None else {})
+        self.precision.backward(policy_terms * agg_share + value_term * share)
+        loss_part = (float(torch.as_tensor(policy_terms).detach()) * units / max(all_units, 1.0)
+                     + float(torch.as_tensor(value_term).detach()) * tokens / max(all_tokens, 1.0))
+        return loss_part, {k: float(v.detach()) for k, v in stats.items()}, tokens
+
+    def _no_sync(self, sync: bool):
+        """DDP / FSDP2: the gradient all-reduce on the minibatch's last micro-batch only (policy and critic)."""
+        stack = contextlib.ExitStack()
+        for model in (self.ddp_policy, self.ddp_critic):
+            if model is not None:
+                stack.enter_context(distributed.no_sync(model, sync))
+        return stack
 
     # ---------------------------------------------------------------- 5. log and checkpoint
     def log_and_checkpoint(self, s: Scored, rewards: torch.Tensor, returns: torch.Tensor, beta: float,
@@ -618,7 +738,8 @@ class RLRecipe:
                                              self.cfg.eval, self.dev_policy, self.cfg.seed,  # eval.samples: pass@k, maj@k
                                              self.max_sequence)
             if self.reward_model is not None:  # the RM's (normalised) score of the greedy held-out responses
-                rm_scores = score_texts(self.reward_model, self.tokenizer, self.eval_prompts, responses, self.dev_reward)
+                rm_scores = score_texts(self.reward_model, self.tokenizer, self.eval_prompts, responses, self.dev_reward,
+                                        tokens=self.memory.infer_tokens)
                 metrics["eval_rm_score"] = float(((rm_scores - self.rm_mean) / self.rm_std).mean())
             return metrics
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
+from rlhf_cli import checkpoint, data, distributed, lora, loop, memory, optim
 from rlhf_cli.errors import DataError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
+from rlhf_cli.logprobs import chunked_logprobs, head_inputs
 from rlhf_cli.models import (check_generation_fits, check_models, load_causal_lm, model_and_tokenizer,
                              position_limit, stop_token_ids)
 from rlhf_cli.precision import Precision
@@ -28,27 +29,43 @@ from rlhf_cli.tracking import Throughput, Tracker
 
 
 def token_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over completion tokens (labels != -100) and their count."""
+    """Summed next-token cross-entropy over completion tokens (labels != -100) and their count.
+
+    Only the completion positions go through the LM head, in chunks (logprobs.chunked_logprobs): no (R, L, V)
+    logits are held, and prompt positions cost no head at all. A head not reproduced there (and FSDP2's root)
+    takes the model's own full logits."""
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch.pop("labels")
-    logits = model(**batch, use_cache=False).logits[:, :-1].float()  # (R, L-1, V)
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
+    targets = labels[:, 1:]  # (R, L-1)
+    scored = targets != -100
+    found = None if distributed.is_sharded(model) else head_inputs(model, None, **batch)
+    if found is None:
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()  # (R, L-1, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+        return loss, int(scored.sum())
+    hidden, transform = found  # (R, L, H)
+    logprobs, _ = chunked_logprobs(transform, hidden[:, :-1][scored], targets[scored])  # (N,) over completion tokens
+    return -logprobs.sum(), int(scored.sum())
 
 
-def make_batch(examples, cfg, pad_id):
+def micro_batches(examples: list, cfg, pad_id: int, tokens: int) -> list[dict]:
+    """Examples -> batches of at most `tokens` padded tokens: length-sorted padded rows, or (packing) rows of
+    model.max_length packed first-fit and then grouped."""
     if cfg.packing:
-        return data.packed_batch(examples, cfg.model.max_length, pad_id)
-    return data.padded_batch(examples, pad_id)
+        packed = data.packed_batch(examples, cfg.model.max_length, pad_id)
+        per = max(1, tokens // cfg.model.max_length)
+        return [{k: v[i:i + per] for k, v in packed.items()} for i in range(0, packed["input_ids"].shape[0], per)]
+    groups = memory.split_by_tokens([ex.length for ex in examples], tokens)
+    return [data.padded_batch([examples[i] for i in group], pad_id) for group in groups]
 
 
 @torch.no_grad()
-def eval_loss(model, examples, cfg, pad_id, device) -> float:
+def eval_loss(model, examples, cfg, pad_id, device, tokens: int) -> float:
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), cfg.batch_size):
-        loss, n = token_loss_sum(model, make_batch(examples[i:i + cfg.batch_size], cfg, pad_id), device)
+    for batch in micro_batches(examples, cfg, pad_id, tokens):
+        loss, n = token_loss_sum(model, batch, device)
         total, count = total + float(loss), count + n
     model.train()
     return total / max(1, count)
@@ -69,6 +86,10 @@ class SFTRecipe:
         check_generation_fits(self.path, {"eval.max_new_tokens": cfg.eval.max_new_tokens})  # before any weights
         self._setup_data()
         self.global_batch, self.total_steps = loop.batch_plan(cfg, rt, len(self.train_examples))
+        longest = cfg.model.max_length if cfg.packing else max(ex.length for ex in self.train_examples + self.eval_examples)
+        self.memory = memory.plan("micro_batch_tokens", cfg.micro_batch_tokens, rt.device, [(self.path, True)], [],
+                                  longest, cfg.model.dtype, cfg.model.gradient_checkpointing, cfg.lora.r > 0,
+                                  cfg.model.trust_remote_code)  # before any weights load
         self._setup_model()
         self.optimizer, self.scheduler, self.guard = optim.build(self.model.parameters(), cfg.optim, self.total_steps)
         lengths = None if cfg.packing else [ex.length for ex in self.train_examples]  # bucket when padding
@@ -100,7 +121,7 @@ class SFTRecipe:
         model.train()
         self.model = model
         self.ddp_model = distributed.wrap_model(model, rt, cfg.device.distributed)  # before the optimizer (FSDP2)
-        self.engine = make_engine("auto", model, self.tokenizer)  # held-out generation
+        self.engine = make_engine("auto", model, self.tokenizer, memory=self.memory)  # held-out generation
         self.max_sequence = min(cfg.model.max_length, position_limit(self.path) or cfg.model.max_length)
 
     def _announce(self) -> None:
@@ -113,6 +134,7 @@ class SFTRecipe:
             f"{self.total_steps} steps, device {rt.device} ({self.precision.describe()}"
             + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
             + (f", resuming at step {step}" if step else ""))
+        self.tracker.message(f"sft: {self.memory.describe()}")
         if self.adapters:
             self.tracker.message(f"sft: {self.adapters.describe()}")
         if self.truncated:
@@ -139,17 +161,19 @@ class SFTRecipe:
         cfg, rt, examples, pad_id = self.cfg, self.rt, self.train_examples, self.tokenizer.pad_token_id
         indices = self.sampler.take(self.global_batch)  # every rank draws the same global batch ...
         chunks = [indices[i:i + cfg.batch_size] for i in range(0, self.global_batch, cfg.batch_size)]
-        mine = chunks[rt.rank::rt.world_size]  # ... and takes its own micro-batches
+        mine = [i for chunk in chunks[rt.rank::rt.world_size] for i in chunk]  # ... and takes its own rows
         global_tokens = sum(len(examples[i].completion_ids) for i in indices)  # loss normaliser
         global_seq_tokens = sum(examples[i].length for i in indices)
-        loss_total, padded_tokens, real_tokens = 0.0, 0, 0
-        for micro, chunk in enumerate(mine):
-            batch = make_batch([examples[i] for i in chunk], cfg, pad_id)
-            padded_tokens += batch["input_ids"].numel()
-            real_tokens += sum(examples[i].length for i in chunk)
-            sync = micro == len(mine) - 1
+        loss_total, padded_tokens = 0.0, 0
+        real_tokens = sum(examples[i].length for i in mine)
+        batches = memory.same_count_everywhere(rt, self.ddp_model, micro_batches([examples[i] for i in mine], cfg,
+                                                                                pad_id, self.memory.tokens))
+        for micro, (batch, counts) in enumerate(batches):
+            padded_tokens += batch["input_ids"].numel() if counts else 0
+            sync = micro == len(batches) - 1
             with distributed.no_sync(self.ddp_model, sync), self.precision.autocast():
                 loss_sum, _ = token_loss_sum(self.ddp_model, batch, rt.device)
+                loss_sum = loss_sum if counts else loss_sum * 0.0  # FSDP2: a forward to match another rank's
                 # normalise by the global token count; DDP / FSDP average over ranks, so scale back up
                 self.precision.backward(loss_sum * rt.world_size / global_tokens)
             loss_total += float(loss_sum.detach())
@@ -172,7 +196,8 @@ class SFTRecipe:
             accuracy, samples, mean_len, _ = held_out_accuracy(self.engine, self.tokenizer, self.eval_rows,
                                                                self.eval_prompts, cfg.eval, rt.device,
                                                                self.max_sequence)
-            metrics = {"eval_loss": eval_loss(self.model, self.eval_examples, cfg, self.tokenizer.pad_token_id, rt.device),
+            metrics = {"eval_loss": eval_loss(self.model, self.eval_examples, cfg, self.tokenizer.pad_token_id, rt.device,
+                                              self.memory.infer_tokens),
                        "eval_response_chars": mean_len}
             if accuracy is not None:
                 metrics["eval_accuracy"] = accuracy

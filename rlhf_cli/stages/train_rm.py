@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop, optim
+from rlhf_cli import checkpoint, data, distributed, lora, loop, memory, optim
 from rlhf_cli.algorithms.reward import pairwise_loss
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import check_models, load_scalar_head_model, model_and_tokenizer
@@ -54,13 +54,19 @@ def pair_scores(scorer, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor
     return scores.chunk(2)
 
 
+def pair_groups(pairs: list[Pair], tokens: int) -> list[list[int]]:
+    """Indices of pairs in micro-batches of at most `tokens` padded tokens: a pair is two rows (chosen and
+    rejected, in one forward), so pairs are grouped by length within half the budget."""
+    return memory.split_by_tokens([p.length for p in pairs], max(1, tokens // 2))
+
+
 @torch.no_grad()
-def evaluate_pairs(scorer, pairs: list[Pair], batch_size: int, pad_id: int, device) -> dict:
+def evaluate_pairs(scorer, pairs: list[Pair], tokens: int, pad_id: int, device) -> dict:
     """Held-out pairwise accuracy (ties count half), mean margin r_c - r_r, BT loss, score mean/std."""
     scorer.eval()
     chosen, rejected, margins = [], [], []
-    for i in range(0, len(pairs), batch_size):
-        batch = pair_batch(pairs[i:i + batch_size], pad_id)
+    for group in pair_groups(pairs, tokens):
+        batch = pair_batch([pairs[i] for i in group], pad_id)
         c, r = pair_scores(scorer, batch, device)
         chosen.append(c.cpu())
         rejected.append(r.cpu())
@@ -104,6 +110,10 @@ class RewardModelRecipe:
         self.pad_id = self.tokenizer.pad_token_id
         self._setup_data()
         self.global_batch, self.total_steps = loop.batch_plan(cfg, rt, len(self.train_pairs))
+        longest = 2 * max(p.length for p in self.train_pairs + self.eval_pairs)  # a pair's two rows, one forward
+        self.memory = memory.plan("micro_batch_tokens", cfg.micro_batch_tokens, rt.device, [(self.path, False)], [],
+                                  longest, cfg.model.dtype, cfg.model.gradient_checkpointing, cfg.lora.r > 0,
+                                  cfg.model.trust_remote_code)  # before any weights load
         self._setup_model()
         self.optimizer, self.scheduler, self.guard = optim.build(self.model.parameters(), cfg.optim, self.total_steps)
         self.sampler = data.EpochSampler(len(self.train_pairs), cfg.seed, [p.length for p in self.train_pairs],
@@ -151,6 +161,7 @@ class RewardModelRecipe:
                         f"ranks, {self.total_steps} steps, device {rt.device} ({self.precision.describe()}"
                         + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
                         + (f", resuming at step {step}" if step else ""))
+        tracker_message(f"train-rm: {self.memory.describe()}")
         if self.adapters:
             tracker_message(f"train-rm: {self.adapters.describe()}")
         for key, dropped, kept in (("training", self.train_dropped, self.train_pairs),
@@ -178,17 +189,19 @@ class RewardModelRecipe:
         cfg, rt, global_batch = self.cfg, self.rt, self.global_batch
         indices = self.sampler.take(global_batch)  # every rank draws the same global batch ...
         chunks = [indices[i:i + cfg.batch_size] for i in range(0, global_batch, cfg.batch_size)]
-        mine = chunks[rt.rank::rt.world_size]  # ... and takes its own micro-batches
+        mine = [self.train_pairs[i] for chunk in chunks[rt.rank::rt.world_size] for i in chunk]  # ... its own pairs
         sums = torch.zeros(4, dtype=torch.float64)  # pair-weighted loss, bt_loss, accuracy, margin
-        for micro, chunk in enumerate(mine):
-            batch = pair_batch([self.train_pairs[i] for i in chunk], self.pad_id)
-            sync = micro == len(mine) - 1
+        groups = memory.same_count_everywhere(rt, self.ddp_scorer, pair_groups(mine, self.memory.tokens))
+        for micro, (group, counts) in enumerate(groups):
+            batch = pair_batch([mine[i] for i in group], self.pad_id)
+            sync = micro == len(groups) - 1
+            weight = len(group) if counts else 0  # FSDP2: a forward to match another rank's, weighted 0
             with distributed.no_sync(self.ddp_scorer, sync), self.precision.autocast():
                 chosen, rejected = pair_scores(self.ddp_scorer, batch, rt.device)  # (B,), (B,)
                 loss, stats = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_coef)
                 # weight each micro-batch by its share of the global batch; DDP / FSDP average over ranks, so scale back up
-                self.precision.backward(loss * len(chunk) * rt.world_size / global_batch)
-            sums += len(chunk) * torch.tensor([float(loss.detach()), float(stats["bt_loss"]),
+                self.precision.backward(loss * weight * rt.world_size / global_batch)
+            sums += weight * torch.tensor([float(loss.detach()), float(stats["bt_loss"]),
                                                float(stats["accuracy"]), float(stats["margin"])], dtype=torch.float64)
         loss_value, bt_value, accuracy, margin = (rt.all_reduce_sum(sums.to(rt.device)).cpu() / global_batch).tolist()
         grad_norm, applied = self.guard.step(self.scorer.parameters(), self.optimizer, loss_value,
@@ -205,7 +218,7 @@ class RewardModelRecipe:
         with distributed.gathered(self.scorer):  # FSDP2: every rank gathers the weights, rank 0 evaluates
             if not self.rt.is_main:
                 return {}
-            return evaluate_pairs(self.scorer, self.eval_pairs, self.cfg.eval.batch_size, self.pad_id, self.rt.device)
+            return evaluate_pairs(self.scorer, self.eval_pairs, self.memory.infer_tokens, self.pad_id, self.rt.device)
 
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,

@@ -1,0 +1,148 @@
+"""Memory by token budget (rlhf_cli/memory.py): micro-batches change how many tokens go through one forward,
+never the update; a run that cannot fit one micro-batch says so before it starts."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_one_line_error, run_cli
+from helpers import QUICK_RL, QUICK_RM, SFT_QUICK
+from rlhf_cli import memory
+
+
+def test_split_by_tokens_keeps_every_row_once_within_the_budget():
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 40))]
+        budget = rng.randint(60, 400)
+        groups = memory.split_by_tokens(lengths, budget)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) * max(lengths[i] for i in g) <= budget
+        # longest first, so like lengths share: no group could take the next group's first row
+        for a, b in zip(groups, groups[1:]):
+            assert (len(a) + 1) * lengths[a[0]] > budget
+    assert memory.split_by_tokens([500, 3], 100) == [[0], [1]]  # a row over the budget: a micro-batch of its own
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def _assert_same_update(start: dict, split: dict, whole: dict, moved_at_least: float) -> None:
+    """The split run's weights equal the unsplit run's within fp32 rounding, and the update itself is far larger
+    than that difference (so the comparison could fail)."""
+    moved = max(float((whole[k] - start[k]).abs().max()) for k in whole if k in start)
+    differ = max(float((whole[k] - split[k]).abs().max()) for k in whole)
+    assert moved > moved_at_least, moved
+    assert differ < 1e-3 * moved, (differ, moved)
+
+
+@pytest.mark.parametrize("extra", [
+    ["algorithm=reinforce"],  # one pass: unsplit, its forward gives the old log-probs; split, a no-grad one does
+    ["algorithm=ppo", "algorithm.epochs=2", "algorithm.minibatches=2"],  # + a critic, minibatches, two epochs
+], ids=["reinforce", "ppo"])
+def test_rl_update_in_micro_batches_equals_the_unsplit_update(sft_run, tmp_path, extra):
+    runs = {}
+    for name, tokens in (("whole", 100000), ("split", 120)):  # 120 tokens: one or two rows per micro-batch
+        proc = run_cli("rl", f"policy.path={sft_run / 'final'}", f"output_dir={tmp_path / name}", "max_steps=1",
+                       "rollout.max_new_tokens=40", "algorithm.dynamic_sampling=false", f"micro_batch_tokens={tokens}",
+                       "device=cpu", "device.threads=1", *QUICK_RL, *extra, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"micro-batches of at most {tokens:,} tokens (set" in proc.stdout + proc.stderr
+        runs[name] = tmp_path / name
+    start = _weights(sft_run)
+    _assert_same_update(start, _weights(runs["split"]), _weights(runs["whole"]), 1e-5)
+    train = [next(json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(x)["kind"] == "train") for n in ("whole", "split")]
+    for key in ("score", "kl", "loss", "entropy", "grad_norm"):
+        assert train[0][key] == pytest.approx(train[1][key], rel=1e-4, abs=1e-6), key
+    assert 0 < train[0]["score"] < 1  # some groups carry signal: the update is a real one
+
+
+@pytest.mark.parametrize("extra", [[], ["packing=true", "model.max_length=96"]], ids=["padded", "packed"])
+def test_sft_step_in_micro_batches_equals_the_unsplit_step(tiny_model_dir, tmp_path, extra):
+    runs = {}
+    for name, tokens in (("whole", 100000), ("split", 100)):
+        proc = run_cli("sft", f"model.path={tiny_model_dir}", f"output_dir={tmp_path / name}", "max_steps=2",
+                       f"micro_batch_tokens={tokens}", "device=cpu", "device.threads=1", *SFT_QUICK, *extra,
+                       cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[name] = tmp_path / name
+    start = load_file(tiny_model_dir / "model.safetensors")
+    _assert_same_update(start, _weights(runs["split"]), _weights(runs["whole"]), 1e-4)
+
+
+def test_train_rm_step_in_micro_batches_equals_the_unsplit_step(sft_run, tmp_path):
+    runs = {}
+    for name, tokens in (("whole", 100000), ("split", 200)):  # one or two pairs per micro-batch
+        proc = run_cli("train-rm", f"model.path={sft_run / 'final'}", f"output_dir={tmp_path / name}", "max_steps=2",
+                       f"micro_batch_tokens={tokens}", "device=cpu", "device.threads=1", *QUICK_RM, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[name] = tmp_path / name
+    # Adam divides by the gradient's running RMS, so on weights whose gradient is ~0 a rounding difference of the
+    # gradient moves them visibly: compare what the gradient itself gives (loss, pre-clip norm) tightly, and the
+    # weights within 1% of the update
+    logged = [[json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x)["kind"] == "train"] for n in ("whole", "split")]
+    for whole_step, split_step in zip(*logged):
+        for key in ("loss", "grad_norm", "accuracy"):
+            assert whole_step[key] == pytest.approx(split_step[key], rel=1e-5, abs=1e-7), key
+    start = _weights(sft_run)  # the backbone keys are the causal LM's own
+    whole, split = _weights(runs["whole"]), _weights(runs["split"])
+    moved = max(float((whole[k] - start[k]).abs().max()) for k in whole if k in start)
+    differ = max(float((whole[k] - split[k]).abs().max()) for k in whole)
+    assert moved > 1e-4 and differ < 1e-2 * moved, (differ, moved)
+
+
+def test_a_budget_below_the_longest_row_is_one_error_before_any_model_loads(tiny_model_dir, tmp_path):
+    proc = run_cli("sft", f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'out'}", "micro_batch_tokens=8",
+                   "device=cpu", *SFT_QUICK, cwd=tmp_path)
+    assert_one_line_error(proc, "micro_batch_tokens=8 cannot hold one row")
+    assert not any((tmp_path / "out").glob("checkpoints/*")) and not (tmp_path / "out" / "final").exists()
+
+
+def test_a_model_too_big_for_the_machine_is_refused_before_its_weights_load(tiny_model_dir, tmp_path):
+    """A config-only model directory the size of a 70B Llama: the plan counts its parameters on the meta device
+    and says, before any weight is read (there are none to read), what to change."""
+    big = tmp_path / "llama-70b"
+    big.mkdir()
+    for name in tiny_model_dir.iterdir():
+        if name.name != "model.safetensors" and name.is_file():
+            shutil.copy(name, big / name.name)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config.update(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, head_dim=128)
+    (big / "config.json").write_text(json.dumps(config))
+    proc = run_cli("sft", f"model.path={big}", f"output_dir={tmp_path / 'out'}", "device=cpu", *SFT_QUICK,
+                   cwd=tmp_path)
+    assert_one_line_error(proc, "does not fit")
+    out = proc.stdout + proc.stderr
+    assert "weights and optimizer state" in out and "model.gradient_checkpointing=true" in out
+
+
+def test_generation_in_row_chunks_draws_what_one_call_draws(tiny_model_dir):
+    """The local engine's decode calls of memory.generate_rows rows: row g's draw depends on its own noise."""
+    from rlhf_cli.data import left_pad
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+    from rlhf_cli.rollout import SamplingParams, make_engine
+
+    tok = load_tokenizer(str(tiny_model_dir), "model.path")
+    model = load_causal_lm(str(tiny_model_dir), "model.path")
+    prompts = [tok(f"{i} + {i * 7} =")["input_ids"] for i in range(12)]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    params = SamplingParams(12, noise_key=(3, 1, 0))
+    whole = make_engine("auto", model, tok).generate(ids, mask, params)
+    plan = memory.MemoryPlan(tokens=10, key="micro_batch_tokens", how="set", activation_bytes=1000,
+                             kv_bytes_per_token=1000, vocab=0)
+    width = ids.shape[1] + 12
+    assert plan.generate_rows(width) < 12  # the plan really splits these rows
+    split = make_engine("auto", model, tok, memory=plan).generate(ids, mask, params)
+    assert torch.equal(whole.response_ids, split.response_ids)
+    torch.testing.assert_close(whole.logprobs, split.logprobs, atol=1e-5, rtol=1e-5)
