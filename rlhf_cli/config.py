@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from rlhf_cli import origin
 from rlhf_cli.errors import ConfigError
 
 
@@ -110,7 +111,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = doc(3e-3, "peak learning rate of AdamW")
+    lr: Optional[float] = doc(None, "peak learning rate of AdamW; null = by what the stage starts from: a model "
+                                    "built from a config (the embedded default) or a pretrained checkpoint "
+                                    "(docs/models.md, defaults for pretrained models)")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     betas: List[float] = doc([0.9, 0.95], "AdamW betas")
     warmup_steps: int = doc(20, "linear warmup steps, then cosine decay")
@@ -250,8 +253,9 @@ class LoRAConfig:
 class SFTConfig:
     output_dir: str = doc("runs/sft", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
     seed: int = doc(0, "seed of every random generator")
-    max_steps: Optional[int] = doc(1500, "optimizer steps; null = run epochs epochs")
-    epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
+    max_steps: Optional[int] = doc(None, "optimizer steps; null with epochs null = by what the model is: 1500 built "
+                                         "from a config, 1 epoch pretrained (docs/models.md)")
+    epochs: Optional[float] = doc(None, "epochs over data.train when max_steps is null")
     batch_size: int = doc(64, "sequences per optimizer step per device (x optim.grad_accum); forwards run in "
                               "micro-batches of micro_batch_tokens")
     packing: bool = doc(False, "true: pack rows with a block-diagonal mask; false: length-bucketed padded batches")
@@ -275,6 +279,7 @@ class SFTConfig:
         check_positive("batch_size", self.batch_size)
         check_positive("log_every", self.log_every)
         check_positive("micro_batch_tokens", self.micro_batch_tokens)
+        self.derived = origin.resolve("sft", self, self.model.path)  # logged by the stage
         self.lora.check_with(self.device)
         check_room("eval.max_new_tokens", self.eval.max_new_tokens, "model.max_length", self.model.max_length)
 
@@ -283,8 +288,9 @@ class SFTConfig:
 class TrainRMConfig:
     output_dir: str = doc("runs/rm", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
     seed: int = doc(0, "seed of every random generator")
-    max_steps: Optional[int] = doc(2000, "optimizer steps; null = run epochs epochs")
-    epochs: float = doc(1.0, "epochs over data.train when max_steps is null")
+    max_steps: Optional[int] = doc(None, "optimizer steps; null with epochs null = by what the model is: 2000 built "
+                                         "from a config, 1 epoch pretrained (docs/models.md)")
+    epochs: Optional[float] = doc(None, "epochs over data.train when max_steps is null")
     batch_size: int = doc(32, "preference pairs per optimizer step per device (x optim.grad_accum); forwards run "
                               "in micro-batches of micro_batch_tokens")
     micro_batch_tokens: Optional[int] = doc(None, "padded tokens per forward+backward micro-batch (rows sorted by length, "
@@ -310,6 +316,7 @@ class TrainRMConfig:
         check_positive("center_coef", self.center_coef, allow_zero=True)
         check_positive("log_every", self.log_every)
         check_positive("micro_batch_tokens", self.micro_batch_tokens)
+        self.derived = origin.resolve("train-rm", self, self.model.path)  # logged by the stage
         self.lora.check_with(self.device)
         if self.eval.samples:
             raise ConfigError("eval.samples samples a policy's responses (sft, rl, rlhf eval); a reward model "
@@ -578,6 +585,7 @@ class RLConfig:
         check_positive("max_steps", self.max_steps)
         check_positive("log_every", self.log_every)
         check_positive("micro_batch_tokens", self.micro_batch_tokens)
+        self.derived = origin.resolve("rl", self, self.policy.path)  # logged by the stage
         self.lora.check_with(self.device)
         for key, new_tokens in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
                                 ("eval.max_new_tokens", self.eval.max_new_tokens)):

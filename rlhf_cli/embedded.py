@@ -12,6 +12,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from rlhf_cli import origin
+
 PAD, EOS = "<pad>", "<eos>"
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -40,8 +42,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(tokenizer, **overrides) -> LlamaConfig:
     vocab = ((len(tokenizer) + 7) // 8) * 8
+    # origin.MARK: a model built from a config (the from-scratch defaults apply to it and its final/s)
     return LlamaConfig(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       bos_token_id=None, **{**TINY, **overrides})
+                       bos_token_id=None, **{**TINY, origin.MARK: True, **overrides})
 
 
 def write_embedded_base(directory: Path, seed: int, **overrides) -> Path:

@@ -19,7 +19,8 @@ weights load (parameters counted on the meta device):
 with the activation bytes of one token through a forward and backward of the model (per layer: the states
 autograd keeps for the norms, projections, attention and MLP, plus the attention weights over the row;
 `activation_bytes_per_token`, checked against measured peaks in docs/memory.md) and a cap past which larger
-micro-batches gain no throughput (CPU: CPU_CAP_TOKENS, measured; CUDA: verl's 16,384). A stage whose
+micro-batches gain no throughput (CPU: the tokens whose activations take CPU_CAP_BYTES, measured; CUDA: verl's
+16,384 tokens). A stage whose
 longest row does not fit one micro-batch says so before it starts (`check_fits`). Forwards without gradients
 (the reference, the reward model, old log-probs, evaluation) keep no activations across layers and take
 INFER_FACTOR x the budget; generation's KV cache and per-row sampling buffers take at most the activation
@@ -36,8 +37,12 @@ from rlhf_cli.errors import ConfigError, UserError
 
 GIB, MIB = 2 ** 30, 2 ** 20
 FREE_SHARE = 0.6  # of the memory free at start-up: the rest is the OS's, the data's and the allocator's slack
-CPU_CAP_TOKENS = 2048  # past this a CPU forward+backward gains no tokens/s on SmolLM2-135M (docs/memory.md)
+# CPU: at most this much activation memory a micro-batch. A CPU forward+backward of SmolLM2-135M runs at the same
+# tokens/s from 512 tokens up (~2.4 MiB a token by the estimate: 512 tokens ~1.2 GiB; docs/memory.md), so a
+# larger one only costs memory; a small model (the embedded one, 0.02 MiB a token) keeps whole batches.
+CPU_CAP_BYTES = 2 * 2 ** 30
 CUDA_CAP_TOKENS = 16384  # verl's ppo_max_token_len_per_gpu default
+UNKNOWN_CAP_TOKENS = 4096  # CPU, when the model's shape cannot be read
 INFER_FACTOR = 4  # no-grad forwards: one layer's transients at a time instead of every layer's saved states
 SAFETY = 1.25  # the estimate's margin for allocator fragmentation and temporaries not counted
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -189,7 +194,8 @@ def plan(stage_key: str, setting: int | None, device, trained: list[tuple[str, b
         check_fits(result, row_tokens)
         return result
     is_cuda = getattr(device, "type", str(device)).startswith("cuda")
-    cap = CUDA_CAP_TOKENS if is_cuda else CPU_CAP_TOKENS
+    cap = (CUDA_CAP_TOKENS if is_cuda else max(row_tokens, CPU_CAP_BYTES // activation) if activation
+           else UNKNOWN_CAP_TOKENS)
     free = free_bytes(device)
     if main is None or free is None or activation is None:
         result = MemoryPlan(cap, stage_key, "the device's cap: the model's size or free memory could not be read",
@@ -210,7 +216,8 @@ def plan(stage_key: str, setting: int | None, device, trained: list[tuple[str, b
     tokens = int(min(cap, fitting))
     how = (f"derived: {free / GIB:.1f} GiB free x {FREE_SHARE}, {held / GIB:.2f} GiB of weights and optimizer "
            f"state, ~{activation / MIB:.2f} MiB of activations per token at {row_tokens}-token rows"
-           + (f", capped at {cap:,}" if fitting > cap else ""))
+           + ((f", capped at {cap:,}" if is_cuda else f", capped at {CPU_CAP_BYTES / GIB:.0f} GiB of activations")
+              if fitting > cap else ""))
     if tokens < row_tokens:
         fixes = [] if checkpointing else ["model.gradient_checkpointing=true"]
         fixes += [] if lora else ["lora.r=16"]

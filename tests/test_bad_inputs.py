@@ -495,7 +495,8 @@ def test_a_run_dir_given_as_a_model_names_its_final_model(tmp_path, tiny_model_d
 # algorithm key that only some registry entries read, each with a config where it is read (no warning)
 IGNORED = [
     ("rl", ["rollout.vllm.sleep=true", "rollout.is_cap=3"], ["rollout.vllm.sleep", "rollout.is_cap"]),  # engine auto
-    ("sft", ["epochs=3"], ["epochs"]),
+    ("sft", ["max_steps=100", "epochs=3"], ["epochs"]),
+    ("sft", ["epochs=3"], []),  # max_steps null by default: epochs (or, unset too, the model's origin) decides
     ("sft", ["max_steps=null", "epochs=3"], []),
     ("train-rm", ["lora.alpha=8", "lora.save=adapter"], ["lora.alpha", "lora.save"]),
     ("train-rm", ["lora.r=4", "lora.alpha=8"], []),

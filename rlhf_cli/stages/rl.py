@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import actors, checkpoint, data, distributed, lora, loop, memory, optim
+from rlhf_cli import actors, checkpoint, data, distributed, lora, loop, memory, optim, origin
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
                                  overlong_penalty, place_step_rewards, rank_share, token_rewards,
@@ -347,6 +347,8 @@ class RLRecipe:
             for name, m in frozen_models.items() if isinstance(m, torch.nn.Module))
             or ("none (the actors hold the reference)" if self.actors else "none (LoRA reference)"))
         say(f"rl: {self.memory.describe()}")
+        if origin.describe("rl", cfg, cfg.policy.path):
+            say(origin.describe("rl", cfg, cfg.policy.path))
         say(f"rl: {held['total']:,} parameters in memory ({held['trainable']:,} train): "
             + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
             + (f"; {self.adapters.describe()}" if self.adapters else "")

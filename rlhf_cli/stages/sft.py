@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop, memory, optim
+from rlhf_cli import checkpoint, data, distributed, lora, loop, memory, optim, origin
 from rlhf_cli.errors import DataError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.logprobs import chunked_logprobs, head_inputs
@@ -135,6 +135,8 @@ class SFTRecipe:
             + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
             + (f", resuming at step {step}" if step else ""))
         self.tracker.message(f"sft: {self.memory.describe()}")
+        if origin.describe("sft", cfg, cfg.model.path):
+            self.tracker.message(origin.describe("sft", cfg, cfg.model.path))
         if self.adapters:
             self.tracker.message(f"sft: {self.adapters.describe()}")
         if self.truncated:

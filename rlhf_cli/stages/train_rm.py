@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop, memory, optim
+from rlhf_cli import checkpoint, data, distributed, lora, loop, memory, optim, origin
 from rlhf_cli.algorithms.reward import pairwise_loss
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import check_models, load_scalar_head_model, model_and_tokenizer
@@ -162,6 +162,8 @@ class RewardModelRecipe:
                         + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
                         + (f", resuming at step {step}" if step else ""))
         tracker_message(f"train-rm: {self.memory.describe()}")
+        if origin.describe("train-rm", cfg, cfg.model.path):
+            tracker_message(origin.describe("train-rm", cfg, cfg.model.path))
         if self.adapters:
             tracker_message(f"train-rm: {self.adapters.describe()}")
         for key, dropped, kept in (("training", self.train_dropped, self.train_pairs),

@@ -80,7 +80,7 @@ def test_sft_adapter_final_loads_with_peft_and_computes_what_the_run_did(sft_lor
     cfg, eval_rows = _held_out(QUICK + LORA)
     examples, _ = data.tokenize_sft(tok, eval_rows, cfg.model.max_length, "data.eval")
     # the held-out loss the run logged at its last step, recomputed by the model peft loaded
-    assert eval_loss(model, examples, cfg, tok.pad_token_id, "cpu") == pytest.approx(info["metrics"]["eval_loss"], rel=1e-5)
+    assert eval_loss(model, examples, cfg, tok.pad_token_id, "cpu", tokens=4096) == pytest.approx(info["metrics"]["eval_loss"], rel=1e-5)
     prompts = [data.split_sft_row(tok, r, i, "data.eval")[0] for i, r in enumerate(eval_rows)]
     accuracy, _, mean_chars, texts = held_out_accuracy(make_engine("auto", model, tok), tok, eval_rows, prompts, cfg.eval, "cpu")
     assert mean_chars == info["metrics"]["eval_response_chars"] and accuracy == info["metrics"]["eval_accuracy"]

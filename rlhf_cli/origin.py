@@ -1,0 +1,78 @@
+"""Where a stage's starting weights come from: built from a config (the embedded default, the task suite) or
+pretrained (every user's model), and the defaults each takes (docs/models.md, "Defaults for pretrained models").
+
+A model built from a config by this tool carries `rlhf_built_from_config: true` in its config.json
+(embedded.write_embedded_base writes it); transformers keeps unknown config keys through from_pretrained and
+save_pretrained, so every final/ of that lineage carries it too. Anything else, a model whose weights were
+loaded, is pretrained. Reads JSON only: config checks call it before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MARK = "rlhf_built_from_config"
+SCRATCH, PRETRAINED = "built from a config", "pretrained"
+
+# The defaults that differ by origin, per stage: (key, from scratch, pretrained). From scratch: chosen on the
+# task suite (docs/suite.md). Pretrained: chosen on SmolLM2-135M-Instruct (docs/models.md), from TRL's anchors
+# (SFT 2e-5, reward model 1e-5, GRPO 1e-6): the from-scratch rates wreck a pretrained model in one update.
+BY_ORIGIN = {
+    "sft": {"optim.lr": (6e-3, 2e-5), "max_steps": (1500, None), "epochs": (1.0, 1.0)},
+    "train-rm": {"optim.lr": (1e-3, 1e-5), "max_steps": (2000, None), "epochs": (1.0, 1.0)},
+    "rl": {"optim.lr": (3e-4, 2e-6)},
+}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def weights_origin(path: str | None) -> str:
+    """SCRATCH for the embedded default (path None) and for models carrying MARK (a LoRA adapter dir: its
+    base's config), else PRETRAINED (a hub name too: its weights are loaded)."""
+    if not path:
+        return SCRATCH
+    p = Path(str(path)).expanduser()
+    config = _read_json(p / "config.json")
+    if not config and (p / "adapter_config.json").exists():
+        base = _read_json(p / "adapter_config.json").get("base_model_name_or_path")
+        return weights_origin(base) if base else PRETRAINED
+    return SCRATCH if config.get(MARK) else PRETRAINED
+
+
+def resolve(stage: str, cfg, model_path: str | None) -> list[str]:
+    """Set every by-origin key the config leaves null to the value for `model_path`'s origin; -> "key=value"
+    of each key set (the stage logs them as derived defaults)."""
+    scratch = weights_origin(model_path) == SCRATCH
+    said = []
+    table = BY_ORIGIN[stage]
+    run_by_steps = "max_steps" not in table or cfg.max_steps is not None or cfg.epochs is not None
+    for key, (from_scratch, pretrained) in table.items():
+        if key in ("max_steps", "epochs") and run_by_steps:
+            continue  # the user chose steps (or epochs): the other key is not read
+        holder, _, name = key.rpartition(".")
+        target = cfg if not holder else getattr(cfg, holder)
+        if getattr(target, name) is None:
+            value = from_scratch if scratch else pretrained
+            setattr(target, name, value)
+            if value is not None:
+                said.append(f"{key}={value:g}")
+    return said
+
+
+def describe(stage: str, cfg, model_path: str | None) -> str | None:
+    """The log line of the by-origin defaults this run took (None when it took none)."""
+    said = getattr(cfg, "derived", None)
+    if not said:
+        return None
+    what = weights_origin(model_path)
+    why = ("the model carries rlhf_built_from_config" if what == SCRATCH and model_path else
+           "the embedded model" if what == SCRATCH else "its weights were loaded, not built from a config")
+    model = "a model built from a config" if what == SCRATCH else "a pretrained model"
+    return f"{stage}: {', '.join(said)}: the defaults for {model} ({why}; set a key to override; docs/models.md)"

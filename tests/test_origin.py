@@ -1,0 +1,65 @@
+"""Defaults by what a stage starts from (rlhf_cli/origin.py): a model built from a config (the embedded default, the
+task suite) keeps the from-scratch rates; a pretrained one (weights loaded) takes rates its weights survive."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from rlhf_cli import origin
+from rlhf_cli.compose import compose_config
+
+
+@pytest.fixture()
+def pretrained_layout(tiny_model_dir, tmp_path):
+    """The tiny model's directory without the built-from-config mark: what any user's checkpoint looks like."""
+    out = tmp_path / "pretrained"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.pop(origin.MARK)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_the_embedded_model_and_its_lineage_carry_the_mark(tiny_model_dir, sft_run):
+    assert origin.weights_origin(None) == origin.SCRATCH
+    assert origin.weights_origin(str(tiny_model_dir)) == origin.SCRATCH
+    assert origin.weights_origin(str(sft_run / "final")) == origin.SCRATCH  # save_pretrained keeps the mark
+
+
+@pytest.mark.parametrize("stage, key, scratch, pretrained", [
+    ("sft", "optim.lr", 6e-3, 2e-5), ("train-rm", "optim.lr", 1e-3, 1e-5), ("rl", "optim.lr", 3e-4, 2e-6),
+])
+def test_learning_rates_follow_the_origin_unless_set(tiny_model_dir, pretrained_layout, stage, key, scratch,
+                                                     pretrained):
+    path_key = "policy.path" if stage == "rl" else "model.path"
+    get = lambda cfg: cfg.optim.lr  # noqa: E731
+    assert get(compose_config(stage, [])) == scratch  # the embedded default
+    assert get(compose_config(stage, [f"{path_key}={tiny_model_dir}"])) == scratch
+    cfg = compose_config(stage, [f"{path_key}={pretrained_layout}"])
+    assert get(cfg) == pretrained and f"{key}={pretrained:g}" in cfg.derived
+    assert get(compose_config(stage, [f"{path_key}={pretrained_layout}", "optim.lr=1e-4"])) == 1e-4  # set: kept
+    # the value in force is what config.yaml keeps, so a rerun compares like with like
+    assert not any(d.startswith("optim.lr") for d in compose_config(stage, [f"{path_key}={pretrained_layout}",
+                                                                            "optim.lr=1e-4"]).derived)
+
+
+@pytest.mark.parametrize("stage, steps", [("sft", 1500), ("train-rm", 2000)])
+def test_run_length_follows_the_origin_unless_steps_or_epochs_are_set(tiny_model_dir, pretrained_layout, stage,
+                                                                      steps):
+    scratch = compose_config(stage, [f"model.path={tiny_model_dir}"])
+    assert (scratch.max_steps, scratch.epochs) == (steps, 1.0)
+    pretrained = compose_config(stage, [f"model.path={pretrained_layout}"])
+    assert (pretrained.max_steps, pretrained.epochs) == (None, 1.0)  # one pass over the data
+    assert compose_config(stage, [f"model.path={pretrained_layout}", "max_steps=7"]).max_steps == 7
+    chosen = compose_config(stage, [f"model.path={tiny_model_dir}", "epochs=2"])
+    assert (chosen.max_steps, chosen.epochs) == (None, 2)  # epochs set: the from-scratch step count is not forced
+
+
+def test_a_pretrained_run_says_which_defaults_it_took(pretrained_layout):
+    cfg = compose_config("rl", [f"policy.path={pretrained_layout}"])
+    line = origin.describe("rl", cfg, str(pretrained_layout))
+    assert line.startswith("rl: optim.lr=2e-06: the defaults for a pretrained model")
+    assert origin.describe("rl", compose_config("rl", ["optim.lr=1e-5"]), None) is None
