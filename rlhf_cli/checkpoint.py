@@ -58,7 +58,8 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The file's sha256 hex digest, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -162,7 +163,7 @@ def latest_checkpoint(checkpoints: Path, warn=None) -> Path | None:
 def _verify(ckpt: Path) -> bool:
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
-        return all(_sha256(ckpt / n) == h for n, h in manifest["files"].items())
+        return all(sha256(ckpt / n) == h for n, h in manifest["files"].items())
     except (OSError, ValueError, KeyError):
         return False
 
@@ -285,7 +286,7 @@ class RunDir:
             for path in files.values():
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
-            manifest = {"step": step, "stage": self.stage, "files": {n: _sha256(p) for n, p in files.items()}}
+            manifest = {"step": step, "stage": self.stage, "files": {n: sha256(p) for n, p in files.items()}}
             write_json(tmp / "manifest.json", manifest)
             _fsync_dir(tmp)
         except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, I/O error: nothing half-written stays

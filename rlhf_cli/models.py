@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import embedded, lora, runtime
+from rlhf_cli.origin import read_json as _read_json
 from rlhf_cli.errors import ConfigError, UserError, first_line
 from rlhf_cli.runtime import DTYPES
 
@@ -62,14 +63,6 @@ def _is_run_dir(p: Path) -> bool:
     """A run directory of this tool: its config.json is the run's config (no model_type), beside checkpoints/."""
     config = _read_json(p / "config.json")
     return (p / "checkpoints").is_dir() and "model_type" not in config and "output_dir" in config
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def model_kind(path: str) -> tuple[str | None, str]:

@@ -25,7 +25,8 @@ BY_ORIGIN = {
 }
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} when it is missing, unreadable or not an object."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -39,9 +40,9 @@ def weights_origin(path: str | None) -> str:
     if not path:
         return SCRATCH
     p = Path(str(path)).expanduser()
-    config = _read_json(p / "config.json")
+    config = read_json(p / "config.json")
     if not config and (p / "adapter_config.json").exists():
-        base = _read_json(p / "adapter_config.json").get("base_model_name_or_path")
+        base = read_json(p / "adapter_config.json").get("base_model_name_or_path")
         return weights_origin(base) if base else PRETRAINED
     return SCRATCH if config.get(MARK) else PRETRAINED
 

