@@ -125,8 +125,9 @@ def cached(path: Path, compute) -> dict:
     return json.loads(path.read_text())
 
 
-def cell(runs: Path, data: Path, task: str, algorithm: str, reward: str, extra: list[str], log) -> dict:
-    t = TASKS[task]
+def cell(runs: Path, data: Path, task: str, algorithm: str, reward: str, extra: list[str], log,
+         tasks: dict | None = None) -> dict:
+    t = (tasks or TASKS)[task]  # tasks: another suite's (scripts/suite_pretrained.py)
     sft = runs / task / "sft" / "final"
     overrides = [f"algorithm={algorithm}", f"policy.path={sft}", f"data.train={data / task / 'prompts_train.jsonl'}",
                  f"data.eval={data / task / 'prompts_eval.jsonl'}", f"eval.rule={t.correct}", *extra]

@@ -1,6 +1,6 @@
 """The real-model task suite: three chat tasks for SmolLM2-135M-Instruct (models/SmolLM2-135M-Instruct).
 
-    python scripts/suite_pretrained.py --runs runs/suite-pretrained     # sft -> train-rm -> rl on each (make suite-pretrained)
+    python scripts/suite_pretrained.py --runs runs/suite-pretrained     # sft -> train-rm -> rl on each
 
 Each is a :class:`~rlhf_cli.tasks.base.Task` (chat=True) written by the same
 ``base.write`` as the from-scratch suite (six JSONL files, 100 held-out

@@ -8,12 +8,13 @@ vegetables, planets, sports, drinks, body parts, shapes, instruments, furniture)
 one to three words more than the items, four phrasings of the limit.
 
 ``correct`` (the held-out accuracy) checks the format constraint exactly, case and punctuation aside: the words of
-the response (runs of letters: numerals, list markers and punctuation are not words) number at most the limit; every one is an item of the asked category
-(``CATEGORIES``; a plural such as "apples" counts as its item) or one of the fillers "and", "or", "a", "an", "the";
-and the items are exactly the asked number, none repeated. "Apple, banana and cherry." is right for three fruits;
-"Here are three fruits: apple, banana, cherry" (words besides items), "apple, banana" (two) and "red, blue, green"
-(another category) are wrong. An item missing from the category's list counts as a wrong word: the lists are
-generous, yet a rare item is the rule's false negative. ``reward`` is ``correct`` (binary).
+the response (runs of letters: numerals, list markers and punctuation are not words) number at most the limit;
+every one is an item of the asked category (``CATEGORIES``; a plural such as "apples" counts as its item) or one of
+the fillers "and", "or", "a", "an", "the"; and the items are exactly the asked number, none repeated.
+"Apple, banana and cherry." is right for three fruits; "Here are three fruits: apple, banana, cherry" (words
+besides items), "apple, banana" (two) and "red, blue, green" (another category) are wrong. An item missing from the
+category's list counts as a wrong word: the lists are generous, yet a rare item is the rule's false negative.
+``reward`` is ``correct`` (binary).
 
 The demonstrator breaks the constraint in 40% of its rows: a lead-in sentence ("Here are three fruits: ...", over
 every limit) or one item too many.
