@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
-from helpers import QUICK_RL, QUICK_RM, SFT_QUICK
+from helpers import QUICK_RL, QUICK_RM, SFT_QUICK, read_metrics
 from rlhf_cli import memory
 
 
@@ -36,12 +36,14 @@ def _weights(run_dir):
 
 
 def _assert_same_update(start: dict, split: dict, whole: dict, moved_at_least: float) -> None:
-    """The split run's weights equal the unsplit run's within fp32 rounding, and the update itself is far larger
-    than that difference (so the comparison could fail)."""
+    """The split run's weights equal the unsplit run's to rounding, and the update itself is far larger than that
+    difference (so the comparison could fail). AdamW's first steps move each weight by ~lr x sign(gradient), so on
+    weights whose gradient is ~0 a rounding difference of the gradient shows at a fraction of lr: the weights are
+    compared within 1% of the update, the gradient itself (loss, pre-clip norm) tightly by the callers."""
     moved = max(float((whole[k] - start[k]).abs().max()) for k in whole if k in start)
     differ = max(float((whole[k] - split[k]).abs().max()) for k in whole)
     assert moved > moved_at_least, moved
-    assert differ < 1e-3 * moved, (differ, moved)
+    assert differ < 1e-2 * moved, (differ, moved)
 
 
 @pytest.mark.parametrize("extra", [
@@ -53,7 +55,8 @@ def test_rl_update_in_micro_batches_equals_the_unsplit_update(sft_run, tmp_path,
     for name, tokens in (("whole", 100000), ("split", 120)):  # 120 tokens: one or two rows per micro-batch
         proc = run_cli("rl", f"policy.path={sft_run / 'final'}", f"output_dir={tmp_path / name}", "max_steps=1",
                        "rollout.max_new_tokens=40", "algorithm.dynamic_sampling=false", f"micro_batch_tokens={tokens}",
-                       "device=cpu", "device.threads=1", *QUICK_RL, *extra, cwd=tmp_path)
+                       "device=cpu", "device.threads=1", *QUICK_RL, "data.num_eval=4", "eval.max_new_tokens=8", *extra,
+                       cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"micro-batches of at most {tokens:,} tokens (set" in proc.stdout + proc.stderr
         runs[name] = tmp_path / name
@@ -66,7 +69,8 @@ def test_rl_update_in_micro_batches_equals_the_unsplit_update(sft_run, tmp_path,
     assert 0 < train[0]["score"] < 1  # some groups carry signal: the update is a real one
 
 
-@pytest.mark.parametrize("extra", [[], ["packing=true", "model.max_length=96"]], ids=["padded", "packed"])
+@pytest.mark.parametrize("extra", [[], pytest.param(["packing=true", "model.max_length=96"], marks=pytest.mark.slow)],
+                         ids=["padded", "packed"])
 def test_sft_step_in_micro_batches_equals_the_unsplit_step(tiny_model_dir, tmp_path, extra):
     runs = {}
     for name, tokens in (("whole", 100000), ("split", 100)):
@@ -75,6 +79,10 @@ def test_sft_step_in_micro_batches_equals_the_unsplit_step(tiny_model_dir, tmp_p
                        cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         runs[name] = tmp_path / name
+    logged = [[m for m in read_metrics(runs[n]) if m["kind"] == "train"] for n in ("whole", "split")]
+    for whole_step, split_step in zip(*logged):
+        for key in ("loss", "grad_norm"):
+            assert whole_step[key] == pytest.approx(split_step[key], rel=1e-5), key
     start = load_file(tiny_model_dir / "model.safetensors")
     _assert_same_update(start, _weights(runs["split"]), _weights(runs["whole"]), 1e-4)
 

@@ -185,7 +185,10 @@ def test_non_finite_steps_are_not_applied():
 
 # --- end to end: each algorithm raises held-out accuracy over the SFT checkpoint
 
-@pytest.mark.parametrize("algorithm, extra", [("reinforce", []), ("a2c", []), ("ppo", []),
+# a2c in make test-slow: two minutes of CPU a run, and the default run must stay under 12 minutes with the
+# real-checkpoint tests; its critic, GAE and update are PPO's with one pass, which the ppo case covers
+@pytest.mark.parametrize("algorithm, extra", [("reinforce", []), pytest.param("a2c", [], marks=pytest.mark.slow),
+                                              ("ppo", []),
                                               pytest.param("ppo", ["critic.init=shared"], marks=pytest.mark.slow)],
                          ids=["reinforce", "a2c", "ppo", "ppo-shared-critic"])
 def test_each_algorithm_raises_held_out_accuracy(sft_run, tmp_path, algorithm, extra):
