@@ -466,7 +466,8 @@ class RLRecipe:
             logprobs_ref = received.logprobs_ref
         update_forward = None
         whole = torch.arange(input_ids.shape[0], device=input_ids.device)
-        if self.single_pass and len(micro_split(rollout, whole, self.memory.tokens)) == 1:
+        (split,) = self.rt.sum(float(len(micro_split(rollout, whole, self.memory.tokens)) > 1))  # ranks agree (FSDP2)
+        if self.single_pass and split == 0:
             # one update over every row, in one micro-batch: its own forward gives the old log-probs and values,
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
                 update_forward = self.forward(input_ids, attention_mask, P)
