@@ -112,11 +112,16 @@ class EvalToolConfig:
     data: EvalDataConfig = doc(EvalDataConfig, "the held-out prompts")
     eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
     rollout: EvalRolloutConfig = doc(EvalRolloutConfig, "the engine that generates (as rl's rollout)")
+    micro_batch_tokens: Optional[int] = doc(None, "memory budget in padded tokens (as the stages' key): bounds "
+                                                  "the rows of one decode call and of one reward-model forward; "
+                                                  "null = derived from free memory and the model's size "
+                                                  "(docs/memory.md)")
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
         check_tool_engine(self.rollout.engine, "rollout.engine")
         check_positive("device.threads", self.device.threads)
+        check_positive("micro_batch_tokens", self.micro_batch_tokens)
         for key, value in (("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
                            ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
             check_positive(key, value)
@@ -250,7 +255,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     # torch and the model code load here, not at the top: `rlhf eval --help` and bad arguments answer at once
     import torch
 
-    from rlhf_cli import data
+    from rlhf_cli import data, memory
     from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.evaluation import held_out_accuracy, sampled_accuracy
     from rlhf_cli.models import (CAUSAL_LM, REWARD_MODEL, check_generation_fits, check_model_dir, check_model_kind,
@@ -300,8 +305,13 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     device = resolve_device(cfg.device.type, key="device.type")
     if cfg.device.threads:
         torch.set_num_threads(cfg.device.threads)
+    longest = max((len(data.encode(tokenizer, p)) for p in prompts), default=1) + max_new_tokens
+    plan = memory.inference_plan(cfg.micro_batch_tokens, device, str(ckpt), cfg.model.dtype, longest,
+                                 cfg.model.trust_remote_code)  # before the weights load: too little memory says so
     model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.model.dtype, device, cfg.model.trust_remote_code)
-    engine = make_engine(cfg.rollout.engine, model, tokenizer)  # vllm: a copy of the checkpoint's weights, pushed once
+    # vllm: a copy of the checkpoint's weights, pushed once (it manages its own memory); local engines: decode
+    # calls of at most plan.generate_rows rows
+    engine = make_engine(cfg.rollout.engine, model, tokenizer, memory=plan)
     with torch.no_grad():
         accuracy, _, mean_chars, responses = held_out_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device,
                                                                position_limit(str(ckpt)))
@@ -322,7 +332,8 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     if rm_path:
         rm_tokenizer = load_tokenizer(rm_path, "reward.model.path", cfg.model.trust_remote_code)
         rm = load_scalar_head_model(rm_path, "reward.model.path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-        rm_scores = score_texts(rm, rm_tokenizer, prompts, responses, device, eval_cfg.batch_size).tolist()
+        rm_scores = score_texts(rm, rm_tokenizer, prompts, responses, device, eval_cfg.batch_size,
+                                tokens=plan.infer_tokens).tolist()
         metrics["rm_score"] = sum(rm_scores) / len(rm_scores)
         if "score_std" in rm_manifest:  # standardised as rl's reward is: (s - mean) / std on held-out pairs
             mean, std = float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
@@ -334,7 +345,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
                    for p, r, c, s, n in zip(prompts, responses, checks, rm_scores or [None] * len(rows), correct_samples)]
     return {"checkpoint": str(ckpt), "stage": manifest.get("stage"), "data": source,
             "rule": eval_cfg.rule if accuracy is not None else None, "reward_model": rm_path,
-            "max_new_tokens": max_new_tokens, **({"samples_per_prompt": eval_cfg.samples} if sampled else {}),
+            "max_new_tokens": max_new_tokens, "memory": plan.describe(), **({"samples_per_prompt": eval_cfg.samples} if sampled else {}),
             "metrics": metrics, "wall_time_s": round(time.time() - t0, 2),
             "samples": generations[: eval_cfg.show_samples], "generations": generations}
 
@@ -368,6 +379,8 @@ def show(result: dict) -> None:
     for key, value in result["metrics"].items():
         table.add_row(escape(names.get(key, key)), fmt_value(value))
     table.add_row("data", escape(str(result["data"])))
+    if result.get("memory"):
+        table.add_row("memory", escape(result["memory"]))
     table.add_row("eval.rule", escape(str(result["rule"])) if result["rule"] else "none")
     if result["rule"] is None:
         table.add_row("accuracy", "n/a (no eval.rule, or rows without an answer column)")

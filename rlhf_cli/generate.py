@@ -70,11 +70,15 @@ class GenerateToolConfig:
     model: GenerateModelConfig = doc(GenerateModelConfig, "the policy")
     data: GenerateDataConfig = doc(GenerateDataConfig, "the prompts")
     device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement")
+    micro_batch_tokens: Optional[int] = doc(None, "memory budget in padded tokens (as the stages' key): bounds "
+                                                  "the rows of one decode call; null = derived from free memory "
+                                                  "and the model's size (docs/memory.md)")
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
         check_tool_engine(self.engine, "engine")
         check_positive("device.threads", self.device.threads)
+        check_positive("micro_batch_tokens", self.micro_batch_tokens)
         for key in ("samples_per_prompt", "temperature", "max_new_tokens", "batch_size"):
             check_positive(key, getattr(self, key))
         for key in ("num_prompts", "num_eval", "limit"):
@@ -93,6 +97,7 @@ def settings(cfg: GenerateToolConfig) -> dict:
     keep.pop("output")
     keep.pop("device")
     keep.pop("batch_size")  # rows are keyed per prompt: any batch size writes the same rows
+    keep.pop("micro_batch_tokens")  # nor any split of a batch into decode calls
     return keep
 
 
@@ -204,7 +209,7 @@ def generate(cfg: GenerateToolConfig) -> None:
     # first: a wrong model or a data problem fails before any weights load
     import torch
 
-    from rlhf_cli import data, runtime
+    from rlhf_cli import data, memory, runtime
     from rlhf_cli.models import (CAUSAL_LM, check_generation_fits, check_model_dir, check_model_kind, load_causal_lm,
                                  load_tokenizer, position_limit)
     from rlhf_cli.rollout import check_engine, make_engine
@@ -234,12 +239,16 @@ def generate(cfg: GenerateToolConfig) -> None:
         if len(done) == len(rows):
             say(f"{output}: all {len(rows)} prompts already have responses; nothing to do", markup=False)
             return
+        longest = max(len(data.encode(tokenizer, p)) for p in prompts) + cfg.max_new_tokens
+        plan = memory.inference_plan(cfg.micro_batch_tokens, rt.device, cfg.model.path, cfg.model.dtype, longest,
+                                     cfg.model.trust_remote_code)  # before the weights load
         model = load_causal_lm(cfg.model.path, "model.path", cfg.model.dtype, rt.device, cfg.model.trust_remote_code)
-        engine = make_engine(cfg.engine, model, tokenizer)
+        engine = make_engine(cfg.engine, model, tokenizer, memory=plan)  # local engines: decode calls within the plan
         positions = position_limit(cfg.model.path)  # a prompt longer than the room left is cut from the left
         say(f"generate: {len(rows)} prompts from {source}, {cfg.samples_per_prompt} responses each"
             f"{f' on {rt.world_size} ranks' if rt.distributed else ''}, "
-            f"{'resuming at prompt ' + str(len(done)) if done else 'starting'}; writing {output}", markup=False)
+            f"{'resuming at prompt ' + str(len(done)) if done else 'starting'}; writing {output}; "
+            f"{plan.describe()}", markup=False)
         batches = grid_batches(len(done), len(rows), cfg.batch_size)
         t0 = time.time()
         with torch.no_grad():

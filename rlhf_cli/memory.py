@@ -177,13 +177,14 @@ class MemoryPlan:
 
 def plan(stage_key: str, setting: int | None, device, trained: list[tuple[str, bool]], frozen: list[tuple[str, str]],
          row_tokens: int, dtype: str = "fp32", checkpointing: bool = False, lora: bool = False,
-         trust_remote_code: bool = False) -> MemoryPlan:
+         trust_remote_code: bool = False, trained_bytes: int | None = None) -> MemoryPlan:
     """The stage's MemoryPlan, before any weights load.
 
     setting: the stage's `micro_batch_tokens` (None: derive). trained: (model path, is a causal LM) of each model
     the optimizer updates (its activations are counted for the first); frozen: (path, weights dtype) of each
     model only run forward. row_tokens: the longest row a micro-batch must hold. A budget that cannot hold it,
-    set or derived, is a one-line error naming what to change (check_fits)."""
+    set or derived, is a one-line error naming what to change (check_fits). trained_bytes: bytes per parameter
+    of the first model (None: fp32 AdamW's weight, gradient and moments; inference_plan: the weights alone)."""
     shapes = [ModelShape.of(path, trust_remote_code) for path, _ in trained]
     main = shapes[0] if shapes else None
     activation = activation_bytes_per_token(main, row_tokens, dtype, checkpointing) if main else None
@@ -205,8 +206,9 @@ def plan(stage_key: str, setting: int | None, device, trained: list[tuple[str, b
     held = 0
     for i, shape in enumerate(shapes):
         if shape is not None:
-            trained_bytes = (DTYPE_BYTES.get(dtype, 4) if lora and i == 0 else TRAINED_BYTES_PER_PARAM)
-            held += shape.parameters * trained_bytes
+            per_param = (trained_bytes if trained_bytes is not None and i == 0 else
+                         DTYPE_BYTES.get(dtype, 4) if lora and i == 0 else TRAINED_BYTES_PER_PARAM)
+            held += shape.parameters * per_param
     for path, frozen_dtype in frozen:
         shape = ModelShape.of(path, trust_remote_code)
         if shape is not None:
@@ -214,19 +216,29 @@ def plan(stage_key: str, setting: int | None, device, trained: list[tuple[str, b
     room = int(free * FREE_SHARE) - held
     fitting = room // activation if room > 0 else 0
     tokens = int(min(cap, fitting))
-    how = (f"derived: {free / GIB:.1f} GiB free x {FREE_SHARE}, {held / GIB:.2f} GiB of weights and optimizer "
-           f"state, ~{activation / MIB:.2f} MiB of activations per token at {row_tokens}-token rows"
+    held_what = "weights" if trained_bytes is not None else "weights and optimizer state"
+    how = (f"derived: {free / GIB:.1f} GiB free x {FREE_SHARE}, {held / GIB:.2f} GiB of {held_what}, "
+           f"~{activation / MIB:.2f} MiB of activations per token at {row_tokens}-token rows"
            + ((f", capped at {cap:,}" if is_cuda else f", capped at {CPU_CAP_BYTES / GIB:.0f} GiB of activations")
               if fitting > cap else ""))
     if tokens < row_tokens:
-        fixes = [] if checkpointing else ["model.gradient_checkpointing=true"]
-        fixes += [] if lora else ["lora.r=16"]
+        fixes = [] if checkpointing or trained_bytes is not None else ["model.gradient_checkpointing=true"]
+        fixes += [] if lora or trained_bytes is not None else ["lora.r=16"]
         raise UserError(f"memory: one micro-batch of the longest row ({row_tokens} tokens) does not fit: "
-                        f"{free / GIB:.1f} GiB free, {held / GIB:.2f} GiB for weights and optimizer state, "
+                        f"{free / GIB:.1f} GiB free, {held / GIB:.2f} GiB for {held_what}, "
                         f"~{activation / MIB:.2f} MiB per token; shorten rows (the max_length / max_new_tokens keys)"
                         + (", or set " + " or ".join(fixes) if fixes else "")
                         + f" (or, if the estimate is wrong for your device, set {stage_key}={row_tokens})")
     return MemoryPlan(tokens, stage_key, how, activation, kv, vocab)
+
+
+def inference_plan(setting: int | None, device, path: str, dtype: str, row_tokens: int,
+                   trust_remote_code: bool = False) -> MemoryPlan:
+    """The plan of a tool that only generates and scores (rlhf eval, rlhf generate): the model at `path` held
+    at `dtype` with no gradients or optimizer state; the same budget arithmetic as a stage's, so generation's
+    rows per decode call (generate_rows) and scoring's forwards (infer_tokens) are bounded the same way."""
+    return plan("micro_batch_tokens", setting, device, [(path, True)], [], row_tokens, dtype,
+                trust_remote_code=trust_remote_code, trained_bytes=DTYPE_BYTES.get(dtype, 4))
 
 
 def check_fits(memory: MemoryPlan, row_tokens: int) -> None:

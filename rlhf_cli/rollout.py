@@ -194,8 +194,11 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer, options: dict | No
     the model's stop ids and never samples an id beyond the tokenizer. options: the engine's own settings
     (vllm: rollout.vllm and the sequence length; the local engines take none). memory: the stage's
     memory.MemoryPlan, which bounds the rows of one decode call of the local engines (vLLM manages its own)."""
-    extra = {"options": options} if options else {"memory": memory} if memory is not None else {}
-    return engine_class(name)(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, decoder=name,
+    cls = engine_class(name)
+    extra = {"options": options} if options else {}
+    if memory is not None and cls is LocalEngine:
+        extra["memory"] = memory
+    return cls(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, decoder=name,
                               vocab_limit=len(tokenizer), **extra)
 
 

@@ -154,3 +154,59 @@ def test_generation_in_row_chunks_draws_what_one_call_draws(tiny_model_dir):
     split = make_engine("auto", model, tok, memory=plan).generate(ids, mask, params)
     assert torch.equal(whole.response_ids, split.response_ids)
     torch.testing.assert_close(whole.logprobs, split.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_and_generate_decode_within_a_set_budget_and_write_what_they_write_without_one(sft_run, tmp_path):
+    """`rlhf eval` and `rlhf generate` hold the stages' memory plan: micro_batch_tokens bounds the rows of one
+    decode call (here the plan really splits the batch), and the answers are the unsplit run's, token for
+    token (greedy for eval, keyed noise for generate)."""
+    final = sft_run / "final"
+    budget = 100  # above the longest row (prompt + 40 new tokens) of the embedded task's prompts
+    plan = memory.inference_plan(budget, torch.device("cpu"), str(final), "fp32", 80)
+    assert plan.generate_rows(budget) < 48  # eval.batch_size / generate's batch's rows: the budget splits them
+    common = ("device=cpu", "device.threads=1")
+    results = {}
+    for name, extra in (("whole", ()), ("split", (f"micro_batch_tokens={budget}",))):
+        proc = run_cli("eval", str(final), "data.eval_limit=48", "eval.batch_size=48", "eval.max_new_tokens=40",
+                       *common, *extra, "--json", f"{name}.json", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = tmp_path / f"gens-{name}.jsonl"
+        proc = run_cli("generate", f"model.path={final}", f"output={out}", "data.num_prompts=24", "batch_size=24",
+                       "samples_per_prompt=2", *common, *extra, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        said = " ".join((proc.stdout + proc.stderr).split())  # the console wraps long lines
+        assert "micro_batch_tokens=N sets it" in said and ("(set;" in said) == bool(extra), said
+        results[name] = (json.loads((tmp_path / f"{name}.json").read_text()), out.read_text())
+    (eval_whole, gens_whole), (eval_split, gens_split) = results["whole"], results["split"]
+    assert "set" in eval_split["memory"] and "derived" in eval_whole["memory"]
+    assert [g["response"] for g in eval_whole["generations"]] == [g["response"] for g in eval_split["generations"]]
+    assert eval_whole["metrics"]["accuracy"] == eval_split["metrics"]["accuracy"]
+    assert gens_whole == gens_split and gens_whole.count("\n") == 24
+
+
+@pytest.mark.parametrize("tool", ["eval", "generate"])
+def test_a_tool_budget_below_one_row_is_one_error_before_the_weights_load(sft_run, tmp_path, tool):
+    final = sft_run / "final"
+    args = ((str(final), "data.eval_limit=4") if tool == "eval" else
+            (f"model.path={final}", f"output={tmp_path / 'g.jsonl'}", "data.limit=4"))
+    proc = run_cli(tool, *args, "micro_batch_tokens=8", "device=cpu", cwd=tmp_path)
+    assert_one_line_error(proc, "micro_batch_tokens=8 cannot hold one row")
+    assert not (tmp_path / "g.jsonl").exists() or (tmp_path / "g.jsonl").read_text() == ""
+
+
+def test_an_inference_plan_counts_the_weights_alone(tiny_model_dir, tmp_path):
+    """A tool holds no gradients or optimizer state: a 200M-parameter config (no weights: the plan reads
+    the config alone) is held at 4 bytes a parameter by rlhf eval, at 16 (fp32 AdamW) by a stage."""
+    one_b = tmp_path / "llama-200m"
+    one_b.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config.update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32000)
+    (one_b / "config.json").write_text(json.dumps(config))
+    cpu = torch.device("cpu")
+    params = memory.ModelShape.of(str(one_b)).parameters
+    tool = memory.inference_plan(None, cpu, str(one_b), "fp32", 64)
+    stage = memory.plan("micro_batch_tokens", None, cpu, [(str(one_b), True)], [], 64)
+    assert f"{params * 4 / memory.GIB:.2f} GiB of weights," in tool.how, tool.how
+    assert f"{params * 16 / memory.GIB:.2f} GiB of weights and optimizer state" in stage.how, stage.how
+    assert tool.activation_bytes == stage.activation_bytes and tool.tokens >= stage.tokens
