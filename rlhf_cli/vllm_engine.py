@@ -246,6 +246,16 @@ def _build_llm(config, dtype: torch.dtype, device: torch.device, options: dict):
                   seed=int(options.get("seed", 0)), enable_prefix_caching=True)
     if options.get("max_model_len"):
         kwargs["max_model_len"] = int(options["max_model_len"])
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # Every prefill scheduled whole. With chunked prefill, a step whose prompts exceed its token budget (CPU:
+        # 4,096; the default 16 x 8 rollout is 128 prompts of 33 tokens, 4,224) ends on a partial prefill; vLLM
+        # drops its sampled token and, for a seeded request (every rollout's: request_seed), rewinds the generator
+        # with set_offset(get_offset() - 4) (v1/worker/gpu_model_runner.py, _bookkeeping_sync), which CPU
+        # generators refuse ("CPU Generator does not use offset"). Without chunking a prompt that does not fit
+        # waits for the next step, and vLLM raises max_num_batched_tokens to max_model_len so that each fits.
+        kwargs["enable_chunked_prefill"] = False
     if options.get("sleep"):
         if device.type != "cuda":
             raise UserError("rollout.vllm.sleep=true needs CUDA (vLLM's sleep mode frees GPU memory); "

@@ -193,6 +193,20 @@ def test_rl_with_vllm_lora_resumes(sft32, tmp_path):
     assert (tmp_path / "run" / "final" / "manifest.json").exists()
 
 
+def test_rl_with_vllm_at_the_default_batch_completes(base32, tmp_path):
+    """Issue 28: 16 prompts x 8 samples (the defaults, pinned here) are 128 prefills of 33 tokens, 4,224 tokens over
+    vLLM's CPU step budget of 4,096; with chunked prefill the last one was split and vLLM's rewind of its seeded CPU
+    generator died ("CPU Generator does not use offset"). The step completes and writes final/."""
+    proc = run_cli("rl", f"policy.path={base32}", "output_dir=run", "max_steps=1", "rollout.prompts_per_step=16",
+                   "rollout.samples_per_prompt=8", "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
+                   "data.num_eval=8", "log_every=1", *VLLM, *ONE_THREAD, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    train = read_metrics(tmp_path / "run", "train")
+    assert [r["step"] for r in train] == [1] and train[0]["rollout_logprob_diff_max"] < 1e-3, train
+    assert (tmp_path / "run" / "final" / "manifest.json").exists()
+
+
 def test_rlhf_eval_with_vllm_answers_as_lean(sft32, tmp_path):
     """`rlhf eval engine=vllm`: the same greedy responses, accuracy and pass@k as the local engine (fp32)."""
     results = {}
