@@ -177,14 +177,19 @@ class MemoryPlan:
 
 def plan(stage_key: str, setting: int | None, device, trained: list[tuple[str, bool]], frozen: list[tuple[str, str]],
          row_tokens: int, dtype: str = "fp32", checkpointing: bool = False, lora: bool = False,
-         trust_remote_code: bool = False, trained_bytes: int | None = None) -> MemoryPlan:
+         trust_remote_code: bool = False, trained_bytes: int | None = None, rows_together: int = 1) -> MemoryPlan:
     """The stage's MemoryPlan, before any weights load.
 
     setting: the stage's `micro_batch_tokens` (None: derive). trained: (model path, is a causal LM) of each model
     the optimizer updates (its activations are counted for the first); frozen: (path, weights dtype) of each
     model only run forward. row_tokens: the longest row a micro-batch must hold. A budget that cannot hold it,
     set or derived, is a one-line error naming what to change (check_fits). trained_bytes: bytes per parameter
-    of the first model (None: fp32 AdamW's weight, gradient and moments; inference_plan: the weights alone)."""
+    of the first model (None: fp32 AdamW's weight, gradient and moments; inference_plan: the weights alone).
+    rows_together: rows that must share one micro-batch (train-rm: a pair's chosen and rejected rows, one
+    forward): a micro-batch holds rows_together x row_tokens, while attention spans one row of row_tokens."""
+    unit = rows_together * row_tokens
+    what = f"the longest row ({row_tokens} tokens)" if rows_together == 1 else \
+        f"{rows_together} rows of the longest ({unit} tokens)"
     shapes = [ModelShape.of(path, trust_remote_code) for path, _ in trained]
     main = shapes[0] if shapes else None
     activation = activation_bytes_per_token(main, row_tokens, dtype, checkpointing) if main else None
@@ -192,16 +197,16 @@ def plan(stage_key: str, setting: int | None, device, trained: list[tuple[str, b
     vocab = main.vocab if main else None
     if setting is not None:
         result = MemoryPlan(setting, stage_key, "set", activation, kv, vocab)
-        check_fits(result, row_tokens)
+        check_fits(result, unit, "one row" if rows_together == 1 else f"{rows_together} rows together")
         return result
     is_cuda = getattr(device, "type", str(device)).startswith("cuda")
-    cap = (CUDA_CAP_TOKENS if is_cuda else max(row_tokens, CPU_CAP_BYTES // activation) if activation
+    cap = (CUDA_CAP_TOKENS if is_cuda else max(unit, CPU_CAP_BYTES // activation) if activation
            else UNKNOWN_CAP_TOKENS)
     free = free_bytes(device)
     if main is None or free is None or activation is None:
         result = MemoryPlan(cap, stage_key, "the device's cap: the model's size or free memory could not be read",
                             activation, kv, vocab)
-        check_fits(result, row_tokens)
+        check_fits(result, unit, "one row" if rows_together == 1 else f"{rows_together} rows together")
         return result
     held = 0
     for i, shape in enumerate(shapes):
@@ -221,14 +226,14 @@ def plan(stage_key: str, setting: int | None, device, trained: list[tuple[str, b
            f"~{activation / MIB:.2f} MiB of activations per token at {row_tokens}-token rows"
            + ((f", capped at {cap:,}" if is_cuda else f", capped at {CPU_CAP_BYTES / GIB:.0f} GiB of activations")
               if fitting > cap else ""))
-    if tokens < row_tokens:
+    if tokens < unit:
         fixes = [] if checkpointing or trained_bytes is not None else ["model.gradient_checkpointing=true"]
         fixes += [] if lora or trained_bytes is not None else ["lora.r=16"]
-        raise UserError(f"memory: one micro-batch of the longest row ({row_tokens} tokens) does not fit: "
+        raise UserError(f"memory: one micro-batch of {what} does not fit: "
                         f"{free / GIB:.1f} GiB free, {held / GIB:.2f} GiB for {held_what}, "
                         f"~{activation / MIB:.2f} MiB per token; shorten rows (the max_length / max_new_tokens keys)"
                         + (", or set " + " or ".join(fixes) if fixes else "")
-                        + f" (or, if the estimate is wrong for your device, set {stage_key}={row_tokens})")
+                        + f" (or, if the estimate is wrong for your device, set {stage_key}={unit})")
     return MemoryPlan(tokens, stage_key, how, activation, kv, vocab)
 
 
@@ -241,11 +246,12 @@ def inference_plan(setting: int | None, device, path: str, dtype: str, row_token
                 trust_remote_code=trust_remote_code, trained_bytes=DTYPE_BYTES.get(dtype, 4))
 
 
-def check_fits(memory: MemoryPlan, row_tokens: int) -> None:
-    """A micro-batch holds at least one whole row (a row is never split across micro-batches)."""
+def check_fits(memory: MemoryPlan, row_tokens: int, rows: str = "one row") -> None:
+    """A micro-batch holds at least one whole row (a row is never split across micro-batches); train-rm: a
+    pair's two rows (rows="2 rows together")."""
     if memory.tokens < row_tokens:
-        raise ConfigError(f"{memory.key}={memory.tokens} cannot hold one row of {row_tokens} tokens (the longest "
-                          f"row this run can make); set {memory.key} to at least {row_tokens}, or shorten rows")
+        raise ConfigError(f"{memory.key}={memory.tokens} cannot hold {rows} of {row_tokens} tokens (the longest "
+                          f"this run can make); set {memory.key} to at least {row_tokens}, or shorten rows")
 
 
 def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:

@@ -210,3 +210,17 @@ def test_an_inference_plan_counts_the_weights_alone(tiny_model_dir, tmp_path):
     assert f"{params * 4 / memory.GIB:.2f} GiB of weights," in tool.how, tool.how
     assert f"{params * 16 / memory.GIB:.2f} GiB of weights and optimizer state" in stage.how, stage.how
     assert tool.activation_bytes == stage.activation_bytes and tool.tokens >= stage.tokens
+
+
+def test_a_pair_plan_holds_two_rows_while_attention_spans_one(tiny_model_dir):
+    """train-rm runs a pair's two rows in one forward: its micro-batch holds both, but the attention term of
+    the activation estimate is one row's (two rows' length counted as one row overstated it, and refused
+    long pairs that fit)."""
+    from rlhf_cli.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    pair = memory.plan("micro_batch_tokens", None, cpu, [(str(tiny_model_dir), False)], [], 200, rows_together=2)
+    row = memory.plan("micro_batch_tokens", None, cpu, [(str(tiny_model_dir), False)], [], 200)
+    assert pair.activation_bytes == row.activation_bytes and pair.tokens >= 400
+    with pytest.raises(ConfigError, match="cannot hold 2 rows together of 400 tokens"):
+        memory.plan("micro_batch_tokens", 300, cpu, [(str(tiny_model_dir), False)], [], 200, rows_together=2)

@@ -110,10 +110,11 @@ class RewardModelRecipe:
         self.pad_id = self.tokenizer.pad_token_id
         self._setup_data()
         self.global_batch, self.total_steps = loop.batch_plan(cfg, rt, len(self.train_pairs))
-        longest = 2 * max(p.length for p in self.train_pairs + self.eval_pairs)  # a pair's two rows, one forward
+        longest = max(p.length for p in self.train_pairs + self.eval_pairs)
         self.memory = memory.plan("micro_batch_tokens", cfg.micro_batch_tokens, rt.device, [(self.path, False)], [],
                                   longest, cfg.model.dtype, cfg.model.gradient_checkpointing, cfg.lora.r > 0,
-                                  cfg.model.trust_remote_code)  # before any weights load
+                                  cfg.model.trust_remote_code,
+                                  rows_together=2)  # a pair's two rows in one forward; before any weights load
         self._setup_model()
         self.optimizer, self.scheduler, self.guard = optim.build(self.model.parameters(), cfg.optim, self.total_steps)
         self.sampler = data.EpochSampler(len(self.train_pairs), cfg.seed, [p.length for p in self.train_pairs],
