@@ -128,14 +128,14 @@ def main() -> None:
                               f"rollout.max_new_tokens={args.max_new_tokens}", *common], work)
             print(json.dumps({"stage": "rl", "prompts_per_step": prompts, **result}), flush=True)
     else:
-        rows = chat_rows(max(args.batch), 700 if args.mode == "sft" else 330)  # ~1024 / ~512 tokens rendered
+        rows = chat_rows(max(args.batch), 980 if args.mode == "sft" else 470)  # ~1024 / ~512 tokens rendered
         if args.mode == "sft":
             (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             data = [f"data.train={work / 'train.jsonl'}", f"data.eval={work / 'train.jsonl'}", "data.eval_limit=1",
                     "model.max_length=1100", "eval.max_new_tokens=4"]
         else:
             pairs = [{"prompt": r["messages"][:1], "chosen": r["messages"][1]["content"],
-                      "rejected": r["messages"][1]["content"][::-1]} for r in rows]
+                      "rejected": " ".join(sorted(r["messages"][1]["content"].split()))} for r in rows]  # same length
             (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
             data = [f"data.train={work / 'pairs.jsonl'}", f"data.eval={work / 'pairs.jsonl'}", "model.max_length=1100"]
         for batch in args.batch:
