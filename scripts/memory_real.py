@@ -4,6 +4,7 @@
     python scripts/memory_real.py rl --prompts 16 64        # peak RSS of one `rlhf rl` step at each batch
     python scripts/memory_real.py sft --batch 8 32          # one `rlhf sft` step of 1024-token rows at each batch
     python scripts/memory_real.py train-rm --batch 8 32     # one `rlhf train-rm` step of 512-token pairs
+    python scripts/memory_real.py sft --batch 8 32 --words 700   # the figures in docs/memory.md (741-token rows)
 
 Every figure comes from a fresh process (peak RSS is getrusage's, which only grows), on
 models/SmolLM2-135M-Instruct (`make pretrained`). `calibrate` runs the policy's forward and backward through
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--words", type=int, help="words per assistant turn (default: 980 sft, 470 train-rm; "
+                                                  "a word is about a token)")
     parser.add_argument("--extra", default="", help="more overrides for the stage runs (space-separated)")
     args = parser.parse_args()
     if args.mode == "calibrate-one":
@@ -128,7 +131,8 @@ def main() -> None:
                               f"rollout.max_new_tokens={args.max_new_tokens}", *common], work)
             print(json.dumps({"stage": "rl", "prompts_per_step": prompts, **result}), flush=True)
     else:
-        rows = chat_rows(max(args.batch), 980 if args.mode == "sft" else 470)  # ~1024 / ~512 tokens rendered
+        words = args.words or (980 if args.mode == "sft" else 470)  # ~1024 / ~512 tokens rendered
+        rows = chat_rows(max(args.batch), words)
         if args.mode == "sft":
             (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             data = [f"data.train={work / 'train.jsonl'}", f"data.eval={work / 'train.jsonl'}", "data.eval_limit=1",
