@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from rlhf_cli import helptext, task
+from rlhf_cli import helptext, memory, task
 from rlhf_cli.config import (ENGINE_NAMES, EvalConfig, check_choice, check_eval_sampling, check_positive, doc,
                              field_docs, leaf_keys)
 from rlhf_cli.errors import ConfigError, UserError
@@ -255,7 +255,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     # torch and the model code load here, not at the top: `rlhf eval --help` and bad arguments answer at once
     import torch
 
-    from rlhf_cli import data, memory
+    from rlhf_cli import data
     from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.evaluation import held_out_accuracy, sampled_accuracy
     from rlhf_cli.models import (CAUSAL_LM, REWARD_MODEL, check_generation_fits, check_model_dir, check_model_kind,

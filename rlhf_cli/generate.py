@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_cli import helptext, task
+from rlhf_cli import helptext, memory, task
 from rlhf_cli.config import check_choice, check_positive, doc, field_docs
 from rlhf_cli.errors import ConfigError, DataError, UserError
 from rlhf_cli.evaluate import ToolDeviceConfig, check_tool_engine, parse_settings
@@ -209,7 +209,7 @@ def generate(cfg: GenerateToolConfig) -> None:
     # first: a wrong model or a data problem fails before any weights load
     import torch
 
-    from rlhf_cli import data, memory, runtime
+    from rlhf_cli import data, runtime
     from rlhf_cli.models import (CAUSAL_LM, check_generation_fits, check_model_dir, check_model_kind, load_causal_lm,
                                  load_tokenizer, position_limit)
     from rlhf_cli.rollout import check_engine, make_engine
