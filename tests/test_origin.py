@@ -30,7 +30,7 @@ def test_the_embedded_model_and_its_lineage_carry_the_mark(tiny_model_dir, sft_r
 
 
 @pytest.mark.parametrize("stage, key, scratch, pretrained", [
-    ("sft", "optim.lr", 6e-3, 2e-5), ("train-rm", "optim.lr", 1e-3, 1e-5), ("rl", "optim.lr", 3e-4, 2e-6),
+    ("sft", "optim.lr", 6e-3, 2e-5), ("train-rm", "optim.lr", 1e-3, 1e-5), ("rl", "optim.lr", 3e-4, 1e-5),
 ])
 def test_learning_rates_follow_the_origin_unless_set(tiny_model_dir, pretrained_layout, stage, key, scratch,
                                                      pretrained):
@@ -61,5 +61,5 @@ def test_run_length_follows_the_origin_unless_steps_or_epochs_are_set(tiny_model
 def test_a_pretrained_run_says_which_defaults_it_took(pretrained_layout):
     cfg = compose_config("rl", [f"policy.path={pretrained_layout}"])
     line = origin.describe("rl", cfg, str(pretrained_layout))
-    assert line.startswith("rl: optim.lr=2e-06: the defaults for a pretrained model")
+    assert line.startswith("rl: optim.lr=1e-05: the defaults for a pretrained model")
     assert origin.describe("rl", compose_config("rl", ["optim.lr=1e-5"]), None) is None

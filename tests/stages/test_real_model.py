@@ -87,7 +87,7 @@ def test_rl_on_the_real_checkpoint_keeps_the_model_near_its_reference(chat_sums,
                    "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12",
                    "max_steps=2", "log_every=1", "algorithm.dynamic_sampling=false", *ONE_THREAD, cwd=chat_sums)
     assert proc.returncode == 0, _out(proc)
-    assert "optim.lr=2e-06: the defaults for a pretrained model" in _out(proc)  # not 3e-4, which wrecks it
+    assert "optim.lr=1e-05: the defaults for a pretrained model" in _out(proc)  # not 3e-4, which wrecks it
     train = [m for m in read_metrics(tmp_path / "rl") if m["kind"] == "train"]
     assert len(train) == 2
     assert all(abs(m["kl"]) < 0.5 for m in train), [m["kl"] for m in train]  # no collapse after an update
