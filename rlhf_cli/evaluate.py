@@ -243,6 +243,15 @@ def main(args: list[str]) -> None:
         console.print(f"wrote {json_out}", markup=False)
 
 
+def decode_plan(setting, device, path: str, model_cfg, tokenizer, prompts: list[str], max_new_tokens: int):
+    """The tools' memory plan (rlhf eval, rlhf generate) for their longest row, before the weights load: a
+    budget below one row is one error line."""
+    from rlhf_cli.data import encode
+
+    longest = max((len(encode(tokenizer, p)) for p in prompts), default=1) + max_new_tokens
+    return memory.inference_plan(setting, device, path, model_cfg.dtype, longest, model_cfg.trust_remote_code)
+
+
 def _from_run(manifest: dict, dotted: str, fallback):
     node = manifest.get("config") or {}
     for part in dotted.split("."):
@@ -305,9 +314,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     device = resolve_device(cfg.device.type, key="device.type")
     if cfg.device.threads:
         torch.set_num_threads(cfg.device.threads)
-    longest = max((len(data.encode(tokenizer, p)) for p in prompts), default=1) + max_new_tokens
-    plan = memory.inference_plan(cfg.micro_batch_tokens, device, str(ckpt), cfg.model.dtype, longest,
-                                 cfg.model.trust_remote_code)  # before the weights load: too little memory says so
+    plan = decode_plan(cfg.micro_batch_tokens, device, str(ckpt), cfg.model, tokenizer, prompts, max_new_tokens)
     model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.model.dtype, device, cfg.model.trust_remote_code)
     # vllm: a copy of the checkpoint's weights, pushed once (it manages its own memory); local engines: decode
     # calls of at most plan.generate_rows rows

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_cli import helptext, memory, task
+from rlhf_cli import helptext, task
 from rlhf_cli.config import check_choice, check_positive, doc, field_docs
 from rlhf_cli.errors import ConfigError, DataError, UserError
-from rlhf_cli.evaluate import ToolDeviceConfig, check_tool_engine, parse_settings
+from rlhf_cli.evaluate import ToolDeviceConfig, check_tool_engine, decode_plan, parse_settings
 from rlhf_cli.tracking import console
 
 
@@ -239,9 +239,8 @@ def generate(cfg: GenerateToolConfig) -> None:
         if len(done) == len(rows):
             say(f"{output}: all {len(rows)} prompts already have responses; nothing to do", markup=False)
             return
-        longest = max(len(data.encode(tokenizer, p)) for p in prompts) + cfg.max_new_tokens
-        plan = memory.inference_plan(cfg.micro_batch_tokens, rt.device, cfg.model.path, cfg.model.dtype, longest,
-                                     cfg.model.trust_remote_code)  # before the weights load
+        plan = decode_plan(cfg.micro_batch_tokens, rt.device, cfg.model.path, cfg.model, tokenizer, prompts,
+                           cfg.max_new_tokens)  # before the weights load
         model = load_causal_lm(cfg.model.path, "model.path", cfg.model.dtype, rt.device, cfg.model.trust_remote_code)
         engine = make_engine(cfg.engine, model, tokenizer, memory=plan)  # local engines: decode calls within the plan
         positions = position_limit(cfg.model.path)  # a prompt longer than the room left is cut from the left
