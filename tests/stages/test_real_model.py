@@ -16,6 +16,7 @@ from pretrained import smollm2_dir
 
 ONE_THREAD = ["device=cpu", "device.threads=1"]
 RULE = "chat_sum_rule:correct"
+SUM_REWARD = "rlhf_cli.tasks.pretrained.chatsum:reward"  # 1 for the number or the equation, 0.25 a right sum in words
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +84,16 @@ def test_rl_on_the_real_checkpoint_keeps_the_model_near_its_reference(chat_sums,
     model = smollm2_dir()
     proc = run_cli("rl", f"policy.path={model}", f"output_dir={tmp_path / 'rl'}",
                    f"data.train={chat_sums / 'prompts.jsonl'}", f"data.eval={chat_sums / 'prompts.jsonl'}",
-                   "data.eval_limit=4", "eval.max_new_tokens=6", f"reward.functions=[{RULE}]", f"eval.rule={RULE}",
-                   "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12",
+                   "data.eval_limit=4", "eval.max_new_tokens=6", f"reward.functions=[{SUM_REWARD}]", f"eval.rule={RULE}",
+                   "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=12",
                    "max_steps=2", "log_every=1", "algorithm.dynamic_sampling=false", *ONE_THREAD, cwd=chat_sums)
     assert proc.returncode == 0, _out(proc)
     assert "optim.lr=1e-05: the defaults for a pretrained model" in _out(proc)  # not 3e-4, which wrecks it
     train = [m for m in read_metrics(tmp_path / "rl") if m["kind"] == "train"]
     assert len(train) == 2
+    # the base model writes "47 + 38 = 85": chatsum's reward gives a right sum some credit, so groups differ
+    # and the first step really updates (with an exact-number rule every reward was 0 and nothing moved)
+    assert train[0]["grad_norm"] > 0, train
     assert all(abs(m["kl"]) < 0.5 for m in train), [m["kl"] for m in train]  # no collapse after an update
     assert (tmp_path / "rl" / "final" / "model.safetensors").exists()
 
