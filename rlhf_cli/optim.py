@@ -11,12 +11,21 @@ from rlhf_cli.errors import UserError
 
 
 def build_optimizer(params, optim_cfg, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over the parameters that require gradients, or over param groups (dicts) as given."""
+    """AdamW over the parameters that require gradients, or over param groups (dicts) as given.
+
+    The fused kernel (one pass over each tensor for the whole update) where torch has one for every
+    parameter's device: on CPU 0.12 s against 0.90 s for the default multi-tensor path on 134.5M fp32
+    parameters, one thread (docs/benchmarks.md); the same AdamW math, rounded differently in the last bit."""
     params = list(params)
     if not (params and isinstance(params[0], dict)):
         params = [p for p in params if p.requires_grad]
+    tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    fused = bool(tensors) and all(t.device.type in _get_fused_kernels_supported_devices() and t.is_floating_point()
+                                  for t in tensors)
     return torch.optim.AdamW(params, lr=lr or optim_cfg.lr, betas=tuple(optim_cfg.betas),
-                             weight_decay=optim_cfg.weight_decay)
+                             weight_decay=optim_cfg.weight_decay, fused=fused or None)
 
 
 def build(params, optim_cfg, total_steps: int):
