@@ -3,6 +3,8 @@
     pip install -e '.[bench]'                     # TRL 1.12.0 beside the same torch (make bench-trl does it)
     python scripts/bench_trl.py                   # tiny model, CPU, ~10 minutes on 2 cores
     python scripts/bench_trl.py --repeats 2 --device cuda --out bench/trl-cuda.json
+    python scripts/bench_trl.py --model models/SmolLM2-135M-Instruct --repeats 1 --threads 2 \
+        --out bench/trl-smollm2.json              # a real checkpoint (`make pretrained`): ~40 minutes on 2 cores
 
 Pairs, each run back to back (ours, then TRL) and repeated `--repeats` times
 so that both sides see the same machine load:
@@ -15,6 +17,12 @@ so that both sides see the same machine load:
     reinforce rloo         ... algorithm.baseline=rloo    vs RLOOTrainer     completions/s
     ppo                    rlhf rl algorithm=ppo reward=rm vs PPOTrainer     completions/s (policy + critic + RM)
     ppo shared critic      ... critic.init=shared          vs the same PPOTrainer runs (value head on the policy)
+
+With --model every pair starts from that checkpoint (the SFT pair from it, the later pairs from the SFT's
+final/, as on the tiny model) at S_MODEL's settings: the pretrained defaults' learning rates and a batch a CPU
+runs a handful of steps of. The data is the embedded task's on both sides (plain-text prompts, no chat template).
+REINFORCE runs with `algorithm.dynamic_sampling=false`: TRL's trainers draw each batch once, and the redraws would
+time more rollouts on our side than on theirs.
 
 Every figure is a median over steps after the first two; the ratio is ours / TRL
 (higher is better for us) and, with repeats, the best of each side. Each
@@ -45,6 +53,9 @@ import bench  # noqa: E402  (scripts/bench.py: CLI runner, metrics, matmul peak)
 S = dict(sft_batch=32, sft_steps=20, sft_lr=6e-3, rm_batch=16, rm_steps=20, rm_lr=3e-3, max_length=160,
          rl_prompts=8, rl_k=8, ppo_prompts=64, ppo_epochs=2, ppo_minibatches=2, rl_steps=8, rl_lr=3e-4,
          max_new_tokens=40, temperature=1.0, kl_coef=0.02, gen_batch=64)
+# A real checkpoint (--model): the pretrained defaults' learning rates (rlhf_cli/origin.py) and a CPU-sized batch.
+S_MODEL = dict(S, sft_batch=8, sft_steps=5, sft_lr=2e-5, rm_batch=8, rm_steps=5, rm_lr=1e-5, rl_prompts=8, rl_k=4,
+               ppo_prompts=16, rl_steps=5, rl_lr=1e-5, gen_batch=32)
 TARGETS = {"sft": 2.0, "train-rm": 2.0, "generation": 3.0, "generation, 8 prompts x 8": 3.0, "reinforce group_norm / GRPO": 2.0,
            "reinforce rloo / RLOO": 2.0, "ppo / PPO": 4.0, "ppo critic.init=shared / PPO": 4.0}
 # pairs whose TRL side is another pair's (run once, in the same repeats): ours with extra overrides
@@ -231,6 +242,7 @@ def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:
 
 def worker_main(argv: list[str]) -> None:
     kind, root, device, out, repeats = argv[0], Path(argv[1]), argv[2], Path(argv[3]), int(argv[4])
+    S.update(json.loads((root / "settings.json").read_text()))  # the parent's settings (--model changes them)
     result = (generation_worker(kind, root, device, repeats) if kind.startswith("gen")
               else trl_worker(kind, root, device))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -306,6 +318,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="run every (ours, TRL) pair this many times")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads on both sides (OMP_NUM_THREADS); default: torch's default")
+    parser.add_argument("--model", help="an HF model dir every pair starts from (default: a tiny model built here)")
     parser.add_argument("--only", default="sft,train-rm,generation,grpo,rloo,ppo",
                         help="comma-separated subset of: sft, train-rm, generation, grpo, rloo, ppo")
     args = parser.parse_args()
@@ -314,6 +327,11 @@ def main() -> None:
     except ImportError:
         sys.exit("bench-trl: TRL is not installed; run `make bench-trl` or `pip install -e '.[bench]'`")
     only = set(args.only.split(","))
+    if args.model:
+        if not (Path(args.model) / "config.json").exists():
+            sys.exit(f"error: --model {args.model} is not a model directory (no config.json); "
+                     f"`make pretrained` writes models/SmolLM2-135M-Instruct")
+        S.update(S_MODEL)
     if args.threads:  # every child process (ours and TRL's) inherits it
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
@@ -321,7 +339,7 @@ def main() -> None:
     log = lambda msg: print(f"bench-trl {time.time() - t_start:6.0f}s {msg}", flush=True)  # noqa: E731
     cuda = dev_is_cuda(args.device)
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if cuda else f"cpu ({os.cpu_count()} cores)"
-    machine = {"device": device_name, "torch": torch.__version__, "trl": trl.__version__,
+    machine = {"device": device_name, "model": str(Path(args.model).resolve()) if args.model else "tiny (embedded)", "torch": torch.__version__, "trl": trl.__version__,
                "torch_threads": torch.get_num_threads(),
                "load_average_1m_before": os.getloadavg()[0],
                "matmul_peak_gflops": bench.matmul_peak_gflops(args.device, torch.bfloat16 if cuda else torch.float32)}
@@ -329,7 +347,11 @@ def main() -> None:
     constant = ["optim.warmup_steps=0", "optim.min_lr_ratio=1.0"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bench.write_model(root / "base")
+        if args.model:
+            (root / "base").symlink_to(Path(args.model).resolve())
+        else:
+            bench.write_model(root / "base")
+        (root / "settings.json").write_text(json.dumps(S))
         # the SFT run that also produces the policy every later pair starts from (timed as repeat 1)
         sft_args = ["model.path=base", f"batch_size={S['sft_batch']}", f"max_steps={S['sft_steps']}",
                     f"model.max_length={S['max_length']}", f"optim.lr={S['sft_lr']}", *constant]
@@ -338,7 +360,8 @@ def main() -> None:
         rl_common = ["policy.path=sft/final", f"max_steps={S['rl_steps']}",
                      f"rollout.max_new_tokens={S['max_new_tokens']}", f"rollout.temperature={S['temperature']}",
                      f"kl.coef={S['kl_coef']}", f"optim.lr={S['rl_lr']}", *constant]
-        group = [f"rollout.prompts_per_step={S['rl_prompts']}", f"rollout.samples_per_prompt={S['rl_k']}"]
+        group = [f"rollout.prompts_per_step={S['rl_prompts']}", f"rollout.samples_per_prompt={S['rl_k']}",
+                 "algorithm.dynamic_sampling=false"]  # TRL draws each batch once
         specs = {  # name -> (our stage, our overrides, TRL worker)
             "sft": ("sft", sft_args, "sft"),
             "train-rm": ("train-rm", rm_args, "rm"),
@@ -404,7 +427,8 @@ def print_table(results: dict) -> None:
     from rich.table import Table
 
     m = results["machine"]
-    table = Table(title=f"ours vs TRL {m['trl']} (tiny model): {m['device']}, {m['torch_threads']} threads, "
+    model = Path(m["model"]).name if m.get("model", "tiny").startswith("/") else "tiny model"
+    table = Table(title=f"ours vs TRL {m['trl']} ({model}): {m['device']}, {m['torch_threads']} threads, "
                         f"load {m['load_average_1m_before']:.1f} -> {m['load_average_1m_after']:.1f}")
     for col, justify in (("pair", "left"), ("unit", "left"), ("ours", "right"), ("TRL", "right"),
                          ("ours / TRL", "right"), ("target", "right"), ("peak MB ours / TRL", "right")):

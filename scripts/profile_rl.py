@@ -1,0 +1,149 @@
+"""Where one RL step's seconds go, on a real checkpoint, through the real recipe (issue 28).
+
+    python scripts/profile_rl.py --model models/SmolLM2-135M-Instruct --steps 3 --threads 2 \\
+        -- data.train=runs/sp1/data/chatsum/prompts_train.jsonl reward.functions=[rlhf_cli.tasks.pretrained.chatsum:reward]
+
+Runs `rlhf rl` in this process (the same compose, checks and loop.run_stage as the CLI) with the recipe's own
+methods timed where they are called: sampling (the engine's generate), rewards (rules and reward model), the
+reference forward, the old log-prob (and value) forward, the update's forward with gradients, the backward,
+the optimizer step, and the rest. Every part is wall time (perf_counter, CUDA synchronised before each
+reading), summed over the steps after the first (`--skip`, 1 by default: the first pays warm-up), so the
+rows add up to the step. The rest is Python and everything not timed: advantages, logging, checkpointing.
+
+The RL settings are the CLI's defaults for the model (the pretrained defaults for a loaded checkpoint) plus
+the overrides after `--`; evaluation and checkpoints are pushed past the run so they do not count. Writes
+the table to stdout and, with --out, a JSON of the per-part seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+PARTS = ("sampling", "rewards", "reference forward", "old log-probs forward", "update forward", "backward",
+         "optimizer step")
+
+
+class Clock:
+    """Wall seconds per part and step; nested parts count in the innermost only (a part's time excludes the
+    parts called inside it), so the parts of a step add up to the step."""
+
+    def __init__(self):
+        self.step = 0
+        self.seconds: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.stack: list[list] = []  # [name, start, inner seconds]
+        self.cuda = torch.cuda.is_available()
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def wrap(self, name: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self.stack.append([name, self.now(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _, start, inner = self.stack.pop()
+                spent = self.now() - start
+                self.seconds[self.step][name] += spent - inner
+                if self.stack:
+                    self.stack[-1][2] += spent
+        return timed
+
+
+def profiled_recipe(clock: Clock):
+    from rlhf_cli.stages.rl import RLRecipe
+
+    class Profiled(RLRecipe):
+        """The RL recipe with its parts timed (instance attributes wrap the bound methods; nothing else changes)."""
+
+        def setup(self):
+            super().setup()
+            self.engine.generate = clock.wrap("sampling", self.engine.generate)
+            self.reward_rows = clock.wrap("rewards", self.reward_rows)
+            self.logprobs_under = clock.wrap("reference forward", self.logprobs_under)
+            self.no_grad_forward = clock.wrap("old log-probs forward", self.no_grad_forward)
+            self.optimizer.step = clock.wrap("optimizer step", self.optimizer.step)
+            self.log_and_checkpoint = self._next_step(self.log_and_checkpoint)
+            self.step_start = clock.now()
+
+        def _next_step(self, fn):
+            def logged(*args, **kwargs):
+                out = fn(*args, **kwargs)
+                end = clock.now()
+                clock.seconds[clock.step]["step"] = end - self.step_start
+                clock.step += 1
+                self.step_start = end
+                return out
+            return logged
+
+        def forward(self, ids, attn, P, with_entropy=True):  # no_grad_forward calls it too: timed there
+            if torch.is_grad_enabled():
+                return clock.wrap("update forward", super().forward)(ids, attn, P, with_entropy)
+            return super().forward(ids, attn, P, with_entropy)
+
+    return Profiled
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the policy (an HF dir)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--skip", type=int, default=1, help="steps not counted (warm-up)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", help="write the per-part seconds as JSON here")
+    parser.add_argument("overrides", nargs="*", help="rl overrides (after --)")
+    args = parser.parse_args()
+    if args.steps <= args.skip:
+        sys.exit(f"error: --steps {args.steps} must be more than --skip {args.skip}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("RLHF_NO_PROGRESS", "1")
+
+    from rlhf_cli import loop
+    from rlhf_cli.compose import compose_config
+
+    clock = Clock()
+    torch.autograd.backward = clock.wrap("backward", torch.autograd.backward)  # what Tensor.backward calls
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"policy.path={args.model}", f"max_steps={args.steps}", "eval.every=1000000",
+                     "checkpoint.every=1000000", "data.eval_limit=1", "log_every=1", f"output_dir={tmp}/run",
+                     *([f"device.threads={args.threads}"] if args.threads else []), *args.overrides]
+        cfg = compose_config("rl", overrides)
+        Profiled = profiled_recipe(clock)
+        loop.run_stage("rl", cfg, Path(tmp) / "run", Profiled, model_key="policy", placement=cfg.placement)
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    counted = [s for s in range(args.skip, args.steps)]
+    total = {part: sum(clock.seconds[s].get(part, 0.0) for s in counted) for part in (*PARTS, "step")}
+    total["rest (advantages, Python, logging)"] = total["step"] - sum(total[p] for p in PARTS)
+    train = [r for r in rows if r.get("kind", "train") == "train" and "samples_per_s" in r][args.skip:]
+    samples = sum(r["samples_per_s"] for r in train) / max(1, len(train))
+    tokens = sum(r.get("response_len", 0) for r in train) / max(1, len(train))
+    print(f"profile_rl: {args.model}, {len(counted)} steps counted, torch threads {torch.get_num_threads()}, "
+          f"{samples:.2f} samples/s, {tokens:.1f} response tokens a sample")
+    print(f"{'part':40} {'s / step':>9} {'share':>7}")
+    for part, seconds in total.items():
+        if part == "step":
+            continue
+        print(f"{part:40} {seconds / len(counted):9.2f} {seconds / total['step']:7.1%}")
+    print(f"{'step':40} {total['step'] / len(counted):9.2f} {1:7.1%}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "steps_counted": len(counted),
+                                              "seconds_per_step": {k: v / len(counted) for k, v in total.items()},
+                                              "overrides": args.overrides}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
