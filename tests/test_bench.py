@@ -41,6 +41,26 @@ def test_profile_steps_buckets_each_step(tmp_path):
         assert abs(sum(int(c.rstrip("%")) for c in cells[2:]) - 100) <= 3, row
 
 
+def test_profile_rl_times_each_part_of_real_steps(tmp_path, tiny_model_dir):
+    """The real recipe's steps, timed by part: every part the step runs is there, and the parts add up to it."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_rl.py"), "--model", str(tiny_model_dir),
+                           "--steps", "3", "--threads", "1", "--out", str(out), "--", "algorithm=ppo",
+                           "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
+                           "data.num_train=16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    seconds = report["seconds_per_step"]
+    assert report["steps_counted"] == 2
+    # PPO (two epochs): a no-grad forward for the old log-probs, then forwards and backwards with gradients
+    for part in ("sampling", "rewards", "reference forward", "old log-probs forward", "update forward", "backward",
+                 "optimizer step"):
+        assert seconds[part] > 0, (part, seconds)
+    assert abs(sum(v for k, v in seconds.items() if k != "step") - seconds["step"]) < 1e-6 * seconds["step"] + 1e-9
+    assert seconds["rest (advantages, Python, logging)"] >= 0
+    assert "old log-probs forward" in proc.stdout  # the table
+
+
 @pytest.mark.slow  # about 40 s: three short runs (one process, two torchruns)
 def test_bench_async_compares_async_with_both_sync_runs(tmp_path):
     out = tmp_path / "async.json"
