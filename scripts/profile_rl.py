@@ -8,7 +8,9 @@ methods timed where they are called: sampling (the engine's generate), rewards (
 reference forward, the old log-prob (and value) forward, the update's forward with gradients, the backward,
 the optimizer step, and the rest. Every part is wall time (perf_counter, CUDA synchronised before each
 reading), summed over the steps after the first (`--skip`, 1 by default: the first pays warm-up), so the
-rows add up to the step. The rest is Python and everything not timed: advantages, logging, checkpointing.
+rows add up to the step. A part's time excludes the parts timed inside it: "score (the rest)" is what
+score() spends outside its forwards, "update (the rest)" what update() spends outside forward, backward and
+optimizer step (the losses, clipping, the step guard); "rest (between the parts)" is the loop around them.
 
 The RL settings are the CLI's defaults for the model (the pretrained defaults for a loaded checkpoint) plus
 the overrides after `--`; evaluation and checkpoints are pushed past the run so they do not count. Writes
@@ -29,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("sampling", "rewards", "reference forward", "old log-probs forward", "update forward", "backward",
-         "optimizer step")
+PARTS = ("sampling", "rewards", "rollout (the rest: prompts, padding, dynamic sampling)", "reference forward",
+         "old log-probs forward", "score (the rest)", "advantages", "update forward", "backward", "optimizer step",
+         "update (the rest)", "logging and checkpoint")
 
 
 class Clock:
@@ -76,7 +79,11 @@ def profiled_recipe(clock: Clock):
             self.logprobs_under = clock.wrap("reference forward", self.logprobs_under)
             self.no_grad_forward = clock.wrap("old log-probs forward", self.no_grad_forward)
             self.optimizer.step = clock.wrap("optimizer step", self.optimizer.step)
-            self.log_and_checkpoint = self._next_step(self.log_and_checkpoint)
+            self.rollout_batch = clock.wrap(PARTS[2], self.rollout_batch)
+            self.score = clock.wrap("score (the rest)", self.score)
+            self.advantages = clock.wrap("advantages", self.advantages)
+            self.update = clock.wrap("update (the rest)", self.update)
+            self.log_and_checkpoint = self._next_step(clock.wrap("logging and checkpoint", self.log_and_checkpoint))
             self.step_start = clock.now()
 
         def _next_step(self, fn):
@@ -127,7 +134,7 @@ def main() -> None:
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     counted = [s for s in range(args.skip, args.steps)]
     total = {part: sum(clock.seconds[s].get(part, 0.0) for s in counted) for part in (*PARTS, "step")}
-    total["rest (advantages, Python, logging)"] = total["step"] - sum(total[p] for p in PARTS)
+    total["rest (between the parts)"] = total["step"] - sum(total[p] for p in PARTS)
     train = [r for r in rows if r.get("kind", "train") == "train" and "samples_per_s" in r][args.skip:]
     samples = sum(r["samples_per_s"] for r in train) / max(1, len(train))
     tokens = sum(r.get("response_len", 0) for r in train) / max(1, len(train))

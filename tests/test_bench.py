@@ -57,7 +57,7 @@ def test_profile_rl_times_each_part_of_real_steps(tmp_path, tiny_model_dir):
                  "optimizer step"):
         assert seconds[part] > 0, (part, seconds)
     assert abs(sum(v for k, v in seconds.items() if k != "step") - seconds["step"]) < 1e-6 * seconds["step"] + 1e-9
-    assert seconds["rest (advantages, Python, logging)"] >= 0
+    assert seconds["rest (between the parts)"] >= -1e-6
     assert "old log-probs forward" in proc.stdout  # the table
 
 
