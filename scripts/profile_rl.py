@@ -8,7 +8,8 @@ methods timed where they are called: sampling (the engine's generate), rewards (
 reference forward, the old log-prob (and value) forward, the update's forward with gradients, the backward,
 the optimizer step, and the rest. Every part is wall time (perf_counter, CUDA synchronised before each
 reading), summed over the steps after the first (`--skip`, 1 by default: the first pays warm-up), so the
-rows add up to the step. A part's time excludes the parts timed inside it: "score (the rest)" is what
+rows add up to the step. The run takes one step more than --steps, not counted: its last step evaluates and
+writes the final checkpoint, which the steps before it do not. A part's time excludes the parts timed inside it: "score (the rest)" is what
 score() spends outside its forwards, "update (the rest)" what update() spends outside forward, backward and
 optimizer step (the losses, clipping, the step guard); "rest (between the parts)" is the loop around them.
 
@@ -125,7 +126,8 @@ def main() -> None:
     clock = Clock()
     torch.autograd.backward = clock.wrap("backward", torch.autograd.backward)  # what Tensor.backward calls
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"policy.path={args.model}", f"max_steps={args.steps}", "eval.every=1000000",
+        # one step more than counted: the last step evaluates and writes the final checkpoint, which no other does
+        overrides = [f"policy.path={args.model}", f"max_steps={args.steps + 1}", "eval.every=1000000",
                      "checkpoint.every=1000000", "data.eval_limit=1", "log_every=1", f"output_dir={tmp}/run",
                      *([f"device.threads={args.threads}"] if args.threads else []), *args.overrides]
         cfg = compose_config("rl", overrides)
@@ -135,7 +137,7 @@ def main() -> None:
     counted = [s for s in range(args.skip, args.steps)]
     total = {part: sum(clock.seconds[s].get(part, 0.0) for s in counted) for part in (*PARTS, "step")}
     total["rest (between the parts)"] = total["step"] - sum(total[p] for p in PARTS)
-    train = [r for r in rows if r.get("kind", "train") == "train" and "samples_per_s" in r][args.skip:]
+    train = [r for r in rows if r.get("kind", "train") == "train" and "samples_per_s" in r][args.skip:args.steps]
     samples = sum(r["samples_per_s"] for r in train) / max(1, len(train))
     tokens = sum(r.get("response_len", 0) for r in train) / max(1, len(train))
     print(f"profile_rl: {args.model}, {len(counted)} steps counted, torch threads {torch.get_num_threads()}, "
