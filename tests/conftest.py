@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from forked_cli import Launch
+from forked_cli import Launch, forkable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,8 +22,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m rlhf_cli ARGS` in cwd, its own process; output captured as text. Forked from a server that
     imported torch and the stages once (tests/forked_cli.py: the same entry point, sys.path and environment,
-    ~3 CPU seconds of imports fewer a launch)."""
+    ~3 CPU seconds of imports fewer a launch), unless the test's environment acts at start-up: then a plain
+    `python -m rlhf_cli` subprocess."""
     full_env = {**os.environ, "RLHF_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not forkable(env or {}):  # the environment acts at start-up (a sitecustomize, RLHF_CONF_DIR, OMP_*)
+        return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout, env=full_env)
     return Launch(list(args), cwd=cwd, env=full_env).result(timeout)
 
 

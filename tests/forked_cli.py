@@ -80,6 +80,23 @@ def _child(argv: list[str], cwd: str, env: dict, out: str, err: str, fsize: int 
 
 
 _BASE_PATH: list[str] | None = None
+# variables a test may set that the CLI reads while it runs (forking keeps them exact); any other variable a
+# test sets may act at interpreter start-up or import time (RLHF_CONF_DIR, OMP_*, PYTHON*): a plain process
+RUNTIME_VARIABLES = {"PYTHONPATH", "RLHF_NO_PROGRESS", "PYTHONUNBUFFERED"}
+STARTUP_FILES = ("sitecustomize.py", "usercustomize.py")
+
+
+def forkable(env_changes: dict) -> bool:
+    """Whether a launch with these environment changes (on top of the test process's) behaves as a fresh
+    `python -m rlhf_cli`: only RUNTIME_VARIABLES, and no PYTHONPATH entry holding a module or .pth file that
+    the interpreter runs at start-up."""
+    if set(env_changes) - RUNTIME_VARIABLES:
+        return False
+    for entry in env_changes.get("PYTHONPATH", "").split(os.pathsep):
+        d = Path(entry) if entry else None
+        if d is not None and d.is_dir() and (any((d / f).exists() for f in STARTUP_FILES) or any(d.glob("*.pth"))):
+            return False
+    return True
 
 
 class Launch:
