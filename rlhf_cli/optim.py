@@ -20,10 +20,11 @@ def build_optimizer(params, optim_cfg, lr: float | None = None) -> torch.optim.O
     if not (params and isinstance(params[0], dict)):
         params = [p for p in params if p.requires_grad]
     tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    fused = bool(tensors) and all(t.device.type in _get_fused_kernels_supported_devices() and t.is_floating_point()
-                                  for t in tensors)
+    try:  # a private helper of torch's (2.4+); without it, the default multi-tensor path
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices as fused_devices
+    except ImportError:
+        fused_devices = list
+    fused = bool(tensors) and all(t.device.type in fused_devices() and t.is_floating_point() for t in tensors)
     return torch.optim.AdamW(params, lr=lr or optim_cfg.lr, betas=tuple(optim_cfg.betas),
                              weight_decay=optim_cfg.weight_decay, fused=fused or None)
 
