@@ -156,3 +156,81 @@ def test_training_log_probs_are_over_the_ids_the_sampler_can_draw():
             assert torch.isfinite(ent).all() and torch.isfinite(got).all()
         unrestricted = response_terms(model, full_ids, full_mask, P)[0]
     assert (unrestricted[m] - rollout.logprobs[m]).abs().max() > 1e-4  # the support matters at this size
+
+
+def grouped_batch(K: int = 3, P: int = 5, T: int = 7):
+    """Two prompts x K samples (rl's layout), the second prompt left-padded by 2; row 0's response ends early."""
+    g = torch.Generator().manual_seed(2)
+    prompts = torch.randint(0, V, (2, P), generator=g)
+    ids = torch.cat([prompts.repeat_interleave(K, 0), torch.randint(0, V, (2 * K, T), generator=g)], 1)
+    mask = torch.ones_like(ids)
+    mask[K:, :2] = 0
+    mask[0, -3:] = 0
+    return ids, mask, P
+
+
+class Embedded(torch.nn.Module):
+    """Counts the tokens the model embeds: (forwards, tokens)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.calls, self.tokens = 0, 0
+        model.get_input_embeddings().register_forward_hook(self.count)
+
+    def count(self, module, args, out):
+        self.calls += 1
+        self.tokens += args[0].numel()
+
+
+def test_rows_sharing_a_prompt_run_it_once_with_the_numbers_and_gradients_of_whole_rows():
+    """K samples of a prompt: the prompt goes through the model once, the responses against its cached keys and
+    values; log-probs, entropies and every gradient are the whole-row computation's (float rounding)."""
+    model = llama()
+    ids, mask, P = grouped_batch()
+    want = grads_of(model, lambda: reference(model, ids, mask, P, 0.7))
+    seen = Embedded(model)
+    got = grads_of(model, lambda: response_terms(model, ids, mask, P, 0.7, with_entropy=True, chunk_elements=5 * V)[:2])
+    assert (seen.calls, seen.tokens) == (2, 2 * P + 6 * 6)  # 2 prompts once, 6 responses but their last token
+    assert (got[0] - want[0]).abs().max() < 1e-5 and (got[1] - want[1]).abs().max() < 1e-4
+    for name in want[2]:
+        scale = want[2][name].abs().max().item()
+        assert (got[2][name] - want[2][name]).abs().max() <= 1e-6 + 1e-3 * scale, (name, scale)
+
+
+def test_a_prompt_shared_by_no_row_or_a_sliding_window_model_runs_rows_whole():
+    model = llama()
+    ids, mask, P = batch()  # every prompt distinct
+    seen = Embedded(model)
+    with torch.no_grad():
+        response_terms(model, ids, mask, P)
+    assert (seen.calls, seen.tokens) == (1, ids.numel())
+    torch.manual_seed(0)  # Gemma 2: sliding-window layers (a cache that crops) -> whole rows, the same numbers
+    cfg = Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=4)
+    gemma = Gemma2ForCausalLM(cfg).float()
+    ids, mask, P = grouped_batch()
+    seen = Embedded(gemma)
+    with torch.no_grad():
+        want, _ = reference(gemma, ids, mask, P, 1.0)
+        got, _, _ = response_terms(gemma, ids, mask, P, chunk_elements=4 * V)
+    assert (seen.calls, seen.tokens) == (2, 2 * ids.numel())  # the reference's forward and ours, rows whole
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_lora_reference_shares_the_prompt_with_adapters_off():
+    """rl's LoRA reference is the policy with its adapters off (lora.AdaptersOff): a cache passes through it."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_cli.lora import AdaptersOff
+
+    peft_model = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids, mask, P = grouped_batch()
+    off = AdaptersOff(peft_model)
+    with torch.no_grad():
+        with peft_model.disable_adapter():
+            want, _ = reference(peft_model.get_base_model(), ids, mask, P, 1.0)
+        on, _ = reference(peft_model, ids, mask, P, 1.0)
+        seen = Embedded(peft_model.get_base_model())
+        got, _, _ = response_terms(off, ids, mask, P)
+    assert seen.calls == 2 and torch.allclose(got, want, atol=1e-5)
+    assert (on - want).abs().max() > 1e-3  # the adapters change the numbers: the check can see them left on

@@ -47,9 +47,10 @@ def _assert_same_update(start: dict, split: dict, whole: dict, moved_at_least: f
 
 
 @pytest.mark.parametrize("extra", [
-    ["algorithm=reinforce"],  # one pass: unsplit, its forward gives the old log-probs; split, a no-grad one does
+    ["algorithm=reinforce"],  # one pass: unsplit, its forward gives the old log-probs; split, the sampler's
+    ["algorithm=a2c"],  # one pass + a critic: split, the sampler's log-probs and the critic's own no-grad forward
     ["algorithm=ppo", "algorithm.epochs=2", "algorithm.minibatches=2"],  # + a critic, minibatches, two epochs
-], ids=["reinforce", "ppo"])
+], ids=["reinforce", "a2c", "ppo"])
 def test_rl_update_in_micro_batches_equals_the_unsplit_update(sft_run, tmp_path, extra):
     runs = {}
     for name, tokens in (("whole", 100000), ("split", 120)):  # 120 tokens: one or two rows per micro-batch
@@ -59,6 +60,7 @@ def test_rl_update_in_micro_batches_equals_the_unsplit_update(sft_run, tmp_path,
                        cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"micro-batches of at most {tokens:,} tokens (set" in proc.stdout + proc.stderr
+        assert ("else the sampler's" in proc.stdout + proc.stderr) == (extra[0] != "algorithm=ppo")  # one pass
         runs[name] = tmp_path / name
     start = _weights(sft_run)
     _assert_same_update(start, _weights(runs["split"]), _weights(runs["whole"]), 1e-5)

@@ -49,7 +49,7 @@ from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOS
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM, PPO_EPOCHS_LAGGED
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
-from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, response_logprobs
+from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, distinct_prompts, response_logprobs
 from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, frozen, load_causal_lm,
                              load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
@@ -92,12 +92,20 @@ class Micro:
 
 def micro_split(rollout, rows: torch.Tensor, tokens: int) -> list[Micro]:
     """Rows `rows` of a rollout (or Scored) in micro-batches of at most `tokens` padded tokens (memory.py): rows
-    sorted by length, each micro-batch's prompt and response padding cut to its own longest."""
+    sorted by length, the rows of one prompt kept together (a micro-batch's forward runs each of its prompts once:
+    logprobs.shared_prefix_inputs), each micro-batch's prompt and response padding cut to its own longest."""
     prompt_len = rollout.prompt_mask[rows].sum(-1).long().tolist()
     response_len = rollout.response_mask[rows].sum(-1).long().clamp(min=1).tolist()
     lengths = [p + t for p, t in zip(prompt_len, response_len)]
+    prompt = distinct_prompts(rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.prompt_ids.shape[1])[2]
+    prompt = prompt.tolist()
+    longest = {}  # a prompt's rows are packed as if each were its longest
+    for g, n in zip(prompt, lengths):
+        longest[g] = max(longest.get(g, 0), n)
+    order = sorted(range(len(lengths)), key=lambda i: (-longest[prompt[i]], prompt[i]))
     micros = []
-    for group in memory.split_by_tokens(lengths, tokens):
+    for part in memory.split_by_tokens([longest[prompt[i]] for i in order], tokens):
+        group = [order[j] for j in part]
         # prompt + response padding is max(prompt) + max(response) wide: halve a group past the budget
         pending = [group]
         while pending:
@@ -338,7 +346,10 @@ class RLRecipe:
         say(f"rl: global batch {cfg.rollout.prompts_per_step * K} = {self.rows_per_rank} ({self.prompts_per_rank} "
             f"prompts x {K} samples) x 1 accum x {rt.world_size} ranks, {a.minibatches} minibatch(es) x "
             f"{a.epochs} epoch(s) per rollout, policy on {self.dev_policy} ({self.precision.describe()}"
-            + (f", {cfg.device.distributed}" if rt.distributed else "") + ")")
+            + (f", {cfg.device.distributed}" if rt.distributed else "") + "); old log-probs: "
+            + ("the update's own forward in one micro-batch, else the sampler's" if self.sampler_logprobs_apply()
+               else "the update's own forward in one micro-batch, else a no-grad forward" if self.single_pass
+               else "a no-grad forward"))
         held = self.held
         frozen_models = {"reference": self.reference, "reward model": self.reward_model}
         say("rl: frozen weights: " + ", ".join(
@@ -472,6 +483,12 @@ class RLRecipe:
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
                 update_forward = self.forward(input_ids, attention_mask, P)
             logprobs_old, _, values_old = (t.detach() if t is not None else None for t in update_forward)
+        elif received is None and self.sampler_logprobs_apply():
+            # one update in micro-batches: the sampler computed the policy's log-probs as it drew each token (same
+            # weights, temperature and support; to float rounding: tests/test_logprobs.py), so no forward repeats
+            # them; a critic's values still need its own
+            logprobs_old = rollout.logprobs.to(self.dev_policy)
+            values_old = self.no_grad_forward(rollout, policy=False)[1]
         else:  # in micro-batches of the no-grad budget
             logprobs_old, values_old = self.no_grad_forward(rollout)
         values_old = values_old * mask if values_old is not None else None
@@ -483,6 +500,11 @@ class RLRecipe:
         return Scored(rollout, input_ids, attention_mask, mask, P, scores, step_rewards, score_stats, logprobs_ref,
                       logprobs_old, values_old, kl_per_token, update_forward, is_weights=is_weights,
                       logprobs_behaviour=received.logprobs_behaviour if received is not None else None)
+
+    def sampler_logprobs_apply(self) -> bool:
+        """One update a batch (single pass), sampled here by the training model itself (not vLLM's copy of the
+        weights, not an async actor's), no value head on the policy: the sampler's log-probs are the old ones."""
+        return self.single_pass and not self.engine.separate_weights and self.shared is None and self.actors is None
 
     def logprobs_under(self, model, device, rollout: Rollout) -> torch.Tensor:
         """(B, T) log-probs of the rollout's responses under a model run without gradients (the reference;
@@ -499,20 +521,24 @@ class RLRecipe:
                 out[micro.rows.to(self.dev_policy), :micro.width] = logprobs
         return out
 
-    def no_grad_forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) log-probs and values (None without a critic) of the policy before the update, in micro-batches."""
+    def no_grad_forward(self, rollout: Rollout, policy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) log-probs and values (None without a critic) of the policy before the update, in micro-batches
+        (policy=False: the critic's values only; log-probs left 0)."""
         logprobs_old = torch.zeros(rollout.response_mask.shape, device=self.dev_policy)
         values_old = torch.zeros_like(logprobs_old) if self.critic is not None else None
+        if not policy and self.critic is None:
+            return logprobs_old, None
         rows = torch.arange(logprobs_old.shape[0], device=rollout.response_mask.device)
-        for micro, counts in memory.same_count_everywhere(self.rt, self.ddp_policy, micro_split(
-                rollout, rows, self.memory.infer_tokens)):
+        for micro, counts in memory.same_count_everywhere(self.rt, self.ddp_policy if policy else self.ddp_critic,
+                                                          micro_split(rollout, rows, self.memory.infer_tokens)):
             ids, attn, P, _ = micro.inputs(rollout)
             with torch.no_grad(), self.precision.autocast():
-                logprobs, _, values = self.forward(ids, attn, P, with_entropy=False)
-            if counts:
+                logprobs, _, values = (self.forward(ids, attn, P, with_entropy=False) if policy
+                                       else (None, None, self.critic_values(ids, attn, P)))
+            if counts and policy:
                 logprobs_old[micro.rows, :micro.width] = logprobs
-                if values is not None:
-                    values_old[micro.rows, :micro.width] = values
+            if counts and values is not None:
+                values_old[micro.rows, :micro.width] = values
         return logprobs_old, values_old
 
     def reward_rows(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Rewarded:
@@ -561,9 +587,11 @@ class RLRecipe:
         out = response_logprobs(self.ddp_policy, ids, attn, P, cfg.rollout.temperature, with_entropy, entropy_grad,
                                 self.chunk, self.support)
         logprobs, entropy = out if with_entropy else (out, None)
-        values = (self.ddp_critic(ids.to(self.dev_critic), attn.to(self.dev_critic))[:, P - 1:-1].to(self.dev_policy)
-                  if self.ddp_critic is not None else None)
-        return logprobs, entropy, values
+        return logprobs, entropy, self.critic_values(ids, attn, P) if self.ddp_critic is not None else None
+
+    def critic_values(self, ids: torch.Tensor, attn: torch.Tensor, P: int) -> torch.Tensor:
+        """(B, T) the separate critic's V(s_t) of the states before each response token."""
+        return self.ddp_critic(ids.to(self.dev_critic), attn.to(self.dev_critic))[:, P - 1:-1].to(self.dev_policy)
 
     # ---------------------------------------------------------------- 3. advantages
     def advantages(self, s: Scored) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
