@@ -128,7 +128,7 @@ def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prom
 def prefix_cache(model):
     """An empty DynamicCache for `model` when rows can share a prompt's keys and values through it, else None:
     every layer a plain key/value layer (not a sliding window, linear attention or state space), the model's
-    forward takes a cache, the cache is kept (no gradient checkpointing in training mode), and no DDP reducer
+    forward takes a cache, the cache is kept (no gradient checkpointing under gradients), and no DDP reducer
     expects one forward a backward (a no-grad forward is fine)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -141,7 +141,7 @@ def prefix_cache(model):
     checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers 5.x; before: is_gradient_
     if checkpointing is None:
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    if config is None or _cache_keyword(inner) is None or (inner.training and checkpointing):
+    if config is None or _cache_keyword(inner) is None or (checkpointing and torch.is_grad_enabled()):
         return None
     try:
         cache = DynamicCache(config=config)

@@ -263,6 +263,18 @@ def model_and_tokenizer(model_cfg, key: str, run_root: Path, seed: int, rt: runt
     return path, load_tokenizer(path, f"{key}.path", model_cfg.trust_remote_code)
 
 
+def dropout_off(model):
+    """Eval mode (dropout off) for a model that still trains (the RL policy): every module in eval mode but the
+    layers with gradient checkpointing enabled, which transformers checkpoints only in training mode
+    (GradientCheckpointingLayer: `self.gradient_checkpointing and self.training`); the dropout modules inside
+    them stay off. Plain `eval()` would silently turn policy.gradient_checkpointing off."""
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
+    return model
+
+
 def frozen(model):
     """Eval mode (dropout off) and no gradients: the reference and the reward model."""
     model.eval()

@@ -119,7 +119,7 @@ class RolloutEngine(Protocol):
 
 class LocalEngine:
     """Decodes with the training model itself, through decoding.py's `lean` or `hf` decoder (`auto`:
-    lean where it applies). Runs the model in eval mode (dropout off) and restores its mode after.
+    lean where it applies). Runs the model in eval mode (dropout off) and restores each module's mode after.
 
     stop_ids: every id that ends a response (models.stop_token_ids: the tokenizer's EOS and the
     model's generation config's); vocab_limit: the tokenizer's size, where the model's vocabulary
@@ -147,7 +147,7 @@ class LocalEngine:
         if params.noise_key is not None:  # (B, max_new_tokens): row g of the global batch draws with its own noise
             seed, step, first_row = params.noise_key
             noise = runtime.keyed_uniform(seed, step, first_row, B, params.max_new_tokens, prompt_ids.device)
-        was_training = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]  # restored module by module (models.dropout_off)
         self.model.eval()
         try:
             parts = [sample(self.model, prompt_ids[i:i + rows], prompt_mask[i:i + rows], params.max_new_tokens,
@@ -156,7 +156,8 @@ class LocalEngine:
                             engine=self.decoder, vocab_limit=self.vocab_limit, never=self.never)
                      for i in range(0, B, rows)]
         finally:
-            self.model.train(was_training)
+            for module, mode in modes:
+                module.training = mode
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, self.pad_id)
 
 

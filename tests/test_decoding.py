@@ -163,3 +163,32 @@ def test_remote_code_models_are_not_lean(tmp_path):
     attn.__class__ = type("RemoteAttention", (type(attn),), {"__module__": "transformers_modules.someone.model"})
     assert "its own" in lean_unsupported(model)
     assert isinstance(make_decoder(model, "auto", 40), HFDecoder)
+
+
+def test_the_rl_policy_keeps_gradient_checkpointing_with_dropout_off_across_rollouts():
+    """rl's policy: dropout off (models.dropout_off), yet transformers checkpoints its layers only in training mode;
+    plain eval() turned policy.gradient_checkpointing off. Each layer runs twice a step when checkpointed (the
+    forward, then its recompute in the backward), before and after a rollout (which restores every module's mode)."""
+    from rlhf_cli.models import dropout_off
+    from rlhf_cli.rollout import LocalEngine, SamplingParams
+
+    model = build("llama", attention_dropout=0.5)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dropout_off(model)
+    calls = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda module, args: calls.append(1))  # the recompute calls forward
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+
+    def runs_a_layer() -> float:
+        calls.clear()
+        model(input_ids=ids).logits.sum().backward()
+        return len(calls) / len(model.model.layers)
+
+    assert runs_a_layer() == 2
+    with torch.no_grad():  # dropout 0.5 is off: the same logits twice
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    LocalEngine(model, stop_ids=[1], pad_id=0).generate(ids, torch.ones_like(ids), SamplingParams(4))
+    assert runs_a_layer() == 2
+    model.eval()  # what rl did before: checkpointing silently off
+    assert runs_a_layer() == 1

@@ -49,8 +49,9 @@ def _assert_same_update(start: dict, split: dict, whole: dict, moved_at_least: f
 @pytest.mark.parametrize("extra", [
     ["algorithm=reinforce"],  # one pass: unsplit, its forward gives the old log-probs; split, the sampler's
     ["algorithm=a2c"],  # one pass + a critic: split, the sampler's log-probs and the critic's own no-grad forward
+    ["algorithm=reinforce", "policy.gradient_checkpointing=true"],  # checkpointed layers: rows whole under grad
     ["algorithm=ppo", "algorithm.epochs=2", "algorithm.minibatches=2"],  # + a critic, minibatches, two epochs
-], ids=["reinforce", "a2c", "ppo"])
+], ids=["reinforce", "a2c", "checkpointed", "ppo"])
 def test_rl_update_in_micro_batches_equals_the_unsplit_update(sft_run, tmp_path, extra):
     runs = {}
     for name, tokens in (("whole", 100000), ("split", 120)):  # 120 tokens: one or two rows per micro-batch

@@ -50,8 +50,8 @@ from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM, PPO_EPOCHS_LAGG
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, distinct_prompts, response_logprobs
-from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, frozen, load_causal_lm,
-                             load_scalar_head_model, load_tokenizer, model_path, position_limit)
+from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, dropout_off, frozen,
+                             load_causal_lm, load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.rollout import (Rollout, SamplingParams, check_engine, concat_rollouts, decode_responses,
@@ -266,7 +266,7 @@ class RLRecipe:
         if cfg.policy.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         self.adapters = lora.attach(policy, cfg.lora, "CAUSAL_LM", path, self.run_dir.root, rt)  # lora.r > 0: adapters train
-        policy.eval()  # dropout off during RL (checklist 1); gradients still flow
+        dropout_off(policy)  # during RL (checklist 1); gradients still flow, gradient checkpointing still applies
         # the reference computes like the policy (same weights dtype and autocast): KL is exactly 0 at the start
         if self.adapters is not None and not cfg.reference.path:  # LoRA: the policy itself with its adapters off
             self.reference = self.adapters.adapters_off()
