@@ -128,13 +128,13 @@ def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prom
 def prefix_cache(model):
     """An empty DynamicCache for `model` when rows can share a prompt's keys and values through it, else None:
     every layer a plain key/value layer (not a sliding window, linear attention or state space), the model's
-    forward takes a cache, the cache is kept (no gradient checkpointing under gradients), and no DDP reducer
-    expects one forward a backward (a no-grad forward is fine)."""
+    forward takes a cache, the cache is kept (no gradient checkpointing under gradients), and the model is not
+    FSDP-sharded. Under DDP the two forwards make one graph and one backward: each parameter's gradient is
+    accumulated once, as for tied weights (tests/test_distributed.py: two ranks of B = one rank of 2B)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    if distributed.is_sharded(model) or (torch.is_grad_enabled()
-                                         and isinstance(model, torch.nn.parallel.DistributedDataParallel)):
+    if distributed.is_sharded(model):
         return None
     inner = _causal_lm(model)
     config = getattr(inner, "config", None)

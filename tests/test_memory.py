@@ -31,6 +31,40 @@ def test_split_by_tokens_keeps_every_row_once_within_the_budget():
     assert memory.split_by_tokens([500, 3], 100) == [[0], [1]]  # a row over the budget: a micro-batch of its own
 
 
+def test_rl_micro_batches_keep_a_prompts_rows_together_within_the_budget():
+    """rl's micro-batches (stages/rl.py micro_split): every row once, each within the budget by micro_cost (rows
+    whole, or each prompt once with shared prefixes), a prompt's K rows split only where they alone pass it."""
+    from types import SimpleNamespace
+
+    from rlhf_cli.stages.rl import micro_cost, micro_split
+
+    rng = random.Random(0)
+    for trial in range(150):
+        K, n_prompts, P = rng.randint(1, 6), rng.randint(1, 12), 40
+        prompt_lens = [rng.randint(5, P) for _ in range(n_prompts)]
+        rows = [(g, rng.randint(1, 30)) for g in range(n_prompts) for _ in range(K)]
+        prompt_mask = torch.tensor([[0] * (P - prompt_lens[g]) + [1] * prompt_lens[g] for g, _ in rows])
+        prompt_ids = torch.tensor([[g + 1] * P for g, _ in rows]) * prompt_mask
+        response_mask = torch.tensor([[1] * t + [0] * (30 - t) for _, t in rows])
+        rollout = SimpleNamespace(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_mask=response_mask)
+        budget, shared = rng.randint(80, 600), trial % 2 == 0
+        micros = micro_split(rollout, torch.arange(len(rows)), budget, shared)
+        assert sorted(i for m in micros for i in m.rows.tolist()) == list(range(len(rows)))
+        for m in micros:
+            members = m.rows.tolist()
+            assert m.prompt == max(prompt_lens[rows[i][0]] for i in members)
+            assert m.width == max(rows[i][1] for i in members)
+            groups = {rows[i][0] for i in members}
+            cost = micro_cost(m.prompt, m.width, len(members), len(groups), shared)
+            assert cost <= budget or len(members) == 1, (cost, budget)
+        for g in range(n_prompts):  # a prompt that fits alone is never split
+            holding = [m for m in micros if g in {rows[i][0] for i in m.rows.tolist()}]
+            alone = micro_cost(prompt_lens[g], max(t for h, t in rows if h == g), K, 1, shared)
+            assert len(holding) == 1 or alone > budget
+    # 8 prompts of 46 tokens x 4 three-token samples (chatsum): 1,568 padded tokens whole, 464 + copies shared
+    assert micro_cost(46, 3, 32, 8, shared=False) == 1568 and micro_cost(46, 3, 32, 8, shared=True) == 368 + 96 + 184
+
+
 def _weights(run_dir):
     return load_file(run_dir / "final" / "model.safetensors")
 

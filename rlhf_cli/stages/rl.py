@@ -49,7 +49,8 @@ from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOS
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM, PPO_EPOCHS_LAGGED
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
-from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, distinct_prompts, response_logprobs
+from rlhf_cli.logprobs import (PolicyWithValueHead, Support, TokenValues, distinct_prompts, prefix_cache,
+                              response_logprobs)
 from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, dropout_off, frozen,
                              load_causal_lm, load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
@@ -90,32 +91,55 @@ class Micro:
                 rollout.response_mask[self.rows, :self.width])
 
 
-def micro_split(rollout, rows: torch.Tensor, tokens: int) -> list[Micro]:
-    """Rows `rows` of a rollout (or Scored) in micro-batches of at most `tokens` padded tokens (memory.py): rows
-    sorted by length, the rows of one prompt kept together (a micro-batch's forward runs each of its prompts once:
-    logprobs.shared_prefix_inputs), each micro-batch's prompt and response padding cut to its own longest."""
+# a prompt position copied to a row (shared prefix) holds its keys and values in every layer, expanded to every
+# head: ~5% of a token's activations on SmolLM2-135M, less on wider models; counted as 1/8 of a token
+KV_COPY_SHARE = 8
+
+
+def micro_cost(prompt_width: int, response_width: int, rows: int, prompts: int, shared: bool) -> int:
+    """The padded tokens a micro-batch's forward holds: rows x (prompt + response) when rows run whole; with a
+    shared prefix (logprobs.shared_prefix_inputs), each distinct prompt once, every row's response, and the
+    prompt's keys and values copied to each row (KV_COPY_SHARE)."""
+    if not shared:
+        return rows * (prompt_width + response_width)
+    return prompts * prompt_width + rows * response_width + -(-rows * prompt_width // KV_COPY_SHARE)
+
+
+def micro_split(rollout, rows: torch.Tensor, tokens: int, shared: bool = False) -> list[Micro]:
+    """Rows `rows` of a rollout (or Scored) in micro-batches of at most `tokens` padded tokens (micro_cost; shared:
+    the forward runs each distinct prompt once), each micro-batch's prompt and response padding cut to its own
+    longest. The rows of one prompt stay together (split only where a prompt's rows alone pass the budget),
+    prompts longest first, so that like lengths share a micro-batch."""
     prompt_len = rollout.prompt_mask[rows].sum(-1).long().tolist()
     response_len = rollout.response_mask[rows].sum(-1).long().clamp(min=1).tolist()
-    lengths = [p + t for p, t in zip(prompt_len, response_len)]
     prompt = distinct_prompts(rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.prompt_ids.shape[1])[2]
-    prompt = prompt.tolist()
-    longest = {}  # a prompt's rows are packed as if each were its longest
-    for g, n in zip(prompt, lengths):
-        longest[g] = max(longest.get(g, 0), n)
-    order = sorted(range(len(lengths)), key=lambda i: (-longest[prompt[i]], prompt[i]))
-    micros = []
-    for part in memory.split_by_tokens([longest[prompt[i]] for i in order], tokens):
-        group = [order[j] for j in part]
-        # prompt + response padding is max(prompt) + max(response) wide: halve a group past the budget
-        pending = [group]
-        while pending:
-            g = pending.pop()
-            width = max(prompt_len[i] for i in g) + max(response_len[i] for i in g)
-            if len(g) > 1 and len(g) * width > tokens:
-                pending += [g[len(g) // 2:], g[:len(g) // 2]]
-                continue
-            micros.append(Micro(rows[g], max(prompt_len[i] for i in g), max(response_len[i] for i in g)))
-    return micros
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(prompt.tolist()):
+        members.setdefault(g, []).append(i)
+    longest = {g: prompt_len[m[0]] + max(response_len[i] for i in m) for g, m in members.items()}
+    micros, current, width = [], [], (0, 0, 0)  # width: (prompt, response, distinct prompts) of `current`
+
+    def cost(rows_in: list[int], p: int, t: int, n_prompts: int) -> int:
+        return micro_cost(p, t, len(rows_in), n_prompts, shared)
+
+    for g in sorted(members, key=lambda g: (-longest[g], g)):
+        m = members[g]
+        p, t = max(width[0], prompt_len[m[0]]), max(width[1], max(response_len[i] for i in m))
+        if current and cost(current + m, p, t, width[2] + 1) <= tokens:  # the whole prompt joins
+            current, width = current + m, (p, t, width[2] + 1)
+            continue
+        if current:
+            micros.append(current)
+            current, width = [], (0, 0, 0)
+        for i in m:  # a micro-batch of its own, split row by row where it passes the budget
+            p, t = max(width[0], prompt_len[i]), max(width[1], response_len[i])
+            if current and cost(current + [i], p, t, 1) > tokens:
+                micros.append(current)
+                current, p, t = [], prompt_len[i], response_len[i]
+            current, width = current + [i], (p, t, 1)
+    if current:
+        micros.append(current)
+    return [Micro(rows[g], max(prompt_len[i] for i in g), max(response_len[i] for i in g)) for g in micros]
 
 
 @dataclass
@@ -477,7 +501,7 @@ class RLRecipe:
             logprobs_ref = received.logprobs_ref
         update_forward = None
         whole = torch.arange(input_ids.shape[0], device=input_ids.device)
-        (split,) = self.rt.sum(float(len(micro_split(rollout, whole, self.memory.tokens)) > 1))  # ranks agree (FSDP2)
+        (split,) = self.rt.sum(float(len(micro_split(rollout, whole, self.memory.tokens, self.update_shares())) > 1))
         if self.single_pass and split == 0:
             # one update over every row, in one micro-batch: its own forward gives the old log-probs and values,
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
@@ -501,6 +525,18 @@ class RLRecipe:
                       logprobs_old, values_old, kl_per_token, update_forward, is_weights=is_weights,
                       logprobs_behaviour=received.logprobs_behaviour if received is not None else None)
 
+    def shares_prefix(self, model, grad: bool) -> bool:
+        """Whether `model`'s forwards run each distinct prompt of a micro-batch once (logprobs.prefix_cache; a value
+        head's policy inside its wrapper), so that micro-batches are sized for it (micro_cost)."""
+        if model is None:
+            return False
+        with torch.set_grad_enabled(grad):
+            return prefix_cache(getattr(getattr(model, "module", model), "policy", model)) is not None
+
+    def update_shares(self) -> bool:
+        """The update's forwards share prompts: the policy's do, and no separate critic runs whole rows beside it."""
+        return self.ddp_critic is None and self.shares_prefix(self.ddp_policy, grad=True)
+
     def sampler_logprobs_apply(self) -> bool:
         """One update a batch (single pass), sampled here by the training model itself (not vLLM's copy of the
         weights, not an async actor's), no value head on the policy: the sampler's log-probs are the old ones."""
@@ -511,8 +547,8 @@ class RLRecipe:
         an async actor's policy: the behaviour log-probs), on the policy's device, in micro-batches."""
         out = torch.zeros(rollout.response_mask.shape, device=self.dev_policy)
         rows = torch.arange(out.shape[0], device=rollout.response_mask.device)
-        for micro, counts in memory.same_count_everywhere(self.rt, model, micro_split(rollout, rows,
-                                                                                       self.memory.infer_tokens)):
+        for micro, counts in memory.same_count_everywhere(self.rt, model, micro_split(
+                rollout, rows, self.memory.infer_tokens, self.shares_prefix(model, grad=False))):
             ids, attn, P, _ = micro.inputs(rollout)
             with torch.no_grad(), self.precision.autocast():
                 logprobs = response_logprobs(model, ids.to(device), attn.to(device), P, self.cfg.rollout.temperature,
@@ -529,8 +565,9 @@ class RLRecipe:
         if not policy and self.critic is None:
             return logprobs_old, None
         rows = torch.arange(logprobs_old.shape[0], device=rollout.response_mask.device)
+        shared = policy and self.ddp_critic is None and self.shares_prefix(self.ddp_policy, grad=False)
         for micro, counts in memory.same_count_everywhere(self.rt, self.ddp_policy if policy else self.ddp_critic,
-                                                          micro_split(rollout, rows, self.memory.infer_tokens)):
+                                                          micro_split(rollout, rows, self.memory.infer_tokens, shared)):
             ids, attn, P, _ = micro.inputs(rollout)
             with torch.no_grad(), self.precision.autocast():
                 logprobs, _, values = (self.forward(ids, attn, P, with_entropy=False) if policy
@@ -652,7 +689,8 @@ class RLRecipe:
         mb_mask = s.mask[idx]
         all_tokens, all_units = rt.sum(float(mb_mask.sum()), local_units(mb_mask, a.loss_agg))
         micros = ([(None, True)] if s.update_forward is not None else
-                  memory.same_count_everywhere(rt, self.ddp_policy, micro_split(s.rollout, idx, self.memory.tokens)))
+                  memory.same_count_everywhere(rt, self.ddp_policy, micro_split(s.rollout, idx, self.memory.tokens,
+                                                                                self.update_shares())))
         loss_part, sums = 0.0, {}
         for k, (micro, counts) in enumerate(micros):
             last = k == len(micros) - 1

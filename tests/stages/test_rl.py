@@ -306,16 +306,18 @@ finally:
 """
 
 
+# a policy or reference forward over rows that share prompts is two decoder calls (the distinct prompts, then the
+# responses on their cached keys and values: logprobs.shared_prefix_inputs); the critic's runs rows whole
 @pytest.mark.parametrize("algorithm, extra, per_step", [
-    ("reinforce", [], [[0, 1], [1, 0]]),  # reference (no grad); policy: the update's forward only
-    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2"], [[0, 1], [4, 1], [4, 1]]),  # + critic: 4 + 1 again
-    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2", "critic.init=shared"], [[0, 1], [4, 1]]),
+    ("reinforce", [], [[0, 2], [2, 0]]),  # reference (no grad); policy: the update's forward only
+    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2"], [[0, 2], [4, 1], [8, 2]]),  # critic: 4 + 1, rows whole
+    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2", "critic.init=shared"], [[0, 2], [8, 2]]),
 ], ids=["reinforce", "ppo", "ppo-shared-critic"])
 def test_forwards_per_step(tmp_path, tiny_model_dir, algorithm, extra, per_step):
     """Decoder forwards per step, per model, with and without gradients. A one-pass update (epochs =
     minibatches = 1) takes the old log-probs from its own forward; PPO's K x M passes need one no-grad
     forward before them; a shared critic runs no model of its own. Sampling and evaluation (the lean
-    engine) run no whole-decoder forward."""
+    engine) run no whole-decoder forward."""  # counts sorted: [grad, no-grad] calls of each model
     import subprocess
     import sys
 
