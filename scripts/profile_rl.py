@@ -16,6 +16,13 @@ optimizer step (the losses, clipping, the step guard); "rest (between the parts)
 The RL settings are the CLI's defaults for the model (the pretrained defaults for a loaded checkpoint) plus
 the overrides after `--`; evaluation and checkpoints are pushed past the run so they do not count. Writes
 the table to stdout and, with --out, a JSON of the per-part seconds.
+
+Model FLOPs (issue 28's accounting): each part's forwards are counted as they run (hooks on every decoder's
+embedding and LM head: 2 x non-embedding parameters per token embedded, 2 x H x V per row the head computes;
+the tokens really run, so a prompt shared by K samples counts once), the backward as twice the update's forward;
+each part's GFLOP/s is set against the dense matmul peak measured in the same run (scripts/bench.py), and the
+last lines give the update phase's and the whole step's share of that peak. Attention's own FLOPs are left out
+(small at these lengths).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class Clock:
     def __init__(self):
         self.step = 0
         self.seconds: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.flops: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # model FLOPs run
         self.stack: list[list] = []  # [name, start, inner seconds]
         self.cuda = torch.cuda.is_available()
 
@@ -51,6 +59,27 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+    def part(self) -> str:
+        return self.stack[-1][0] if self.stack else "rest (between the parts)"
+
+    def count_flops(self, model: torch.nn.Module) -> None:
+        """Model FLOPs of every forward `model` runs, added to the part running it: 2 x its non-embedding
+        parameters per token its decoder embeds (the tokens really run: a shared prompt once), 2 x H x V per row
+        its LM head computes (the chunked log-probs and the sampler apply it to response positions only)."""
+        embed = model.get_input_embeddings()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        body = sum(p.numel() for p in model.parameters()) - embed.weight.numel()
+        if head is not None and head.weight is not embed.weight:
+            body -= head.weight.numel()
+        embed.register_forward_hook(lambda m, args, out: self._add(2 * body * args[0].numel()))
+        if head is not None:
+            h, v = head.weight.shape[1], head.weight.shape[0]
+            head.register_forward_hook(lambda m, args, out: self._add(2 * h * v * args[0].numel() // h))
+
+    def _add(self, flops: float) -> None:
+        if self.part() != "backward":  # a recompute in the backward (checkpointed chunks) is not model FLOPs
+            self.flops[self.step][self.part()] += flops
 
     def wrap(self, name: str, fn):
         @functools.wraps(fn)
@@ -85,7 +114,17 @@ def profiled_recipe(clock: Clock):
             self.advantages = clock.wrap("advantages", self.advantages)
             self.update = clock.wrap("update (the rest)", self.update)
             self.log_and_checkpoint = self._next_step(clock.wrap("logging and checkpoint", self.log_and_checkpoint))
+            for model in {id(m): m for m in self.models_to_count()}.values():
+                clock.count_flops(model)
             self.step_start = clock.now()
+
+        def models_to_count(self):
+            """The decoders a step runs: the policy, the reference, the critic, the reward model (TokenValues and
+            a LoRA reference hold theirs as .model; the LoRA reference's is the policy's own, counted once)."""
+            for m in (self.policy, self.reference, self.critic, self.reward_model):
+                m = getattr(m, "model", m)
+                if isinstance(m, torch.nn.Module) and hasattr(m, "get_input_embeddings"):
+                    yield m
 
         def _next_step(self, fn):
             def logged(*args, **kwargs):
@@ -142,16 +181,30 @@ def main() -> None:
     tokens = sum(r.get("response_len", 0) for r in train) / max(1, len(train))
     print(f"profile_rl: {args.model}, {len(counted)} steps counted, torch threads {torch.get_num_threads()}, "
           f"{samples:.2f} samples/s, {tokens:.1f} response tokens a sample")
-    print(f"{'part':40} {'s / step':>9} {'share':>7}")
+    flops = {part: sum(clock.flops[s].get(part, 0.0) for s in counted) for part in (*PARTS, "rest (between the parts)")}
+    flops["backward"] = 2 * flops["update forward"]  # the backward's model FLOPs: twice the forward's
+    flops["step"] = sum(flops.values())
+    from bench import matmul_peak_gflops  # scripts/bench.py: the same denominator as make bench's MFU
+
+    compute = torch.bfloat16 if cfg.device.autocast == "bf16" else torch.float32
+    peak = matmul_peak_gflops("cuda" if torch.cuda.is_available() else "cpu", compute)
+    print(f"{'part':40} {'s / step':>9} {'share':>7} {'GFLOP/s':>9} {'of peak':>8}")
     for part, seconds in total.items():
-        if part == "step":
-            continue
-        print(f"{part:40} {seconds / len(counted):9.2f} {seconds / total['step']:7.1%}")
-    print(f"{'step':40} {total['step'] / len(counted):9.2f} {1:7.1%}")
+        rate = flops[part] / seconds / 1e9 if seconds > 0 else 0.0
+        print(f"{part:40} {seconds / len(counted):9.2f} {seconds / total['step']:7.1%} {rate:9.1f} {rate / peak:8.1%}")
+    update_rate = (flops["update forward"] + flops["backward"]) / (total["update forward"] + total["backward"]) / 1e9
+    step_rate = flops["step"] / total["step"] / 1e9
+    print(f"matmul peak {peak:.1f} GFLOP/s ({str(compute).removeprefix('torch.')}, measured now); model FLOPs: 2 x "
+          f"non-embedding parameters a token run + 2 x H x V a head row, backward 2x the update's forward")
+    print(f"update (forward + backward): {update_rate:.1f} GFLOP/s = {update_rate / peak:.1%} of peak; step: "
+          f"{flops['step'] / len(counted) / 1e9:.1f} GFLOP a step, {step_rate / peak:.1%} of peak")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "steps_counted": len(counted),
                                               "seconds_per_step": {k: v / len(counted) for k, v in total.items()},
-                                              "overrides": args.overrides}, indent=2))
+                                              "gflop_per_step": {k: v / len(counted) / 1e9 for k, v in flops.items()},
+                                              "matmul_peak_gflops": peak, "update_of_peak": update_rate / peak,
+                                              "step_of_peak": step_rate / peak, "overrides": args.overrides},
+                                             indent=2))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,13 @@ def test_profile_rl_times_each_part_of_real_steps(tmp_path, tiny_model_dir):
     assert abs(sum(v for k, v in seconds.items() if k != "step") - seconds["step"]) < 1e-6 * seconds["step"] + 1e-9
     assert seconds["rest (between the parts)"] >= -1e-6
     assert "old log-probs forward" in proc.stdout  # the table
+    # model FLOPs: the old log-probs forward runs the policy (the reference's architecture, the same rows, prompts
+    # shared) and the critic (a body as large, rows whole): at least twice the reference's
+    gflop = report["gflop_per_step"]
+    assert gflop["reference forward"] > 0 and gflop["old log-probs forward"] >= 2 * gflop["reference forward"]
+    assert gflop["backward"] == pytest.approx(2 * gflop["update forward"]) and gflop["update forward"] > 0
+    assert gflop["step"] == pytest.approx(sum(v for k, v in gflop.items() if k != "step"))
+    assert report["matmul_peak_gflops"] > 0 and 0 < report["step_of_peak"] < report["update_of_peak"] < 1
 
 
 @pytest.mark.slow  # about 40 s: three short runs (one process, two torchruns)
