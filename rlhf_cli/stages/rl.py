@@ -539,8 +539,11 @@ class RLRecipe:
 
     def sampler_logprobs_apply(self) -> bool:
         """One update a batch (single pass), sampled here by the training model itself (not vLLM's copy of the
-        weights, not an async actor's), no value head on the policy: the sampler's log-probs are the old ones."""
-        return self.single_pass and not self.engine.separate_weights and self.shared is None and self.actors is None
+        weights, not an async actor's), in fp32 (decoding and a whole forward agree to ~1e-5 a token; under bf16
+        they differ by 0.03 a token on average, 0.005 biased: 0.3 nats of KL over 64 tokens, measured on SmolLM2),
+        no value head on the policy: the sampler's log-probs are the old ones."""
+        return (self.single_pass and not self.engine.separate_weights and self.shared is None and self.actors is None
+                and self.precision.compute is None and self.precision.weights == "fp32")
 
     def logprobs_under(self, model, device, rollout: Rollout) -> torch.Tensor:
         """(B, T) log-probs of the rollout's responses under a model run without gradients (the reference;

@@ -491,3 +491,18 @@ def test_dynamic_sampling_resumes_bit_identical(tmp_path, tiny_model_dir):
     a = load_file(tmp_path / "a" / "final" / "model.safetensors")
     b = load_file(tmp_path / "b" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("autocast, source", [("none", "the sampler's"), ("bf16", "a no-grad forward")])
+def test_old_log_probs_of_a_split_one_pass_update_come_from_the_sampler_in_fp32_only(tmp_path, tiny_model_dir,
+                                                                                    autocast, source):
+    """A one-pass update over several micro-batches takes the sampler's log-probs as the old ones in fp32 (they
+    agree with a forward to ~1e-5 a token); under bf16, decoding and a whole forward disagree (0.03 a token on
+    SmolLM2), so a no-grad forward gives them, computed as the reference's are: the first step's KL is exactly 0."""
+    proc = run_cli("rl", f"policy.path={tiny_model_dir}", "output_dir=out", "max_steps=1", "micro_batch_tokens=140",
+                   f"device.autocast={autocast}", "algorithm.dynamic_sampling=false", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout + proc.stderr
+    assert f"old log-probs: the update's own forward in one micro-batch, else {source}" in said
+    first = next(r for r in metrics(tmp_path / "out") if r.get("kind", "train") == "train")
+    assert first["kl"] == 0.0 if autocast == "bf16" else abs(first["kl"]) < 1e-4
