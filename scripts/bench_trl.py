@@ -21,7 +21,9 @@ so that both sides see the same machine load:
 With --model every pair starts from that checkpoint (the SFT pair from it, the later pairs from the SFT's
 final/, as on the tiny model) at S_MODEL's settings: the pretrained defaults' learning rates and a batch a CPU
 runs a handful of steps of. The data is the embedded task's on both sides (plain-text prompts, no chat template).
-REINFORCE runs with `algorithm.dynamic_sampling=false`: TRL's trainers draw each batch once, and the redraws would
+TRL's trainers run with `gradient_checkpointing=False`: TRL 1.12 turns it on in every trainer config by default
+(recomputing activations in the backward: less memory, more compute), ours is off by default, and a pair compares
+the same work. REINFORCE runs with `algorithm.dynamic_sampling=false`: TRL's trainers draw each batch once, and the redraws would
 time more rollouts on our side than on theirs.
 
 Every figure is a median over steps after the first two; the ratio is ours / TRL
@@ -69,7 +71,8 @@ def _trl_common(out_dir: Path, steps: int, batch: int, lr: float, device: str) -
     return dict(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
                 logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, eval_strategy="no",
                 use_cpu=not device.startswith("cuda"), bf16=device.startswith("cuda"), seed=0,
-                dataloader_num_workers=0, lr_scheduler_type="constant")
+                dataloader_num_workers=0, lr_scheduler_type="constant",
+                gradient_checkpointing=False)  # TRL 1.12's configs default it on, ours off: the same compute
 
 
 def _timer():
