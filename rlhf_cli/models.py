@@ -267,7 +267,7 @@ def dropout_off(model):
     """Eval mode (dropout off) for a model that still trains (the RL policy): every module in eval mode but the
     layers with gradient checkpointing enabled, which transformers checkpoints only in training mode
     (GradientCheckpointingLayer: `self.gradient_checkpointing and self.training`); the dropout modules inside
-    them stay off. Plain `eval()` would silently turn policy.gradient_checkpointing off."""
+    them stay off. A plain `model.eval()` would silently turn policy.gradient_checkpointing off."""
     model.eval()
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) is True:
