@@ -156,14 +156,17 @@ class CheckpointConfig:
 @dataclass
 class DeviceConfig:
     type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
-    autocast: str = doc("none", "mixed precision autocast: none or bf16")
+    autocast: Optional[str] = doc(None, "mixed precision autocast: none or bf16 (null: bf16 for rl on a pretrained "
+                                        "model where the device has bf16 matmul units, CUDA or a CPU with "
+                                        "AVX512-BF16/AMX; else none)")
     distributed: str = doc("ddp", "under torchrun: ddp (replicate) or fsdp (shard)")
     threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
 
     def __post_init__(self):
         if not (self.type in ("auto", "cpu", "cuda") or self.type.startswith("cuda:")):
             raise ConfigError(f"device.type={self.type!r} is not auto, cpu, cuda or cuda:N; e.g. device=cpu")
-        check_choice("device.autocast", self.autocast, ("none", "bf16"))
+        if self.autocast is not None:
+            check_choice("device.autocast", self.autocast, ("none", "bf16"))
         check_choice("device.distributed", self.distributed, ("ddp", "fsdp"))
 
 

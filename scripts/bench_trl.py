@@ -281,7 +281,9 @@ def ours(stage: str, root: Path, name: str, device: str, *overrides: str) -> dic
         import shutil
 
         shutil.rmtree(run)
-    mem = bench.cli(stage, f"output_dir={name}", *overrides, f"device={device}", "eval.every=100000",
+    # TRL's precision (its bf16 flag: on CUDA only); ours would take bf16 on any device with bf16 units
+    precision = f"device.autocast={'bf16' if device.startswith('cuda') else 'none'}"
+    mem = bench.cli(stage, f"output_dir={name}", *overrides, f"device={device}", precision, "eval.every=100000",
                     "checkpoint.every=100000", "log_every=1", "data.eval_limit=16", cwd=root)
     batch = {"sft": S["sft_batch"], "train-rm": S["rm_batch"]}.get(stage)
     if batch is None:  # rl: rows per step from the overrides

@@ -61,5 +61,25 @@ def test_run_length_follows_the_origin_unless_steps_or_epochs_are_set(tiny_model
 def test_a_pretrained_run_says_which_defaults_it_took(pretrained_layout):
     cfg = compose_config("rl", [f"policy.path={pretrained_layout}"])
     line = origin.describe("rl", cfg, str(pretrained_layout))
-    assert line.startswith("rl: optim.lr=1e-05: the defaults for a pretrained model")
+    took = "optim.lr=1e-05" + (", device.autocast=bf16" if cfg.device.autocast == "bf16" else "")
+    assert line.startswith(f"rl: {took}: the defaults for a pretrained model")
     assert origin.describe("rl", compose_config("rl", ["optim.lr=1e-5"]), None) is None
+
+
+def test_rl_autocasts_a_pretrained_model_to_bf16_where_the_cpu_has_bf16_units(tiny_model_dir, pretrained_layout,
+                                                                             tmp_path):
+    """device.autocast unset: bf16 for rl on a pretrained model where the device multiplies in bf16 (this CPU's
+    flags decide); none from scratch, for sft and train-rm, and wherever it is set."""
+    fast = "bf16" if origin.cpu_has_bf16() else "none"
+    assert compose_config("rl", [f"policy.path={pretrained_layout}", "device=cpu"]).device.autocast == fast
+    assert compose_config("rl", [f"policy.path={tiny_model_dir}", "device=cpu"]).device.autocast == "none"
+    assert compose_config("rl", ["device=cpu"]).device.autocast == "none"  # the embedded model
+    assert compose_config("rl", [f"policy.path={pretrained_layout}", "device=cpu",
+                                 "device.autocast=none"]).device.autocast == "none"
+    for stage in ("sft", "train-rm"):
+        assert compose_config(stage, [f"model.path={pretrained_layout}", "device=cpu"]).device.autocast == "none"
+    for flags, has in (("fpu sse2 avx512f avx512_bf16 amx_tile", True), ("fpu amx_bf16", True),
+                       ("fpu sse2 avx2 avx512f", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert origin.cpu_has_bf16(str(tmp_path / "cpuinfo")) is has
+    assert origin.cpu_has_bf16(str(tmp_path / "missing")) is False
