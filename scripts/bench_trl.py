@@ -447,7 +447,7 @@ def print_table(results: dict) -> None:
         mem = " / ".join(f"{p[s].get('peak_cuda_mb', p[s]['peak_rss_mb']):,.0f}" for s in ("ours", "trl"))
         ok = "[green]" if p["ratio"] >= p["target"] else "[red]"
         table.add_row(name, unit, f"{p['ours'][key]:,.1f}", f"{p['trl'][key]:,.1f}", f"{ok}{p['ratio']:.2f}x",
-                      f"{p['target']:.0f}x", mem)
+                      f"{p['target']:g}x", mem)
     console = Console(width=max(120, Console().width))
     console.print(table)
     for name, p in results["pairs"].items():
