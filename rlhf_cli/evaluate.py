@@ -265,44 +265,21 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     import torch
 
     from rlhf_cli import data
-    from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.evaluation import held_out_accuracy, sampled_accuracy
-    from rlhf_cli.models import (CAUSAL_LM, REWARD_MODEL, check_generation_fits, check_model_dir, check_model_kind,
-                                 load_causal_lm, load_scalar_head_model, load_tokenizer, position_limit)
+    from rlhf_cli.models import (CAUSAL_LM, check_generation_fits, check_model_kind, load_causal_lm, load_tokenizer,
+                                 position_limit)
     from rlhf_cli.rollout import check_engine, make_engine
     from rlhf_cli.runtime import resolve_device
-    from rlhf_cli.scoring import score_texts
 
     t0 = time.time()
-    manifest = read_manifest(ckpt)
-    if manifest.get("stage") == "train-rm":
-        raise UserError(f"{ckpt} is a reward model (train-rm); evaluate a policy (an sft or rl final/) "
-                        f"and pass this one as reward.model.path={ckpt}")
-    seed = cfg.seed if cfg.seed is not None else _from_run(manifest, "seed", 0)
-    num_eval = cfg.data.num_eval or _from_run(manifest, "data.num_eval", 200)
-    eval_limit = cfg.data.eval_limit or _from_run(manifest, "data.eval_limit", 200)
-    max_new_tokens = cfg.eval.max_new_tokens or _from_run(manifest, "eval.max_new_tokens", 40)
-    eval_cfg = dataclasses.replace(cfg.eval, max_new_tokens=max_new_tokens)
-    rm_manifest = {}
+    manifest = _policy_manifest(ckpt)
+    seed, num_eval, eval_limit, eval_cfg = _settings(cfg, manifest)
+    max_new_tokens = eval_cfg.max_new_tokens
     rm_path = cfg.reward.model.path
-    if rm_path:
-        rm_manifest = read_manifest(rm_path)
-        if rm_manifest and rm_manifest.get("stage") != "train-rm":
-            raise UserError(f"reward.model.path: {rm_path} is not a reward model (its manifest says stage "
-                            f"{rm_manifest.get('stage')!r}); give a train-rm final/")
-
+    rm_manifest = _reward_model_manifest(rm_path)
     check_model_kind(str(ckpt), "CHECKPOINT", CAUSAL_LM)  # from config.json: no weights yet
-    if rm_path:
-        check_model_dir(rm_path, "reward.model.path")
-        check_model_kind(rm_path, "reward.model.path", REWARD_MODEL)
 
-    # rows and prompts first: a data problem fails before any weights load
-    if cfg.data.eval is None:
-        rows = task.prompt_rows(num_eval, seed=seed, split="eval", n_eval=num_eval)
-        source = f"embedded task held-out split (seed {seed}, {num_eval} rows)"
-    else:
-        rows = data.load_rows(cfg.data.eval, "data.eval", cfg.data.eval_split, cfg.data.subset)
-        source = cfg.data.eval
+    rows, source = _eval_rows(cfg, seed, num_eval)  # rows first: a data problem fails before any weights load
     rows = rows[:eval_limit]
     tokenizer = load_tokenizer(str(ckpt), "CHECKPOINT", cfg.model.trust_remote_code)
     prompts = [data.prompt_text(tokenizer, row, i, "data.eval") for i, row in enumerate(rows)]
@@ -331,30 +308,98 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
                                                         position_limit(str(ckpt)))
     del model, engine
 
-    rm_scores = None
-    metrics = {"prompts": len(rows)}
-    if accuracy is not None:
-        metrics["accuracy"] = accuracy
-    metrics.update(sampled)  # pass@1, pass@k, maj@k
-    if rm_path:
-        rm_tokenizer = load_tokenizer(rm_path, "reward.model.path", cfg.model.trust_remote_code)
-        rm = load_scalar_head_model(rm_path, "reward.model.path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-        rm_scores = score_texts(rm, rm_tokenizer, prompts, responses, device, eval_cfg.batch_size,
-                                tokens=plan.infer_tokens).tolist()
-        metrics["rm_score"] = sum(rm_scores) / len(rm_scores)
-        if "score_std" in rm_manifest:  # standardised as rl's reward is: (s - mean) / std on held-out pairs
-            mean, std = float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
-            metrics["rm_score_normalized"] = (metrics["rm_score"] - mean) / std
+    metrics = {"prompts": len(rows), **({"accuracy": accuracy} if accuracy is not None else {}),
+               **sampled}  # sampled: pass@1, pass@k, maj@k
+    rm_scores = (_rm_scores(cfg, rm_manifest, prompts, responses, device, plan.infer_tokens, metrics)
+                 if rm_path else None)
     metrics["response_chars"] = mean_chars
     metrics["response_tokens"] = sum(len(data.encode(tokenizer, r)) for r in responses) / max(1, len(responses))
-    generations = [{"prompt": p, "response": r, "correct": c, **({"rm_score": s} if rm_scores else {}),
-                    **({"samples_correct": n} if sampled else {})}
-                   for p, r, c, s, n in zip(prompts, responses, checks, rm_scores or [None] * len(rows), correct_samples)]
+    generations = _generations(prompts, responses, checks, rm_scores, correct_samples if sampled else None)
     return {"checkpoint": str(ckpt), "stage": manifest.get("stage"), "data": source,
             "rule": eval_cfg.rule if accuracy is not None else None, "reward_model": rm_path,
             "max_new_tokens": max_new_tokens, "memory": plan.describe(), **({"samples_per_prompt": eval_cfg.samples} if sampled else {}),
             "metrics": metrics, "wall_time_s": round(time.time() - t0, 2),
             "samples": generations[: eval_cfg.show_samples], "generations": generations}
+
+
+def _policy_manifest(ckpt: Path) -> dict:
+    """The checkpoint's manifest ({} without one); a reward model's final/ is an error naming where it goes."""
+    from rlhf_cli.checkpoint import read_manifest
+
+    manifest = read_manifest(ckpt)
+    if manifest.get("stage") == "train-rm":
+        raise UserError(f"{ckpt} is a reward model (train-rm); evaluate a policy (an sft or rl final/) "
+                        f"and pass this one as reward.model.path={ckpt}")
+    return manifest
+
+
+def _settings(cfg: EvalToolConfig, manifest: dict) -> tuple[int, int, int, object]:
+    """(seed, data.num_eval, data.eval_limit, the eval settings): each key set here, else the run's own (its
+    manifest), else the default."""
+    seed = cfg.seed if cfg.seed is not None else _from_run(manifest, "seed", 0)
+    num_eval = cfg.data.num_eval or _from_run(manifest, "data.num_eval", 200)
+    eval_limit = cfg.data.eval_limit or _from_run(manifest, "data.eval_limit", 200)
+    max_new_tokens = cfg.eval.max_new_tokens or _from_run(manifest, "eval.max_new_tokens", 40)
+    return seed, num_eval, eval_limit, dataclasses.replace(cfg.eval, max_new_tokens=max_new_tokens)
+
+
+def _reward_model_manifest(rm_path: str | None) -> dict:
+    """reward.model.path's manifest ({} for none or a model without one), checked from its files before any
+    weights load: a train-rm final/, a model directory, a reward model's kind."""
+    from rlhf_cli.checkpoint import read_manifest
+    from rlhf_cli.models import REWARD_MODEL, check_model_dir, check_model_kind
+
+    if not rm_path:
+        return {}
+    rm_manifest = read_manifest(rm_path)
+    if rm_manifest and rm_manifest.get("stage") != "train-rm":
+        raise UserError(f"reward.model.path: {rm_path} is not a reward model (its manifest says stage "
+                        f"{rm_manifest.get('stage')!r}); give a train-rm final/")
+    check_model_dir(rm_path, "reward.model.path")
+    check_model_kind(rm_path, "reward.model.path", REWARD_MODEL)
+    return rm_manifest
+
+
+def _generations(prompts, responses, checks, rm_scores, correct_samples) -> list[dict]:
+    """One dict a prompt: its response, the rule's check, and the RM's score and the correct samples' count where
+    they were measured (None: not)."""
+    rows = []
+    for i, (prompt, response, check) in enumerate(zip(prompts, responses, checks)):
+        row = {"prompt": prompt, "response": response, "correct": check}
+        if rm_scores:
+            row["rm_score"] = rm_scores[i]
+        if correct_samples is not None:
+            row["samples_correct"] = correct_samples[i]
+        rows.append(row)
+    return rows
+
+
+def _eval_rows(cfg: EvalToolConfig, seed: int, num_eval: int) -> tuple[list[dict], str]:
+    """The held-out rows (data.eval, or the embedded task's held-out split) and where they came from."""
+    from rlhf_cli import data
+
+    if cfg.data.eval is None:
+        rows = task.prompt_rows(num_eval, seed=seed, split="eval", n_eval=num_eval)
+        return rows, f"embedded task held-out split (seed {seed}, {num_eval} rows)"
+    return data.load_rows(cfg.data.eval, "data.eval", cfg.data.eval_split, cfg.data.subset), cfg.data.eval
+
+
+def _rm_scores(cfg: EvalToolConfig, rm_manifest: dict, prompts, responses, device, tokens: int,
+               metrics: dict) -> list[float]:
+    """The reward model's score of every (prompt, response); their mean (and, where the RM's manifest has its
+    held-out statistics, the mean standardised as rl's reward is: (s - mean) / std) go into metrics."""
+    from rlhf_cli.models import load_scalar_head_model, load_tokenizer
+    from rlhf_cli.scoring import score_texts
+
+    rm_path = cfg.reward.model.path
+    rm_tokenizer = load_tokenizer(rm_path, "reward.model.path", cfg.model.trust_remote_code)
+    rm = load_scalar_head_model(rm_path, "reward.model.path", cfg.model.dtype, device, cfg.model.trust_remote_code)
+    rm_scores = score_texts(rm, rm_tokenizer, prompts, responses, device, cfg.eval.batch_size, tokens=tokens).tolist()
+    metrics["rm_score"] = sum(rm_scores) / len(rm_scores)
+    if "score_std" in rm_manifest:
+        mean, std = float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
+        metrics["rm_score_normalized"] = (metrics["rm_score"] - mean) / std
+    return rm_scores
 
 
 def _checks(rows, prompts, responses, rule: str) -> list[bool]:

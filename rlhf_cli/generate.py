@@ -199,6 +199,26 @@ def load_prompt_rows(cfg: GenerateToolConfig) -> tuple[list[dict], str]:
     return rows[: cfg.data.limit] if cfg.data.limit else rows, cfg.data.prompts
 
 
+def _check_model(cfg: GenerateToolConfig) -> None:
+    """model.path's kind, size and engine from its config.json: a wrong model fails before any weights load."""
+    from rlhf_cli.models import CAUSAL_LM, check_generation_fits, check_model_dir, check_model_kind
+    from rlhf_cli.rollout import check_engine
+
+    check_model_dir(cfg.model.path, "model.path")
+    check_model_kind(cfg.model.path, "model.path", CAUSAL_LM)
+    check_generation_fits(cfg.model.path, {"max_new_tokens": cfg.max_new_tokens})
+    check_engine(cfg.engine, cfg.model.path, "model.path", "engine")  # vllm: an architecture it runs
+
+
+def _start_output(output: Path, complete_bytes: int, cfg: GenerateToolConfig) -> None:
+    """Rank 0, before appending: cut a torn last line, and write the run's settings beside a new output."""
+    cut_torn_line(output, complete_bytes)
+    if not meta_path(output).exists():
+        from rlhf_cli.checkpoint import write_json
+
+        write_json(meta_path(output), settings(cfg))
+
+
 def generate(cfg: GenerateToolConfig) -> None:
     """Sample K responses for every prompt not yet in cfg.output, appending one row per prompt."""
     output = Path(cfg.output).expanduser()
@@ -210,15 +230,10 @@ def generate(cfg: GenerateToolConfig) -> None:
     import torch
 
     from rlhf_cli import data, runtime
-    from rlhf_cli.models import (CAUSAL_LM, check_generation_fits, check_model_dir, check_model_kind, load_causal_lm,
-                                 load_tokenizer, position_limit)
-    from rlhf_cli.rollout import check_engine, make_engine
+    from rlhf_cli.models import load_causal_lm, load_tokenizer, position_limit
+    from rlhf_cli.rollout import make_engine
 
-    check_model_dir(cfg.model.path, "model.path")
-    check_model_kind(cfg.model.path, "model.path", CAUSAL_LM)
-    check_generation_fits(cfg.model.path, {"max_new_tokens": cfg.max_new_tokens})
-    check_engine(cfg.engine, cfg.model.path, "model.path", "engine")  # vllm: an architecture it runs, before the weights load
-
+    _check_model(cfg)
     rows, source = load_prompt_rows(cfg)
     tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)
     prompts = [data.prompt_text(tokenizer, row, i, "data.prompts") for i, row in enumerate(rows)]
@@ -231,11 +246,7 @@ def generate(cfg: GenerateToolConfig) -> None:
     try:
         say = console.print if rt.is_main else (lambda *a, **k: None)
         if rt.is_main:
-            cut_torn_line(output, complete_bytes)
-            if not meta_path(output).exists():
-                from rlhf_cli.checkpoint import write_json
-
-                write_json(meta_path(output), settings(cfg))
+            _start_output(output, complete_bytes, cfg)
         if len(done) == len(rows):
             say(f"{output}: all {len(rows)} prompts already have responses; nothing to do", markup=False)
             return

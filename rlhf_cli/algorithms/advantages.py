@@ -138,6 +138,22 @@ def nstep_advantages(rewards: Tensor, values: Tensor, response_mask: Tensor, sco
     return advantages, returns
 
 
+def _check_reinforce_args(baseline: str, batch_size: int, group_size: int) -> None:
+    """A known baseline, a batch of whole groups, and K >= 2 where the baseline compares a group's samples."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown REINFORCE baseline {baseline!r}; valid: {', '.join(BASELINES)}")
+    if group_size < 1 or batch_size % group_size != 0:
+        raise ValueError(
+            f"batch of {batch_size} responses is not divisible by group_size={group_size} "
+            "(samples per prompt); make the batch a multiple of the samples per prompt"
+        )
+    if baseline in GROUP_BASELINES and group_size < 2:
+        raise ValueError(
+            f"baseline {baseline!r} compares the samples of one prompt and needs group_size >= 2 "
+            f"(got {group_size}); sample more responses per prompt or use baseline 'mean' or 'none'"
+        )
+
+
 @ADVANTAGE_ESTIMATORS.register("reinforce")
 def reinforce_advantages(
     rewards: torch.Tensor,
@@ -205,19 +221,7 @@ def reinforce_advantages(
         ``(advantages, returns)``, each (B, T), detached, 0 on padding;
         ``returns`` is G (no baseline).
     """
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown REINFORCE baseline {baseline!r}; valid: {', '.join(BASELINES)}")
-    batch_size = rewards.shape[0]
-    if group_size < 1 or batch_size % group_size != 0:
-        raise ValueError(
-            f"batch of {batch_size} responses is not divisible by group_size={group_size} "
-            "(samples per prompt); make the batch a multiple of the samples per prompt"
-        )
-    if baseline in GROUP_BASELINES and group_size < 2:
-        raise ValueError(
-            f"baseline {baseline!r} compares the samples of one prompt and needs group_size >= 2 "
-            f"(got {group_size}); sample more responses per prompt or use baseline 'mean' or 'none'"
-        )
+    _check_reinforce_args(baseline, rewards.shape[0], group_size)
     returns = discounted_returns(rewards, response_mask, gamma)
     sequence_returns = returns[:, 0]  # (B,)
 
