@@ -84,7 +84,7 @@ def _assert_same_update(start: dict, split: dict, whole: dict, moved_at_least: f
     ["algorithm=reinforce"],  # one pass: unsplit, its forward gives the old log-probs; split, the sampler's
     ["algorithm=a2c"],  # one pass + a critic: split, the sampler's log-probs and the critic's own no-grad forward
     ["algorithm=reinforce", "policy.gradient_checkpointing=true"],  # checkpointed layers: rows whole under grad
-    ["algorithm=ppo", "algorithm.epochs=2", "algorithm.minibatches=2"],  # + a critic, minibatches, two epochs
+    ["algorithm=ppo", "algorithm.epochs=2", "algorithm.minibatches=2"],  # + a critic, minibatches, two epochs: the sampler's
 ], ids=["reinforce", "a2c", "checkpointed", "ppo"])
 def test_rl_update_in_micro_batches_equals_the_unsplit_update(sft_run, tmp_path, extra):
     runs = {}
@@ -95,7 +95,10 @@ def test_rl_update_in_micro_batches_equals_the_unsplit_update(sft_run, tmp_path,
                        cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"micro-batches of at most {tokens:,} tokens (set" in proc.stdout + proc.stderr
-        assert ("else the sampler's" in proc.stdout + proc.stderr) == (extra[0] != "algorithm=ppo")  # one pass
+        said = proc.stdout + proc.stderr  # fp32: the sampler's log-probs are the old ones, one pass or several
+        assert ("old log-probs: the update's own forward in one micro-batch, else the sampler's" in said) == (
+            extra[0] != "algorithm=ppo")
+        assert ("old log-probs: the sampler's" in said) == (extra[0] == "algorithm=ppo")
         runs[name] = tmp_path / name
     start = _weights(sft_run)
     _assert_same_update(start, _weights(runs["split"]), _weights(runs["whole"]), 1e-5)

@@ -371,9 +371,8 @@ class RLRecipe:
             f"prompts x {K} samples) x 1 accum x {rt.world_size} ranks, {a.minibatches} minibatch(es) x "
             f"{a.epochs} epoch(s) per rollout, policy on {self.dev_policy} ({self.precision.describe()}"
             + (f", {cfg.device.distributed}" if rt.distributed else "") + "); old log-probs: "
-            + ("the update's own forward in one micro-batch, else the sampler's" if self.sampler_logprobs_apply()
-               else "the update's own forward in one micro-batch, else a no-grad forward" if self.single_pass
-               else "a no-grad forward"))
+            + ("the update's own forward in one micro-batch, else " if self.single_pass else "")
+            + ("the sampler's" if self.sampler_logprobs_apply() else "a no-grad forward"))
         held = self.held
         frozen_models = {"reference": self.reference, "reward model": self.reward_model}
         say("rl: frozen weights: " + ", ".join(
@@ -508,9 +507,9 @@ class RLRecipe:
                 update_forward = self.forward(input_ids, attention_mask, P)
             logprobs_old, _, values_old = (t.detach() if t is not None else None for t in update_forward)
         elif received is None and self.sampler_logprobs_apply():
-            # one update in micro-batches: the sampler computed the policy's log-probs as it drew each token (same
-            # weights, temperature and support; to float rounding: tests/test_logprobs.py), so no forward repeats
-            # them; a critic's values still need its own
+            # the sampler computed the behaviour policy's log-probs as it drew each token (same weights,
+            # temperature and support; to float rounding: tests/test_logprobs.py), so no forward repeats them, for
+            # one pass in micro-batches or several epochs alike; a critic's values still need its own
             logprobs_old = rollout.logprobs.to(self.dev_policy)
             values_old = self.no_grad_forward(rollout, policy=False)[1]
         else:  # in micro-batches of the no-grad budget
@@ -538,11 +537,11 @@ class RLRecipe:
         return self.ddp_critic is None and self.shares_prefix(self.ddp_policy, grad=True)
 
     def sampler_logprobs_apply(self) -> bool:
-        """One update a batch (single pass), sampled here by the training model itself (not vLLM's copy of the
-        weights, not an async actor's), in fp32 (decoding and a whole forward agree to ~1e-5 a token; under bf16
+        """Sampled here by the training model itself (not vLLM's copy of the weights, not an async actor's), in fp32 (decoding and a whole forward agree to ~1e-5 a token; under bf16
         they differ by 0.03 a token on average, 0.005 biased: 0.3 nats of KL over 64 tokens, measured on SmolLM2),
-        no value head on the policy: the sampler's log-probs are the old ones."""
-        return (self.single_pass and not self.engine.separate_weights and self.shared is None and self.actors is None
+        no value head on the policy: the sampler's log-probs are the old ones, whatever the epochs and minibatches
+        (PPO's ratio is against the policy that sampled; a forward of the same weights repeats the sampler's numbers)."""
+        return (not self.engine.separate_weights and self.shared is None and self.actors is None
                 and self.precision.compute is None and self.precision.weights == "fp32")
 
     def logprobs_under(self, model, device, rollout: Rollout) -> torch.Tensor:

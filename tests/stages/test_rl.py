@@ -207,9 +207,13 @@ def test_each_algorithm_raises_held_out_accuracy(sft_run, tmp_path, algorithm, e
     if algorithm == "ppo":
         assert "clip_frac" in train[-1] and "ratio_mean" in train[-1]
     assert manifest["sft_run"] == str(sft_run.resolve())
-    # the reference is the SFT model and stays it: KL exactly 0 before the first update (the reference computes
-    # as the policy does), then the policy moves away from it while the reference does not
-    assert train[0]["kl"] == 0.0 and train[-1]["kl"] > 1e-3, [r["kl"] for r in train]
+    # the reference is the SFT model and stays it: KL 0 before the first update, then the policy moves away from
+    # it while the reference does not. Exactly 0 where the update's own forward gives the old log-probs (one pass,
+    # one micro-batch: the reference computes as the policy does); PPO's several passes take the sampler's, which
+    # decoding computed token by token with a cache: fp32 rounding from a whole forward (a different model: >0.1)
+    first = train[0]["kl"]
+    assert (first == 0.0 if algorithm != "ppo" or extra else abs(first) < 1e-6), first
+    assert train[-1]["kl"] > 1e-3, [r["kl"] for r in train]
 
 
 def test_process_reward_raises_held_out_accuracy(sft_run, tmp_path):
@@ -310,13 +314,15 @@ finally:
 # responses on their cached keys and values: logprobs.shared_prefix_inputs); the critic's runs rows whole
 @pytest.mark.parametrize("algorithm, extra, per_step", [
     ("reinforce", [], [[0, 2], [2, 0]]),  # reference (no grad); policy: the update's forward only
-    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2"], [[0, 2], [4, 1], [8, 2]]),  # critic: 4 + 1, rows whole
+    # PPO, fp32: the policy's old log-probs are the sampler's (no policy forward without grad); critic: 4 + 1, rows whole
+    ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2"], [[0, 2], [4, 1], [8, 0]]),
     ("ppo", ["algorithm.epochs=2", "algorithm.minibatches=2", "critic.init=shared"], [[0, 2], [8, 2]]),
 ], ids=["reinforce", "ppo", "ppo-shared-critic"])
 def test_forwards_per_step(tmp_path, tiny_model_dir, algorithm, extra, per_step):
     """Decoder forwards per step, per model, with and without gradients. A one-pass update (epochs =
-    minibatches = 1) takes the old log-probs from its own forward; PPO's K x M passes need one no-grad
-    forward before them; a shared critic runs no model of its own. Sampling and evaluation (the lean
+    minibatches = 1) takes the old log-probs from its own forward; PPO's K x M passes take the sampler's
+    (fp32), and only the critic runs a no-grad forward for its values; a shared critic (a value head on the
+    policy) runs no model of its own, and the policy's no-grad forward gives log-probs and values at once. Sampling and evaluation (the lean
     engine) run no whole-decoder forward."""  # counts sorted: [grad, no-grad] calls of each model
     import subprocess
     import sys
