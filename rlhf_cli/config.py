@@ -605,11 +605,12 @@ class RLConfig:
             algo.dynamic_sampling = self.dynamic_sampling_default
         if algo.epochs is None:  # resolved here too: config.yaml and the log show the value in force
             algo.epochs = PPO_EPOCHS_LAGGED if self.rollout.lagged else PPO_EPOCHS
-        from rlhf_cli.algorithms import GROUP_BASELINES, POLICY_LOSSES  # torch: see AlgorithmConfig.__post_init__
+        from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS, BASELINES, POLICY_LOSSES, reads  # torch: see __post_init__
 
         if POLICY_LOSSES.trait(algo.name, "needs_critic") and not algo.needs_critic:
             raise ConfigError(f"algorithm {algo.name} needs a critic: set algorithm.advantage=gae or nstep")
-        if algo.advantage == "reinforce" and algo.baseline in GROUP_BASELINES and self.rollout.samples_per_prompt < 2:
+        if (reads(ADVANTAGE_ESTIMATORS.get(algo.advantage), "baseline") and BASELINES.trait(algo.baseline, "compares_group")
+                and self.rollout.samples_per_prompt < 2):
             raise ConfigError(f"algorithm.baseline={algo.baseline} needs rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
         if algo.dynamic_sampling and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"algorithm.dynamic_sampling=true compares the K samples of a prompt and needs "

@@ -1,24 +1,30 @@
 """RLHF algorithm math: pure tensor functions, selected from registries by name.
 
 - :mod:`.core`: masked statistics, KL estimators (``KL_ESTIMATORS``), token rewards, KL controllers.
-- :mod:`.advantages`: return-to-go + REINFORCE baselines, GAE, n-step TD (``ADVANTAGE_ESTIMATORS``).
+- :mod:`.advantages`: return-to-go + REINFORCE baselines (``BASELINES``), GAE, n-step TD (``ADVANTAGE_ESTIMATORS``).
 - :mod:`.aggregation`: loss aggregation over tokens and responses (``LOSS_AGGREGATIONS``).
 - :mod:`.losses`: policy losses (``POLICY_LOSSES``), value loss, entropy, explained variance.
 - :mod:`.offpolicy`: truncated importance weights and V-trace (rollout.mode=async).
 - :mod:`.reward`: the reward model's pairwise loss (train-rm).
-- :mod:`.registry`: the Registry the three above are made of.
+- :mod:`.registry`: the Registry the ones above are made of, and ``bind`` (an entry's config keys, bound once).
 
-Nothing here imports the rest of the project: tensors in, tensors out.
+Nothing here imports the rest of the project but its error type: tensors in, tensors out.
 """
 
 from rlhf_cli.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     BASELINES,
-    GROUP_BASELINES,
+    GROUP_STD_EPS,
     discounted_returns,
     gae,
+    group_mean,
+    group_norm,
+    group_norm_unbiased,
+    leave_one_out,
+    no_baseline,
     nstep_advantages,
     reinforce_advantages,
+    running_mean_baseline,
 )
 from rlhf_cli.algorithms.aggregation import LOSS_AGGREGATIONS, aggregate, local_units, rank_share
 from rlhf_cli.algorithms.core import (
@@ -49,13 +55,13 @@ from rlhf_cli.algorithms.losses import (
     value_loss,
 )
 from rlhf_cli.algorithms.offpolicy import truncated_importance_weights, vtrace
-from rlhf_cli.algorithms.registry import Registry
+from rlhf_cli.algorithms.registry import Registry, bind, reads
 from rlhf_cli.algorithms.reward import pairwise_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "BASELINES",
-    "GROUP_BASELINES",
+    "GROUP_STD_EPS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
@@ -68,16 +74,22 @@ __all__ = [
     "discounted_returns",
     "entropy_from_logits",
     "explained_variance",
+    "bind",
     "gae",
+    "group_mean",
+    "group_norm",
+    "group_norm_unbiased",
     "kl_k1",
     "kl_k2",
     "kl_k3",
     "kl_k3_clamped",
+    "leave_one_out",
     "local_units",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "no_baseline",
     "nstep_advantages",
     "overlong_penalty",
     "pairwise_loss",
@@ -85,7 +97,9 @@ __all__ = [
     "policy_gradient_loss",
     "ppo_policy_loss",
     "rank_share",
+    "reads",
     "reinforce_advantages",
+    "running_mean_baseline",
     "token_rewards",
     "truncated_is_weights",
     "truncated_importance_weights",

@@ -8,11 +8,13 @@ taken before any whitening (whiten advantages afterwards with
 :func:`rlhf_cli.algorithms.core.masked_whiten`).
 
 Estimators are chosen by ``algorithm.advantage`` from :data:`ADVANTAGE_ESTIMATORS`;
-every entry is ``estimator(rewards, values, response_mask, scores=None, **hparams)
--> (advantages, returns)`` with ``hparams`` the algorithm's config keys plus
-``group_size`` (K) and ``running_mean`` (each estimator takes the ones it uses).
-Trait ``needs_values``: it bootstraps from a critic's values (``values`` is None
-for the others).
+every entry is ``estimator(rewards, values, response_mask, scores=None, *, <keys>)
+-> (advantages, returns)``, its keyword parameters the algorithm's config keys and
+the run's ``group_size`` (K) and ``running_mean`` that it reads (bound once at setup:
+``registry.bind``). Traits: ``needs_values``, it bootstraps from a critic's values
+(``values`` is None for the others); ``vtrace``, V-trace replaces it on lagged
+(async) rollouts, where with every weight 1 V-trace is this estimator.
+REINFORCE's baselines are :data:`BASELINES`, one function each.
 """
 
 from __future__ import annotations
@@ -21,14 +23,12 @@ import torch
 from torch import Tensor
 
 from rlhf_cli.algorithms.core import RunningMean, bool_mask
-from rlhf_cli.algorithms.registry import Registry
+from rlhf_cli.algorithms.registry import Registry, bind
 
 ADVANTAGE_ESTIMATORS = Registry("algorithm.advantage",
-                                "(rewards, values, response_mask, scores=None, **hparams) -> (advantages, returns)",
-                                needs_values=False)
+                                "(rewards, values, response_mask, scores=None, *, <keys it reads>) -> (advantages, returns)",
+                                needs_values=False, vtrace=False)
 
-BASELINES = ("none", "mean", "rloo", "group_norm", "group_norm_unbiased", "group_mean")
-GROUP_BASELINES = ("rloo", "group_norm", "group_norm_unbiased", "group_mean")  # compare the K samples of a prompt
 
 
 def _zero_padding(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -59,9 +59,9 @@ def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor, gamma
     return _zero_padding(returns, response_mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("gae", needs_values=True)
+@ADVANTAGE_ESTIMATORS.register("gae", needs_values=True, vtrace=True)
 def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, scores: Tensor | None = None, *,
-        gamma: float, lam: float, **hparams) -> tuple[Tensor, Tensor]:
+        gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16).
 
     Formula: ``delta[t] = r[t] + gamma V[t+1] - V[t]``,
@@ -76,7 +76,6 @@ def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, scores: Tensor |
         scores: unused (the rewards hold them).
         gamma: discount factor.
         lam: GAE lambda (0: one-step TD, 1: Monte-Carlo return minus V).
-        hparams: the algorithm's other keys; none used.
 
     Returns:
         ``(advantages, returns)``, each (B, T), detached, 0 on padding.
@@ -98,7 +97,7 @@ def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, scores: Tensor |
 
 @ADVANTAGE_ESTIMATORS.register("nstep", needs_values=True)
 def nstep_advantages(rewards: Tensor, values: Tensor, response_mask: Tensor, scores: Tensor | None = None, *,
-                     gamma: float, nstep: int, **hparams) -> tuple[Tensor, Tensor]:
+                     gamma: float, nstep: int) -> tuple[Tensor, Tensor]:
     """n-step TD advantages (Mnih et al. 2016, A3C; GAE with lambda = 1 truncated at n).
 
     Formula (n = ``nstep``): ``R[t] = sum_{k=0}^{n-1} gamma^k r[t+k] + gamma^n V[t+n]``,
@@ -113,7 +112,6 @@ def nstep_advantages(rewards: Tensor, values: Tensor, response_mask: Tensor, sco
         gamma: discount factor.
         scores: unused (the rewards hold them).
         nstep: n, the number of reward steps before bootstrapping (>= 1).
-        hparams: the algorithm's other keys; none used.
 
     Returns:
         ``(advantages, returns)``, each (B, T), detached, 0 on padding.
@@ -138,16 +136,154 @@ def nstep_advantages(rewards: Tensor, values: Tensor, response_mask: Tensor, sco
     return advantages, returns
 
 
+# ---------------------------------------------------------------- REINFORCE baselines
+BASELINES = Registry("algorithm.baseline", "(returns, rewards, response_mask, scores, *, <keys it reads>) -> (B, T)",
+                     compares_group=False)
+GROUP_STD_EPS = 1e-6  # added to a group's std before dividing by it (verl's epsilon)
+
+
+@BASELINES.register("none")
+def no_baseline(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None) -> Tensor:
+    """``A[b,t] = G[b,t]``: the return-to-go itself.
+
+    Args:
+        returns: (B, T) return-to-go G; rewards (B, T), response_mask (B, T), scores (B,) or None: unused.
+
+    Returns:
+        (B, T) advantages (padding zeroed by the caller).
+    """
+    return returns
+
+
+@BASELINES.register("mean")
+def running_mean_baseline(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None, *,
+                          running_mean: RunningMean | None) -> Tensor:
+    """``A[b,t] = G[b,t] - m``, m the running mean of the sequence returns ``s_b = G[b, 0]`` over past batches.
+
+    On the first batch (``running_mean.count == 0``) m is the mean of this batch's s. ``running_mean`` is then
+    updated with this batch's s (in place). Under torchrun pass an all-reducing running mean
+    (``distributed.GlobalRunningMean``): m is then the mean over every rank's rows.
+
+    Args:
+        returns: (B, T) return-to-go G; rewards, response_mask, scores: unused.
+        running_mean: the state (required).
+
+    Returns:
+        (B, T) advantages.
+    """
+    if running_mean is None:
+        raise ValueError("baseline 'mean' needs a RunningMean instance (running_mean=...)")
+    sequence_returns = returns[:, 0]
+    if running_mean.count > 0:
+        advantages = returns - running_mean.value
+        running_mean.update(sequence_returns)
+        return advantages
+    running_mean.update(sequence_returns)  # first batch: its own mean (over every rank's rows when all-reduced)
+    return returns - running_mean.value
+
+
+@BASELINES.register("rloo", compares_group=True)
+def leave_one_out(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None, *,
+                  group_size: int) -> Tensor:
+    """Leave-one-out (Ahmadian et al. 2024, "Back to Basics"): ``A[b,t] = G[b,t] - (1/(K-1)) sum_{j != b} s_j``.
+
+    The sum is over the other samples of b's group (rows ``[g*K:(g+1)*K]``), ``s_j = G[j, 0]``; K >= 2.
+
+    Args:
+        returns: (B, T) return-to-go G; rewards, response_mask, scores: unused.
+        group_size: K samples per prompt.
+
+    Returns:
+        (B, T) advantages.
+    """
+    grouped = returns[:, 0].view(-1, group_size)  # (B/K, K)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (B/K, K)
+    return returns - others_mean.reshape(-1, 1)
+
+
+def _group_normalised(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None,
+                      group_size: int, gamma: float, std: str | None, eps: float) -> Tensor:
+    """The group baselines' shared arithmetic: ``ĉ = (c - mean_group(c)) / scale``, scale the group std plus
+    eps (std "population" or "unbiased") or 1 (std None), c the scores (else the sequence returns)."""
+    c = returns[:, 0] if scores is None else scores.to(returns)
+    grouped = c.view(-1, group_size)  # (B/K, K)
+    group_mean = grouped.mean(dim=1, keepdim=True).expand_as(grouped).reshape(-1, 1)
+    if std is None:
+        scale = torch.ones_like(group_mean)
+    else:
+        group_std = grouped.std(dim=1, unbiased=std == "unbiased", keepdim=True)
+        scale = group_std.expand_as(grouped).reshape(-1, 1) + eps
+    if scores is None:
+        return (returns - group_mean) / scale
+    normalised = (c[:, None] - group_mean) / scale  # (B, 1)
+    mask = response_mask.to(returns)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * mask).argmax(-1, keepdim=True)  # last real token of each row
+    swap = torch.zeros_like(returns).scatter(1, last, normalised - c[:, None])
+    return discounted_returns(rewards + swap, response_mask, gamma)
+
+
+@BASELINES.register("group_norm", compares_group=True)
+def group_norm(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None, *, group_size: int,
+               gamma: float, eps: float) -> Tensor:
+    """GRPO's outcome supervision (Shao et al. 2024): the group-normalised score, population std.
+
+    Without scores: ``A[b,t] = (G[b,t] - mean_group(s)) / (std_group(s) + eps)``, the population std
+    (``unbiased=False``: the group is all we normalise over, so K group-normalised scores have std exactly 1
+    up to eps); K >= 2. With ``scores`` (the outcome scores c, (B,)) only they are normalised and the rest of
+    the return (per-token KL penalty, process rewards) stays in reward units: A is the return-to-go of the
+    rewards with the score at the last real token L_b swapped for its normalised value,
+    ``r'[b,t] = r[b,t] + 1[t = L_b] (ĉ_b - c_b)``, ``ĉ = (c - mean_group(c)) / (std_group(c) + eps)``
+    (with gamma = 1: ``A[b,t] = G[b,t] - c_b + ĉ_b``). Without this, a group whose scores are all equal has a
+    tiny std made of KL differences alone, and dividing the per-token KL part of G by it blows advantages up
+    by orders of magnitude (seen as grad norms of 1e3).
+
+    Args:
+        returns: (B, T) return-to-go G of ``rewards``.
+        rewards: (B, T) token rewards (re-summed when scores are given).
+        response_mask: (B, T) bool or 0/1.
+        scores: (B,) outcome scores, or None (then c = s).
+        group_size: K; gamma: the discount; eps: added to the std (``GROUP_STD_EPS`` in a run).
+
+    Returns:
+        (B, T) advantages.
+    """
+    return _group_normalised(returns, rewards, response_mask, scores, group_size, gamma, "population", eps)
+
+
+@BASELINES.register("group_norm_unbiased", compares_group=True)
+def group_norm_unbiased(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None, *,
+                        group_size: int, gamma: float, eps: float) -> Tensor:
+    """:func:`group_norm` with the unbiased (Bessel, K - 1) group std.
+
+    verl's ``compute_grpo_outcome_advantage`` and TRL's GRPOTrainer convention (``torch.std``): advantages
+    smaller by ``sqrt((K-1)/K)`` than ``group_norm``'s (0.935 for K = 8), so the two differ only in scale.
+    Arguments and shapes as :func:`group_norm`.
+    """
+    return _group_normalised(returns, rewards, response_mask, scores, group_size, gamma, "unbiased", eps)
+
+
+@BASELINES.register("group_mean", compares_group=True)
+def group_mean(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None, *, group_size: int,
+               gamma: float) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025, sec. 3.2; verl's ``norm_adv_by_std_in_grpo=False``): ``ĉ = c - mean_group(c)``.
+
+    No division by the std; otherwise as :func:`group_norm`. Dividing by the std weighs prompts that are
+    nearly always (or never) solved most (their std is small): Dr. GRPO's "question-level difficulty bias".
+    This is ``rloo`` times ``(K-1)/K``. Arguments and shapes as :func:`group_norm` (no eps).
+    """
+    return _group_normalised(returns, rewards, response_mask, scores, group_size, gamma, None, 0.0)
+
+
 def _check_reinforce_args(baseline: str, batch_size: int, group_size: int) -> None:
     """A known baseline, a batch of whole groups, and K >= 2 where the baseline compares a group's samples."""
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown REINFORCE baseline {baseline!r}; valid: {', '.join(BASELINES)}")
+    BASELINES.get(baseline)
     if group_size < 1 or batch_size % group_size != 0:
         raise ValueError(
             f"batch of {batch_size} responses is not divisible by group_size={group_size} "
             "(samples per prompt); make the batch a multiple of the samples per prompt"
         )
-    if baseline in GROUP_BASELINES and group_size < 2:
+    if BASELINES.trait(baseline, "compares_group") and group_size < 2:
         raise ValueError(
             f"baseline {baseline!r} compares the samples of one prompt and needs group_size >= 2 "
             f"(got {group_size}); sample more responses per prompt or use baseline 'mean' or 'none'"
@@ -155,109 +291,31 @@ def _check_reinforce_args(baseline: str, batch_size: int, group_size: int) -> No
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce")
-def reinforce_advantages(
-    rewards: torch.Tensor,
-    values: torch.Tensor | None,
-    response_mask: torch.Tensor,
-    scores: torch.Tensor | None = None,
-    *,
-    gamma: float,
-    baseline: str,
-    group_size: int,
-    running_mean: RunningMean | None = None,
-    eps: float = 1e-6,
-    **hparams,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_advantages(rewards: Tensor, values: Tensor | None, response_mask: Tensor, scores: Tensor | None = None,
+                         *, gamma: float, baseline: str, group_size: int,
+                         running_mean: RunningMean | None = None) -> tuple[Tensor, Tensor]:
     """REINFORCE advantages: return-to-go minus a baseline chosen by name (Williams 1992).
 
-    ``G = discounted_returns(rewards)``; sequence return ``s_b = G[b, 0]``.
-    Group g of row b holds rows ``[g*K:(g+1)*K]`` (K = ``group_size``).
-
-    - ``'none'``: ``A[b,t] = G[b,t]``.
-    - ``'mean'``: ``A[b,t] = G[b,t] - m`` with m the running mean of ``s``
-      over past batches (``running_mean.value``); on the first batch
-      (``running_mean.count == 0``) m is the mean of this batch's ``s``.
-      ``running_mean`` is then updated with this batch's ``s`` (in place).
-      Under torchrun pass an all-reducing running mean
-      (``distributed.GlobalRunningMean``): m is then the mean over every rank's rows.
-    - ``'rloo'`` (Ahmadian et al. 2024, "Back to Basics", leave-one-out):
-      ``A[b,t] = G[b,t] - (1/(K-1)) sum_{j in group, j != b} s_j``; K >= 2.
-    - ``'group_norm'`` (Shao et al. 2024, GRPO, outcome supervision):
-      ``A[b,t] = (G[b,t] - mean_group(s)) / (std_group(s) + eps)`` with the
-      population std (``unbiased=False``: the group is all we normalise
-      over, so K group-normalised scores have std exactly 1 up to eps); K >= 2.
-      When ``scores`` (the outcome scores c, (B,)) are given, only they are
-      normalised and the rest of the return (per-token KL penalty, process
-      rewards) stays in reward units: A is the return-to-go of the rewards with
-      the score at the last real token L_b swapped for its normalised value,
-      ``r'[b,t] = r[b,t] + 1[t = L_b] (ĉ_b - c_b)``, ``ĉ = (c - mean_group(c)) / (std_group(c) + eps)``
-      (with gamma = 1: ``A[b,t] = G[b,t] - c_b + ĉ_b``).
-      Without this, a group whose scores are all equal has a tiny std made of KL
-      differences alone, and dividing the per-token KL part of G by it blows
-      advantages up by orders of magnitude (seen as grad norms of 1e3).
-    - ``'group_norm_unbiased'``: ``'group_norm'`` with the unbiased (Bessel, K - 1)
-      group std, verl's ``compute_grpo_outcome_advantage`` and TRL's GRPOTrainer
-      convention (``torch.std``): advantages smaller by ``sqrt((K-1)/K)`` than
-      ``'group_norm'``'s (0.935 for K = 8), so the two differ only in scale.
-    - ``'group_mean'`` (Liu et al. 2025, Dr. GRPO, sec. 3.2; verl's
-      ``norm_adv_by_std_in_grpo=False``): ``ĉ = c - mean_group(c)``, no division by
-      the std; otherwise as ``'group_norm'``. Dividing by the std weighs prompts that
-      are nearly always (or never) solved most (their std is small): Dr. GRPO's
-      "question-level difficulty bias". This is ``'rloo'`` times ``(K-1)/K``.
+    ``G = discounted_returns(rewards)``, ``A = BASELINES[baseline](G, rewards, response_mask, scores)``, the
+    baseline's own keys bound from ``gamma``, ``group_size``, ``running_mean`` and ``eps = GROUP_STD_EPS``
+    (each baseline's docstring has its formula). Group g of row b holds rows ``[g*K:(g+1)*K]`` (K =
+    ``group_size``).
 
     Args:
         rewards: (B, T) token rewards.
         values: unused (no critic).
         response_mask: (B, T) bool or 0/1.
-        scores: (B,) outcome scores for ``'group_norm'`` (see above); None = ``s``.
+        scores: (B,) outcome scores for the group baselines (see :func:`group_norm`); None = ``s``.
         gamma: discount factor.
-        baseline: one of :data:`BASELINES`.
+        baseline: a name in :data:`BASELINES`.
         group_size: K samples per prompt; B must be divisible by K.
         running_mean: state for ``'mean'`` (required there, ignored otherwise).
-        eps: added to the group std for ``'group_norm'``.
-        hparams: the algorithm's other keys; none used.
 
     Returns:
-        ``(advantages, returns)``, each (B, T), detached, 0 on padding;
-        ``returns`` is G (no baseline).
+        ``(advantages, returns)``, each (B, T), detached, 0 on padding; ``returns`` is G (no baseline).
     """
     _check_reinforce_args(baseline, rewards.shape[0], group_size)
     returns = discounted_returns(rewards, response_mask, gamma)
-    sequence_returns = returns[:, 0]  # (B,)
-
-    if baseline == "none":
-        advantages = returns
-    elif baseline == "mean":
-        if running_mean is None:
-            raise ValueError("baseline 'mean' needs a RunningMean instance (running_mean=...)")
-        if running_mean.count > 0:
-            advantages = returns - running_mean.value
-            running_mean.update(sequence_returns)
-        else:  # first batch: its own mean (over every rank's rows when running_mean is all-reduced)
-            running_mean.update(sequence_returns)
-            advantages = returns - running_mean.value
-    else:
-        grouped = sequence_returns.view(-1, group_size)  # (B/K, K)
-        if baseline == "rloo":
-            others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (B/K, K)
-            advantages = returns - others_mean.reshape(-1, 1)
-        else:  # group_norm, group_norm_unbiased, group_mean
-            c = sequence_returns if scores is None else scores.to(returns)
-            grouped = c.view(-1, group_size)
-            group_mean = grouped.mean(dim=1, keepdim=True).expand_as(grouped).reshape(-1, 1)
-            if baseline == "group_mean":
-                scale = torch.ones_like(group_mean)
-            else:
-                group_std = grouped.std(dim=1, unbiased=baseline == "group_norm_unbiased", keepdim=True)
-                scale = group_std.expand_as(grouped).reshape(-1, 1) + eps
-            if scores is None:
-                advantages = (returns - group_mean) / scale
-            else:
-                normalised = (c[:, None] - group_mean) / scale  # (B, 1)
-                mask = response_mask.to(returns)
-                positions = torch.arange(mask.shape[1], device=mask.device)
-                last = (positions * mask).argmax(-1, keepdim=True)  # last real token of each row
-                swap = torch.zeros_like(returns).scatter(1, last, normalised - c[:, None])
-                advantages = discounted_returns(rewards + swap, response_mask, gamma)
-    return _zero_padding(advantages, response_mask), returns
-
+    keys = {"gamma": gamma, "group_size": group_size, "running_mean": running_mean, "eps": GROUP_STD_EPS}
+    subtract = bind(BASELINES.get(baseline), keys, 4, "algorithm.baseline")
+    return _zero_padding(subtract(returns, rewards, response_mask, scores), response_mask), returns

@@ -1,6 +1,7 @@
 """Loss aggregation: how a (B, T) matrix of per-token loss terms becomes one number (``algorithm.loss_agg``).
 
-Every entry is ``agg(loss_mat, response_mask, *, max_new_tokens=None) -> 0-dim`` and has
+Every entry is ``agg(loss_mat, response_mask, *, <keys it reads>) -> 0-dim`` (the one key
+there is: ``max_new_tokens``) and has
 the trait ``unit``: ``"token"`` (the loss is a mean over tokens) or ``"sequence"``
 (a mean over responses). The trait says how ranks are weighted under DDP: DDP
 averages the ranks' gradients, so a rank's local loss is scaled by
@@ -32,14 +33,14 @@ from __future__ import annotations
 import torch
 
 from rlhf_cli.algorithms.core import bool_mask, masked_mean, masked_sum
-from rlhf_cli.algorithms.registry import Registry
+from rlhf_cli.algorithms.registry import Registry, bind
 
-LOSS_AGGREGATIONS = Registry("algorithm.loss_agg", "(loss_mat, response_mask, *, max_new_tokens=None) -> 0-dim loss",
+LOSS_AGGREGATIONS = Registry("algorithm.loss_agg", "(loss_mat, response_mask, *, <max_new_tokens if read>) -> 0-dim loss",
                              unit="token")
 
 
 @LOSS_AGGREGATIONS.register("token-mean")
-def token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor, **hparams) -> torch.Tensor:
+def token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean over every real token of the batch.
 
     Formula: ``L = sum_{b,t} m[b,t] l[b,t] / sum_{b,t} m[b,t]`` (verl ``agg_loss``
@@ -48,7 +49,6 @@ def token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor, **hparams) -
     Args:
         loss_mat: (B, T) per-token loss terms.
         response_mask: (B, T) bool or 0/1.
-        hparams: unused.
 
     Returns:
         0-dim loss.
@@ -57,7 +57,7 @@ def token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor, **hparams) -
 
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-mean", unit="sequence")
-def seq_mean_token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor, **hparams) -> torch.Tensor:
+def seq_mean_token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Token mean within each response, then the mean over responses (GRPO, Shao et al. 2024, eq. 3).
 
     Formula: ``L = (1/B) sum_b [ sum_t m[b,t] l[b,t] / sum_t m[b,t] ]``
@@ -66,7 +66,6 @@ def seq_mean_token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor, **h
     Args:
         loss_mat: (B, T) per-token loss terms.
         response_mask: (B, T) bool or 0/1; every row has a real token.
-        hparams: unused.
 
     Returns:
         0-dim loss.
@@ -75,7 +74,7 @@ def seq_mean_token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor, **h
 
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-sum", unit="sequence")
-def seq_mean_token_sum(loss_mat: torch.Tensor, response_mask: torch.Tensor, **hparams) -> torch.Tensor:
+def seq_mean_token_sum(loss_mat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Token sum within each response, then the mean over responses.
 
     Formula: ``L = (1/B) sum_b sum_t m[b,t] l[b,t]`` (verl ``agg_loss`` mode
@@ -84,7 +83,6 @@ def seq_mean_token_sum(loss_mat: torch.Tensor, response_mask: torch.Tensor, **hp
     Args:
         loss_mat: (B, T) per-token loss terms.
         response_mask: (B, T) bool or 0/1.
-        hparams: unused.
 
     Returns:
         0-dim loss.
@@ -94,7 +92,7 @@ def seq_mean_token_sum(loss_mat: torch.Tensor, response_mask: torch.Tensor, **hp
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm", unit="sequence")
 def seq_mean_token_sum_norm(loss_mat: torch.Tensor, response_mask: torch.Tensor, *,
-                            max_new_tokens: int | None = None, **hparams) -> torch.Tensor:
+                            max_new_tokens: int | None) -> torch.Tensor:
     """Dr. GRPO's constant normaliser: token sums over a fixed length, mean over responses.
 
     Formula: ``L = (1/B) sum_b sum_t m[b,t] l[b,t] / L_max`` with ``L_max`` =
@@ -108,7 +106,6 @@ def seq_mean_token_sum_norm(loss_mat: torch.Tensor, response_mask: torch.Tensor,
         loss_mat: (B, T) per-token loss terms.
         response_mask: (B, T) bool or 0/1.
         max_new_tokens: L_max (the recipe passes ``rollout.max_new_tokens``); None = T.
-        hparams: unused.
 
     Returns:
         0-dim loss.
@@ -118,13 +115,11 @@ def seq_mean_token_sum_norm(loss_mat: torch.Tensor, response_mask: torch.Tensor,
 
 
 def aggregate(loss_mat: torch.Tensor, response_mask: torch.Tensor, loss_agg: str = "token-mean",
-              max_new_tokens: int | None = None, **hparams) -> torch.Tensor:
-    """``LOSS_AGGREGATIONS[loss_agg](loss_mat, response_mask, max_new_tokens=...)``: the policy losses' last step.
-
-    Takes the algorithm's config keys as ``**hparams`` (only ``loss_agg`` and
-    ``max_new_tokens`` are read), so a loss passes its own ``hparams`` through.
-    """
-    return LOSS_AGGREGATIONS.get(loss_agg)(loss_mat, response_mask, max_new_tokens=max_new_tokens)
+              max_new_tokens: int | None = None) -> torch.Tensor:
+    """``LOSS_AGGREGATIONS[loss_agg](loss_mat, response_mask, max_new_tokens=...)``: the policy losses' last step
+    (a loss passes its own ``loss_agg`` and ``max_new_tokens`` on; the recipe binds them for its other terms)."""
+    return bind(LOSS_AGGREGATIONS.get(loss_agg), {"max_new_tokens": max_new_tokens}, 2,
+                "algorithm.loss_agg")(loss_mat, response_mask)
 
 
 def local_units(response_mask: torch.Tensor, loss_agg: str) -> float:

@@ -7,9 +7,9 @@ value loss is a token-level mean. Advantages, old log-probs, old values and
 returns are treated as constants (detached here).
 
 Policy losses are chosen by ``algorithm.name`` from :data:`POLICY_LOSSES`; every
-entry is ``loss(logprobs, logprobs_old, advantages, response_mask, **hparams) ->
-(loss, stats)`` with ``hparams`` the algorithm's config keys (each loss takes the
-ones it uses). Traits: ``needs_critic`` (the algorithm trains a value function),
+entry is ``loss(logprobs, logprobs_old, advantages, response_mask, *, <keys>) ->
+(loss, stats)``, its keyword parameters the algorithm's config keys (and the run's
+``max_new_tokens``) that it reads, bound once at setup (``registry.bind``). Traits: ``needs_critic`` (the algorithm trains a value function),
 ``trust_region`` (the loss keeps the update near the rollout policy, so several
 epochs per batch are allowed and the value loss is clipped too).
 """
@@ -22,7 +22,8 @@ from rlhf_cli.algorithms.aggregation import aggregate
 from rlhf_cli.algorithms.core import masked_mean, masked_var
 from rlhf_cli.algorithms.registry import Registry
 
-POLICY_LOSSES = Registry("algorithm.name", "(logprobs, logprobs_old, advantages, response_mask, **hparams) -> (loss, stats)",
+POLICY_LOSSES = Registry("algorithm.name",
+                         "(logprobs, logprobs_old, advantages, response_mask, *, <keys it reads>) -> (loss, stats)",
                          needs_critic=False, trust_region=False)
 
 
@@ -33,7 +34,9 @@ def policy_gradient_loss(
     logprobs_old: torch.Tensor | None,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    **hparams,
+    *,
+    loss_agg: str = "token-mean",
+    max_new_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Vanilla policy-gradient loss (Williams 1992, REINFORCE; actor of A2C, Mnih et al. 2016).
 
@@ -45,12 +48,12 @@ def policy_gradient_loss(
         logprobs_old: (B, T) log-probs at sampling time; unused (one on-policy pass).
         advantages: (B, T), detached inside.
         response_mask: (B, T) bool or 0/1.
-        hparams: the algorithm's other keys; ``loss_agg`` and ``max_new_tokens`` are read.
+        loss_agg, max_new_tokens: the aggregation (:func:`.aggregation.aggregate`).
 
     Returns:
         ``(loss, {})``: 0-dim loss, no stats.
     """
-    return aggregate(-advantages.detach() * logprobs, response_mask, **hparams), {}
+    return aggregate(-advantages.detach() * logprobs, response_mask, loss_agg, max_new_tokens), {}
 
 
 @POLICY_LOSSES.register("ppo", needs_critic=True, trust_region=True)
@@ -59,10 +62,12 @@ def ppo_policy_loss(
     logprobs_old: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     clip_ratio_c: float | None = None,
-    **hparams,
+    loss_agg: str = "token-mean",
+    max_new_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), asymmetric clip range, optional dual clip.
 
@@ -94,7 +99,7 @@ def ppo_policy_loss(
         response_mask: (B, T) bool or 0/1.
         clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``.
         clip_ratio_c: dual-clip bound c > 1 (e.g. 3.0), or None for none.
-        hparams: the algorithm's other keys; ``loss_agg`` and ``max_new_tokens`` are read.
+        loss_agg, max_new_tokens: the aggregation (:func:`.aggregation.aggregate`).
 
     Returns:
         ``(loss, stats)``: 0-dim loss and the stats dict.
@@ -109,7 +114,7 @@ def ppo_policy_loss(
         pg_loss3 = -advantages * clip_ratio_c
         dual_active = (advantages < 0) & (clipped > pg_loss3)
         clipped = torch.where(advantages < 0, torch.minimum(clipped, pg_loss3), clipped)
-    loss = aggregate(clipped, response_mask, **hparams)
+    loss = aggregate(clipped, response_mask, loss_agg, max_new_tokens)
     with torch.no_grad():
         stats = {
             "ratio_mean": masked_mean(ratio, response_mask),

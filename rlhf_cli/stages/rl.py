@@ -43,7 +43,7 @@ import torch
 
 from rlhf_cli import actors, checkpoint, data, distributed, lora, loop, memory, optim, origin
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
-                                 FixedKLController, aggregate, kl_k1, local_units, masked_mean, masked_sum,
+                                 FixedKLController, aggregate, bind, kl_k1, local_units, masked_mean, masked_sum,
                                  overlong_penalty, place_step_rewards, rank_share, token_rewards,
                                  truncated_importance_weights, truncated_is_weights, value_loss, vtrace)
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM, PPO_EPOCHS_LAGGED
@@ -194,11 +194,16 @@ class RLRecipe:
         self.actors = actors  # rollout.mode=async, on a learner rank: its link to the actor ranks (actors.py)
         self.learners = learners or rt.world_size  # the ranks the step's prompts are split over
         a = cfg.algorithm
-        # every registered loss / estimator takes the keys it uses (+ the length limit: Dr. GRPO's loss normaliser)
-        self.hparams = dataclasses.asdict(a) | {"max_new_tokens": cfg.rollout.max_new_tokens}
-        self.policy_loss = POLICY_LOSSES.get(a.name)
+        self.running_mean = distributed.GlobalRunningMean(rt)  # the 'mean' baseline over every rank's rows
+        # each registered loss / estimator reads the keys its signature names, bound here once (a name that is
+        # no key is refused): the algorithm's keys, the length limit (Dr. GRPO's normaliser), K, the running mean
+        keys = dataclasses.asdict(a) | {"max_new_tokens": cfg.rollout.max_new_tokens,
+                                        "group_size": cfg.rollout.samples_per_prompt, "running_mean": self.running_mean}
+        self.policy_loss = bind(POLICY_LOSSES.get(a.name), keys, 4, "algorithm.name")
         self.trust_region = POLICY_LOSSES.trait(a.name, "trust_region")  # clipped value loss, first-minibatch checks
-        self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(a.advantage)
+        self.estimate_advantages = bind(ADVANTAGE_ESTIMATORS.get(a.advantage), keys, 4, "algorithm.advantage")
+        self.vtrace = ADVANTAGE_ESTIMATORS.trait(a.advantage, "vtrace")  # on lagged rollouts V-trace stands in
+        self.aggregate = bind(aggregate, keys, 2, "algorithm.loss_agg")  # the entropy and KL terms, as the loss
         self.kl_estimator = KL_ESTIMATORS.get(cfg.kl.estimator)
         self.kl_in_reward = KL_ESTIMATORS.trait(cfg.kl.estimator, "in_reward")  # else: a term of the loss
         self.single_pass = a.epochs == 1 and a.minibatches == 1  # the update's forward gives the old log-probs
@@ -356,7 +361,6 @@ class RLRecipe:
         self.optimizer, self.scheduler, self.guard = optim.build(groups, cfg.optim, cfg.max_steps)
         self.kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.target
                        else FixedKLController(cfg.kl.coef))
-        self.running_mean = distributed.GlobalRunningMean(rt)  # the 'mean' baseline over every rank's rows
 
     def _announce(self) -> None:
         cfg, rt, a, K, step = self.cfg, self.rt, self.cfg.algorithm, self.K, self.step
@@ -641,12 +645,11 @@ class RLRecipe:
         rewards = token_rewards(s.scores, kl_in_reward, s.mask, beta, s.step_rewards)
         if s.logprobs_behaviour is not None:  # async: corrected from the actor's weights to the learner's
             weights = truncated_importance_weights(s.logprobs_old, s.logprobs_behaviour, s.mask, self.cfg.rollout.rho_max)
-        if s.logprobs_behaviour is not None and self.cfg.algorithm.advantage == "gae":  # V-trace: GAE when on-policy
+        if s.logprobs_behaviour is not None and self.vtrace:  # V-trace: the estimator itself when on-policy
             advantages, returns = vtrace(rewards, s.values_old, s.mask, weights, gamma=self.cfg.algorithm.gamma,
                                          lam=self.cfg.algorithm.lam, c_max=min(1.0, self.cfg.rollout.rho_max))
         else:
-            advantages, returns = self.estimate_advantages(rewards, s.values_old, s.mask, s.scores, group_size=self.K,
-                                                           running_mean=self.running_mean, **self.hparams)
+            advantages, returns = self.estimate_advantages(rewards, s.values_old, s.mask, s.scores)
         if self.cfg.algorithm.whiten_advantages:  # mean and variance over the real tokens of every rank's rows
             advantages = distributed.global_masked_whiten(advantages, s.mask, self.rt)
         if s.is_weights is not None:  # the policy-gradient term of each token, reweighted to pi_train (TIS)
@@ -733,14 +736,14 @@ class RLRecipe:
         share = rank_share(tokens, all_tokens, rt.world_size)  # the value loss: a token mean
         agg_share = rank_share(units, all_units, rt.world_size)  # the policy's terms: by algorithm.loss_agg
         logprobs_old, logprobs_ref = s.logprobs_old[rows, :width], s.logprobs_ref[rows, :width]
-        pg_loss, pg_stats = self.policy_loss(logprobs, logprobs_old, advantages[rows, :width], mask, **self.hparams)
+        pg_loss, pg_stats = self.policy_loss(logprobs, logprobs_old, advantages[rows, :width], mask)
         if first and self.trust_region:  # checklist 2: ratio 1, clip 0, approx-KL 0 before any update
             ratio_dev = ((logprobs.detach() - logprobs_old).exp() - 1).abs() * mask
             first_mb["first_mb_ratio_dev"] = max(first_mb.get("first_mb_ratio_dev", 0.0), float(ratio_dev.max()))
         entropy_mean = masked_mean(entropy, mask)  # logged: the entropy per token
-        entropy_term = aggregate(entropy, mask, **self.hparams)  # as verl: the policy's terms aggregate alike
+        entropy_term = self.aggregate(entropy, mask)  # as verl: the policy's terms aggregate alike
         kl_penalty = (0.0 if self.kl_in_reward else
-                      beta * aggregate(self.kl_estimator(logprobs, logprobs_ref), mask, **self.hparams))
+                      beta * self.aggregate(self.kl_estimator(logprobs, logprobs_ref), mask))
         v_loss = (value_loss(values, s.values_old[rows, :width], returns[rows, :width], mask,
                              a.value_clip if self.trust_region else None) if values is not None else None)
         # the total loss: policy gradient - entropy bonus + KL penalty (k2 / k3: in the loss) + value loss (critic)

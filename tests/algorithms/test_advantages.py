@@ -156,8 +156,8 @@ def test_baseline_rloo_per_token_uses_return_to_go():
 
 def test_baseline_group_norm_hand_values():
     rewards, mask = scores_at_last_token([1.0, 3.0, 2.0, 2.0], [3, 2, 1, 3])
-    advantages, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_norm", group_size=2, eps=1e-6)
-    # group 1: mean 2, population std 1 -> [-1, 1] (/(1 + 1e-6)); group 2: all equal -> 0
+    advantages, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_norm", group_size=2)
+    # group 1: mean 2, population std 1 -> [-1, 1] (/(1 + eps), eps = GROUP_STD_EPS = 1e-6); group 2: all equal -> 0
     expected = broadcast([-1.0 / (1 + 1e-6), 1.0 / (1 + 1e-6), 0.0, 0.0], mask)
     torch.testing.assert_close(advantages, expected)
 
@@ -210,7 +210,7 @@ def test_baseline_errors():
         reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=2)
     with pytest.raises(ValueError, match="RunningMean"):
         reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="mean", group_size=1)
-    with pytest.raises(ValueError, match="valid: none, mean, rloo, group_norm"):
+    with pytest.raises(ValueError, match="unknown algorithm.baseline .median.; valid: group_mean, group_norm, "):
         reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="median", group_size=1)
 
 

@@ -18,6 +18,9 @@ from rlhf_cli.algorithms import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     aggregate,
+    discounted_returns,
+    group_norm,
+    group_norm_unbiased,
     kl_k2,
     kl_k3,
     kl_k3_clamped,
@@ -97,9 +100,9 @@ def _outcome(scores):
 def test_group_norm_unbiased_and_group_mean_by_hand():
     rewards, mask = _outcome([1.0, 0.0, 0.0, 0.0])  # one group of K = 4, mean 0.25
     # population std sqrt(3/16) = 0.4330; unbiased std sqrt(3/12) = 0.5
-    population, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_norm", group_size=4, eps=0.0)
-    unbiased, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_norm_unbiased", group_size=4,
-                                       eps=0.0)
+    returns = discounted_returns(rewards, mask, 1.0)  # the baselines themselves, with no eps
+    population = group_norm(returns, rewards, mask, None, group_size=4, gamma=1.0, eps=0.0)
+    unbiased = group_norm_unbiased(returns, rewards, mask, None, group_size=4, gamma=1.0, eps=0.0)
     no_std, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_mean", group_size=4)
     torch.testing.assert_close(unbiased[:, 0], torch.tensor([0.75, -0.25, -0.25, -0.25]) / 0.5)
     torch.testing.assert_close(population[:, 0], torch.tensor([0.75, -0.25, -0.25, -0.25]) / math.sqrt(3 / 16))
@@ -295,7 +298,7 @@ def test_group_baselines_equal_verls_grpo(seed, baseline, norm_by_std):
     mask, _, _, _ = _random_batch(seed, B=K * prompts, T=T)
     scores = torch.randint(0, 3, (K * prompts,), generator=generator).double()  # ties: some groups all equal
     rewards = token_rewards(scores, torch.zeros_like(mask), mask, 0.0)
-    ours, _ = reinforce_advantages(rewards, None, mask, scores, gamma=1.0, baseline=baseline, group_size=K, eps=1e-6)
+    ours, _ = reinforce_advantages(rewards, None, mask, scores, gamma=1.0, baseline=baseline, group_size=K)  # eps 1e-6
     index = [i // K for i in range(K * prompts)]
     verl = verl_grpo_advantage(rewards.clone(), mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=norm_by_std)
     torch.testing.assert_close(ours, verl)
