@@ -49,8 +49,13 @@ def test_max_lag_0_gives_the_synchronous_updates(root, algorithm):
     assert lag0.returncode == 0, lag0.stderr[-3000:]
     assert "1 learner rank(s) (0..0) + 1 actor rank(s)" in text(lag0)
     base = load_weights(root / "sync" / "base")
-    assert max_diff(load_weights(root / "sync"), base) > 1e-4  # the updates moved the weights
-    assert max_diff(load_weights(root / "async"), load_weights(root / "sync")) < 1e-6
+    moved = max_diff(load_weights(root / "sync"), base)
+    assert moved > 1e-4  # the updates moved the weights
+    # PPO's several passes: the sync run's old log-probs are its sampler's (fp32), the learner's are its own
+    # no-grad forward of the same weights; the two differ by rounding (~1e-5 a token), which shows in the weights
+    # at ~4e-4 of the update after 3 steps (a wrong batch, reward or weight would differ by the update itself)
+    assert max_diff(load_weights(root / "async"), load_weights(root / "sync")) < (
+        1e-6 if algorithm != "ppo" else 1e-3 * moved)
     assert all(r["async_lag"] == 0 for r in read_metrics(root / "async", "train"))
     assert train_steps(root / "async") == [1, 2, 3]
 
@@ -65,8 +70,11 @@ def test_two_learners_on_a_sub_group_give_the_ddp_updates(root):
     split = torchrun(3, "rl", f"output_dir={root / 'split'}", *args, *ASYNC, "rollout.max_lag=0", cwd=root, env=env)
     assert split.returncode == 0, split.stderr[-3000:]
     assert "2 learner rank(s) (0..1) + 1 actor rank(s)" in text(split)
-    assert max_diff(load_weights(root / "split"), load_weights(root / "ddp")) < 1e-6
-    assert max_diff(load_weights(root / "ddp"), load_weights(root / "ddp" / "base")) > 1e-4
+    moved = max_diff(load_weights(root / "ddp"), load_weights(root / "ddp" / "base"))
+    assert moved > 1e-4
+    # PPO: the DDP run's old log-probs are its sampler's, the learners' their own forward's: rounding apart
+    # (test_max_lag_0_gives_the_synchronous_updates)
+    assert max_diff(load_weights(root / "split"), load_weights(root / "ddp")) < 1e-3 * moved
 
 
 def test_lag_runs_and_logs_lag_wait_and_utilisation(root):
