@@ -5,8 +5,9 @@
 
 Layout: of W ranks the last `rollout.actors` (N) are actors, ranks 0..L-1 (L = W - N) learners. The learners
 run the RL recipe (stages/rl.py) with DDP among themselves (a torch.distributed sub-group); the actors run
-`act`: steps 1 and 2 of the recipe (rollout, rewards from rule functions and the reward model, the
-reference's log-probs and the behaviour log-probs) with a copy of the policy.
+`act` on the rollout side the synchronous recipe calls too (rollout_side.py): steps 1 and 2 (rollout,
+rewards from rule functions and the reward model, the reference's log-probs and the behaviour log-probs)
+with a copy of the policy. An actor holds that side alone, no recipe.
 
 What travels, all over torch.distributed point-to-point (gloo on CPU, nccl on GPU):
 - weights, learner rank 0 -> every actor: the policy's parameters as one flat tensor with their version
@@ -50,8 +51,8 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import model_path
 from rlhf_cli.precision import check_trainable_dtype
 from rlhf_cli.rollout import Rollout
+from rlhf_cli.rollout_side import SCORE_STATS, Rewarded, RolloutSide
 
-SCORE_STATS = ("rule_reward", "rm_score", "overlong_penalty")  # stage rl's score stats; absent ones travel as NaN
 HEADER = 9  # int64: step, version, B, P, T, generate / score / wait microseconds, actor rank
 
 
@@ -94,9 +95,7 @@ def weight_versions(start: int, max_steps: int, sync_every: int) -> list[int]:
 class Received:
     """An actor's batch on a learner: what steps 1 and 2 of the synchronous recipe would have made there."""
     rollout: Rollout
-    scores: torch.Tensor  # (B,)
-    step_rewards: torch.Tensor  # (B, T)
-    score_stats: dict
+    rewarded: Rewarded  # the rewards of each row, as the rollout side computed them
     logprobs_ref: torch.Tensor  # (B, T)
     logprobs_behaviour: torch.Tensor  # (B, T) under the weights that sampled the batch (version `version`)
     version: int
@@ -105,9 +104,10 @@ class Received:
 # ---------------------------------------------------------------- the run: split the ranks, then learn or act
 
 
-def run_async(cfg, output_dir, make_recipe) -> dict:
+def run_async(cfg, output_dir, make_recipe, make_side) -> dict:
     """loop.run_stage for rollout.mode=async: learner ranks set up and train the recipe on a learner sub-group,
-    actor ranks set up its rollout side and `act`. -> the final metrics (learners), {} (actors)."""
+    actor ranks build the rollout side (make_side(cfg, rt, run_dir, t_start, learners) -> RolloutSide) and
+    `act` with it. -> the final metrics (learners), {} (actors)."""
     t_start = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(cfg, world_size)
@@ -121,11 +121,10 @@ def run_async(cfg, output_dir, make_recipe) -> dict:
             return learn(cfg, output_dir, make_recipe, t_start,
                          dataclasses.replace(world, world_size=layout.learners, group=learner_group), layout)
         # an actor is a world of its own for collectives (none); its global rank is never 0: it writes nothing
-        recipe = make_recipe(cfg, dataclasses.replace(world, world_size=1), RunDir(output_dir, {}, "rl", False),
-                             t_start, learners=layout.learners)
-        recipe.setup_rollout_side()
+        side = make_side(cfg, dataclasses.replace(world, world_size=1), RunDir(output_dir, {}, "rl", False),
+                         t_start, layout.learners)
         try:
-            act(recipe, layout)
+            act(side, layout)
         except RuntimeError:  # a learner closed its ends: after a SIGTERM / SIGINT it checkpointed and stopped
             signum = signals.stop_requested()
             if signum is None:
@@ -144,10 +143,7 @@ def learn(cfg, output_dir, make_recipe, t_start: float, rt, layout: Layout) -> d
               + f" (safe to change; recorded in {run_dir.root / 'changes.jsonl'})", flush=True)
     try:
         recipe = make_recipe(cfg, rt, run_dir, t_start, actors=LearnerLink(cfg, layout, rt.rank))
-        recipe.setup()
-        recipe.tracker.message(f"rl: rollout.mode=async: {layout.learners} learner rank(s) (0..{layout.learners - 1}) "
-                               f"+ {layout.actors} actor rank(s); weights to the actors every "
-                               f"{cfg.rollout.sync_every} update(s), batches at most {cfg.rollout.max_lag} update(s) old")
+        recipe.setup()  # it says the layout (LearnerLink.describe)
         try:
             return recipe.train()
         except optim.Blowup as e:
@@ -166,6 +162,12 @@ class LearnerLink:
         self.cfg, self.layout, self.rank = cfg, layout, rank
         self.versions: list[int] | None = None  # what rank 0 sends, fixed by the start step
         self.sends: list = []  # rank 0's outstanding weight sends (their buffers stay alive until close)
+
+    def describe(self) -> str:
+        layout, cfg = self.layout, self.cfg
+        return (f"rl: rollout.mode=async: {layout.learners} learner rank(s) (0..{layout.learners - 1}) + "
+                f"{layout.actors} actor rank(s); weights to the actors every {cfg.rollout.sync_every} update(s), "
+                f"batches at most {cfg.rollout.max_lag} update(s) old")
 
     def publish(self, policy: torch.nn.Module, version: int) -> None:
         """Learner rank 0, after `version` updates: the weights to every actor when this version is sent."""
@@ -207,11 +209,11 @@ class LearnerLink:
 # ---------------------------------------------------------------- the actor's side
 
 
-def act(recipe, layout: Layout) -> None:
+def act(side: RolloutSide, layout: Layout) -> None:
     """An actor rank: for each step from the learners' start, its batches (layout.parts_of), each generated with
     weights at most rollout.max_lag updates old, scored, and sent to its learner; then the last weights drained."""
-    cfg, rank = recipe.cfg, recipe.rt.rank
-    policy, device = recipe.policy, recipe.dev_policy
+    cfg, rank = side.cfg, side.rt.rank
+    policy, device = side.policy, side.dev_policy
     flat = parameters_to_vector([p.detach() for p in policy.parameters()]).clone()  # the receive buffer
 
     def receive_weights() -> int:
@@ -224,7 +226,7 @@ def act(recipe, layout: Layout) -> None:
 
     version = start = receive_weights()
     versions = weight_versions(start, cfg.max_steps, cfg.rollout.sync_every)
-    sampler = data.EpochSampler(len(recipe.train_rows), cfg.seed)  # the learners' draws: step s takes the s-th
+    sampler = data.EpochSampler(len(side.train_rows), cfg.seed)  # the learners' draws: step s takes the s-th
     for _ in range(start):
         sampler.take(cfg.rollout.prompts_per_step)
     sends = []
@@ -235,19 +237,15 @@ def act(recipe, layout: Layout) -> None:
             while version < step - cfg.rollout.max_lag:  # too old for this step: wait for the learners' next
                 version = receive_weights()
             t1 = time.perf_counter()
-            recipe.step = step  # the noise key
-            rows, prompts, rollout = recipe.rollout_part(step_prompts, part)          # 1. rollout
+            rows, prompts, rollout = side.rollout_part(step, step_prompts, part)              # 1. rollout
             t2 = time.perf_counter()
-            rewarded = recipe.reward_rows(rollout, prompts, rows)                     # 2. score
-            scores, step_rewards, stats = rewarded.scores, rewarded.step_rewards, rewarded.stats()
-            logprobs_ref = recipe.logprobs_under(recipe.reference, recipe.dev_ref, rollout)
-            logprobs_behaviour = recipe.logprobs_under(policy, device, rollout)
+            rewarded, logprobs_ref, logprobs_behaviour = side.score_part(rollout, prompts, rows)  # 2. score
             t3 = time.perf_counter()
             B, P = rollout.prompt_ids.shape
             T = rollout.response_ids.shape[1]
             header = torch.tensor([step, version, B, P, T, int((t2 - t1) * 1e6), int((t3 - t2) * 1e6),
                                    int((t1 - t0) * 1e6), rank], dtype=torch.int64, device=device)
-            payload = pack(rollout, scores, step_rewards, stats, logprobs_ref, logprobs_behaviour, device)
+            payload = pack(rollout, rewarded, logprobs_ref, logprobs_behaviour, device)
             sends += [dist.isend(header, part), dist.isend(payload, part)]  # the learner rank `part`
     while version < versions[-1]:  # every version rank 0 sends is received: its sends complete
         version = receive_weights()
@@ -259,24 +257,27 @@ def act(recipe, layout: Layout) -> None:
 
 
 def payload_size(B: int, P: int, T: int) -> int:
-    return 2 * B * P + 6 * B * T + 2 * B + len(SCORE_STATS)
+    return 2 * B * P + 6 * B * T + 2 * B + len(SCORE_STATS) * B
 
 
-def pack(rollout: Rollout, scores, step_rewards, stats: dict, logprobs_ref, logprobs_behaviour, device) -> torch.Tensor:
-    """Ids, masks, flags, rewards and log-probs as one float64 vector (ids below 2**53 and fp32 values are exact)."""
+def pack(rollout: Rollout, rewarded: Rewarded, logprobs_ref, logprobs_behaviour, device) -> torch.Tensor:
+    """Ids, masks, flags, rewards (per row, every stat of SCORE_STATS: NaN where absent) and log-probs as one
+    float64 vector (ids below 2**53 and fp32 values are exact)."""
+    B = rollout.response_ids.shape[0]
+    nan = torch.full((B,), float("nan"))
     parts = [rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.logprobs,
-             rollout.stopped, scores, step_rewards, logprobs_ref, logprobs_behaviour,
-             torch.tensor([float(stats[k]) if k in stats else float("nan") for k in SCORE_STATS])]
+             rollout.stopped, rewarded.scores, rewarded.step_rewards, logprobs_ref, logprobs_behaviour,
+             *(rewarded.row_stats.get(k, nan) for k in SCORE_STATS)]
     return torch.cat([p.to(device=device, dtype=torch.float64).reshape(-1) for p in parts])
 
 
 def unpack(payload: torch.Tensor, B: int, P: int, T: int, version: int) -> Received:
     """pack's inverse, each tensor at the dtype the synchronous recipe has (ids long, masks and values fp32)."""
-    sizes = [B * P, B * P, B * T, B * T, B * T, B, B, B * T, B * T, B * T, len(SCORE_STATS)]
+    sizes = [B * P, B * P, B * T, B * T, B * T, B, B, B * T, B * T, B * T] + [B] * len(SCORE_STATS)
     (prompt_ids, prompt_mask, response_ids, response_mask, logprobs, stopped, scores, step_rewards, logprobs_ref,
-     logprobs_behaviour, stats) = torch.split(payload, sizes)
+     logprobs_behaviour, *stats) = torch.split(payload, sizes)
     rollout = Rollout(prompt_ids.long().view(B, P), prompt_mask.long().view(B, P), response_ids.long().view(B, T),
                       response_mask.float().view(B, T), logprobs.float().view(B, T), stopped.bool())
-    score_stats = {k: torch.tensor(v) for k, v in zip(SCORE_STATS, stats.tolist()) if v == v}  # NaN: absent
-    return Received(rollout, scores.float(), step_rewards.float().view(B, T), score_stats,
+    row_stats = {k: v.float() for k, v in zip(SCORE_STATS, stats) if not torch.isnan(v).all()}  # NaN: absent
+    return Received(rollout, Rewarded(scores.float(), step_rewards.float().view(B, T), row_stats),
                     logprobs_ref.float().view(B, T), logprobs_behaviour.float().view(B, T), version)

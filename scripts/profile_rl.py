@@ -105,8 +105,8 @@ def profiled_recipe(clock: Clock):
         def setup(self):
             super().setup()
             self.engine.generate = clock.wrap("sampling", self.engine.generate)
-            self.reward_rows = clock.wrap("rewards", self.reward_rows)
-            self.logprobs_under = clock.wrap("reference forward", self.logprobs_under)
+            self.side.reward_rows = clock.wrap("rewards", self.side.reward_rows)
+            self.side.logprobs_under = clock.wrap("reference forward", self.side.logprobs_under)
             self.no_grad_forward = clock.wrap("old log-probs forward", self.no_grad_forward)
             self.optimizer.step = clock.wrap("optimizer step", self.optimizer.step)
             self.rollout_batch = clock.wrap(PARTS[2], self.rollout_batch)

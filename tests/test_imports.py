@@ -142,3 +142,28 @@ def test_the_config_names_every_rollout_engine():
     from rlhf_cli.rollout import ENGINES
 
     assert tuple(ENGINES) == ENGINE_NAMES
+
+
+def test_the_readme_code_map_names_every_module_and_no_other():
+    """Every module and subpackage of rlhf_cli/ is in the README's code map, and every path there exists (a
+    cell's first path names the folder the later bare names sit in)."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Code map"):readme.index("## Docs")]
+    listed = set()
+    for cell in re.findall(r"^\| ([^|]+) \|", section, re.M):
+        folder = None
+        for name in re.findall(r"`([^`]+)`", cell):
+            if name.startswith("rlhf_cli/"):
+                folder, path = "rlhf_cli/", name
+            elif folder is not None:
+                path = folder + name
+            else:
+                continue
+            listed.add(path.rstrip("/").removesuffix(".py"))
+    package = PACKAGE
+    modules = {f"rlhf_cli/{p.stem}" for p in package.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    modules |= {f"rlhf_cli/{p.name}" for p in package.iterdir() if (p / "__init__.py").exists()}
+    assert not modules - listed, f"not in the README's code map: {sorted(modules - listed)}"
+    assert not listed - modules, f"in the code map but not in the package: {sorted(listed - modules)}"

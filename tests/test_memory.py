@@ -32,11 +32,11 @@ def test_split_by_tokens_keeps_every_row_once_within_the_budget():
 
 
 def test_rl_micro_batches_keep_a_prompts_rows_together_within_the_budget():
-    """rl's micro-batches (stages/rl.py micro_split): every row once, each within the budget by micro_cost (rows
+    """rl's micro-batches (rollout_side.micro_split): every row once, each within the budget by micro_cost (rows
     whole, or each prompt once with shared prefixes), a prompt's K rows split only where they alone pass it."""
     from types import SimpleNamespace
 
-    from rlhf_cli.stages.rl import micro_cost, micro_split
+    from rlhf_cli.rollout_side import micro_cost, micro_split
 
     rng = random.Random(0)
     for trial in range(150):

@@ -8,7 +8,7 @@
 - :mod:`.reward`: the reward model's pairwise loss (train-rm).
 - :mod:`.registry`: the Registry the ones above are made of, and ``bind`` (an entry's config keys, bound once).
 
-Nothing here imports the rest of the project but its error type: tensors in, tensors out.
+Nothing here imports the rest of the project: tensors in, tensors out.
 """
 
 from rlhf_cli.algorithms.advantages import (

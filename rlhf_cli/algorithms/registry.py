@@ -18,8 +18,6 @@ import functools
 import inspect
 from typing import Any, Callable, Mapping
 
-from rlhf_cli.errors import ConfigError
-
 
 class Registry(dict):
     """name -> function, plus per-name traits. `what` names the config key (for messages)."""
@@ -61,7 +59,8 @@ def bind(fn: Callable, keys: Mapping[str, Any], leading: int, what: str) -> Call
 
     `keys`: the config section's keys and the run's values (e.g. ``dataclasses.asdict(cfg.algorithm) |
     {"group_size": K}``); `what`: the config key that chose `fn`, for the message. A parameter that `keys`
-    does not hold is refused (ConfigError naming it and the keys there are), defaulted or not: a parameter
+    does not hold is refused (ValueError naming it and the keys there are; the rl recipe says it as a
+    config error, before any model loads), defaulted or not: a parameter
     named ``clip_hi`` would otherwise run at its default while ``algorithm.clip_high`` is ignored. So is
     ``**kwargs``, which would swallow any key.
     """
@@ -69,11 +68,11 @@ def bind(fn: Callable, keys: Mapping[str, Any], leading: int, what: str) -> Call
     name = getattr(fn, "__qualname__", repr(fn))
     swallowing = [p.name for p in params if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     if swallowing:
-        raise ConfigError(f"{what}: {name} takes *{swallowing[0]}, which would hide a misspelt key; name the keys "
+        raise ValueError(f"{what}: {name} takes *{swallowing[0]}, which would hide a misspelt key; name the keys "
                           f"it reads as keyword parameters (known: {', '.join(sorted(keys))})")
     unknown = [p.name for p in params if p.name not in keys]
     if unknown:
-        raise ConfigError(f"{what}: {name} names {', '.join(repr(u) for u in unknown)}, which no config key or run "
+        raise ValueError(f"{what}: {name} names {', '.join(repr(u) for u in unknown)}, which no config key or run "
                           f"value supplies; rename the parameter to one of: {', '.join(sorted(keys))}")
     return functools.partial(fn, **{p.name: keys[p.name] for p in params})
 

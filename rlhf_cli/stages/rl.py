@@ -26,7 +26,7 @@ metrics. Dynamic sampling (algorithm.dynamic_sampling) fills each rank's share
 of the batch from its own draws, every rank drawing until all are full.
 
 With rollout.mode=async (actors.py, docs/async.md) the last rollout.actors ranks run steps 1 and 2
-(`setup_rollout_side`, `rollout_part`, `rewards`, `logprobs_under`) and send each batch to a learner rank;
+(the rollout side the recipe builds in `setup_rollout_side`: rollout_side.py) and send each batch to a learner rank;
 the learners run `train` with steps 1 and 2 replaced by receiving that batch and their own forward, and
 correct the advantages for the actor's older weights (algorithms/offpolicy.py).
 """
@@ -44,26 +44,28 @@ import torch
 from rlhf_cli import actors, checkpoint, data, distributed, lora, loop, memory, optim, origin
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, bind, kl_k1, local_units, masked_mean, masked_sum,
-                                 overlong_penalty, place_step_rewards, rank_share, token_rewards,
+                                 rank_share, token_rewards,
                                  truncated_importance_weights, truncated_is_weights, value_loss, vtrace)
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM, PPO_EPOCHS_LAGGED
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
-from rlhf_cli.logprobs import (PolicyWithValueHead, Support, TokenValues, distinct_prompts, prefix_cache,
-                              response_logprobs)
+from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, response_logprobs
 from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, dropout_off, frozen,
                              load_causal_lm, load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
-from rlhf_cli.rewards import call_reward, import_reward_function
-from rlhf_cli.rollout import (Rollout, SamplingParams, check_engine, concat_rollouts, decode_responses,
-                              make_engine, select_rows)
+from rlhf_cli.rewards import import_reward_function
+from rlhf_cli.rollout import Rollout, check_engine, concat_rollouts, make_engine, select_rows
+from rlhf_cli.rollout_side import Micro, Rewarded, RolloutSide, micro_split
 from rlhf_cli.scoring import score_texts
 from rlhf_cli.tracking import Tracker
 
 
-def char_to_token_ends(tokenizer, response_ids: list[int]) -> list[int]:
-    """Decoded text length after each token (to place process rewards on step ends)."""
-    return [len(tokenizer.decode(response_ids[: t + 1], skip_special_tokens=True)) for t in range(len(response_ids))]
+def bind_keys(fn, keys: dict, leading: int, what: str):
+    """algorithms.bind, its refusal (a parameter that no key supplies) said as a config error: one line, exit 2."""
+    try:
+        return bind(fn, keys, leading, what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def tied_groups(scores: torch.Tensor, step_rewards: torch.Tensor, K: int) -> torch.Tensor:
@@ -72,98 +74,6 @@ def tied_groups(scores: torch.Tensor, step_rewards: torch.Tensor, K: int) -> tor
     sampling redraws it; logged as zero_signal_group_frac)."""
     outcome = (scores + step_rewards.sum(-1)).view(-1, K)
     return ~(outcome.max(1).values - outcome.min(1).values > 1e-6)
-
-
-@dataclass
-class Micro:
-    """One micro-batch of rollout rows: `rows` (b,) indices into the rank's rows, the prompt's left padding and the
-    responses' right padding beyond these rows' longest cut (position ids come from the attention mask, so
-    values are those of the uncut rows)."""
-    rows: torch.Tensor  # (b,)
-    prompt: int  # prompt columns kept (the longest prompt of these rows)
-    width: int  # response columns kept (the longest response of these rows)
-
-    def inputs(self, rollout) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-        """-> input_ids and attention_mask (b, prompt + width), the prompt width, the (b, width) response mask."""
-        P = rollout.prompt_ids.shape[1]
-        cols = slice(P - self.prompt, P + self.width)
-        return (rollout.input_ids[self.rows, cols], rollout.attention_mask[self.rows, cols], self.prompt,
-                rollout.response_mask[self.rows, :self.width])
-
-
-# a prompt position copied to a row (shared prefix) holds its keys and values in every layer, expanded to every
-# head: ~5% of a token's activations on SmolLM2-135M, less on wider models; counted as 1/8 of a token
-KV_COPY_SHARE = 8
-
-
-def micro_cost(prompt_width: int, response_width: int, rows: int, prompts: int, shared: bool) -> int:
-    """The padded tokens a micro-batch's forward holds: rows x (prompt + response) when rows run whole; with a
-    shared prefix (logprobs.shared_prefix_inputs), each distinct prompt once, every row's response, and the
-    prompt's keys and values copied to each row (KV_COPY_SHARE)."""
-    if not shared:
-        return rows * (prompt_width + response_width)
-    return prompts * prompt_width + rows * response_width + -(-rows * prompt_width // KV_COPY_SHARE)
-
-
-def micro_split(rollout, rows: torch.Tensor, tokens: int, shared: bool = False) -> list[Micro]:
-    """Rows `rows` of a rollout (or Scored) in micro-batches of at most `tokens` padded tokens (micro_cost; shared:
-    the forward runs each distinct prompt once), each micro-batch's prompt and response padding cut to its own
-    longest. The rows of one prompt stay together (split only where a prompt's rows alone pass the budget),
-    prompts longest first, so that like lengths share a micro-batch."""
-    prompt_len = rollout.prompt_mask[rows].sum(-1).long().tolist()
-    response_len = rollout.response_mask[rows].sum(-1).long().clamp(min=1).tolist()
-    prompt = distinct_prompts(rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.prompt_ids.shape[1])[2]
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(prompt.tolist()):
-        members.setdefault(g, []).append(i)
-    longest = {g: prompt_len[m[0]] + max(response_len[i] for i in m) for g, m in members.items()}
-    micros, current, width = [], [], (0, 0, 0)  # width: (prompt, response, distinct prompts) of `current`
-
-    def cost(rows_in: list[int], p: int, t: int, n_prompts: int) -> int:
-        return micro_cost(p, t, len(rows_in), n_prompts, shared)
-
-    for g in sorted(members, key=lambda g: (-longest[g], g)):
-        m = members[g]
-        p, t = max(width[0], prompt_len[m[0]]), max(width[1], max(response_len[i] for i in m))
-        if current and cost(current + m, p, t, width[2] + 1) <= tokens:  # the whole prompt joins
-            current, width = current + m, (p, t, width[2] + 1)
-            continue
-        if current:
-            micros.append(current)
-            current, width = [], (0, 0, 0)
-        for i in m:  # a micro-batch of its own, split row by row where it passes the budget
-            p, t = max(width[0], prompt_len[i]), max(width[1], response_len[i])
-            if current and cost(current + [i], p, t, 1) > tokens:
-                micros.append(current)
-                current, p, t = [], prompt_len[i], response_len[i]
-            current, width = current + [i], (p, t, 1)
-    if current:
-        micros.append(current)
-    return [Micro(rows[g], max(prompt_len[i] for i in g), max(response_len[i] for i in g)) for g in micros]
-
-
-@dataclass
-class Rewarded:
-    """The rewards of B rollout rows, per row: what dynamic sampling scored a draw with and the step reuses for
-    the groups it kept, so that no reward function runs twice on a response."""
-    scores: torch.Tensor  # (B,) sequence scores: rules + reward model + no-stop penalty
-    step_rewards: torch.Tensor  # (B, T) process rewards on the tokens ending each step
-    row_stats: dict  # name -> (B,) per-row values of the logged means (rule_reward, rm_score, overlong_penalty)
-
-    def stats(self) -> dict:
-        return {k: v.mean() for k, v in self.row_stats.items()}
-
-    def select(self, rows: slice) -> "Rewarded":
-        return Rewarded(self.scores[rows], self.step_rewards[rows], {k: v[rows] for k, v in self.row_stats.items()})
-
-    @staticmethod
-    def concat(parts: list["Rewarded"]) -> "Rewarded":
-        """Stacked row-wise; step rewards padded on the right with 0 to the widest T, as concat_rollouts pads."""
-        width = max(p.step_rewards.shape[1] for p in parts)
-        return Rewarded(torch.cat([p.scores for p in parts]),
-                        torch.cat([torch.nn.functional.pad(p.step_rewards, (0, width - p.step_rewards.shape[1]))
-                                   for p in parts]),
-                        {k: torch.cat([p.row_stats[k] for p in parts]) for k in parts[0].row_stats})
 
 
 @dataclass
@@ -199,11 +109,11 @@ class RLRecipe:
         # no key is refused): the algorithm's keys, the length limit (Dr. GRPO's normaliser), K, the running mean
         keys = dataclasses.asdict(a) | {"max_new_tokens": cfg.rollout.max_new_tokens,
                                         "group_size": cfg.rollout.samples_per_prompt, "running_mean": self.running_mean}
-        self.policy_loss = bind(POLICY_LOSSES.get(a.name), keys, 4, "algorithm.name")
+        self.policy_loss = bind_keys(POLICY_LOSSES.get(a.name), keys, 4, "algorithm.name")
         self.trust_region = POLICY_LOSSES.trait(a.name, "trust_region")  # clipped value loss, first-minibatch checks
-        self.estimate_advantages = bind(ADVANTAGE_ESTIMATORS.get(a.advantage), keys, 4, "algorithm.advantage")
+        self.estimate_advantages = bind_keys(ADVANTAGE_ESTIMATORS.get(a.advantage), keys, 4, "algorithm.advantage")
         self.vtrace = ADVANTAGE_ESTIMATORS.trait(a.advantage, "vtrace")  # on lagged rollouts V-trace stands in
-        self.aggregate = bind(aggregate, keys, 2, "algorithm.loss_agg")  # the entropy and KL terms, as the loss
+        self.aggregate = bind_keys(aggregate, keys, 2, "algorithm.loss_agg")  # the entropy and KL terms, as the loss
         self.kl_estimator = KL_ESTIMATORS.get(cfg.kl.estimator)
         self.kl_in_reward = KL_ESTIMATORS.trait(cfg.kl.estimator, "in_reward")  # else: a term of the loss
         self.single_pass = a.epochs == 1 and a.minibatches == 1  # the update's forward gives the old log-probs
@@ -218,9 +128,9 @@ class RLRecipe:
                                 sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean, guard=self.guard)
         self._announce()
 
-    def setup_rollout_side(self) -> None:
-        """What steps 1 and 2 need (an async actor rank stops here): reward sources, data, policy, reference,
-        reward model."""
+    def setup_rollout_side(self) -> RolloutSide:
+        """What steps 1 and 2 need (an async actor rank stops here: `actor_side`): reward sources, data, policy,
+        reference, reward model -> the rollout side that both call (rollout_side.py)."""
         cfg, rt = self.cfg, self.rt
         check_models("rl", cfg)  # every model path a model dir of the kind its key needs, before any weights load
         self.reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]  # cheap to fail
@@ -240,6 +150,11 @@ class RLRecipe:
         self._setup_policy_and_reference()
         self._setup_reward_model()
         self.sampler = data.EpochSampler(len(self.train_rows), cfg.seed)  # the same global draw on every rank
+        self.side = RolloutSide(cfg, rt, self.learners, self.tokenizer, self.train_rows, self.train_prompts,
+                                self.train_prompt_ids, self.policy, self.engine, self.precision, self.memory,
+                                self.dev_policy, self.dev_ref, self.dev_reward, self.reference, self.reward_fns,
+                                self.reward_model, self.rm_mean, self.rm_std, self.support, self.chunk)
+        return self.side
 
     def _setup_batch_shape(self) -> None:
         """Ranks split the prompts, never a prompt's K samples (whole rloo / group_norm groups on every rank)."""
@@ -351,6 +266,7 @@ class RLRecipe:
                            if critic is not None and self.shared is None else None)
         self.reference = distributed.shard_frozen(self.reference, rt, cfg.device.distributed)  # not AdaptersOff
         self.reward_model = distributed.shard_frozen(self.reward_model, rt, cfg.device.distributed)
+        self.side.reference, self.side.reward_model = self.reference, self.reward_model  # FSDP2: the sharded ones
         self.parts = ({"policy": (self.adapters.state if self.adapters else policy, "")}  # LoRA: the adapters only
                       | ({"critic": (critic, "" if self.shared else "model.")} if critic is not None else {}))
         self.held = lora.parameters_held({"policy": policy, "reference": self.reference,
@@ -402,6 +318,8 @@ class RLRecipe:
                 f"off-policy already; the default with a lag unless set)")
         if cfg.rollout.top_k or cfg.rollout.top_p:
             say("rl: top-k/top-p sampling biases the KL estimate (log-probs are of the unfiltered policy)")
+        if self.actors is not None:
+            say(self.actors.describe())
 
     # ================================================================ train
     def train(self) -> dict:
@@ -448,7 +366,7 @@ class RLRecipe:
         kept, dropped = [], []  # whole groups: (rows, prompts, rollout, rewarded) of K rows each
         for draw in range(self.cfg.algorithm.max_draws):
             rows, prompts, rollout = self.rollout(draw)
-            rewarded = self.reward_rows(rollout, prompts, rows)
+            rewarded = self.side.reward_rows(rollout, prompts, rows)
             informative = (~tied_groups(rewarded.scores, rewarded.step_rewards, K)).tolist()
             for g, useful in enumerate(informative):
                 group = slice(g * K, (g + 1) * K)
@@ -468,23 +386,8 @@ class RLRecipe:
     def rollout(self, draw: int = 0) -> tuple[list[dict], list[str], Rollout]:
         """This rank's prompts of the step's global draw, K contiguous samples each, from the rollout engine
         (draw > 0: dynamic sampling's further draws, with noise of their own)."""
-        return self.rollout_part(self.sampler.take(self.cfg.rollout.prompts_per_step), self.rt.rank, draw)
-
-    def rollout_part(self, step_prompts: list[int], part: int, draw: int = 0) -> tuple[list[dict], list[str], Rollout]:
-        """Part `part` (a rank's share; async: a learner's) of the step's global draw `step_prompts`."""
-        cfg, K = self.cfg, self.K
-        chosen = step_prompts[part * self.prompts_per_rank:(part + 1) * self.prompts_per_rank]
-        rows = [self.train_rows[i] for i in chosen for _ in range(K)]
-        prompts = [self.train_prompts[i] for i in chosen for _ in range(K)]
-        prompt_ids, prompt_mask = data.left_pad([self.train_prompt_ids[i] for i in chosen for _ in range(K)],
-                                                self.tokenizer.pad_token_id)
-        params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k,
-                                cfg.rollout.top_p, noise_key=(cfg.seed, self.step, (draw * self.learners + part)
-                                                              * self.rows_per_rank))
-        self.engine.sync_weights(self.policy)
-        with distributed.gathered(self.policy), self.precision.autocast():  # FSDP2: ranks stop at different lengths
-            rollout = self.engine.generate(prompt_ids.to(self.dev_policy), prompt_mask.to(self.dev_policy), params)
-        return rows, prompts, rollout
+        return self.side.rollout_part(self.step, self.sampler.take(self.cfg.rollout.prompts_per_step), self.rt.rank,
+                                      draw)
 
     # ---------------------------------------------------------------- 2. score (+ reference, old log-probs, values)
     def score(self, rollout: Rollout, prompts: list[str] = (), rows: list[dict] = (), received=None,
@@ -496,11 +399,12 @@ class RLRecipe:
         P = rollout.prompt_ids.shape[1]
         if received is None:
             if rewarded is None:
-                rewarded = self.reward_rows(rollout, prompts, rows)
+                rewarded = self.side.reward_rows(rollout, prompts, rows)
             scores, step_rewards, score_stats = rewarded.scores, rewarded.step_rewards, rewarded.stats()
-            logprobs_ref = self.logprobs_under(self.reference, self.dev_ref, rollout)
+            logprobs_ref = self.side.logprobs_under(self.reference, self.dev_ref, rollout)
         else:
-            scores, step_rewards, score_stats = received.scores, received.step_rewards, received.score_stats
+            scores, step_rewards, score_stats = (received.rewarded.scores, received.rewarded.step_rewards,
+                                                 received.rewarded.stats())
             logprobs_ref = received.logprobs_ref
         update_forward = None
         whole = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -528,17 +432,9 @@ class RLRecipe:
                       logprobs_old, values_old, kl_per_token, update_forward, is_weights=is_weights,
                       logprobs_behaviour=received.logprobs_behaviour if received is not None else None)
 
-    def shares_prefix(self, model, grad: bool) -> bool:
-        """Whether `model`'s forwards run each distinct prompt of a micro-batch once (logprobs.prefix_cache; a value
-        head's policy inside its wrapper), so that micro-batches are sized for it (micro_cost)."""
-        if model is None:
-            return False
-        with torch.set_grad_enabled(grad):
-            return prefix_cache(getattr(getattr(model, "module", model), "policy", model)) is not None
-
     def update_shares(self) -> bool:
         """The update's forwards share prompts: the policy's do, and no separate critic runs whole rows beside it."""
-        return self.ddp_critic is None and self.shares_prefix(self.ddp_policy, grad=True)
+        return self.ddp_critic is None and self.side.shares_prefix(self.ddp_policy, grad=True)
 
     def sampler_logprobs_apply(self) -> bool:
         """Sampled here by the training model itself (not vLLM's copy of the weights, not an async actor's), in fp32 (decoding and a whole forward agree to ~1e-5 a token; under bf16
@@ -548,21 +444,6 @@ class RLRecipe:
         return (not self.engine.separate_weights and self.shared is None and self.actors is None
                 and self.precision.compute is None and self.precision.weights == "fp32")
 
-    def logprobs_under(self, model, device, rollout: Rollout) -> torch.Tensor:
-        """(B, T) log-probs of the rollout's responses under a model run without gradients (the reference;
-        an async actor's policy: the behaviour log-probs), on the policy's device, in micro-batches."""
-        out = torch.zeros(rollout.response_mask.shape, device=self.dev_policy)
-        rows = torch.arange(out.shape[0], device=rollout.response_mask.device)
-        for micro, counts in memory.same_count_everywhere(self.rt, model, micro_split(
-                rollout, rows, self.memory.infer_tokens, self.shares_prefix(model, grad=False))):
-            ids, attn, P, _ = micro.inputs(rollout)
-            with torch.no_grad(), self.precision.autocast():
-                logprobs = response_logprobs(model, ids.to(device), attn.to(device), P, self.cfg.rollout.temperature,
-                                             chunk_elements=self.chunk, support=self.support).to(self.dev_policy)
-            if counts:
-                out[micro.rows.to(self.dev_policy), :micro.width] = logprobs
-        return out
-
     def no_grad_forward(self, rollout: Rollout, policy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) log-probs and values (None without a critic) of the policy before the update, in micro-batches
         (policy=False: the critic's values only; log-probs left 0)."""
@@ -571,7 +452,7 @@ class RLRecipe:
         if not policy and self.critic is None:
             return logprobs_old, None
         rows = torch.arange(logprobs_old.shape[0], device=rollout.response_mask.device)
-        shared = policy and self.ddp_critic is None and self.shares_prefix(self.ddp_policy, grad=False)
+        shared = policy and self.ddp_critic is None and self.side.shares_prefix(self.ddp_policy, grad=False)
         for micro, counts in memory.same_count_everywhere(self.rt, self.ddp_policy if policy else self.ddp_critic,
                                                           micro_split(rollout, rows, self.memory.infer_tokens, shared)):
             ids, attn, P, _ = micro.inputs(rollout)
@@ -583,42 +464,6 @@ class RLRecipe:
             if counts and values is not None:
                 values_old[micro.rows, :micro.width] = values
         return logprobs_old, values_old
-
-    def reward_rows(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Rewarded:
-        """Rules + reward model + no-stop penalty of each row, and the per-row values of the logged means."""
-        cfg, tokenizer = self.cfg, self.tokenizer
-        texts = decode_responses(tokenizer, rollout)
-        B, T = rollout.response_ids.shape
-        scores, rule_total = torch.zeros(B), torch.zeros(B)
-        step_values, step_positions = [[] for _ in range(B)], [[] for _ in range(B)]
-        lengths = rollout.response_mask.sum(-1).long().tolist()
-        for b, (prompt, text, row) in enumerate(zip(prompts, texts, rows)):
-            for name, fn in self.reward_fns:
-                value = call_reward(fn, name, prompt, text, row)
-                if isinstance(value, float):
-                    scores[b] += cfg.reward.function_weight * value
-                    rule_total[b] += value
-                    continue
-                ends = char_to_token_ends(tokenizer, rollout.response_ids[b, :lengths[b]].tolist())
-                for end_char, v in value:  # process reward: on the token holding the step's last char
-                    t = next((i for i, e in enumerate(ends) if e >= end_char), lengths[b] - 1)
-                    step_values[b].append(cfg.reward.function_weight * v)
-                    step_positions[b].append(t)
-                    rule_total[b] += v
-        stats = {"rule_reward": rule_total} if self.reward_fns else {}
-        if self.reward_model is not None:
-            # the response's text re-tokenized with its prompt, as train-rm trained and any client scores
-            rm = (score_texts(self.reward_model, tokenizer, prompts, texts, self.dev_reward,
-                              tokens=self.memory.infer_tokens) - self.rm_mean) / self.rm_std
-            scores += cfg.reward.model.weight * rm
-            stats["rm_score"] = rm
-        scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
-        if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, by response length in tokens
-            overlong = overlong_penalty(torch.tensor(lengths), cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer)
-            scores += cfg.reward.overlong_penalty * overlong
-            stats["overlong_penalty"] = overlong.float()
-        step_rewards = place_step_rewards(step_values, step_positions, (B, T), dtype=torch.float32)
-        return Rewarded(scores.to(self.dev_policy), step_rewards.to(self.dev_policy), stats)
 
     def forward(self, ids: torch.Tensor, attn: torch.Tensor, P: int, with_entropy: bool = True):
         """Policy (and critic) over rollout rows of prompt width P -> (log-probs, entropies or None, values
@@ -849,5 +694,10 @@ class RLRecipe:
 
 def run(cfg, output_dir: Path) -> dict:
     if cfg.rollout.mode == "async":  # actor ranks generate and score, learner ranks run this recipe's train()
-        return actors.run_async(cfg, output_dir, RLRecipe)
+        return actors.run_async(cfg, output_dir, RLRecipe, actor_side)
     return loop.run_stage("rl", cfg, output_dir, RLRecipe, model_key="policy", placement=cfg.placement)
+
+
+def actor_side(cfg, rt, run_dir, t_start: float, learners: int) -> RolloutSide:
+    """An async actor rank's rollout side: the recipe's setup up to step 2, nothing of the learner's."""
+    return RLRecipe(cfg, rt, run_dir, t_start, learners=learners).setup_rollout_side()
