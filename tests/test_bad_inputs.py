@@ -531,7 +531,8 @@ def test_every_algorithm_key_some_options_skip_has_a_rule():
     import inspect
 
     from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
-    from rlhf_cli.config import AlgorithmConfig, _registry_rules
+    from rlhf_cli.config import AlgorithmConfig
+    from rlhf_cli.config.ignored import _registry_rules
 
     fields = set(AlgorithmConfig.__dataclass_fields__)
     partial = set()  # keys some entries of a registry read and others do not
