@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from rlhf_cli import data, loop, optim, runtime, signals
+from rlhf_cli import data, loop, runtime, signals
 from rlhf_cli.checkpoint import RunDir
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import model_path
@@ -136,20 +136,9 @@ def run_async(cfg, output_dir, make_recipe, make_side) -> dict:
 
 
 def learn(cfg, output_dir, make_recipe, t_start: float, rt, layout: Layout) -> dict:
-    """A learner rank: the run dir (rank 0 locks and checks it) and the recipe, as loop.run_stage."""
-    run_dir = RunDir(output_dir, dataclasses.asdict(cfg), "rl", rt.is_main)
-    if run_dir.changes and rt.is_main:
-        print("rl: resuming with " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in run_dir.changes.items())
-              + f" (safe to change; recorded in {run_dir.root / 'changes.jsonl'})", flush=True)
-    try:
-        recipe = make_recipe(cfg, rt, run_dir, t_start, actors=LearnerLink(cfg, layout, rt.rank))
-        recipe.setup()  # it says the layout (LearnerLink.describe)
-        try:
-            return recipe.train()
-        except optim.Blowup as e:
-            raise loop.stopped_by_guard(e, cfg, run_dir) from None
-    finally:
-        run_dir.release()
+    """A learner rank: loop.train_recipe with the recipe linked to the actors (it says the layout)."""
+    return loop.train_recipe("rl", cfg, output_dir, rt, make_recipe, t_start,
+                             actors=LearnerLink(cfg, layout, rt.rank))
 
 
 # ---------------------------------------------------------------- the learner's side

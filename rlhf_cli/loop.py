@@ -25,7 +25,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from rlhf_cli import checkpoint, optim, runtime, signals
 from rlhf_cli.checkpoint import RunDir
@@ -33,7 +33,17 @@ from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.precision import check_trainable_dtype
 
 
-def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable, model_key: str = "model",
+class Recipe(Protocol):
+    """What `run_stage` and the async learners (actors.py) rely on in a stage's recipe, and nothing more:
+    made as make_recipe(cfg, rt, run_dir, t_start, **options), then setup() (data, models, optimizer, resume)
+    and train() (the steps, evaluation, final/) -> the final metrics."""
+
+    def setup(self) -> None: ...
+
+    def train(self) -> dict: ...
+
+
+def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable[..., Recipe], model_key: str = "model",
               placement=None) -> dict:
     """make_recipe(cfg, rt, run_dir, t_start) -> a recipe; its setup() then train() -> the final metrics.
 
@@ -43,12 +53,22 @@ def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable, model_ke
     device_spec = (getattr(placement, model_key, None) if placement is not None else None) or cfg.device.type
     check_trainable_dtype(getattr(cfg, model_key), model_key, device_spec)
     rt = runtime.setup(cfg.device, cfg.seed, placement)  # every device resolved before anything loads
+    try:
+        return train_recipe(stage, cfg, output_dir, rt, make_recipe, t_start)
+    finally:
+        runtime.teardown()
+
+
+def train_recipe(stage: str, cfg, output_dir: Path, rt, make_recipe: Callable[..., Recipe], t_start: float,
+                 **options) -> dict:
+    """The run dir (rank 0 locks it and says what changed since the run it resumes), the recipe made with
+    `options`, its setup() and train(); a step-guard stop set aside as one error line -> the final metrics."""
     run_dir = RunDir(output_dir, dataclasses.asdict(cfg), stage, rt.is_main)
     if run_dir.changes and rt.is_main:
         print(f"{stage}: resuming with " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in run_dir.changes.items())
               + f" (safe to change; recorded in {run_dir.root / 'changes.jsonl'})", flush=True)
     try:
-        recipe = make_recipe(cfg, rt, run_dir, t_start)
+        recipe = make_recipe(cfg, rt, run_dir, t_start, **options)
         recipe.setup()
         try:
             return recipe.train()
@@ -56,7 +76,6 @@ def run_stage(stage: str, cfg, output_dir: Path, make_recipe: Callable, model_ke
             raise stopped_by_guard(e, cfg, run_dir) from None
     finally:
         run_dir.release()
-        runtime.teardown()
 
 
 def stopped_by_guard(e: optim.Blowup, cfg, run_dir: RunDir) -> UserError:
