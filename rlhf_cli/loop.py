@@ -135,16 +135,7 @@ def check_batch_fits(cfg, world_size: int, n_train: int) -> None:
 
     An error, not a warning: such a batch holds the same rows twice, which only re-weights the gradient at
     the full cost, and `epochs` would count a single step as many passes; the fix is one key."""
-    if hasattr(cfg, "rollout"):
-        per_step, what = cfg.rollout.prompts_per_step, "prompts"
-        batch = f"rollout.prompts_per_step={per_step}"
-        fix = f"set rollout.prompts_per_step={n_train} or less (rollout.samples_per_prompt sets the samples per prompt)"
-    else:
-        per_device = cfg.optim.grad_accum * world_size
-        per_step, what = cfg.batch_size * per_device, "rows"
-        batch = f"batch_size={cfg.batch_size} x optim.grad_accum={cfg.optim.grad_accum} x {world_size} rank(s)"
-        fit = n_train // per_device
-        fix = f"set batch_size={fit} or less" if fit else "lower optim.grad_accum (or use fewer ranks)"
+    per_step, what, batch, fix = cfg.step_takes(world_size, n_train)  # the stage says what a step takes
     if per_step > n_train:
         raise DataError(f"data.train: a step takes {per_step} {what} ({batch}) but there are only {n_train} "
                         f"training {what}: every batch would repeat {what}; {fix}, or give more data")

@@ -28,8 +28,6 @@ from rlhf_cli.tracking import console
 # The modules that import torch (data, models, lora, checkpoint, embedded) and hydra (config) load inside
 # the functions that need them: `rlhf validate --help` and a bad stage name answer at once.
 
-DATA_KINDS = {"sft": "sft", "train-rm": "pairs", "rl": "prompts"}
-
 
 class _StructureOnly:
     """Stands in for a hub model's tokenizer (not fetched here): renders chat rows plainly, so
@@ -92,8 +90,7 @@ def check_run(stage: str, cfg, cache: dict) -> list[str]:
     from rlhf_cli import lora
     from rlhf_cli.models import check_models, configured_models
 
-    model_cfg = cfg.policy if stage == "rl" else cfg.model
-    model_key = "policy.path" if stage == "rl" else "model.path"
+    model_cfg, model_key = cfg.trained_model, f"{cfg.model_key}.path"
     check_models(stage, cfg)  # exists, not a run dir, the kind its key needs (from config.json, no weights)
     lines = []
     for key, path, _ in configured_models(stage, cfg):
@@ -111,34 +108,21 @@ def check_run(stage: str, cfg, cache: dict) -> list[str]:
 
     data_key = json.dumps([str(model_cfg.path), cfg.seed, model_cfg.max_length, repr(cfg.data)])
     if data_key not in cache:
-        cache[data_key] = check_data(stage, cfg, model_cfg)
+        cache[data_key] = check_data(cfg, model_cfg)
     return lines + cache[data_key]
 
 
-def check_data(stage: str, cfg, model_cfg) -> list[str]:
+def check_data(cfg, model_cfg) -> list[str]:
+    """The rows of data.train and data.eval each stage would use (the stage's own count: its config's
+    usable_rows), a batch that fits them -> summary lines."""
     from rlhf_cli import data, loop
 
     tokenizer, note = _tokenizer(model_cfg)
-    train_rows, eval_rows = data.stage_rows(cfg.data, DATA_KINDS[stage], cfg.seed)
+    train_rows, eval_rows = data.stage_rows(cfg.data, cfg.data_kind, cfg.seed)
     source = "embedded task" if cfg.data.train is None else cfg.data.train
     eval_source = cfg.data.eval or ("embedded task" if cfg.data.train is None else "5% held out of data.train")
-    limit = model_cfg.max_length
-    counts = {}
-    for key, rows in (("data.train", train_rows), ("data.eval", eval_rows)):
-        if stage == "sft":
-            examples, cut = data.tokenize_sft(tokenizer, rows, limit, key, _stop_ids(tokenizer, model_cfg))
-            counts[key] = (len(examples), f"{cut} truncated to model.max_length={limit}")
-        elif stage == "train-rm":
-            from rlhf_cli.scoring import tokenize_pairs
-
-            pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, cfg.margin_from_data)
-            counts[key] = (len(pairs), f"{dropped} dropped as longer than model.max_length={limit}")
-        else:
-            long, room = 0, limit - cfg.rollout.max_new_tokens  # as the stage cuts them: prompt + response fit
-            for i, row in enumerate(rows):
-                long += len(data.encode_prompt(tokenizer, data.prompt_text(tokenizer, row, i, key))) > room
-            counts[key] = (len(rows), f"{long} prompts longer than {room} tokens (policy.max_length={limit} - "
-                                      f"rollout.max_new_tokens; cut from the left)")
+    counts = {key: cfg.usable_rows(tokenizer, rows, key, lambda: _stop_ids(tokenizer, model_cfg))
+              for key, rows in (("data.train", train_rows), ("data.eval", eval_rows))}  # the stage's own count
     if counts["data.train"][0] == 0:
         raise DataError(f"data.train: no usable rows ({counts['data.train'][1]}); raise model.max_length or shorten the rows")
     loop.check_batch_fits(cfg, 1, counts["data.train"][0])  # as the stage will, for one process

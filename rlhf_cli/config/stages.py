@@ -5,14 +5,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from rlhf_cli.config.groups import CheckpointConfig, DataConfig, DeviceConfig, EvalConfig, LoRAConfig, LoggingConfig, ModelConfig, OptimConfig
 from rlhf_cli import origin
+from rlhf_cli.config.groups import (CheckpointConfig, DataConfig, DeviceConfig, EvalConfig, LoggingConfig, LoRAConfig,
+                                    ModelConfig, OptimConfig)
 from rlhf_cli.config.fields import check_choice, check_int_ranges, check_positive, check_room, doc
 from rlhf_cli.errors import ConfigError
 
 
+class StageConfig:
+    """What every stage's schema answers beside its keys, so that `rlhf validate` and the loop ask the stage
+    instead of testing its name: the kind of its data rows, the model that trains, what one step takes, and
+    how many of its rows a model of its max length can use (the stage's own tokenisation, without weights)."""
+
+    data_kind = ""  # data.stage_rows' kind: sft, pairs, prompts
+    model_key = "model"  # the config group of the model that trains
+
+    @property
+    def trained_model(self):
+        return getattr(self, self.model_key)
+
+    def step_takes(self, world_size: int, n_train: int) -> tuple[int, str, str, str]:
+        """-> (the rows one optimizer step takes, what a row is, the keys that make that number, the fix when
+        there are only n_train)."""
+        per_device = self.optim.grad_accum * world_size
+        fit = n_train // per_device
+        return (self.batch_size * per_device, "rows",
+                f"batch_size={self.batch_size} x optim.grad_accum={self.optim.grad_accum} x {world_size} rank(s)",
+                f"set batch_size={fit} or less" if fit else "lower optim.grad_accum (or use fewer ranks)")
+
+    def usable_rows(self, tokenizer, rows: list[dict], key: str, stop_ids) -> tuple[int, str]:
+        """-> (the rows of `rows` the stage trains on, a note on the rest); stop_ids() -> the model's stop ids."""
+        raise NotImplementedError
+
+
 @dataclass
-class SFTConfig:
+class SFTConfig(StageConfig):
     output_dir: str = doc("runs/sft", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
     seed: int = doc(0, "seed of every random generator")
     max_steps: Optional[int] = doc(None, "optimizer steps; null with epochs null = by what the model is: 1500 built "
@@ -45,9 +72,18 @@ class SFTConfig:
         self.lora.check_with(self.device)
         check_room("eval.max_new_tokens", self.eval.max_new_tokens, "model.max_length", self.model.max_length)
 
+    data_kind = "sft"
+
+    def usable_rows(self, tokenizer, rows: list[dict], key: str, stop_ids) -> tuple[int, str]:
+        from rlhf_cli import data  # here, not at the top: `rlhf --help` and config docs need no tokenizer
+
+        limit = self.model.max_length
+        examples, cut = data.tokenize_sft(tokenizer, rows, limit, key, stop_ids())
+        return len(examples), f"{cut} truncated to model.max_length={limit}"
+
 
 @dataclass
-class TrainRMConfig:
+class TrainRMConfig(StageConfig):
     output_dir: str = doc("runs/rm", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
     seed: int = doc(0, "seed of every random generator")
     max_steps: Optional[int] = doc(None, "optimizer steps; null with epochs null = by what the model is: 2000 built "
@@ -83,6 +119,15 @@ class TrainRMConfig:
         if self.eval.samples:
             raise ConfigError("eval.samples samples a policy's responses (sft, rl, rlhf eval); a reward model "
                               "generates none: drop eval.samples")
+
+    data_kind = "pairs"
+
+    def usable_rows(self, tokenizer, rows: list[dict], key: str, stop_ids) -> tuple[int, str]:
+        from rlhf_cli.scoring import tokenize_pairs
+
+        limit = self.model.max_length
+        pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, self.margin_from_data)
+        return len(pairs), f"{dropped} dropped as longer than model.max_length={limit}"
 
 
 @dataclass
@@ -317,7 +362,7 @@ class PlacementConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(StageConfig):
     output_dir: str = doc("runs/rl", "run directory: config, metrics, checkpoints, final/ (reruns resume)")
     seed: int = doc(0, "seed of every random generator (offset by rank)")
     max_steps: int = doc(150, "RL iterations (rollout + update)")
@@ -407,6 +452,25 @@ class RLConfig:
         the suite's tuning tasks, within one seed's noise, for 2-3x the RM forwards: docs/suite.md), in async mode
         (not supported there yet) and with one sample per prompt (no group to compare)."""
         return not self.reward.model.path and self.rollout.mode == "sync" and self.rollout.samples_per_prompt >= 2
+
+    data_kind = "prompts"
+    model_key = "policy"
+
+    def step_takes(self, world_size: int, n_train: int) -> tuple[int, str, str, str]:
+        per_step = self.rollout.prompts_per_step  # the global draw: the ranks split it
+        return (per_step, "prompts", f"rollout.prompts_per_step={per_step}",
+                f"set rollout.prompts_per_step={n_train} or less (rollout.samples_per_prompt sets the samples per "
+                f"prompt)")
+
+    def usable_rows(self, tokenizer, rows: list[dict], key: str, stop_ids) -> tuple[int, str]:
+        from rlhf_cli import data
+
+        limit = self.policy.max_length
+        room = limit - self.rollout.max_new_tokens  # as the stage cuts them: prompt + response fit
+        long = sum(len(data.encode_prompt(tokenizer, data.prompt_text(tokenizer, row, i, key))) > room
+                   for i, row in enumerate(rows))
+        return len(rows), (f"{long} prompts longer than {room} tokens (policy.max_length={limit} - "
+                           f"rollout.max_new_tokens; cut from the left)")
 
 
 STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "rl": RLConfig}
