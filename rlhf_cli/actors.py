@@ -147,6 +147,8 @@ def learn(cfg, output_dir, make_recipe, t_start: float, rt, layout: Layout) -> d
 class LearnerLink:
     """A learner's ends: receive its batch of each step; rank 0 also sends the weights."""
 
+    active = True
+
     def __init__(self, cfg, layout: Layout, rank: int):
         self.cfg, self.layout, self.rank = cfg, layout, rank
         self.versions: list[int] | None = None  # what rank 0 sends, fixed by the start step

@@ -96,12 +96,25 @@ class Scored:
     logprobs_behaviour: torch.Tensor | None = None  # (B, T) async: under the actor's weights that sampled them
 
 
+class NoActors:
+    """rollout.mode=sync: no actor ranks to send weights to or hear from (what actors.LearnerLink is in async)."""
+
+    active = False
+
+    def publish(self, policy, version: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RLRecipe:
     """setup (reward sources, data, models, optimizer, resume) -> train (five steps a loop) -> save final/."""
 
     def __init__(self, cfg, rt, run_dir, t_start: float, actors=None, learners: int | None = None):
         self.cfg, self.rt, self.run_dir, self.t_start = cfg, rt, run_dir, t_start
-        self.actors = actors  # rollout.mode=async, on a learner rank: its link to the actor ranks (actors.py)
+        # rollout.mode=async, on a learner rank: its link to the actor ranks (actors.LearnerLink); sync: none to tell
+        self.actors = actors or NoActors()
         self.learners = learners or rt.world_size  # the ranks the step's prompts are split over
         a = cfg.algorithm
         self.running_mean = distributed.GlobalRunningMean(rt)  # the 'mean' baseline over every rank's rows
@@ -121,9 +134,18 @@ class RLRecipe:
 
     # ================================================================ setup
     def setup(self) -> None:
-        self.setup_rollout_side()
-        self._setup_critic()
-        self._setup_optimizer()
+        """The table of contents: each line assigns what one step of the setup returns."""
+        self.side = self.setup_rollout_side()
+        self.critic, self.shared = self._critic()
+        # before the optimizer: FSDP2 shards in place (DDP wraps); rollouts use the unwrapped modules
+        self.ddp_policy, self.ddp_critic, self.reference, self.reward_model = self._wrap_models()
+        self.side.reference, self.side.reward_model = self.reference, self.reward_model  # FSDP2: the sharded ones
+        self.parts = self._checkpoint_parts()
+        self.held = lora.parameters_held({"policy": self.policy, "reference": self.reference,
+                                          "reward_model": self.reward_model, "critic": self.critic})
+        self.optimizer, self.scheduler, self.guard = self._optimizer()
+        self.kl_ctl = (AdaptiveKLController(self.cfg.kl.coef, self.cfg.kl.target, self.cfg.kl.horizon)
+                       if self.cfg.kl.target else FixedKLController(self.cfg.kl.coef))
         self.step = loop.resume(self.run_dir, self.rt, self.parts, self.optimizer, self.scheduler, self.precision,
                                 sampler=self.sampler, kl=self.kl_ctl, running_mean=self.running_mean, guard=self.guard)
         self._announce()
@@ -143,43 +165,45 @@ class RLRecipe:
         self.dev_policy, self.dev_ref, self.dev_reward, self.dev_critic = (
             rt.placement[k] for k in ("policy", "reference", "reward", "critic"))
         self.precision = Precision(cfg.policy.dtype, cfg.device.autocast, self.dev_policy)
-        self._setup_batch_shape()
+        self.prompts_per_rank, self.K, self.rows_per_rank = self._batch_shape()
         self.tokenizer = load_tokenizer(self.policy_path, "policy.path", cfg.policy.trust_remote_code)
-        self._setup_data()
+        self.train_rows, self.eval_rows, self.train_prompts, self.eval_prompts, self.train_prompt_ids = self._data()
         self.memory = self._memory_plan()  # before any weights load
-        self._setup_policy_and_reference()
-        self._setup_reward_model()
+        self.policy, self.adapters, self.reference = self._policy_and_reference()
+        self.engine, self.support = self._engine()
+        self.reward_model, self.rm_mean, self.rm_std = self._reward_model()
         self.sampler = data.EpochSampler(len(self.train_rows), cfg.seed)  # the same global draw on every rank
-        self.side = RolloutSide(cfg, rt, self.learners, self.tokenizer, self.train_rows, self.train_prompts,
-                                self.train_prompt_ids, self.policy, self.engine, self.precision, self.memory,
-                                self.dev_policy, self.dev_ref, self.dev_reward, self.reference, self.reward_fns,
-                                self.reward_model, self.rm_mean, self.rm_std, self.support, self.chunk)
-        return self.side
+        return RolloutSide(cfg, rt, self.learners, self.tokenizer, self.train_rows, self.train_prompts,
+                           self.train_prompt_ids, self.policy, self.engine, self.precision, self.memory,
+                           self.dev_policy, self.dev_ref, self.dev_reward, self.reference, self.reward_fns,
+                           self.reward_model, self.rm_mean, self.rm_std, self.support, self.chunk)
 
-    def _setup_batch_shape(self) -> None:
-        """Ranks split the prompts, never a prompt's K samples (whole rloo / group_norm groups on every rank)."""
+    def _batch_shape(self) -> tuple[int, int, int]:
+        """Ranks split the prompts, never a prompt's K samples (whole rloo / group_norm groups on every rank)
+        -> (prompts per rank, K, rows per rank)."""
         cfg, world = self.cfg, self.learners
         if world > cfg.rollout.prompts_per_step or cfg.rollout.prompts_per_step % world:
             raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
                             f"world size {world} (each rank samples whole groups)")
-        self.prompts_per_rank = cfg.rollout.prompts_per_step // world
-        self.K = cfg.rollout.samples_per_prompt
-        self.rows_per_rank = self.prompts_per_rank * self.K
-        if self.rows_per_rank % cfg.algorithm.minibatches:
-            raise UserError(f"algorithm.minibatches={cfg.algorithm.minibatches} does not divide the {self.rows_per_rank} "
-                            f"rollout rows of each of the {world} ranks (rollout.prompts_per_step / world size "
-                            f"x rollout.samples_per_prompt); choose a divisor")
+        prompts_per_rank, K = cfg.rollout.prompts_per_step // world, cfg.rollout.samples_per_prompt
+        if prompts_per_rank * K % cfg.algorithm.minibatches:
+            raise UserError(f"algorithm.minibatches={cfg.algorithm.minibatches} does not divide the "
+                            f"{prompts_per_rank * K} rollout rows of each of the {world} ranks "
+                            f"(rollout.prompts_per_step / world size x rollout.samples_per_prompt); choose a divisor")
+        return prompts_per_rank, K, prompts_per_rank * K
 
-    def _setup_data(self) -> None:
+    def _data(self) -> tuple[list[dict], list[dict], list[str], list[str], list[list[int]]]:
+        """-> (train rows, eval rows, their prompt texts, the train prompts' ids cut from the left to leave
+        room for the response)."""
         cfg, tokenizer = self.cfg, self.tokenizer
-        self.train_rows, self.eval_rows = data.stage_rows(cfg.data, "prompts", cfg.seed)
-        loop.check_batch_fits(cfg, self.rt.world_size, len(self.train_rows))
+        train_rows, eval_rows = data.stage_rows(cfg.data, cfg.data_kind, cfg.seed)
+        loop.check_batch_fits(cfg, self.rt.world_size, len(train_rows))
         # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn
-        self.train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(self.train_rows)]
-        self.eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(self.eval_rows)]
+        train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(train_rows)]
+        eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(eval_rows)]
         room = self.max_sequence - cfg.rollout.max_new_tokens  # a prompt's tokens: cut from the left beyond it
-        self.train_prompt_ids = [data.cut_left(data.encode_prompt(tokenizer, p), room, tokenizer)
-                                 for p in self.train_prompts]
+        train_prompt_ids = [data.cut_left(data.encode_prompt(tokenizer, p), room, tokenizer) for p in train_prompts]
+        return train_rows, eval_rows, train_prompts, eval_prompts, train_prompt_ids
 
     def _memory_plan(self) -> memory.MemoryPlan:
         """micro_batch_tokens, or a budget from the device's free memory and what this rank holds: the policy
@@ -190,7 +214,7 @@ class RLRecipe:
         if cfg.algorithm.needs_critic and cfg.critic.init != "shared":
             trained.append((self._critic_path(), False))
         frozen_models = []
-        if not (cfg.lora.r > 0 and not cfg.reference.path) and self.actors is None:
+        if not (cfg.lora.r > 0 and not cfg.reference.path) and not self.actors.active:
             frozen_models.append((cfg.reference.path or self.policy_path,
                                   frozen_dtype(cfg.reference.dtype, self.dev_ref, self.precision.weights)))
         if cfg.reward.model.path:
@@ -204,79 +228,93 @@ class RLRecipe:
         return cfg.critic.path or (cfg.reward.model.path if cfg.critic.init == "reward" and cfg.reward.model.path
                                    else self.policy_path)
 
-    def _setup_policy_and_reference(self) -> None:
+    def _policy_and_reference(self):
+        """-> (the policy, its LoRA adapters or None, the frozen reference: the adapter-free policy under LoRA,
+        None on an async learner)."""
         cfg, rt, path = self.cfg, self.rt, self.policy_path
         policy = load_causal_lm(path, "policy.path", self.precision.weights, self.dev_policy, cfg.policy.trust_remote_code)
         if cfg.policy.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        self.adapters = lora.attach(policy, cfg.lora, "CAUSAL_LM", path, self.run_dir.root, rt)  # lora.r > 0: adapters train
+        adapters = lora.attach(policy, cfg.lora, "CAUSAL_LM", path, self.run_dir.root, rt)  # lora.r > 0: adapters train
         dropout_off(policy)  # during RL (checklist 1); gradients still flow, gradient checkpointing still applies
         # the reference computes like the policy (same weights dtype and autocast): KL is exactly 0 at the start
-        if self.adapters is not None and not cfg.reference.path:  # LoRA: the policy itself with its adapters off
-            self.reference = self.adapters.adapters_off()
-        elif self.actors is not None:  # an async learner: the actors send the reference's log-probs
-            self.reference = None
+        if adapters is not None and not cfg.reference.path:  # LoRA: the policy itself with its adapters off
+            reference = adapters.adapters_off()
+        elif self.actors.active:  # an async learner: the actors send the reference's log-probs
+            reference = None
         else:
-            self.reference = frozen(load_causal_lm(cfg.reference.path or path, "reference.path",
-                                                   frozen_dtype(cfg.reference.dtype, self.dev_ref, self.precision.weights),
-                                                   self.dev_ref, cfg.policy.trust_remote_code))
+            reference = frozen(load_causal_lm(cfg.reference.path or path, "reference.path",
+                                              frozen_dtype(cfg.reference.dtype, self.dev_ref, self.precision.weights),
+                                              self.dev_ref, cfg.policy.trust_remote_code))
         if cfg.reference.path:
             check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reference.path, "reference.path"), "reference.path")
-        self.policy = policy
+        return policy, adapters, reference
+
+    def _engine(self):
+        """-> (the rollout engine over the policy, the ids it can draw: log-probs are over them, so the
+        update's pi is the one responses came from)."""
+        cfg, rt = self.cfg, self.rt
         engine_options = ({**dataclasses.asdict(cfg.rollout.vllm), "max_model_len": self.max_sequence,
                            "seed": cfg.seed, "distributed": rt.distributed} if cfg.rollout.engine == "vllm" else None)
-        self.engine = make_engine(cfg.rollout.engine, policy, self.tokenizer, engine_options,  # rollouts, evaluation
-                                  memory=self.memory)
-        # log-probs over the ids the engine can draw, so the update's pi is the one responses came from
-        self.support = Support(self.engine.vocab_limit, tuple(self.engine.never or ()))
+        engine = make_engine(cfg.rollout.engine, self.policy, self.tokenizer, engine_options,  # rollouts, evaluation
+                             memory=self.memory)
+        return engine, Support(engine.vocab_limit, tuple(engine.never or ()))
 
-    def _setup_reward_model(self) -> None:
+    def _reward_model(self):
+        """-> (the frozen reward model or None, its score mean and std from its manifest when normalised)."""
         cfg = self.cfg
-        self.reward_model, self.rm_mean, self.rm_std = None, 0.0, 1.0
         if not cfg.reward.model.path:
-            return
+            return None, 0.0, 1.0
         check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reward.model.path, "reward.model.path"),
                              "reward.model.path")
         # as a module whose forward scores (TokenValues): what FSDP2 shards and gathers as one root
-        self.reward_model = frozen(TokenValues(load_scalar_head_model(
+        reward_model = frozen(TokenValues(load_scalar_head_model(
             cfg.reward.model.path, "reward.model.path", frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32"),
             self.dev_reward, pad_id=self.tokenizer.pad_token_id)))
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
         if cfg.reward.model.normalize and "score_std" in rm_manifest:
-            self.rm_mean = float(rm_manifest["score_mean"])
-            self.rm_std = max(float(rm_manifest["score_std"]), 1e-6)
+            return reward_model, float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
+        return reward_model, 0.0, 1.0
 
-    def _setup_critic(self) -> None:
-        """critic: the value parameters; shared: the policy with a value head on it (one forward and backward)."""
+    def _critic(self):
+        """-> (the value parameters, the policy with a value head on it or None): shared, one forward and
+        backward for both; else a separate scalar-head model; (None, None) without a critic."""
         cfg = self.cfg
-        self.critic, self.shared = None, None
         if cfg.algorithm.needs_critic and cfg.critic.init == "shared":
-            self.shared = PolicyWithValueHead(self.policy, self.chunk, self.support)
-            self.critic = self.shared.v_head
-        elif cfg.algorithm.needs_critic:
-            self.critic = TokenValues(load_scalar_head_model(self._critic_path(), "critic.path", self.precision.weights,
-                                                             self.dev_critic, pad_id=self.tokenizer.pad_token_id))
-            self.critic.eval()
+            shared = PolicyWithValueHead(self.policy, self.chunk, self.support)
+            return shared.v_head, shared
+        if not cfg.algorithm.needs_critic:
+            return None, None
+        critic = TokenValues(load_scalar_head_model(self._critic_path(), "critic.path", self.precision.weights,
+                                                    self.dev_critic, pad_id=self.tokenizer.pad_token_id))
+        critic.eval()
+        return critic, None
 
-    def _setup_optimizer(self) -> None:
-        cfg, rt, policy, critic = self.cfg, self.rt, self.policy, self.critic
-        # before the optimizer: FSDP2 shards in place (DDP wraps); rollouts use the unwrapped modules
-        self.ddp_policy = distributed.wrap_model(self.shared or policy, rt, cfg.device.distributed)
-        self.ddp_critic = (distributed.wrap_model(critic, rt, cfg.device.distributed)
-                           if critic is not None and self.shared is None else None)
-        self.reference = distributed.shard_frozen(self.reference, rt, cfg.device.distributed)  # not AdaptersOff
-        self.reward_model = distributed.shard_frozen(self.reward_model, rt, cfg.device.distributed)
-        self.side.reference, self.side.reward_model = self.reference, self.reward_model  # FSDP2: the sharded ones
-        self.parts = ({"policy": (self.adapters.state if self.adapters else policy, "")}  # LoRA: the adapters only
-                      | ({"critic": (critic, "" if self.shared else "model.")} if critic is not None else {}))
-        self.held = lora.parameters_held({"policy": policy, "reference": self.reference,
-                                          "reward_model": self.reward_model, "critic": critic})
-        groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]  # LoRA: the adapters
-        if critic is not None:
-            groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.optim.lr})
-        self.optimizer, self.scheduler, self.guard = optim.build(groups, cfg.optim, cfg.max_steps)
-        self.kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.target
-                       else FixedKLController(cfg.kl.coef))
+    def _wrap_models(self):
+        """-> (the policy and a separate critic wrapped for DDP / sharded by FSDP2, the reference and reward
+        model sharded under FSDP2: a LoRA reference, AdaptersOff, stays as it is)."""
+        cfg, rt, critic = self.cfg, self.rt, self.critic
+        return (distributed.wrap_model(self.shared or self.policy, rt, cfg.device.distributed),
+                distributed.wrap_model(critic, rt, cfg.device.distributed)
+                if critic is not None and self.shared is None else None,
+                distributed.shard_frozen(self.reference, rt, cfg.device.distributed),
+                distributed.shard_frozen(self.reward_model, rt, cfg.device.distributed))
+
+    def _checkpoint_parts(self) -> dict:
+        """What a checkpoint saves: name -> (module, key prefix); under LoRA the policy's adapters only."""
+        parts = {"policy": (self.adapters.state if self.adapters else self.policy, "")}
+        if self.critic is not None:
+            parts["critic"] = (self.critic, "" if self.shared else "model.")
+        return parts
+
+    def _optimizer(self):
+        """-> (AdamW over the policy's trainable parameters and the critic's at critic.lr, its schedule, the
+        step guard)."""
+        cfg = self.cfg
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]  # LoRA: the adapters
+        if self.critic is not None:
+            groups.append({"params": list(self.critic.parameters()), "lr": cfg.critic.lr or cfg.optim.lr})
+        return optim.build(groups, cfg.optim, cfg.max_steps)
 
     def _announce(self) -> None:
         cfg, rt, a, K, step = self.cfg, self.rt, self.cfg.algorithm, self.K, self.step
@@ -299,7 +337,7 @@ class RLRecipe:
             f"{name} {str(next(m.parameters()).dtype).removeprefix('torch.')}"
             + (" (sharded)" if distributed.is_sharded(m) else "")
             for name, m in frozen_models.items() if isinstance(m, torch.nn.Module))
-            or ("none (the actors hold the reference)" if self.actors else "none (LoRA reference)"))
+            or ("none (the actors hold the reference)" if self.actors.active else "none (LoRA reference)"))
         say(f"rl: {self.memory.describe()}")
         if origin.describe("rl", cfg, cfg.policy.path):
             say(origin.describe("rl", cfg, cfg.policy.path))
@@ -318,38 +356,39 @@ class RLRecipe:
                 f"off-policy already; the default with a lag unless set)")
         if cfg.rollout.top_k or cfg.rollout.top_p:
             say("rl: top-k/top-p sampling biases the KL estimate (log-probs are of the unfiltered policy)")
-        if self.actors is not None:
+        if self.actors.active:
             say(self.actors.describe())
 
     # ================================================================ train
     def train(self) -> dict:
-        if self.actors is not None:
-            self.actors.publish(self.policy, self.step)  # async: the actors start from this step's weights
+        self.actors.publish(self.policy, self.step)  # async: the actors start from this step's weights
         self.before = self.evaluate() if self.step == 0 else {}
         if self.before:
             self.tracker.log(0, loop.public(self.before), kind="eval")
         last_eval = None  # {} on ranks other than 0
         while self.step < self.cfg.max_steps:
             t0 = time.perf_counter()
-            if self.actors is None:
+            if not self.actors.active:
                 rows, prompts, rollout, sampling, rewarded = self.rollout_batch()    # 1. rollout
                 t1 = time.perf_counter()
-                scored = self.score(rollout, prompts, rows, rewarded=rewarded)       # 2. score
+                if rewarded is None:  # else dynamic sampling scored the kept groups already
+                    rewarded = self.side.reward_rows(rollout, prompts, rows)         # 2. score: rewards,
+                logprobs_ref = self.side.logprobs_under(self.reference, self.dev_ref, rollout)  # the reference,
+                scored = self.score(rollout, rewarded, logprobs_ref)                 # old log-probs and values
             else:  # rollout.mode=async: rolled out and scored on an actor rank, with weights <= max_lag old
                 received, sampling = self.actors.receive(self.step, self.dev_policy)  # 1.+2. (actors.py)
                 t1 = time.perf_counter()
-                scored = self.score(received.rollout, received=received)             # 2. the learner's forward
+                scored = self.score(received.rollout, received.rewarded, received.logprobs_ref,
+                                    received.logprobs_behaviour)                     # 2. the learner's forward
             t2 = time.perf_counter()
             rewards, advantages, returns, beta = self.advantages(scored)             # 3. advantages
             update_stats = self.update(scored, advantages, returns, beta)            # 4. update
-            if self.actors is not None:
-                self.actors.publish(self.policy, self.step)                          # async: weights -> actors
+            self.actors.publish(self.policy, self.step)                              # async: weights -> actors
             t3 = time.perf_counter()
             evaluated = self.log_and_checkpoint(scored, rewards, returns, beta,      # 5. log and checkpoint
                                                 update_stats | sampling, (t0, t1, t2, t3))
             last_eval = evaluated if evaluated is not None else last_eval
-        if self.actors is not None:
-            self.actors.close()
+        self.actors.close()
         return self.save(last_eval if last_eval is not None else self.evaluate())
 
     # ---------------------------------------------------------------- 1. rollout
@@ -390,22 +429,13 @@ class RLRecipe:
                                       draw)
 
     # ---------------------------------------------------------------- 2. score (+ reference, old log-probs, values)
-    def score(self, rollout: Rollout, prompts: list[str] = (), rows: list[dict] = (), received=None,
-              rewarded: Rewarded | None = None) -> Scored:
-        """Rewards of each response, and the log-probs and values the update measures itself against.
-        received (async): the rewards, reference and behaviour log-probs an actor computed (actors.Received);
-        rewarded: the rewards dynamic sampling already computed for these rows."""
+    def score(self, rollout: Rollout, rewarded: Rewarded, logprobs_ref: torch.Tensor,
+              logprobs_behaviour: torch.Tensor | None = None) -> Scored:
+        """The batch with its rewards and reference log-probs, and the log-probs and values the update measures
+        itself against. logprobs_behaviour (async): under the actor's weights that sampled the batch."""
         input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
         P = rollout.prompt_ids.shape[1]
-        if received is None:
-            if rewarded is None:
-                rewarded = self.side.reward_rows(rollout, prompts, rows)
-            scores, step_rewards, score_stats = rewarded.scores, rewarded.step_rewards, rewarded.stats()
-            logprobs_ref = self.side.logprobs_under(self.reference, self.dev_ref, rollout)
-        else:
-            scores, step_rewards, score_stats = (received.rewarded.scores, received.rewarded.step_rewards,
-                                                 received.rewarded.stats())
-            logprobs_ref = received.logprobs_ref
+        scores, step_rewards, score_stats = rewarded.scores, rewarded.step_rewards, rewarded.stats()
         update_forward = None
         whole = torch.arange(input_ids.shape[0], device=input_ids.device)
         (split,) = self.rt.sum(float(len(micro_split(rollout, whole, self.memory.tokens, self.update_shares())) > 1))
@@ -414,7 +444,7 @@ class RLRecipe:
             with self.precision.autocast():  # detached: the numbers a separate no-grad forward computes, one fewer
                 update_forward = self.forward(input_ids, attention_mask, P)
             logprobs_old, _, values_old = (t.detach() if t is not None else None for t in update_forward)
-        elif received is None and self.sampler_logprobs_apply():
+        elif self.sampler_logprobs_apply():  # never on an async learner: its sampler is an actor's
             # the sampler computed the behaviour policy's log-probs as it drew each token (same weights,
             # temperature and support; to float rounding: tests/test_logprobs.py), so no forward repeats them, for
             # one pass in micro-batches or several epochs alike; a critic's values still need its own
@@ -430,7 +460,7 @@ class RLRecipe:
             score_stats = score_stats | mismatch
         return Scored(rollout, input_ids, attention_mask, mask, P, scores, step_rewards, score_stats, logprobs_ref,
                       logprobs_old, values_old, kl_per_token, update_forward, is_weights=is_weights,
-                      logprobs_behaviour=received.logprobs_behaviour if received is not None else None)
+                      logprobs_behaviour=logprobs_behaviour)
 
     def update_shares(self) -> bool:
         """The update's forwards share prompts: the policy's do, and no separate critic runs whole rows beside it."""
@@ -441,7 +471,7 @@ class RLRecipe:
         they differ by 0.03 a token on average, 0.005 biased: 0.3 nats of KL over 64 tokens, measured on SmolLM2),
         no value head on the policy: the sampler's log-probs are the old ones, whatever the epochs and minibatches
         (PPO's ratio is against the policy that sampled; a forward of the same weights repeats the sampler's numbers)."""
-        return (not self.engine.separate_weights and self.shared is None and self.actors is None
+        return (not self.engine.separate_weights and self.shared is None and not self.actors.active
                 and self.precision.compute is None and self.precision.weights == "fp32")
 
     def no_grad_forward(self, rollout: Rollout, policy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
