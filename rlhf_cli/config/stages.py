@@ -24,6 +24,19 @@ class StageConfig:
     def trained_model(self):
         return getattr(self, self.model_key)
 
+    def check_common(self, stage: str, **extra_ranges) -> None:
+        """The checks every stage's keys share (int ranges, the positive counts it has, `extra_ranges`: key ->
+        allow_zero), then the defaults derived from its model (`derived`, logged by the stage) and LoRA's
+        device check."""
+        check_int_ranges(self)
+        for key in ("max_steps", "epochs", "batch_size", "log_every", "micro_batch_tokens"):
+            if hasattr(self, key):
+                check_positive(key, getattr(self, key))
+        for key, allow_zero in extra_ranges.items():
+            check_positive(key, getattr(self, key), allow_zero=allow_zero)
+        self.derived = origin.resolve(stage, self, self.trained_model.path)
+        self.lora.check_with(self.device)
+
     def step_takes(self, world_size: int, n_train: int) -> tuple[int, str, str, str]:
         """-> (the rows one optimizer step takes, what a row is, the keys that make that number, the fix when
         there are only n_train)."""
@@ -62,14 +75,7 @@ class SFTConfig(StageConfig):
     lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) instead of full fine-tuning")
 
     def __post_init__(self):
-        check_int_ranges(self)
-        check_positive("max_steps", self.max_steps)
-        check_positive("epochs", self.epochs)
-        check_positive("batch_size", self.batch_size)
-        check_positive("log_every", self.log_every)
-        check_positive("micro_batch_tokens", self.micro_batch_tokens)
-        self.derived = origin.resolve("sft", self, self.model.path)  # logged by the stage
-        self.lora.check_with(self.device)
+        self.check_common("sft")
         check_room("eval.max_new_tokens", self.eval.max_new_tokens, "model.max_length", self.model.max_length)
 
     data_kind = "sft"
@@ -107,15 +113,7 @@ class TrainRMConfig(StageConfig):
     lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) on the backbone; the score head trains in full")
 
     def __post_init__(self):
-        check_int_ranges(self)
-        check_positive("max_steps", self.max_steps)
-        check_positive("epochs", self.epochs)
-        check_positive("batch_size", self.batch_size)
-        check_positive("center_coef", self.center_coef, allow_zero=True)
-        check_positive("log_every", self.log_every)
-        check_positive("micro_batch_tokens", self.micro_batch_tokens)
-        self.derived = origin.resolve("train-rm", self, self.model.path)  # logged by the stage
-        self.lora.check_with(self.device)
+        self.check_common("train-rm", center_coef=True)
         if self.eval.samples:
             raise ConfigError("eval.samples samples a policy's responses (sft, rl, rlhf eval); a reward model "
                               "generates none: drop eval.samples")
@@ -388,12 +386,7 @@ class RLConfig(StageConfig):
                                        "with its adapters off, no second copy; the critic trains in full")
 
     def __post_init__(self):
-        check_int_ranges(self)
-        check_positive("max_steps", self.max_steps)
-        check_positive("log_every", self.log_every)
-        check_positive("micro_batch_tokens", self.micro_batch_tokens)
-        self.derived = origin.resolve("rl", self, self.policy.path)  # logged by the stage
-        self.lora.check_with(self.device)
+        self.check_common("rl")
         for key, new_tokens in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
                                 ("eval.max_new_tokens", self.eval.max_new_tokens)):
             check_room(key, new_tokens, "policy.max_length", self.policy.max_length)
