@@ -25,8 +25,8 @@ algorithm.loss_agg), the KL controller, PPO's early stop and the logged
 metrics. Dynamic sampling (algorithm.dynamic_sampling) fills each rank's share
 of the batch from its own draws, every rank drawing until all are full.
 
-With rollout.mode=async (actors.py, docs/async.md) the last rollout.actors ranks run steps 1 and 2
-(the rollout side the recipe builds in `setup_rollout_side`: rollout_side.py) and send each batch to a learner rank;
+With rollout.mode=async (actors.py, docs/async.md) the last rollout.actors ranks run steps 1 and 2 (the
+rollout side the recipe builds in `setup_rollout_side`: rollout_side.py) and send each batch to a learner rank;
 the learners run `train` with steps 1 and 2 replaced by receiving that batch and their own forward, and
 correct the advantages for the actor's older weights (algorithms/offpolicy.py).
 """
