@@ -64,7 +64,7 @@ def bind(fn: Callable, keys: Mapping[str, Any], leading: int, what: str) -> Call
     named ``clip_hi`` would otherwise run at its default while ``algorithm.clip_high`` is ignored. So is
     ``**kwargs``, which would swallow any key.
     """
-    params = list(inspect.signature(fn).parameters.values())[leading:]
+    params = _parameters(fn)[leading:]
     name = getattr(fn, "__qualname__", repr(fn))
     swallowing = [p.name for p in params if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     if swallowing:
@@ -80,3 +80,9 @@ def bind(fn: Callable, keys: Mapping[str, Any], leading: int, what: str) -> Call
 def reads(fn: Callable, key: str) -> bool:
     """Whether `fn` names `key` among its parameters (the config checks ask it instead of testing names)."""
     return key in inspect.signature(fn).parameters
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn: Callable) -> tuple:
+    """fn's parameters, read once: aggregate and reinforce_advantages bind per call, in every micro-batch."""
+    return tuple(inspect.signature(fn).parameters.values())
