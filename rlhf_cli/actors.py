@@ -51,7 +51,8 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import model_path
 from rlhf_cli.precision import check_trainable_dtype
 from rlhf_cli.rollout import Rollout
-from rlhf_cli.rollout_side import SCORE_STATS, Rewarded, RolloutSide
+from rlhf_cli.reward_sources import score_stat_names
+from rlhf_cli.rollout_side import Rewarded, RolloutSide
 
 HEADER = 9  # int64: step, version, B, P, T, generate / score / wait microseconds, actor rank
 
@@ -180,11 +181,12 @@ class LearnerLink:
         header = torch.empty(HEADER, dtype=torch.int64, device=device)
         dist.recv(header, source)
         batch_step, version, B, P, T, generate_us, score_us, wait_us, _ = header.tolist()
-        payload = torch.empty(payload_size(B, P, T), dtype=torch.float64, device=device)
+        stats = score_stat_names(self.cfg.reward)
+        payload = torch.empty(payload_size(B, P, T, len(stats)), dtype=torch.float64, device=device)
         dist.recv(payload, source)
         waited = time.perf_counter() - t0
         assert batch_step == step, (batch_step, step)  # the layout fixes who sends what, in step order
-        received = unpack(payload, B, P, T, version)
+        received = unpack(payload, B, P, T, version, stats)
         busy = (generate_us + score_us) / max(generate_us + score_us + wait_us, 1)
         return received, {"async_lag": step - version, "async_learner_wait_s": waited,
                           "async_actor_generate_s": generate_us / 1e6, "async_actor_score_s": score_us / 1e6,
@@ -236,7 +238,7 @@ def act(side: RolloutSide, layout: Layout) -> None:
             T = rollout.response_ids.shape[1]
             header = torch.tensor([step, version, B, P, T, int((t2 - t1) * 1e6), int((t3 - t2) * 1e6),
                                    int((t1 - t0) * 1e6), rank], dtype=torch.int64, device=device)
-            payload = pack(rollout, rewarded, logprobs_ref, logprobs_behaviour, device)
+            payload = pack(rollout, rewarded, logprobs_ref, logprobs_behaviour, device, score_stat_names(side.cfg.reward))
             sends += [dist.isend(header, part), dist.isend(payload, part)]  # the learner rank `part`
     while version < versions[-1]:  # every version rank 0 sends is received: its sends complete
         version = receive_weights()
@@ -247,28 +249,27 @@ def act(side: RolloutSide, layout: Layout) -> None:
 # ---------------------------------------------------------------- a batch as one float64 tensor
 
 
-def payload_size(B: int, P: int, T: int) -> int:
-    return 2 * B * P + 6 * B * T + 2 * B + len(SCORE_STATS) * B
+def payload_size(B: int, P: int, T: int, n_stats: int) -> int:
+    return 2 * B * P + 6 * B * T + 2 * B + n_stats * B
 
 
-def pack(rollout: Rollout, rewarded: Rewarded, logprobs_ref, logprobs_behaviour, device) -> torch.Tensor:
-    """Ids, masks, flags, rewards (per row, every stat of SCORE_STATS: NaN where absent) and log-probs as one
+def pack(rollout: Rollout, rewarded: Rewarded, logprobs_ref, logprobs_behaviour, device,
+         stats: tuple[str, ...]) -> torch.Tensor:
+    """Ids, masks, flags, rewards (per row, every stat named in `stats`: score_stat_names) and log-probs as one
     float64 vector (ids below 2**53 and fp32 values are exact)."""
-    B = rollout.response_ids.shape[0]
-    nan = torch.full((B,), float("nan"))
     parts = [rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.logprobs,
              rollout.stopped, rewarded.scores, rewarded.step_rewards, logprobs_ref, logprobs_behaviour,
-             *(rewarded.row_stats.get(k, nan) for k in SCORE_STATS)]
+             *(rewarded.row_stats[k] for k in stats)]
     return torch.cat([p.to(device=device, dtype=torch.float64).reshape(-1) for p in parts])
 
 
-def unpack(payload: torch.Tensor, B: int, P: int, T: int, version: int) -> Received:
+def unpack(payload: torch.Tensor, B: int, P: int, T: int, version: int, stats: tuple[str, ...]) -> Received:
     """pack's inverse, each tensor at the dtype the synchronous recipe has (ids long, masks and values fp32)."""
-    sizes = [B * P, B * P, B * T, B * T, B * T, B, B, B * T, B * T, B * T] + [B] * len(SCORE_STATS)
+    sizes = [B * P, B * P, B * T, B * T, B * T, B, B, B * T, B * T, B * T] + [B] * len(stats)
     (prompt_ids, prompt_mask, response_ids, response_mask, logprobs, stopped, scores, step_rewards, logprobs_ref,
-     logprobs_behaviour, *stats) = torch.split(payload, sizes)
+     logprobs_behaviour, *values) = torch.split(payload, sizes)
     rollout = Rollout(prompt_ids.long().view(B, P), prompt_mask.long().view(B, P), response_ids.long().view(B, T),
                       response_mask.float().view(B, T), logprobs.float().view(B, T), stopped.bool())
-    row_stats = {k: v.float() for k, v in zip(SCORE_STATS, stats) if not torch.isnan(v).all()}  # NaN: absent
+    row_stats = {k: v.float() for k, v in zip(stats, values)}
     return Received(rollout, Rewarded(scores.float(), step_rewards.float().view(B, T), row_stats),
                     logprobs_ref.float().view(B, T), logprobs_behaviour.float().view(B, T), version)

@@ -389,12 +389,14 @@ def _rm_scores(cfg: EvalToolConfig, rm_manifest: dict, prompts, responses, devic
     """The reward model's score of every (prompt, response); their mean (and, where the RM's manifest has its
     held-out statistics, the mean standardised as rl's reward is: (s - mean) / std) go into metrics."""
     from rlhf_cli.models import load_scalar_head_model, load_tokenizer
-    from rlhf_cli.scoring import score_texts
+    from rlhf_cli.reward_sources import ModelReward
 
     rm_path = cfg.reward.model.path
     rm_tokenizer = load_tokenizer(rm_path, "reward.model.path", cfg.model.trust_remote_code)
-    rm = load_scalar_head_model(rm_path, "reward.model.path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-    rm_scores = score_texts(rm, rm_tokenizer, prompts, responses, device, cfg.eval.batch_size, tokens=tokens).tolist()
+    rm = ModelReward(load_scalar_head_model(rm_path, "reward.model.path", cfg.model.dtype, device,
+                                            cfg.model.trust_remote_code), rm_tokenizer, device, tokens=tokens,
+                     batch_size=cfg.eval.batch_size)
+    rm_scores = rm.score(prompts, responses, [{} for _ in prompts]).values.tolist()
     metrics["rm_score"] = sum(rm_scores) / len(rm_scores)
     if "score_std" in rm_manifest:
         mean, std = float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)

@@ -36,7 +36,6 @@ from rlhf_cli.config import check_choice, check_positive, doc
 from rlhf_cli.errors import ConfigError, DataError, UserError
 from rlhf_cli.evaluate import ToolDeviceConfig, parse_settings
 from rlhf_cli.generate import print_keys
-from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tracking import console
 
 
@@ -171,24 +170,27 @@ def check_generation_row(row, spec: str, lineno: int) -> None:
 
 
 def rule_scores(rows: list[dict], functions: list[str]) -> list[list[float]]:
-    """Per row, per response: the sum of the rule functions (step rewards summed over steps)."""
-    fns = [(name, import_reward_function(name)) for name in functions]
-    scores = []
+    """Per row, per response: the sum of the rule functions (step rewards summed over steps), unweighted."""
+    from rlhf_cli.reward_sources import rule_sources
+
+    sources = rule_sources(functions)
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    others = [{k: v for k, v in row.items() if k != "responses"} for row in rows for _ in row["responses"]]
+    try:
+        flat = sum(s.score(prompts, [r for row in rows for r in row["responses"]], others).values for s in sources)
+    except UserError as e:
+        raise UserError(f"judge=rule: {e}; each function must return a number (or (end_char, value) "
+                        f"step pairs) for every response") from None
+    return regroup(rows, flat.tolist() if sources else [0.0] * len(prompts))
+
+
+def regroup(rows: list[dict], flat: list[float]) -> list[list[float]]:
+    """A flat list of every row's responses' scores -> one list a row."""
+    out, i = [], 0
     for row in rows:
-        other = {k: v for k, v in row.items() if k != "responses"}
-        per = []
-        for response in row["responses"]:
-            total = 0.0
-            for name, fn in fns:
-                try:
-                    value = call_reward(fn, name, row["prompt"], response, other)
-                except UserError as e:
-                    raise UserError(f"judge=rule: {e}; each function must return a number (or (end_char, value) "
-                                    f"step pairs) for every response") from None
-                total += sum(v for _, v in value) if isinstance(value, list) else value
-            per.append(total)
-        scores.append(per)
-    return scores
+        out.append(flat[i:i + len(row["responses"])])
+        i += len(row["responses"])
+    return out
 
 
 def check_reward_model(path: str) -> None:
@@ -205,11 +207,13 @@ def check_reward_model(path: str) -> None:
     check_model_kind(path, "reward.model.path", REWARD_MODEL)
 
 
-def load_reward_model(cfg: LabelToolConfig) -> tuple:
-    """(model, tokenizer, device, batch_size) of reward.model.path, frozen."""
+def load_reward_model(cfg: LabelToolConfig):
+    """reward.model.path, frozen, as a reward source (reward_sources.ModelReward: raw scores, batch_size rows a
+    forward)."""
     import torch
 
     from rlhf_cli.models import frozen, load_scalar_head_model, load_tokenizer
+    from rlhf_cli.reward_sources import ModelReward
     from rlhf_cli.runtime import resolve_device
 
     path = cfg.reward.model.path
@@ -218,21 +222,13 @@ def load_reward_model(cfg: LabelToolConfig) -> tuple:
     if cfg.device.threads:
         torch.set_num_threads(cfg.device.threads)
     model = frozen(load_scalar_head_model(path, "reward.model.path", cfg.reward.model.dtype, device))
-    return model, tokenizer, device, cfg.batch_size
+    return ModelReward(model, tokenizer, device, batch_size=cfg.batch_size)
 
 
 def rm_scores(rows: list[dict], rm) -> list[list[float]]:
-    from rlhf_cli.scoring import score_texts
-
-    model, tokenizer, device, batch_size = rm
+    """Per row, per response: the raw score of the reward model `rm` (load_reward_model)."""
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
-    flat = score_texts(model, tokenizer, prompts, [r for row in rows for r in row["responses"]], device,
-                       batch_size).tolist()
-    out, i = [], 0
-    for row in rows:
-        out.append(flat[i:i + len(row["responses"])])
-        i += len(row["responses"])
-    return out
+    return regroup(rows, rm.score(prompts, [r for row in rows for r in row["responses"]], rows).values.tolist())
 
 
 def make_pairs(rows: list[dict], scores: list[list[float]], pairs: str, margin: bool) -> list[dict]:
@@ -273,12 +269,9 @@ def label(rows: list[dict], output: Path, cfg: LabelToolConfig) -> None:
     pairs = make_pairs(rows, scores, cfg.pairs, cfg.margin)
     judged = len(pairs)
     if cfg.mine == "disagree" and pairs:
-        from rlhf_cli.scoring import score_texts
-
-        model, tokenizer, device, batch_size = rm
-        prompts = [p["prompt"] for p in pairs]
-        chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], device, batch_size).tolist()
-        rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], device, batch_size).tolist()
+        prompts, rows_of = [p["prompt"] for p in pairs], [{} for _ in pairs]
+        chosen = rm.score(prompts, [p["chosen"] for p in pairs], rows_of).values.tolist()
+        rejected = rm.score(prompts, [p["rejected"] for p in pairs], rows_of).values.tolist()
         agree = sum(c > r for c, r in zip(chosen, rejected))
         console.print(f"reward model {cfg.reward.model.path} ranks {agree}/{judged} judged pairs the judge's way "
                       f"({agree / judged:.1%}); keeping the {judged - agree} it gets wrong", markup=False,

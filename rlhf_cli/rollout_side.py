@@ -9,9 +9,9 @@ recipe. The step is a parameter of each call (it keys the sampling noise), not s
     rewarded = side.reward_rows(rollout, prompts, rows)                    # 2. rules + reward model, per row
     logprobs_ref = side.logprobs_under(side.reference, side.dev_ref, rollout)
 
-Reward sources: rule and process-reward functions by dotted path (`reward_fns`) and the reward model;
-`Rewarded` carries their per-row values, and SCORE_STATS names every per-row stat `reward_rows` writes (what an
-actor's batch carries to its learner, row by row).
+Reward sources (reward_sources.py): rule and process-reward functions by dotted path and the reward model,
+one list; `Rewarded` carries their per-row values, under the names reward_sources.score_stat_names gives (what
+an actor's batch carries to its learner, row by row).
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ from rlhf_cli import data, distributed, memory
 from rlhf_cli.algorithms import overlong_penalty, place_step_rewards
 from rlhf_cli.logprobs import Support, distinct_prompts, prefix_cache, response_logprobs
 from rlhf_cli.precision import Precision
-from rlhf_cli.rewards import call_reward
+from rlhf_cli.reward_sources import source_stats
 from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses
-from rlhf_cli.scoring import score_texts
-
-SCORE_STATS = ("rule_reward", "rm_score", "overlong_penalty")  # every per-row stat reward_rows writes
-
 
 def char_to_token_ends(tokenizer, response_ids: list[int]) -> list[int]:
     """Decoded text length after each token (to place process rewards on step ends)."""
@@ -110,7 +106,7 @@ class Rewarded:
     the groups it kept (no reward function runs twice on a response), and what an actor sends its learner."""
     scores: torch.Tensor  # (B,) sequence scores: rules + reward model + no-stop penalty
     step_rewards: torch.Tensor  # (B, T) process rewards on the tokens ending each step
-    row_stats: dict  # name in SCORE_STATS -> (B,) per-row values of the logged means
+    row_stats: dict  # name in reward_sources.score_stat_names -> (B,) per-row values of the logged means
 
     def stats(self) -> dict:
         return {k: v.mean() for k, v in self.row_stats.items()}
@@ -146,10 +142,7 @@ class RolloutSide:
     dev_ref: torch.device
     dev_reward: torch.device
     reference: torch.nn.Module | None  # None on an async learner (its actors send the reference's log-probs)
-    reward_fns: list[tuple[str, object]]  # (dotted path, function): rule and process rewards
-    reward_model: torch.nn.Module | None  # logprobs.TokenValues around a scalar-head model
-    rm_mean: float  # the RM's score normalisation (its manifest), 0 / 1 when off
-    rm_std: float
+    reward_sources: list  # reward_sources.RewardSource: rule functions, process rewards, the reward model
     support: Support  # the ids the engine can draw (log-probs are over them)
     chunk: int | None  # log-prob chunking (logprobs.response_terms)
 
@@ -187,33 +180,24 @@ class RolloutSide:
 
     # ---------------------------------------------------------------- 2. rewards and frozen log-probs
     def reward_rows(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Rewarded:
-        """Rules + reward model + no-stop penalty of each row, and the per-row values of the logged means."""
+        """Every reward source's score of each row, weighted (outcome rewards on the sequence score, process
+        rewards on the token holding each step's last character), the no-stop and overlong penalties, and the
+        per-row values of the logged means (reward_sources.source_stats)."""
         cfg, tokenizer = self.cfg, self.tokenizer
         texts = decode_responses(tokenizer, rollout)
         B, T = rollout.response_ids.shape
-        scores, rule_total = torch.zeros(B), torch.zeros(B)
+        scores = torch.zeros(B)
         step_values, step_positions = [[] for _ in range(B)], [[] for _ in range(B)]
         lengths = rollout.response_mask.sum(-1).long().tolist()
-        for b, (prompt, text, row) in enumerate(zip(prompts, texts, rows)):
-            for name, fn in self.reward_fns:
-                value = call_reward(fn, name, prompt, text, row)
-                if isinstance(value, float):
-                    scores[b] += cfg.reward.function_weight * value
-                    rule_total[b] += value
-                    continue
-                ends = char_to_token_ends(tokenizer, rollout.response_ids[b, :lengths[b]].tolist())
-                for end_char, v in value:  # process reward: on the token holding the step's last char
-                    t = next((i for i, e in enumerate(ends) if e >= end_char), lengths[b] - 1)
-                    step_values[b].append(cfg.reward.function_weight * v)
-                    step_positions[b].append(t)
-                    rule_total[b] += v
-        stats = {"rule_reward": rule_total} if self.reward_fns else {}
-        if self.reward_model is not None:
-            # the response's text re-tokenized with its prompt, as train-rm trained and any client scores
-            rm = (score_texts(self.reward_model, tokenizer, prompts, texts, self.dev_reward,
-                              tokens=self.memory.infer_tokens) - self.rm_mean) / self.rm_std
-            scores += cfg.reward.model.weight * rm
-            stats["rm_score"] = rm
+        scored = [source.score(prompts, texts, rows) for source in self.reward_sources]
+        for source, out in zip(self.reward_sources, scored):
+            scores += (source.weight * out.outcome).to(scores.dtype)
+            for b, steps in enumerate(out.steps):
+                ends = char_to_token_ends(tokenizer, rollout.response_ids[b, :lengths[b]].tolist()) if steps else []
+                for end_char, v in steps:  # process reward: on the token holding the step's last char
+                    step_values[b].append(source.weight * v)
+                    step_positions[b].append(next((i for i, e in enumerate(ends) if e >= end_char), lengths[b] - 1))
+        stats = source_stats(self.reward_sources, scored)
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
         if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, by response length in tokens
             overlong = overlong_penalty(torch.tensor(lengths), cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer)

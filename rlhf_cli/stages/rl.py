@@ -53,10 +53,9 @@ from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, respons
 from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, dropout_off, frozen,
                              load_causal_lm, load_scalar_head_model, load_tokenizer, model_path, position_limit)
 from rlhf_cli.precision import Precision, frozen_dtype
-from rlhf_cli.rewards import import_reward_function
+from rlhf_cli.reward_sources import ModelReward, rule_sources
 from rlhf_cli.rollout import Rollout, check_engine, concat_rollouts, make_engine, select_rows
 from rlhf_cli.rollout_side import Micro, Rewarded, RolloutSide, micro_split
-from rlhf_cli.scoring import score_texts
 from rlhf_cli.tracking import Tracker
 
 
@@ -139,7 +138,9 @@ class RLRecipe:
         self.critic, self.shared = self._critic()
         # before the optimizer: FSDP2 shards in place (DDP wraps); rollouts use the unwrapped modules
         self.ddp_policy, self.ddp_critic, self.reference, self.reward_model = self._wrap_models()
-        self.side.reference, self.side.reward_model = self.reference, self.reward_model  # FSDP2: the sharded ones
+        self.side.reference = self.reference  # FSDP2: the sharded ones
+        if self.rm_source is not None:
+            self.rm_source.model = self.reward_model
         self.parts = self._checkpoint_parts()
         self.held = lora.parameters_held({"policy": self.policy, "reference": self.reference,
                                           "reward_model": self.reward_model, "critic": self.critic})
@@ -155,7 +156,7 @@ class RLRecipe:
         reference, reward model -> the rollout side that both call (rollout_side.py)."""
         cfg, rt = self.cfg, self.rt
         check_models("rl", cfg)  # every model path a model dir of the kind its key needs, before any weights load
-        self.reward_fns = [(name, import_reward_function(name)) for name in cfg.reward.functions]  # cheap to fail
+        rules = rule_sources(cfg.reward.functions, cfg.reward.function_weight)  # cheap to fail: before any weights
         self.policy_path = model_path(cfg.policy, self.run_dir.root, cfg.seed, rt)
         check_generation_fits(self.policy_path, {"rollout.max_new_tokens": cfg.rollout.max_new_tokens,  # before
                                                  "eval.max_new_tokens": cfg.eval.max_new_tokens})  # any weights
@@ -171,12 +172,14 @@ class RLRecipe:
         self.memory = self._memory_plan()  # before any weights load
         self.policy, self.adapters, self.reference = self._policy_and_reference()
         self.engine, self.support = self._engine()
-        self.reward_model, self.rm_mean, self.rm_std = self._reward_model()
+        self.rm_source = self._reward_model()
+        self.reward_model = self.rm_source.model if self.rm_source else None
+        self.reward_sources = rules + ([self.rm_source] if self.rm_source else [])
         self.sampler = data.EpochSampler(len(self.train_rows), cfg.seed)  # the same global draw on every rank
         return RolloutSide(cfg, rt, self.learners, self.tokenizer, self.train_rows, self.train_prompts,
                            self.train_prompt_ids, self.policy, self.engine, self.precision, self.memory,
-                           self.dev_policy, self.dev_ref, self.dev_reward, self.reference, self.reward_fns,
-                           self.reward_model, self.rm_mean, self.rm_std, self.support, self.chunk)
+                           self.dev_policy, self.dev_ref, self.dev_reward, self.reference, self.reward_sources,
+                           self.support, self.chunk)
 
     def _batch_shape(self) -> tuple[int, int, int]:
         """Ranks split the prompts, never a prompt's K samples (whole rloo / group_norm groups on every rank)
@@ -260,11 +263,12 @@ class RLRecipe:
                              memory=self.memory)
         return engine, Support(engine.vocab_limit, tuple(engine.never or ()))
 
-    def _reward_model(self):
-        """-> (the frozen reward model or None, its score mean and std from its manifest when normalised)."""
+    def _reward_model(self) -> ModelReward | None:
+        """-> the frozen reward model as a reward source (its score standardised by the mean and std of its
+        manifest when reward.model.normalize), or None."""
         cfg = self.cfg
         if not cfg.reward.model.path:
-            return None, 0.0, 1.0
+            return None
         check_same_tokenizer(self.tokenizer, load_tokenizer(cfg.reward.model.path, "reward.model.path"),
                              "reward.model.path")
         # as a module whose forward scores (TokenValues): what FSDP2 shards and gathers as one root
@@ -272,9 +276,11 @@ class RLRecipe:
             cfg.reward.model.path, "reward.model.path", frozen_dtype(cfg.reward.model.dtype, self.dev_reward, "fp32"),
             self.dev_reward, pad_id=self.tokenizer.pad_token_id)))
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
+        source = ModelReward(reward_model, self.tokenizer, self.dev_reward, cfg.reward.model.weight,
+                             tokens=self.memory.infer_tokens)
         if cfg.reward.model.normalize and "score_std" in rm_manifest:
-            return reward_model, float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
-        return reward_model, 0.0, 1.0
+            source.mean, source.std = float(rm_manifest["score_mean"]), max(float(rm_manifest["score_std"]), 1e-6)
+        return source
 
     def _critic(self):
         """-> (the value parameters, the policy with a value head on it or None): shared, one forward and
@@ -321,7 +327,7 @@ class RLRecipe:
         self.tracker = Tracker(self.run_dir.root, "rl", cfg.max_steps, step, enabled=rt.is_main,
                                progress_keys=("score", "kl", "response_len", "samples_per_s"))
         say = self.tracker.message
-        sources = [n for n, _ in self.reward_fns] + (["reward model"] if self.reward_model else [])
+        sources = [source.name for source in self.reward_sources]
         say(f"rl: {a.name} ({a.advantage}{', baseline ' + a.baseline if a.advantage == 'reinforce' else ''}), "
             f"{cfg.rollout.prompts_per_step} prompts x {K} samples per step over {rt.world_size} rank(s), "
             f"rewards: {', '.join(sources)}" + (f"; resuming at step {step}" if step else ""))
@@ -686,10 +692,9 @@ class RLRecipe:
             metrics |= stage_sampled_metrics(self.engine, self.tokenizer, self.eval_rows, self.eval_prompts,
                                              self.cfg.eval, self.dev_policy, self.cfg.seed,  # eval.samples: pass@k, maj@k
                                              self.max_sequence)
-            if self.reward_model is not None:  # the RM's (normalised) score of the greedy held-out responses
-                rm_scores = score_texts(self.reward_model, self.tokenizer, self.eval_prompts, responses, self.dev_reward,
-                                        tokens=self.memory.infer_tokens)
-                metrics["eval_rm_score"] = float(((rm_scores - self.rm_mean) / self.rm_std).mean())
+            if self.rm_source is not None:  # the RM's (normalised) score of the greedy held-out responses
+                metrics["eval_rm_score"] = float(self.rm_source.score(self.eval_prompts, responses,
+                                                                      self.eval_rows).values.mean())
             return metrics
 
     def save_checkpoint(self) -> None:

@@ -401,7 +401,7 @@ def test_bad_reward_functions_name_the_prompt(tmp_path, tiny_model_dir, body, fr
 def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, config_keys, train_keys):
     """Issue 20's options through the real CLI: the run finishes, the saved config holds them, the update ran on
     finite numbers, and the options' own stats are logged (dual clip: clip_frac_lower; overlong shaping: its mean
-    penalty; eval.samples=4: the
+    penalty; each of the three reward functions its own mean; eval.samples=4: the
     held-out evaluations before and after carry pass@1, pass@4 and maj@4 beside greedy accuracy)."""
     out = tmp_path / "rl"
     # the shipped reasoning rewards, plus one that varies within a group on an untrained model (digits written)
@@ -420,6 +420,8 @@ def test_reasoning_options_run_end_to_end(tmp_path, tiny_model_dir, extra, confi
         assert train_keys <= r.keys()
         assert all(torch.isfinite(torch.tensor(float(r[k]))) for k in ("loss", "grad_norm", "kl", "entropy"))
         assert r["grad_norm"] > 0  # the loss reached the weights
+        sources = rewards.partition("[")[2].rstrip("]").split(",")  # each source's mean, and the rules' sum
+        assert r["rule_reward"] == pytest.approx(sum(r[f"reward/{name}"] for name in sources), abs=1e-5)
         if "overlong_penalty" in train_keys:  # 8-token limit, free up to 4: an untrained policy rarely stops sooner
             assert -1 <= r["overlong_penalty"] < 0
     evals = [r for r in metrics(out) if r["kind"] == "eval"]
