@@ -1,14 +1,19 @@
 """What every stage does around its own training step: run/teardown, resume, and the end-of-step tail.
 
-Three functions the recipes call (stages/sft.py, train_rm.py, rl.py), not a base class:
+Functions the recipes call (stages/sft.py, train_rm.py, rl.py), not a base class:
 
 - `run_stage`: the runtime (devices, torch.distributed), the locked run dir, the
   recipe's setup and train, then the run dir released and torch.distributed torn down
   whatever happened.
 - `resume`: the newest complete checkpoint, if any, into the models, optimizer,
   scheduler, RNG states and the recipe's own stateful objects; -> the step to continue at.
-- `end_of_step`: log, evaluate, honour a stop request (SIGTERM / SIGINT), checkpoint,
-  barrier, in that order, on the cadences the config sets.
+- `evaluate_before`, `train_steps`: the held-out evaluation at step 0, then the recipe's
+  `train_step()` up to its total, each followed by
+- `end_of_step(recipe, metrics)`: log, evaluate, honour a stop request (SIGTERM / SIGINT),
+  checkpoint, barrier, in that order, on the cadences the config sets.
+
+What they read of a recipe is the `Steps` protocol; an evaluation is an `Evaluation` (the
+logged metrics, and the samples the closing table shows).
 
 The step guard (optim.StepGuard) is one mechanism for the three stages: each recipe's update
 goes through it; `end_of_step` tells the run dir which checkpoints it trusts (keep_last never
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -153,35 +159,74 @@ def report(stage: str, rt, tracker, run_dir: RunDir, table: dict, step: int, t_s
     tracker.close()
 
 
-def public(metrics: dict) -> dict:
-    """The metrics without the keys (`_samples`) that are for the final table, not for metrics.jsonl."""
-    return {k: v for k, v in metrics.items() if not k.startswith("_")}
+@dataclass
+class Evaluation:
+    """A held-out evaluation: what metrics.jsonl logs (kind eval; {} on ranks other than 0) and the samples the
+    closing table shows."""
+    metrics: dict
+    samples: list = field(default_factory=list)
 
 
-def end_of_step(step: int, total_steps: int, cfg, rt, run_dir: RunDir, tracker, metrics: dict,
-                evaluate: Callable[[], dict], save_checkpoint: Callable[[], None],
-                guard: optim.StepGuard) -> dict | None:
-    """After optimizer step `step` (1-based): log, evaluate, stop request, checkpoint, barrier.
-    guard: the recipe's step guard, which says from which step on checkpoints are not trusted yet.
+class Steps(Protocol):
+    """What the shared loop (`evaluate_before`, `train_steps`, `end_of_step`) reads of a recipe."""
+    cfg: object
+    rt: object
+    run_dir: RunDir
+    tracker: object  # tracking.Tracker
+    guard: optim.StepGuard  # says from which step on checkpoints are not trusted yet
+    step: int  # optimizer steps done
+    total_steps: int
 
-    Collective (every rank calls it). Returns the evaluation's metrics when it evaluated
-    ({} on ranks other than 0), else None. Raises signals.Interrupted after checkpointing
-    when a SIGTERM / SIGINT arrived before the last step.
+    def train_step(self) -> dict: ...  # one optimizer step (step += 1) -> its metrics
+
+    def evaluate(self) -> Evaluation: ...
+
+    def save_checkpoint(self) -> None: ...
+
+
+def evaluate_before(recipe: Steps) -> Evaluation:
+    """A fresh run's held-out evaluation at step 0, logged; a resumed run's is empty."""
+    if recipe.step:
+        return Evaluation({})
+    before = recipe.evaluate()
+    if before.metrics:
+        recipe.tracker.log(0, before.metrics, kind="eval")
+    return before
+
+
+def train_steps(recipe: Steps) -> Evaluation:
+    """The recipe's steps up to its total, each with the end-of-step tail -> the last evaluation (the final one:
+    the last step always evaluates)."""
+    last = None
+    while recipe.step < recipe.total_steps:
+        evaluated = end_of_step(recipe, recipe.train_step())
+        last = evaluated if evaluated is not None else last
+    return last if last is not None else recipe.evaluate()
+
+
+def end_of_step(recipe: Steps, metrics: dict) -> Evaluation | None:
+    """After optimizer step `recipe.step` (1-based): log, evaluate, stop request, checkpoint, barrier, on the
+    cadences the recipe's config sets.
+
+    Collective (every rank calls it). Returns the evaluation when it evaluated (empty metrics on ranks other
+    than 0), else None. Raises signals.Interrupted after checkpointing when a SIGTERM / SIGINT arrived before
+    the last step.
     """
-    last = step == total_steps
+    cfg, rt, step, tracker = recipe.cfg, recipe.rt, recipe.step, recipe.tracker
+    last = step == recipe.total_steps
     if step % cfg.log_every == 0 or last:
         tracker.log(step, metrics)
     else:
         tracker.advance(step)
     evaluated = None
     if step % cfg.eval.every == 0 or last:
-        evaluated = evaluate()
-        tracker.log(step, public(evaluated), kind="eval")
+        evaluated = recipe.evaluate()
+        tracker.log(step, evaluated.metrics, kind="eval")
     stop = signals.stop_requested(rt)  # SIGTERM / SIGINT: checkpoint this step, then exit 143 / 130
     if step % cfg.checkpoint.every == 0 or last or stop:  # collective; rank 0 writes
-        run_dir.suspect_from = guard.suspect_from(step)  # keep_last never prunes the newest trusted one
-        save_checkpoint()
+        recipe.run_dir.suspect_from = recipe.guard.suspect_from(step)  # keep_last never prunes the newest trusted
+        recipe.save_checkpoint()
     rt.barrier()
     if stop and not last:
-        raise signals.stopped(stop, step, total_steps, run_dir)
+        raise signals.stopped(stop, step, recipe.total_steps, recipe.run_dir)
     return evaluated

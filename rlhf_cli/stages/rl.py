@@ -366,36 +366,39 @@ class RLRecipe:
             say(self.actors.describe())
 
     # ================================================================ train
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.max_steps
+
     def train(self) -> dict:
         self.actors.publish(self.policy, self.step)  # async: the actors start from this step's weights
-        self.before = self.evaluate() if self.step == 0 else {}
-        if self.before:
-            self.tracker.log(0, loop.public(self.before), kind="eval")
-        last_eval = None  # {} on ranks other than 0
-        while self.step < self.cfg.max_steps:
-            t0 = time.perf_counter()
-            if not self.actors.active:
-                rows, prompts, rollout, sampling, rewarded = self.rollout_batch()    # 1. rollout
-                t1 = time.perf_counter()
-                if rewarded is None:  # else dynamic sampling scored the kept groups already
-                    rewarded = self.side.reward_rows(rollout, prompts, rows)         # 2. score: rewards,
-                logprobs_ref = self.side.logprobs_under(self.reference, self.dev_ref, rollout)  # the reference,
-                scored = self.score(rollout, rewarded, logprobs_ref)                 # old log-probs and values
-            else:  # rollout.mode=async: rolled out and scored on an actor rank, with weights <= max_lag old
-                received, sampling = self.actors.receive(self.step, self.dev_policy)  # 1.+2. (actors.py)
-                t1 = time.perf_counter()
-                scored = self.score(received.rollout, received.rewarded, received.logprobs_ref,
-                                    received.logprobs_behaviour)                     # 2. the learner's forward
-            t2 = time.perf_counter()
-            rewards, advantages, returns, beta = self.advantages(scored)             # 3. advantages
-            update_stats = self.update(scored, advantages, returns, beta)            # 4. update
-            self.actors.publish(self.policy, self.step)                              # async: weights -> actors
-            t3 = time.perf_counter()
-            evaluated = self.log_and_checkpoint(scored, rewards, returns, beta,      # 5. log and checkpoint
-                                                update_stats | sampling, (t0, t1, t2, t3))
-            last_eval = evaluated if evaluated is not None else last_eval
+        before = loop.evaluate_before(self)
+        last = loop.train_steps(self)  # train_step, then loop.end_of_step, to max_steps
         self.actors.close()
-        return self.save(last_eval if last_eval is not None else self.evaluate())
+        return self.save(last, before)
+
+    def train_step(self) -> dict:
+        """One RL step, its five parts -> its metrics."""
+        t0 = time.perf_counter()
+        if not self.actors.active:
+            rows, prompts, rollout, sampling, rewarded = self.rollout_batch()    # 1. rollout
+            t1 = time.perf_counter()
+            if rewarded is None:  # else dynamic sampling scored the kept groups already
+                rewarded = self.side.reward_rows(rollout, prompts, rows)         # 2. score: rewards,
+            logprobs_ref = self.side.logprobs_under(self.reference, self.dev_ref, rollout)  # the reference,
+            scored = self.score(rollout, rewarded, logprobs_ref)                 # old log-probs and values
+        else:  # rollout.mode=async: rolled out and scored on an actor rank, with weights <= max_lag old
+            received, sampling = self.actors.receive(self.step, self.dev_policy)  # 1.+2. (actors.py)
+            t1 = time.perf_counter()
+            scored = self.score(received.rollout, received.rewarded, received.logprobs_ref,
+                                received.logprobs_behaviour)                     # 2. the learner's forward
+        t2 = time.perf_counter()
+        rewards, advantages, returns, beta = self.advantages(scored)             # 3. advantages
+        update_stats = self.update(scored, advantages, returns, beta)            # 4. update
+        self.actors.publish(self.policy, self.step)                              # async: weights -> actors
+        t3 = time.perf_counter()
+        return self.step_metrics(scored, rewards, returns, beta,                # 5. metrics (then loop.end_of_step:
+                                 update_stats | sampling, (t0, t1, t2, t3))      # log, eval, checkpoint)
 
     # ---------------------------------------------------------------- 1. rollout
     def rollout_batch(self) -> tuple[list[dict], list[str], Rollout, dict]:
@@ -644,11 +647,11 @@ class RLRecipe:
                 stack.enter_context(distributed.no_sync(model, sync))
         return stack
 
-    # ---------------------------------------------------------------- 5. log and checkpoint
-    def log_and_checkpoint(self, s: Scored, rewards: torch.Tensor, returns: torch.Tensor, beta: float,
-                           update_stats: dict, times: tuple[float, float, float, float]) -> dict | None:
-        """Per-row means over every rank's rows (one all-reduce), the KL controller's update, then the shared
-        end-of-step tail (log, eval, stop request, checkpoint). -> the evaluation's metrics when it evaluated."""
+    # ---------------------------------------------------------------- 5. metrics
+    def step_metrics(self, s: Scored, rewards: torch.Tensor, returns: torch.Tensor, beta: float,
+                     update_stats: dict, times: tuple[float, float, float, float]) -> dict:
+        """Per-row means over every rank's rows (one all-reduce), the KL controller's update -> the step's metrics
+        (logged by loop.end_of_step)."""
         cfg, rt, mask = self.cfg, self.rt, s.mask
         n_rows = s.input_ids.shape[0]
         flat_groups = float(tied_groups(s.scores, s.step_rewards, self.K).sum()) * self.K
@@ -673,20 +676,19 @@ class RLRecipe:
         }
         if s.values_old is not None:
             metrics["explained_variance"] = distributed.global_explained_variance(s.values_old, returns, mask, rt)
-        return loop.end_of_step(self.step, cfg.max_steps, cfg, rt, self.run_dir, self.tracker, metrics, self.evaluate,
-                                self.save_checkpoint, self.guard)
+        return metrics
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> loop.Evaluation:
         """Greedy held-out responses from the rollout engine: accuracy, length, the reward model's score."""
         # FSDP2: every rank gathers the weights (the reward model's too), rank 0 evaluates
         self.engine.sync_weights(self.policy)  # vllm: the weights of the last update (collective)
         with distributed.gathered(self.policy), distributed.gathered(self.reward_model):
             if not self.rt.is_main:
-                return {}
+                return loop.Evaluation({})
             accuracy, samples, mean_len, responses = held_out_accuracy(
                 self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, self.cfg.eval, self.dev_policy,
                 self.max_sequence)
-            metrics = {"eval_response_chars": mean_len, "_samples": samples}
+            metrics = {"eval_response_chars": mean_len}
             if accuracy is not None:
                 metrics["eval_accuracy"] = accuracy
             metrics |= stage_sampled_metrics(self.engine, self.tokenizer, self.eval_rows, self.eval_prompts,
@@ -695,7 +697,7 @@ class RLRecipe:
             if self.rm_source is not None:  # the RM's (normalised) score of the greedy held-out responses
                 metrics["eval_rm_score"] = float(self.rm_source.score(self.eval_prompts, responses,
                                                                       self.eval_rows).values.mean())
-            return metrics
+            return loop.Evaluation(metrics, samples)
 
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
@@ -704,9 +706,9 @@ class RLRecipe:
                                    guard=self.guard.state_dict())
 
     # ================================================================ save
-    def save(self, last_eval: dict) -> dict:
-        cfg, rt, run_dir, before, step = self.cfg, self.rt, self.run_dir, self.before, self.step
-        results = loop.public(last_eval)
+    def save(self, last: loop.Evaluation, before: loop.Evaluation) -> dict:
+        cfg, rt, run_dir, step = self.cfg, self.rt, self.run_dir, self.step
+        results, before = last.metrics, before.metrics
         policy_manifest = checkpoint.read_manifest(cfg.policy.path)
         rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
         checkpoint.save_final(run_dir, rt, self.policy, self.tokenizer, {  # collective; rank 0 writes
@@ -715,7 +717,7 @@ class RLRecipe:
             "reward_model": cfg.reward.model.path, "rm_run": rm_manifest.get("run_dir"),
             "reward_functions": list(cfg.reward.functions), "config": dataclasses.asdict(cfg),
             "data_fingerprint": checkpoint.fingerprint(self.train_rows), "steps": step, "metrics": results,
-            "metrics_before": loop.public(before), "world_size": rt.world_size, "parameters_held": self.held,
+            "metrics_before": before, "world_size": rt.world_size, "parameters_held": self.held,
             **lora.manifest_entry(self.adapters)}, hf_model=self.adapters.final_model() if self.adapters else None)
         table = {}
         if "eval_accuracy" in results:
@@ -723,7 +725,7 @@ class RLRecipe:
             table["held-out accuracy after"] = results["eval_accuracy"]
         table["algorithm"] = cfg.algorithm.name
         loop.report("rl", rt, self.tracker, run_dir, table, step, self.t_start, "held-out samples (greedy)",
-                    last_eval.get("_samples", []))
+                    last.samples)
         return results
 
 

@@ -145,18 +145,9 @@ class SFTRecipe:
 
     # ---------------------------------------------------------------- train
     def train(self) -> dict:
-        cfg = self.cfg
-        self.before = self.evaluate() if self.step == 0 else {}
-        if self.before:
-            self.tracker.log(0, loop.public(self.before), kind="eval")
+        before = loop.evaluate_before(self)
         self.throughput = Throughput()
-        last_eval = None  # {} on ranks other than 0
-        while self.step < self.total_steps:
-            metrics = self.train_step()
-            evaluated = loop.end_of_step(self.step, self.total_steps, cfg, self.rt, self.run_dir, self.tracker,
-                                         metrics, self.evaluate, self.save_checkpoint, self.guard)
-            last_eval = evaluated if evaluated is not None else last_eval
-        return self.save(last_eval if last_eval is not None else self.evaluate())
+        return self.save(loop.train_steps(self), before)
 
     def train_step(self) -> dict:
         """One optimizer step over a global batch (this rank's micro-batches, accumulated) -> its metrics."""
@@ -190,10 +181,10 @@ class SFTRecipe:
                 # the rate over the steps since the last logged one (a log every log_every steps)
                 "tokens_per_s": self.throughput.rate(global_seq_tokens * cfg.log_every) if logged else None}
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> loop.Evaluation:
         with distributed.gathered(self.model):  # FSDP2: every rank gathers the weights, rank 0 evaluates
             if not self.rt.is_main:
-                return {}
+                return loop.Evaluation({})
             cfg, rt = self.cfg, self.rt
             accuracy, samples, mean_len, _ = held_out_accuracy(self.engine, self.tokenizer, self.eval_rows,
                                                                self.eval_prompts, cfg.eval, rt.device,
@@ -205,8 +196,7 @@ class SFTRecipe:
                 metrics["eval_accuracy"] = accuracy
             metrics |= stage_sampled_metrics(self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, cfg.eval,
                                              rt.device, cfg.seed, self.max_sequence)  # eval.samples=K: pass@k, maj@k
-            metrics["_samples"] = samples
-            return metrics
+            return loop.Evaluation(metrics, samples)
 
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
@@ -214,15 +204,15 @@ class SFTRecipe:
                                    guard=self.guard.state_dict())
 
     # ---------------------------------------------------------------- save
-    def save(self, last_eval: dict) -> dict:
-        cfg, rt, run_dir, before = self.cfg, self.rt, self.run_dir, self.before
-        results = loop.public(last_eval)
+    def save(self, last: loop.Evaluation, before: loop.Evaluation) -> dict:
+        cfg, rt, run_dir = self.cfg, self.rt, self.run_dir
+        results, before = last.metrics, before.metrics
         parent = checkpoint.read_manifest(cfg.model.path)
         checkpoint.save_final(run_dir, rt, self.model, self.tokenizer, {  # collective; rank 0 writes
             "stage": "sft", "run_dir": str(run_dir.root.resolve()), "parent_model": cfg.model.path or "embedded tiny model",
             "parent_run": parent.get("run_dir"), "config": dataclasses.asdict(cfg),
             "data_fingerprint": checkpoint.fingerprint(self.train_rows), "steps": self.step, "metrics": results,
-            "metrics_before": loop.public(before), "world_size": rt.world_size,
+            "metrics_before": before, "world_size": rt.world_size,
             **lora.manifest_entry(self.adapters)}, hf_model=self.adapters.final_model() if self.adapters else None)
         table = {}
         for key in ("eval_loss", "eval_accuracy"):
@@ -230,7 +220,7 @@ class SFTRecipe:
                 table[f"held-out {key[5:]} before"] = before.get(key, "(resumed)")
                 table[f"held-out {key[5:]} after"] = results[key]
         loop.report("sft", rt, self.tracker, run_dir, table, self.step, self.t_start, "held-out samples (greedy)",
-                    last_eval.get("_samples", []))
+                    last.samples)
         return results
 
 

@@ -175,17 +175,9 @@ class RewardModelRecipe:
 
     # ---------------------------------------------------------------- train
     def train(self) -> dict:
-        self.before = self.evaluate() if self.step == 0 else {}
-        if self.before:
-            self.tracker.log(0, self.before, kind="eval")
+        before = loop.evaluate_before(self)
         self.throughput = Throughput()
-        last_eval = None  # {} on ranks other than 0
-        while self.step < self.total_steps:
-            metrics = self.train_step()
-            evaluated = loop.end_of_step(self.step, self.total_steps, self.cfg, self.rt, self.run_dir, self.tracker,
-                                         metrics, self.evaluate, self.save_checkpoint, self.guard)
-            last_eval = evaluated if evaluated is not None else last_eval
-        return self.save(last_eval if last_eval is not None else self.evaluate())
+        return self.save(loop.train_steps(self), before)
 
     def train_step(self) -> dict:
         """One optimizer step over a global batch of pairs (this rank's micro-batches, accumulated) -> its metrics."""
@@ -217,11 +209,13 @@ class RewardModelRecipe:
                 "epoch": self.sampler.epoch,
                 "pairs_per_s": self.throughput.rate(global_batch * cfg.log_every) if logged else None}
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> loop.Evaluation:
+        """Held-out pairwise accuracy, margin and score statistics (the samples are drawn at the end, by save)."""
         with distributed.gathered(self.scorer):  # FSDP2: every rank gathers the weights, rank 0 evaluates
             if not self.rt.is_main:
-                return {}
-            return evaluate_pairs(self.scorer, self.eval_pairs, self.memory.infer_tokens, self.pad_id, self.rt.device)
+                return loop.Evaluation({})
+            return loop.Evaluation(evaluate_pairs(self.scorer, self.eval_pairs, self.memory.infer_tokens,
+                                                  self.pad_id, self.rt.device))
 
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
@@ -229,8 +223,9 @@ class RewardModelRecipe:
                                    guard=self.guard.state_dict())
 
     # ---------------------------------------------------------------- save
-    def save(self, results: dict) -> dict:
-        cfg, rt, run_dir, before = self.cfg, self.rt, self.run_dir, self.before
+    def save(self, last: loop.Evaluation, before: loop.Evaluation) -> dict:
+        cfg, rt, run_dir = self.cfg, self.rt, self.run_dir
+        results, before = last.metrics, before.metrics
         parent = checkpoint.read_manifest(cfg.model.path)
         manifest = {} if not rt.is_main else {
             "stage": "train-rm", "run_dir": str(run_dir.root.resolve()),
