@@ -1,6 +1,6 @@
 """`python -m rlhf_cli <stage> ...` (what torchrun launches)."""
 
-from rlhf_cli import signals
+from rlhf_cli.training import signals
 
 signals.exit_at_once_on_sigint()  # before the imports below: Ctrl-C from here on is one line, exit 130
 

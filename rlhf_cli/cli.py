@@ -13,7 +13,7 @@ Hydra's compose API before anything loads, then hands over to the stage's
 own ``@hydra.main`` so Hydra keeps multirun, ``--cfg``, output dirs and tab
 completion. A problem the user can fix prints one line and exits 2 (a full
 disk included); SIGTERM / SIGINT stop after the current step with a checkpoint,
-one line saying how to resume, and exit 143 / 130 (rlhf_cli/signals.py).
+one line saying how to resume, and exit 143 / 130 (rlhf_cli/training/signals.py).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf_cli import __version__, completion, helptext, signals, sweep
-from rlhf_cli.compose import CONF_DIR, compose_all, compose_for_help, config_name, expand_sweeps, split_args
+from rlhf_cli import __version__
+from rlhf_cli.commands import completion, helptext, sweep
+from rlhf_cli.commands.compose import CONF_DIR, compose_all, compose_for_help, config_name, expand_sweeps, split_args
 from rlhf_cli.errors import UserError
-from rlhf_cli.tracking import console
+from rlhf_cli.training import signals
+from rlhf_cli.training.tracking import console
 
 EXIT_USAGE = 2
 STAGES = {
@@ -36,11 +38,11 @@ STAGES = {
     "rl": ("rlhf_cli.stages.rl", "REINFORCE, A2C or PPO against reward models and rule rewards"),
 }
 TOOLS = {  # commands beside the stages: each module has main(args)
-    "validate": ("rlhf_cli.validate", "check a stage's config and data files without loading any model"),
-    "eval": ("rlhf_cli.evaluate", "held-out accuracy, reward-model score, length and samples of a final/ model"),
-    "plot": ("rlhf_cli.plot", "PNG curves (loss, reward, KL, accuracy, length) comparing runs or a sweep"),
-    "generate": ("rlhf_cli.generate", "K sampled responses per prompt from a policy, resumable (docs/loop.md)"),
-    "label": ("rlhf_cli.label", "preference pairs from generations, judged by rules, a reward model or people"),
+    "validate": ("rlhf_cli.commands.validate", "check a stage's config and data files without loading any model"),
+    "eval": ("rlhf_cli.commands.evaluate", "held-out accuracy, reward-model score, length and samples of a final/ model"),
+    "plot": ("rlhf_cli.commands.plot", "PNG curves (loss, reward, KL, accuracy, length) comparing runs or a sweep"),
+    "generate": ("rlhf_cli.commands.generate", "K sampled responses per prompt from a policy, resumable (docs/loop.md)"),
+    "label": ("rlhf_cli.commands.label", "preference pairs from generations, judged by rules, a reward model or people"),
 }
 DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # a write failed: one line, exit 2
 
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 def exit_after_gloo(code) -> None:
     """After a run under torchrun on CPU, end the process at once (why: runtime.exit_process); torch is
     not imported for this where no run imported it (a config error, --help)."""
-    runtime = sys.modules.get("rlhf_cli.runtime")
+    runtime = sys.modules.get("rlhf_cli.training.runtime")
     if runtime is not None:
         runtime.exit_process(code)
 
@@ -89,7 +91,7 @@ def dispatch(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_stages(stages)
         return
-    if argv[0] in ("completion", "__complete"):  # bash tab completion (rlhf_cli/completion.py)
+    if argv[0] in ("completion", "__complete"):  # bash tab completion (rlhf_cli/commands/completion.py)
         args = argv[1:] if argv[0] == "completion" else argv
         try:
             completion.main(args, list(stages) + list(TOOLS))
@@ -149,7 +151,7 @@ def run_tool(name: str, args: list[str]) -> None:
 
 def check_not_in_use(output_dir: str) -> None:
     """Refuse before Hydra writes into a run dir another live run holds (RunDir takes the real lock)."""
-    from rlhf_cli.checkpoint import lock_holder
+    from rlhf_cli.training.checkpoint import lock_holder
 
     holder = lock_holder(Path(output_dir).expanduser())
     if holder is not None:
@@ -166,7 +168,7 @@ def accept_run(cfg, config, output_dir: Path) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from rlhf_cli.checkpoint import rerun_changes
+    from rlhf_cli.training.checkpoint import rerun_changes
 
     check_not_in_use(str(output_dir))
     rerun_changes(output_dir, dataclasses.asdict(config))  # UserError: refused, nothing written
@@ -286,7 +288,7 @@ def print_stages(stages: dict) -> None:
 
 def print_stage_help(stage: str, args: list[str]) -> None:
     """The stage's keys with the defaults of the config composed from args (`algorithm=ppo --help` shows
-    PPO's), each with its doc, on stdout (rlhf_cli/helptext.py)."""
+    PPO's), each with its doc, on stdout (rlhf_cli/commands/helptext.py)."""
     from rlhf_cli.config import STAGE_SCHEMAS, field_docs
 
     overrides, _ = split_args([a for a in args if a not in ("-h", "--help")])

@@ -5,7 +5,7 @@
     rlhf eval runs/rl/final eval.rule=rlhf_cli.reasoning:answer_reward
 
 Each reward is ``f(prompt, response, **row) -> float`` like every reward function
-(rlhf_cli/rewards.py); ``answer_reward`` reads the row's ``answer`` column. The
+(rlhf_cli/rewards/__init__.py); ``answer_reward`` reads the row's ``answer`` column. The
 helpers below them are plain string functions, reusable in your own rewards:
 
     >>> extract_final_answer(r"so the total is \\boxed{\\frac{3}{4}}.")

@@ -64,7 +64,7 @@ def matmul_peak_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, 
 
 def write_model(directory: Path, seed: int = 0, **overrides) -> Path:
     """A freshly initialised model of the embedded architecture, saved as a Hugging Face dir."""
-    from rlhf_cli.embedded import write_embedded_base
+    from rlhf_cli.models.embedded import write_embedded_base
 
     return write_embedded_base(directory, seed, **overrides)
 

@@ -42,7 +42,7 @@ def write_model(directory: Path, shape: str, dtype: str, max_positions: int) -> 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_cli.embedded import build_tokenizer
+    from rlhf_cli.models.embedded import build_tokenizer
 
     if (directory / "config.json").exists():
         return directory
@@ -67,8 +67,8 @@ def generation_worker(model_dir: str, engine: str, device: str, dtype: str, prom
     import torch
 
     from rlhf_cli import data, task
+    from rlhf_cli.engines.rollout import SamplingParams, make_engine
     from rlhf_cli.models import load_causal_lm, load_tokenizer
-    from rlhf_cli.rollout import SamplingParams, make_engine
 
     tokenizer = load_tokenizer(model_dir, "model")
     model = load_causal_lm(model_dir, "model", dtype, torch.device(device))

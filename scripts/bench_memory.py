@@ -8,7 +8,7 @@ body with a 264-token vocabulary; 8 responses of 256 tokens after 32 prompt toke
 the policy's forward with gradients (log-probs and entropies at temperature 1), the loss
 sum(log-probs), its backward and an AdamW step. Computed three ways, each in a fresh process:
 
-    ours        rlhf_cli.logprobs.response_terms (chunked, the default)
+    ours        rlhf_cli.models.logprobs.response_terms (chunked, the default)
     ours full   the same with policy.chunked_logprobs=false: (B, T, V) logits, log-softmax, gradient
     trl         TRL's GRPOTrainer._get_per_token_logps_and_entropies (its update's log-prob pass),
                 called on the same model and tensors (skipped when TRL is not installed)
@@ -53,7 +53,7 @@ def peak_mb(device: torch.device) -> float:
 def worker(mode: str, vocab: int, device_name: str) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rlhf_cli.logprobs import response_terms
+    from rlhf_cli.models.logprobs import response_terms
 
     device = torch.device(device_name)
     torch.manual_seed(0)

@@ -55,7 +55,7 @@ import bench  # noqa: E402  (scripts/bench.py: CLI runner, metrics, matmul peak)
 S = dict(sft_batch=32, sft_steps=20, sft_lr=6e-3, rm_batch=16, rm_steps=20, rm_lr=3e-3, max_length=160,
          rl_prompts=8, rl_k=8, ppo_prompts=64, ppo_epochs=2, ppo_minibatches=2, rl_steps=8, rl_lr=3e-4,
          max_new_tokens=40, temperature=1.0, kl_coef=0.02, gen_batch=64)
-# A real checkpoint (--model): the pretrained defaults' learning rates (rlhf_cli/origin.py) and a CPU-sized batch.
+# A real checkpoint (--model): the pretrained defaults' learning rates (rlhf_cli/config/origin.py) and a CPU-sized batch.
 S_MODEL = dict(S, sft_batch=8, sft_steps=5, sft_lr=2e-5, rm_batch=8, rm_steps=5, rm_lr=1e-5, rl_prompts=8, rl_k=4,
                ppo_prompts=16, rl_steps=5, rl_lr=1e-5, gen_batch=32)
 TARGETS = {"sft": 2.0, "train-rm": 2.0, "generation": 3.0, "generation, 8 prompts x 8": 3.0, "reinforce group_norm / GRPO": 2.0,
@@ -195,10 +195,11 @@ def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:
 
     from transformers import GenerationConfig
 
-    from rlhf_cli import runtime, task
+    from rlhf_cli import task
     from rlhf_cli.data import encode, left_pad
+    from rlhf_cli.engines.rollout import sample
     from rlhf_cli.models import load_causal_lm, load_tokenizer
-    from rlhf_cli.rollout import sample
+    from rlhf_cli.training import runtime
 
     path = str(root / "sft" / "final")
     tok = load_tokenizer(path, "model")

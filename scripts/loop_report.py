@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from rlhf_cli.checkpoint import read_manifest
 from rlhf_cli.models import frozen, load_scalar_head_model, load_tokenizer
-from rlhf_cli.scoring import score_texts
+from rlhf_cli.models.scoring import score_texts
+from rlhf_cli.training.checkpoint import read_manifest
 
 
 def rm_agreement(rm_dir: Path, pairs_file: Path) -> tuple[float, int]:

@@ -20,7 +20,7 @@ WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
 
 def base(name: str, **overrides) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "main"))
-    from rlhf_cli.embedded import write_embedded_base
+    from rlhf_cli.models.embedded import write_embedded_base
 
     return write_embedded_base(ROOT / name, 0, **overrides)
 

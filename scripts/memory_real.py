@@ -8,7 +8,7 @@
 
 Every figure comes from a fresh process (peak RSS is getrusage's, which only grows), on
 models/SmolLM2-135M-Instruct (`make pretrained`). `calibrate` runs the policy's forward and backward through
-rlhf_cli.logprobs.response_terms on rows of --row tokens, `--sizes` tokens per micro-batch, and prints the
+rlhf_cli.models.logprobs.response_terms on rows of --row tokens, `--sizes` tokens per micro-batch, and prints the
 tokens/s, the peak RSS over the resident weights and optimizer state, and memory.activation_bytes_per_token's
 estimate for the same rows. The stage modes run the real CLI with every setting at its default but the data, the
 step count and the batch named.
@@ -34,9 +34,9 @@ MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
 def calibrate_one(tokens: int, row: int, threads: int) -> dict:
     import torch
 
-    from rlhf_cli import memory
-    from rlhf_cli.logprobs import response_terms
     from rlhf_cli.models import load_causal_lm
+    from rlhf_cli.models.logprobs import response_terms
+    from rlhf_cli.training import memory
 
     torch.set_num_threads(threads)
     model = load_causal_lm(str(MODEL), "model.path")

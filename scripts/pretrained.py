@@ -368,7 +368,7 @@ def build(out: Path, package: str, version: str) -> dict:
         say(f"rebuilding {meta['name']!r} ({', '.join(f'{n} {t}' for t, n in meta['tensor_types'].items())} "
             "tensors) as fp32 LlamaForCausalLM")
         rebuild(gguf_path, meta, tmp)
-        from rlhf_cli.checkpoint import sha256  # torch is imported by then (rebuild)
+        from rlhf_cli.training.checkpoint import sha256  # torch is imported by then (rebuild)
 
         digest = sha256(gguf_path)
     finally:

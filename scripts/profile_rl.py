@@ -159,8 +159,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("RLHF_NO_PROGRESS", "1")
 
-    from rlhf_cli import loop
-    from rlhf_cli.compose import compose_config
+    from rlhf_cli.commands.compose import compose_config
+    from rlhf_cli.training import loop
 
     clock = Clock()
     torch.autograd.backward = clock.wrap("backward", torch.autograd.backward)  # what Tensor.backward calls

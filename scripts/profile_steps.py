@@ -57,12 +57,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from rlhf_cli import data, runtime, task
-    from rlhf_cli.logprobs import response_logprobs
+    from rlhf_cli import data, task
+    from rlhf_cli.engines.rollout import sample
     from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
-    from rlhf_cli.rollout import sample
+    from rlhf_cli.models.logprobs import response_logprobs
     from rlhf_cli.stages.sft import token_loss_sum
     from rlhf_cli.stages.train_rm import Scorer, pair_batch, pair_scores, tokenize_pairs
+    from rlhf_cli.training import runtime
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or str(bench.write_model(Path(tmp) / "base"))

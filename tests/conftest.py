@@ -44,7 +44,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> N
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded tiny Llama + byte tokenizer, saved and loaded like any HF model."""
-    from rlhf_cli.embedded import write_embedded_base
+    from rlhf_cli.models.embedded import write_embedded_base
 
     return write_embedded_base(tmp_path_factory.mktemp("tiny") / "base", seed=0)
 

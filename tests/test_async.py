@@ -1,4 +1,4 @@
-"""rollout.mode=async (rlhf_cli/actors.py): 1 actor + 1 learner as 2 torchrun processes, gloo, 1 thread each.
+"""rollout.mode=async (rlhf_cli/rl/actors.py): 1 actor + 1 learner as 2 torchrun processes, gloo, 1 thread each.
 
     .venv/bin/pytest -q -m slow tests/test_async.py
 

@@ -94,7 +94,7 @@ def latin1_csv(d: Path, m: Path) -> list[str]:
 
 
 def other_tokenizer(d: Path, m: Path) -> list[str]:
-    from rlhf_cli.embedded import build_tokenizer
+    from rlhf_cli.models.embedded import build_tokenizer
 
     other = copy_model(m, d / "other_tok")
     tok = build_tokenizer()
@@ -138,7 +138,7 @@ def long_pairs(d: Path, m: Path) -> list[str]:
 
 
 def other_tokenizer_reward_model(d: Path, m: Path) -> list[str]:
-    from rlhf_cli.embedded import build_tokenizer
+    from rlhf_cli.models.embedded import build_tokenizer
 
     rm = reward_model(m, d / "rm_other_tok")
     tok = build_tokenizer()
@@ -434,7 +434,7 @@ def test_model_kind_of_every_key_is_read_from_the_config(tmp_path, tiny_model_di
     ("rl", "rollout.max_new_tokens=100000000000000000000", "rollout.max_new_tokens=100000000000000000000 is out of range"),
 ])
 def test_integers_out_of_range_are_refused_while_composing(stage, override, fragment):
-    from rlhf_cli.compose import compose_all
+    from rlhf_cli.commands.compose import compose_all
     from rlhf_cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -450,7 +450,7 @@ def test_integers_out_of_range_are_refused_while_composing(stage, override, frag
 ])
 def test_response_limits_past_max_length_are_refused_while_composing(stage, overrides, fragment):
     """Variants of the table's "rl rollout longer than max_length" row: each response limit of each stage."""
-    from rlhf_cli.compose import compose_all
+    from rlhf_cli.commands.compose import compose_all
     from rlhf_cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -516,7 +516,7 @@ IGNORED = [
 
 @pytest.mark.parametrize("stage,overrides,warned", IGNORED)
 def test_keys_the_chosen_options_ignore_are_named(stage, overrides, warned):
-    from rlhf_cli.compose import compose_config
+    from rlhf_cli.commands.compose import compose_config
     from rlhf_cli.config import ignored_keys
 
     lines = ignored_keys(stage, compose_config(stage, overrides), overrides)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_cli.compose import CONF_DIR, compose_config
+from rlhf_cli.commands.compose import CONF_DIR, compose_config
 from rlhf_cli.config import PPO_EPOCHS, AlgorithmConfig, RLConfig, SFTConfig
 from rlhf_cli.errors import ConfigError
 

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from rlhf_cli import data
-from rlhf_cli.embedded import build_tokenizer
 from rlhf_cli.errors import DataError
-from rlhf_cli.scoring import tokenize_pairs
+from rlhf_cli.models.embedded import build_tokenizer
+from rlhf_cli.models.scoring import tokenize_pairs
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "2+2?"}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_cli.decoding import HFDecoder, LeanDecoder, lean_unsupported, make_decoder
+from rlhf_cli.engines.decoding import HFDecoder, LeanDecoder, lean_unsupported, make_decoder
+from rlhf_cli.engines.rollout import sample
 from rlhf_cli.errors import UserError
-from rlhf_cli.logprobs import position_ids_from_mask
-from rlhf_cli.rollout import sample
+from rlhf_cli.models.logprobs import position_ids_from_mask
 
 VOCAB, EOS, PAD = 24, 1, 0
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -169,8 +169,8 @@ def test_the_rl_policy_keeps_gradient_checkpointing_with_dropout_off_across_roll
     """rl's policy: dropout off (models.dropout_off), yet transformers checkpoints its layers only in training mode;
     plain eval() turned policy.gradient_checkpointing off. Each layer runs twice a step when checkpointed (the
     forward, then its recompute in the backward), before and after a rollout (which restores every module's mode)."""
+    from rlhf_cli.engines.rollout import LocalEngine, SamplingParams
     from rlhf_cli.models import dropout_off
-    from rlhf_cli.rollout import LocalEngine, SamplingParams
 
     model = build("llama", attention_dropout=0.5)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

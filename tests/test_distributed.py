@@ -310,9 +310,10 @@ def test_many_two_rank_fsdp_runs_under_load_all_exit_zero(tmp_path):
 
 
 def test_keyed_noise_makes_each_rows_draw_independent_of_its_batch(tiny_model_dir):
-    from rlhf_cli import data, runtime, task
+    from rlhf_cli import data, task
+    from rlhf_cli.engines.rollout import sample
     from rlhf_cli.models import load_causal_lm, load_tokenizer
-    from rlhf_cli.rollout import sample
+    from rlhf_cli.training import runtime
 
     full = runtime.keyed_uniform(0, 5, 0, 4, 8)
     assert torch.equal(runtime.keyed_uniform(0, 5, 2, 2, 8), full[2:])  # rank 1 of 2 holds rows 2, 3

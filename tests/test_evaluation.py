@@ -1,4 +1,4 @@
-"""rlhf_cli.evaluation's sampled metrics: the unbiased pass@k against brute force, maj@k by hand."""
+"""rlhf_cli.training.evaluation's sampled metrics: the unbiased pass@k against brute force, maj@k by hand."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from rlhf_cli.evaluation import majority_correct, pass_at_k
+from rlhf_cli.training.evaluation import majority_correct, pass_at_k
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

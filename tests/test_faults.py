@@ -401,7 +401,7 @@ def _tiny_state(seed: int) -> dict:
 
 
 def test_keep_last_never_deletes_the_only_good_checkpoint(tmp_path):
-    from rlhf_cli.checkpoint import RunDir
+    from rlhf_cli.training.checkpoint import RunDir
 
     run = RunDir(tmp_path / "run", {"seed": 0}, "sft")
     try:
@@ -434,8 +434,8 @@ def _dead_pid() -> int:
 
 
 def test_lock_is_exclusive_and_a_dead_runs_lock_is_taken_over(tmp_path):
-    from rlhf_cli.checkpoint import RunDir
     from rlhf_cli.errors import UserError
+    from rlhf_cli.training.checkpoint import RunDir
 
     root = tmp_path / "run"
     root.mkdir()
@@ -543,8 +543,8 @@ class _RunsCode:
 
 
 def test_checkpoint_state_with_pickled_code_is_refused_and_never_runs(tmp_path):
-    from rlhf_cli.checkpoint import RunDir
     from rlhf_cli.errors import UserError
+    from rlhf_cli.training.checkpoint import RunDir
 
     run = RunDir(tmp_path / "run", {"seed": 0}, "sft")
     try:
@@ -573,8 +573,8 @@ def test_source_loads_only_safely():
         assert not re.search(r"trust_remote_code\s*=\s*True", text), name
         assert not re.search(r"\b(eval|exec)\(", text.replace("model.eval(", "").replace(".eval()", "")), name
         imports = re.findall(r"import_module\(([^)]*)\)", text)
-        allowed = {"rlhf_cli/rewards.py": ["module_name"], "rlhf_cli/cli.py": ["STAGES[stage][0]", "TOOLS[name][0]"],
-                   "rlhf_cli/rollout.py": ["module_name"]}  # rollout: ENGINES' fixed "module:Class" entries
+        allowed = {"rlhf_cli/rewards/__init__.py": ["module_name"], "rlhf_cli/cli.py": ["STAGES[stage][0]", "TOOLS[name][0]"],
+                   "rlhf_cli/engines/rollout.py": ["module_name"]}  # rollout: ENGINES' fixed "module:Class" entries
         assert all(i in allowed.get(name, []) for i in imports), (name, imports)
     from rlhf_cli.config import ModelConfig
 
@@ -587,7 +587,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.checkpoint import RunDir
+from rlhf_cli.training.checkpoint import RunDir
 
 run = RunDir(Path(sys.argv[1]), {"seed": 0}, "sft")
 for step in (1, 2):
@@ -613,7 +613,7 @@ def test_a_kill_while_pruning_leaves_no_checkpoint_that_looks_complete(tmp_path)
     """keep_last prunes old checkpoints; a kill -9 in the middle of deleting one must not leave a directory
     with its manifest but not its files (it would look complete and fail its checksums: found by the twenty-
     kills test under load). The real process is killed at the first file removal of the pruned checkpoint."""
-    from rlhf_cli.checkpoint import RunDir, complete_checkpoints
+    from rlhf_cli.training.checkpoint import RunDir, complete_checkpoints
 
     (tmp_path / "prune_kill.py").write_text(PRUNE_KILL)
     proc = subprocess.run([sys.executable, str(tmp_path / "prune_kill.py"), str(tmp_path / "run")],

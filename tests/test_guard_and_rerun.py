@@ -25,9 +25,9 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from helpers import FAULTS_SFT as QUICK_SFT
 from helpers import load_weights, read_metrics
-from rlhf_cli.checkpoint import RunDir, rerun_changes
 from rlhf_cli.errors import UserError
-from rlhf_cli.optim import Blowup, StepGuard
+from rlhf_cli.training.checkpoint import RunDir, rerun_changes
+from rlhf_cli.training.optim import Blowup, StepGuard
 
 CKPT_EVERY_STEP = ["checkpoint.every=1", "checkpoint.keep_last=1"]
 

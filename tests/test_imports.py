@@ -95,8 +95,8 @@ def test_algorithms_import_nothing_else_from_the_project():
             assert not bad, f"{m} imports {bad}: algorithms/ is pure tensor math"
 
 
-@pytest.mark.parametrize("tool", ["rlhf_cli.evaluate", "rlhf_cli.validate", "rlhf_cli.plot", "rlhf_cli.generate",
-                                  "rlhf_cli.label", "rlhf_cli.label_page"])
+@pytest.mark.parametrize("tool", ["rlhf_cli.commands.evaluate", "rlhf_cli.commands.validate", "rlhf_cli.commands.plot", "rlhf_cli.commands.generate",
+                                  "rlhf_cli.commands.label", "rlhf_cli.commands.label_page"])
 def test_tools_never_import_a_stage_the_cli_or_private_names(tool):
     for target, _, line, name in imports_of(tool):
         assert not target.startswith("rlhf_cli.stages"), f"{tool}:{line} imports the stage {target}"
@@ -139,31 +139,56 @@ def test_function_local_imports_of_the_project_are_for_start_up_speed_only():
 def test_the_config_names_every_rollout_engine():
     """config.ENGINE_NAMES (checked while composing, no model code imported) = rollout.ENGINES' keys."""
     from rlhf_cli.config import ENGINE_NAMES
-    from rlhf_cli.rollout import ENGINES
+    from rlhf_cli.engines.rollout import ENGINES
 
     assert tuple(ENGINES) == ENGINE_NAMES
 
 
-def test_the_readme_code_map_names_every_module_and_no_other():
-    """Every module and subpackage of rlhf_cli/ is in the README's code map, and every path there exists (a
-    cell's first path names the folder the later bare names sit in)."""
+def code_map_paths(readme: str) -> set[str]:
+    """The README code map's paths (no .py): a row's first path names its folder (its directory, or itself when it
+    ends in /); the bare names after it, in either column, sit in that folder. A folder itself ends in /."""
     import re
 
-    readme = (PACKAGE.parent / "README.md").read_text()
     section = readme[readme.index("## Code map"):readme.index("## Docs")]
     listed = set()
-    for cell in re.findall(r"^\| ([^|]+) \|", section, re.M):
+    for cell in re.findall(r"^\| (.+) \|$", section, re.M):
         folder = None
         for name in re.findall(r"`([^`]+)`", cell):
             if name.startswith("rlhf_cli/"):
-                folder, path = "rlhf_cli/", name
-            elif folder is not None:
+                folder = name if name.endswith("/") else name.rpartition("/")[0] + "/"
+                path = name
+            elif folder is not None and re.fullmatch(r"[\w/]+(\.py|/)", name):
                 path = folder + name
             else:
                 continue
-            listed.add(path.rstrip("/").removesuffix(".py"))
-    package = PACKAGE
-    modules = {f"rlhf_cli/{p.stem}" for p in package.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
-    modules |= {f"rlhf_cli/{p.name}" for p in package.iterdir() if (p / "__init__.py").exists()}
-    assert not modules - listed, f"not in the README's code map: {sorted(modules - listed)}"
-    assert not listed - modules, f"in the code map but not in the package: {sorted(listed - modules)}"
+            listed.add(path.removesuffix(".py"))
+    return listed
+
+
+def test_the_readme_code_map_names_every_module_and_no_other():
+    """Every module of rlhf_cli/ and its subpackages is in the README's code map (a subpackage whose folder alone
+    is listed, none of its modules, counts as listed whole: algorithms/, tasks/), and every path there exists."""
+    listed = code_map_paths((PACKAGE.parent / "README.md").read_text())
+    root = PACKAGE.parent
+    packages = {p.parent for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    modules = {str(p.relative_to(root).with_suffix("")) for p in PACKAGE.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py") or p.name == "__init__.py" and defines(p)}
+    whole = {f"{p.relative_to(root)}/" for p in packages} & listed
+    whole = {w for w in whole if not any(m.startswith(w) for m in listed if not m.endswith("/"))}
+    missing = {m for m in modules if m not in listed and not any(m.startswith(w) for w in whole)}
+    missing |= {f"{p.relative_to(root)}/" for p in packages if p.parent == PACKAGE} - {
+        m if m.endswith("/") else m.rpartition("/")[0] + "/" for m in listed}
+    assert not missing, f"not in the README's code map: {sorted(missing)}"
+    stale = {m for m in listed if not ((root / m).is_dir() if m.endswith("/") else (root / f"{m}.py").is_file())}
+    assert not stale, f"in the code map but not in the package: {sorted(stale)}"
+
+
+def defines(path: Path) -> bool:
+    """A module that defines a function or class (a package's __init__ that is a module of its own)."""
+    return any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.parse(path.read_text()).body)
+
+
+def test_the_code_map_reader_sees_a_missing_module():
+    readme = "## Code map\n| `rlhf_cli/rl/` | `actors.py`: x; `rollout_side.py`: y |\n| `rlhf_cli/cli.py`, `errors.py` | z |\n## Docs"
+    assert code_map_paths(readme) == {"rlhf_cli/rl/", "rlhf_cli/rl/actors", "rlhf_cli/rl/rollout_side",
+                                      "rlhf_cli/cli", "rlhf_cli/errors"}

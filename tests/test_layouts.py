@@ -19,9 +19,9 @@ from conftest import run_cli
 from helpers import read_metrics, write_jsonl
 from layouts import END_OF_TURN, LAYOUTS, build_layout, chat_rows
 from rlhf_cli import data
+from rlhf_cli.engines.rollout import SamplingParams, make_engine
 from rlhf_cli.models import load_causal_lm, load_tokenizer, stop_token_ids
-from rlhf_cli.rollout import SamplingParams, make_engine
-from rlhf_cli.scoring import scoring_ids
+from rlhf_cli.models.scoring import scoring_ids
 
 NAMES = list(LAYOUTS)
 

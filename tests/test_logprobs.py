@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from rlhf_cli.logprobs import PolicyWithValueHead, position_ids_from_mask, response_terms
+from rlhf_cli.models.logprobs import PolicyWithValueHead, position_ids_from_mask, response_terms
 
 V = 4099  # not a multiple of the chunk: the last chunk is short
 
@@ -136,8 +136,8 @@ def test_shared_value_head_reads_the_hidden_states_before_each_response_token():
 def test_training_log_probs_are_over_the_ids_the_sampler_can_draw():
     """A padded vocabulary (rows past the tokenizer) and a pad that is not a stop token are never sampled;
     the update's log-probs are of that same distribution (the sampler's own log-probs), not the full one."""
-    from rlhf_cli.logprobs import Support
-    from rlhf_cli.rollout import sample
+    from rlhf_cli.engines.rollout import sample
+    from rlhf_cli.models.logprobs import Support
 
     model = llama().eval()
     ids, mask, P = batch(B=4, P=5, T=0)
@@ -221,7 +221,7 @@ def test_the_lora_reference_shares_the_prompt_with_adapters_off():
     """rl's LoRA reference is the policy with its adapters off (lora.AdaptersOff): a cache passes through it."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf_cli.lora import AdaptersOff
+    from rlhf_cli.models.lora import AdaptersOff
 
     peft_model = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ids, mask, P = grouped_batch()

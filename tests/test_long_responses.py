@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from rlhf_cli.algorithms import POLICY_LOSSES
 from rlhf_cli.data import encode_prompt, left_pad
-from rlhf_cli.embedded import write_embedded_base
-from rlhf_cli.logprobs import response_logprobs
+from rlhf_cli.engines.rollout import SamplingParams, make_engine
 from rlhf_cli.models import load_causal_lm, load_tokenizer
-from rlhf_cli.rollout import SamplingParams, make_engine
+from rlhf_cli.models.embedded import write_embedded_base
+from rlhf_cli.models.logprobs import response_logprobs
 
 RESPONSE = 1024
 

@@ -1,4 +1,4 @@
-"""Memory by token budget (rlhf_cli/memory.py): micro-batches change how many tokens go through one forward,
+"""Memory by token budget (rlhf_cli/training/memory.py): micro-batches change how many tokens go through one forward,
 never the update; a run that cannot fit one micro-batch says so before it starts."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
 from helpers import QUICK_RL, QUICK_RM, SFT_QUICK, read_metrics
-from rlhf_cli import memory
+from rlhf_cli.training import memory
 
 
 def test_split_by_tokens_keeps_every_row_once_within_the_budget():
@@ -36,7 +36,7 @@ def test_rl_micro_batches_keep_a_prompts_rows_together_within_the_budget():
     whole, or each prompt once with shared prefixes), a prompt's K rows split only where they alone pass it."""
     from types import SimpleNamespace
 
-    from rlhf_cli.rollout_side import micro_cost, micro_split
+    from rlhf_cli.rl.rollout_side import micro_cost, micro_split
 
     rng = random.Random(0)
     for trial in range(150):
@@ -178,8 +178,8 @@ def test_a_model_too_big_for_the_machine_is_refused_before_its_weights_load(tiny
 def test_generation_in_row_chunks_draws_what_one_call_draws(tiny_model_dir):
     """The local engine's decode calls of memory.generate_rows rows: row g's draw depends on its own noise."""
     from rlhf_cli.data import left_pad
+    from rlhf_cli.engines.rollout import SamplingParams, make_engine
     from rlhf_cli.models import load_causal_lm, load_tokenizer
-    from rlhf_cli.rollout import SamplingParams, make_engine
 
     tok = load_tokenizer(str(tiny_model_dir), "model.path")
     model = load_causal_lm(str(tiny_model_dir), "model.path")

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rlhf_cli.optim import build_optimizer
+from rlhf_cli.training.optim import build_optimizer
 
 CFG = SimpleNamespace(lr=1e-2, betas=[0.9, 0.95], weight_decay=0.1)
 

@@ -1,4 +1,4 @@
-"""Defaults by what a stage starts from (rlhf_cli/origin.py): a model built from a config (the embedded default, the
+"""Defaults by what a stage starts from (rlhf_cli/config/origin.py): a model built from a config (the embedded default, the
 task suite) keeps the from-scratch rates; a pretrained one (weights loaded) takes rates its weights survive."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from rlhf_cli import origin
-from rlhf_cli.compose import compose_config
+from rlhf_cli.commands.compose import compose_config
+from rlhf_cli.config import origin
 
 
 @pytest.fixture()

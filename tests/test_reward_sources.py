@@ -1,4 +1,4 @@
-"""Reward sources as one list (rlhf_cli/reward_sources.py): each source scores a batch into one tensor, the
+"""Reward sources as one list (rlhf_cli/rewards/sources.py): each source scores a batch into one tensor, the
 logged stats are named from the config alone, and an async actor's batch carries exactly those stats.
 
     .venv/bin/pytest -q tests/test_reward_sources.py
@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_cli.actors import pack, payload_size, unpack
-from rlhf_cli.reward_sources import (ModelReward, RuleReward, SourceScores, rule_sources, score_stat_names,
+from rlhf_cli.engines.rollout import Rollout
+from rlhf_cli.rewards.sources import (ModelReward, RuleReward, SourceScores, rule_sources, score_stat_names,
                                      source_stats)
-from rlhf_cli.rollout import Rollout
-from rlhf_cli.rollout_side import Rewarded
+from rlhf_cli.rl.actors import pack, payload_size, unpack
+from rlhf_cli.rl.rollout_side import Rewarded
 
 
 def outcome(prompt, response, **row):

@@ -31,7 +31,7 @@ RL_SHORT = ["rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "data.
 
 @pytest.fixture(scope="module")
 def base32(tmp_path_factory) -> Path:
-    from rlhf_cli.embedded import write_embedded_base
+    from rlhf_cli.models.embedded import write_embedded_base
 
     return write_embedded_base(tmp_path_factory.mktemp("vllm") / "base32", seed=0, **HEAD32)
 
@@ -39,8 +39,8 @@ def base32(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engines(base32):
     """(model, tokenizer, lean engine, vllm engine): one vLLM engine for the module (~30 s to start)."""
+    from rlhf_cli.engines.rollout import make_engine
     from rlhf_cli.models import load_causal_lm, load_tokenizer
-    from rlhf_cli.rollout import make_engine
 
     tokenizer = load_tokenizer(str(base32), "model")
     model = load_causal_lm(str(base32), "model")
@@ -57,7 +57,7 @@ def prompts(tokenizer, k: int = 1):
 
 
 def training_logprobs(model, engine, rollout) -> torch.Tensor:
-    from rlhf_cli.logprobs import Support, response_logprobs
+    from rlhf_cli.models.logprobs import Support, response_logprobs
 
     with torch.no_grad():
         return response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1], 1.0,
@@ -71,7 +71,7 @@ def max_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 def test_after_a_weight_push_vllm_samples_as_the_training_model(engines):
     """Weights changed in place: before the push vLLM's log-probs are the old weights'; after it its greedy
     tokens are the lean engine's and its sampled tokens' log-probs are the training model's, to 1e-4."""
-    from rlhf_cli.rollout import SamplingParams
+    from rlhf_cli.engines.rollout import SamplingParams
 
     model, tokenizer, lean, vllm_engine = engines
     ids, mask = prompts(tokenizer, k=4)  # 6 prompts x K=4: one request with n=4 each
@@ -99,8 +99,8 @@ def test_lora_weights_are_pushed_merged(engines, base32):
     engine on the adapted model, log-probs to 1e-4), and the policy keeps its adapters unmerged."""
     from peft import LoraConfig, get_peft_model
 
+    from rlhf_cli.engines.rollout import SamplingParams, make_engine
     from rlhf_cli.models import load_causal_lm
-    from rlhf_cli.rollout import SamplingParams, make_engine
 
     _, tokenizer, _, vllm_engine = engines
     policy = get_peft_model(load_causal_lm(str(base32), "model"),
@@ -124,7 +124,7 @@ def test_a_model_vllm_cannot_run_is_one_line_before_its_weights_load(tmp_path):
     (GPT-Neo): exit 2, one error line naming the fix, nothing trained."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_cli.embedded import build_tokenizer
+    from rlhf_cli.models.embedded import build_tokenizer
 
     proc = run_cli("rl", *VLLM, *ONE_THREAD, "output_dir=run", "max_steps=1", cwd=tmp_path)
     assert_one_line_error(proc, "no attention kernel for head_dim 16")
@@ -252,7 +252,7 @@ def test_rl_with_vllm_under_torchrun_runs_an_engine_per_rank(sft32, tmp_path, st
 
 def test_async_actors_with_vllm_are_refused_while_composing():
     """rollout.mode=async generates on the actors with the local engines: vllm there is one line, not a hang."""
-    from rlhf_cli import compose
+    from rlhf_cli.commands import compose
     from rlhf_cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match="rollout.mode=async does not support rollout.engine=vllm yet"):

@@ -1,4 +1,4 @@
-"""Off-policy correction for asynchronous rollouts (rollout.mode=async, rlhf_cli/actors.py).
+"""Off-policy correction for asynchronous rollouts (rollout.mode=async, rlhf_cli/rl/actors.py).
 
 An actor generates with the behaviour policy mu (the learner's weights of a few updates ago); the learner
 updates pi. Three policies are in play, as in decoupled PPO (Hilton, Cobbe & Schulman 2022, "Batch

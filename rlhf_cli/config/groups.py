@@ -159,7 +159,7 @@ class LoggingConfig:
 
 @dataclass
 class LoRAConfig:
-    """Low-rank adapters through peft (rlhf_cli/lora.py); r=0 trains every weight."""
+    """Low-rank adapters through peft (rlhf_cli/models/lora.py); r=0 trains every weight."""
     r: int = doc(0, "LoRA rank: 0 = off (full fine-tuning); e.g. lora.r=8 trains adapters only, the base stays frozen")
     alpha: float = doc(16.0, "LoRA alpha: the update B A x is scaled by alpha / r")
     dropout: float = doc(0.0, "dropout on the adapters' input (training mode only; rl runs in eval mode)")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from rlhf_cli import origin
+from rlhf_cli.config import origin
+from rlhf_cli.config.fields import check_choice, check_int_ranges, check_positive, check_room, doc
 from rlhf_cli.config.groups import (CheckpointConfig, DataConfig, DeviceConfig, EvalConfig, LoggingConfig, LoRAConfig,
                                     ModelConfig, OptimConfig)
-from rlhf_cli.config.fields import check_choice, check_int_ranges, check_positive, check_room, doc
 from rlhf_cli.errors import ConfigError
 
 
@@ -121,7 +121,7 @@ class TrainRMConfig(StageConfig):
     data_kind = "pairs"
 
     def usable_rows(self, tokenizer, rows: list[dict], key: str, stop_ids) -> tuple[int, str]:
-        from rlhf_cli.scoring import tokenize_pairs
+        from rlhf_cli.models.scoring import tokenize_pairs
 
         limit = self.model.max_length
         pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, self.margin_from_data)
@@ -309,7 +309,7 @@ class RolloutConfig:
     def __post_init__(self):
         check_choice("rollout.engine", self.engine, ENGINE_NAMES)
         if self.engine == "vllm":
-            from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
+            from rlhf_cli.engines.vllm_engine import check_installed  # finds vLLM without importing it
 
             check_installed("rollout.engine")
         if self.is_cap is not None and self.is_cap < 1:
@@ -324,7 +324,7 @@ class RolloutConfig:
         check_positive("rollout.temperature", self.temperature)
         self.check_async()
 
-    # rollout.mode=async: actor ranks generate and score, learner ranks train (rlhf_cli/actors.py, docs/async.md)
+    # rollout.mode=async: actor ranks generate and score, learner ranks train (rlhf_cli/rl/actors.py, docs/async.md)
     mode: str = doc("sync", "sync: every rank generates, scores and trains in turn; async (under torchrun): "
                             "rollout.actors ranks generate and score while the others train (A3C / IMPALA layout)")
     actors: int = doc(1, "async: ranks that generate and score (the last ones); the rest learn")

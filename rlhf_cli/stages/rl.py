@@ -41,22 +41,26 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import actors, checkpoint, data, distributed, lora, loop, memory, optim, origin
+from rlhf_cli import data
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, bind, kl_k1, local_units, masked_mean, masked_sum,
                                  rank_share, token_rewards,
                                  truncated_importance_weights, truncated_is_weights, value_loss, vtrace)
+from rlhf_cli.config import origin
 from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM, PPO_EPOCHS_LAGGED
+from rlhf_cli.engines.rollout import Rollout, check_engine, concat_rollouts, make_engine, select_rows
 from rlhf_cli.errors import ConfigError, UserError
-from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
-from rlhf_cli.logprobs import PolicyWithValueHead, Support, TokenValues, response_logprobs
+from rlhf_cli.models import lora
 from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, dropout_off, frozen,
                              load_causal_lm, load_scalar_head_model, load_tokenizer, model_path, position_limit)
-from rlhf_cli.precision import Precision, frozen_dtype
-from rlhf_cli.reward_sources import ModelReward, rule_sources
-from rlhf_cli.rollout import Rollout, check_engine, concat_rollouts, make_engine, select_rows
-from rlhf_cli.rollout_side import Micro, Rewarded, RolloutSide, micro_split
-from rlhf_cli.tracking import Tracker
+from rlhf_cli.models.logprobs import PolicyWithValueHead, Support, TokenValues, response_logprobs
+from rlhf_cli.rewards.sources import ModelReward, rule_sources
+from rlhf_cli.rl import actors
+from rlhf_cli.rl.rollout_side import Micro, Rewarded, RolloutSide, micro_split
+from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
+from rlhf_cli.training.evaluation import held_out_accuracy, stage_sampled_metrics
+from rlhf_cli.training.precision import Precision, frozen_dtype
+from rlhf_cli.training.tracking import Tracker
 
 
 def bind_keys(fn, keys: dict, leading: int, what: str):

@@ -17,15 +17,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop, memory, optim, origin
+from rlhf_cli import data
+from rlhf_cli.config import origin
+from rlhf_cli.engines.rollout import make_engine
 from rlhf_cli.errors import DataError
-from rlhf_cli.evaluation import held_out_accuracy, stage_sampled_metrics
-from rlhf_cli.logprobs import chunked_logprobs, head_inputs
+from rlhf_cli.models import lora
 from rlhf_cli.models import (check_generation_fits, check_models, load_causal_lm, model_and_tokenizer,
                              position_limit, stop_token_ids)
-from rlhf_cli.precision import Precision
-from rlhf_cli.rollout import make_engine
-from rlhf_cli.tracking import Throughput, Tracker
+from rlhf_cli.models.logprobs import chunked_logprobs, head_inputs
+from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
+from rlhf_cli.training.evaluation import held_out_accuracy, stage_sampled_metrics
+from rlhf_cli.training.precision import Precision
+from rlhf_cli.training.tracking import Throughput, Tracker
 
 
 def token_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:

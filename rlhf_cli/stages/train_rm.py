@@ -21,13 +21,16 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, lora, loop, memory, optim, origin
+from rlhf_cli import data
 from rlhf_cli.algorithms.reward import pairwise_loss
+from rlhf_cli.config import origin
 from rlhf_cli.errors import DataError
+from rlhf_cli.models import lora
 from rlhf_cli.models import check_models, load_scalar_head_model, model_and_tokenizer
-from rlhf_cli.precision import Precision
-from rlhf_cli.scoring import Pair, last_token_scores, pad_right, tokenize_pairs
-from rlhf_cli.tracking import Throughput, Tracker
+from rlhf_cli.models.scoring import Pair, last_token_scores, pad_right, tokenize_pairs
+from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
+from rlhf_cli.training.precision import Precision
+from rlhf_cli.training.tracking import Throughput, Tracker
 
 
 def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -236,7 +239,7 @@ class RewardModelRecipe:
             "score_mean": results["eval_score_mean"], "score_std": results["eval_score_std"],
             "eval_accuracy": results["eval_accuracy"],
             "scoring": "tokenizer(prompt + response), nothing appended; score read at the last token "
-                       "(rlhf_cli.scoring.score_texts, plain AutoModelForSequenceClassification)",
+                       "(rlhf_cli.models.scoring.score_texts, plain AutoModelForSequenceClassification)",
             "pairs": {"train": len(self.train_pairs), "eval": len(self.eval_pairs),
                       "dropped_train": self.train_dropped, "dropped_eval": self.eval_dropped},
             "world_size": rt.world_size}

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, assert_one_line_error, run_cli
-from rlhf_cli.checkpoint import flatten
+from rlhf_cli.training.checkpoint import flatten
 
 HELP_LINE = re.compile(r"^  (\S+) += (.*?)(?:  # .*)?$")
 
@@ -79,8 +79,8 @@ def test_top_level_and_tool_help_go_to_stdout(tmp_path):
 def test_eval_names_keys_as_the_stages_do(tmp_path):
     """device.type / device.threads / model.dtype / reward.model.path: the stages' names; the old names
     are refused with the new one."""
+    from rlhf_cli.commands.evaluate import EvalToolConfig
     from rlhf_cli.config import RLConfig, SFTConfig, leaf_keys
-    from rlhf_cli.evaluate import EvalToolConfig
 
     eval_keys = set(leaf_keys(EvalToolConfig))
     stage_keys = set(leaf_keys(SFTConfig)) | set(leaf_keys(RLConfig))

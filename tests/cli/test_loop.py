@@ -194,7 +194,7 @@ def test_label_rm_judge_and_mining_the_reward_models_disagreements(gens, root, r
     import torch
 
     from rlhf_cli.models import load_scalar_head_model, load_tokenizer
-    from rlhf_cli.scoring import score_texts
+    from rlhf_cli.models.scoring import score_texts
 
     mined = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "pairs=all",
                 "mine=disagree", f"reward.model.path={reward_model}", f"output={root / 'mined.jsonl'}", *ONE_THREAD,
@@ -292,8 +292,9 @@ def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
     """`make -n` prints the loop's commands in order; each composes against its schema (no model, no files)."""
     import shlex
 
-    from rlhf_cli import compose, generate, label
-    from rlhf_cli.evaluate import parse_overrides
+    from rlhf_cli.commands import generate, label
+    from rlhf_cli.commands import compose
+    from rlhf_cli.commands.evaluate import parse_overrides
 
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=2",

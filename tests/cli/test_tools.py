@@ -92,7 +92,7 @@ def test_plot_keeps_each_stages_metrics_in_its_own_panels(sweep, reward_model):
     Bradley-Terry loss: never one panel. Read from the figure the CLI draws (its axes, titles, lines)."""
     import matplotlib.pyplot as plt
 
-    from rlhf_cli.plot import build_figure, find_runs
+    from rlhf_cli.commands.plot import build_figure, find_runs
 
     runs = find_runs([str(sweep), str(reward_model.parent)])
     fig, panels = build_figure(runs)

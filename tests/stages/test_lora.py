@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from conftest import assert_one_line_error, run_cli
 from helpers import LORA_ADAPTERS as LORA, LORA_QUICK as QUICK, ONE_THREAD
 from rlhf_cli import data
-from rlhf_cli.compose import compose_config
+from rlhf_cli.commands.compose import compose_config
 from rlhf_cli.config import DeviceConfig, LoRAConfig, SFTConfig
+from rlhf_cli.engines.rollout import make_engine
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.evaluation import held_out_accuracy
 from rlhf_cli.models import load_causal_lm, load_scalar_head_model, load_tokenizer
-from rlhf_cli.rollout import make_engine
 from rlhf_cli.stages.sft import eval_loss
 from rlhf_cli.stages.train_rm import Scorer, evaluate_pairs, tokenize_pairs
+from rlhf_cli.training.evaluation import held_out_accuracy
 
 
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from helpers import read_metrics, write_jsonl
 from pretrained import smollm2_dir
-from rlhf_cli import origin
+from rlhf_cli.config import origin
 
 ONE_THREAD = ["device=cpu", "device.threads=1"]
 RULE = "chat_sum_rule:correct"

@@ -12,11 +12,11 @@ from conftest import assert_one_line_error, run_cli
 from helpers import QUICK_RL as SMALL
 from helpers import read_metrics as metrics
 from rlhf_cli import data, task
-from rlhf_cli.logprobs import response_logprobs
+from rlhf_cli.engines.rollout import response_mask_from_tokens, sample
 from rlhf_cli.models import load_causal_lm, load_tokenizer
-from rlhf_cli.rollout import response_mask_from_tokens, sample
 from rlhf_cli.models import frozen
-from rlhf_cli.optim import StepGuard
+from rlhf_cli.models.logprobs import response_logprobs
+from rlhf_cli.training.optim import StepGuard
 
 
 
@@ -72,7 +72,7 @@ def test_left_padding_does_not_change_logprobs(policy):
 def test_concatenated_rollouts_keep_every_rows_tokens_and_log_probs(policy):
     """Dynamic sampling stacks groups from different draws: re-padded to the widest prompt and response, each row
     keeps its masks, ids and (recomputed) log-probs exactly."""
-    from rlhf_cli.rollout import concat_rollouts, select_rows
+    from rlhf_cli.engines.rollout import concat_rollouts, select_rows
 
     tok, model = policy
     torch.manual_seed(0)
@@ -131,11 +131,11 @@ def test_the_stage_freezes_the_reference_and_reward_model_it_builds(tiny_model_d
     parameter training, in fp32 whatever the frozen models' dtype."""
     import dataclasses
 
-    from rlhf_cli import runtime
-    from rlhf_cli.checkpoint import RunDir
-    from rlhf_cli.compose import compose_config
+    from rlhf_cli.commands.compose import compose_config
     from rlhf_cli.models import load_scalar_head_model, load_tokenizer
     from rlhf_cli.stages.rl import RLRecipe
+    from rlhf_cli.training import runtime
+    from rlhf_cli.training.checkpoint import RunDir
 
     reward_model = tmp_path / "rm"  # a reward model's layout: the tiny model with a one-output score head
     load_scalar_head_model(str(tiny_model_dir), "reward.model.path").save_pretrained(reward_model)
@@ -252,7 +252,7 @@ def test_ppo_first_minibatch_has_ratio_one_even_with_dropout_in_the_config(tmp_p
 def test_shared_critic_is_the_policy_forward_plus_a_zero_value_head(policy):
     """critic.init=shared: the same log-probs as the policy's own forward, values 0 at the start, and the
     value loss trains the head and the backbone it shares with the policy."""
-    from rlhf_cli.logprobs import PolicyWithValueHead
+    from rlhf_cli.models.logprobs import PolicyWithValueHead
 
     tok, frozen_model = policy
     model = load_causal_lm(str(frozen_model.name_or_path), "p")
@@ -278,7 +278,7 @@ def test_shared_critic_log_probs_are_the_models_own_when_it_scales_its_logits():
     log-probs still equal the model's forward (they come from it), values from what feeds the head."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_cli.logprobs import PolicyWithValueHead
+    from rlhf_cli.models.logprobs import PolicyWithValueHead
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("granite", vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

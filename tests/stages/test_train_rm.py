@@ -16,11 +16,11 @@ from conftest import assert_one_line_error, run_cli
 from helpers import QUICK_RM as QUICK
 from helpers import write_jsonl as _write_jsonl
 from rlhf_cli import data, task
-from rlhf_cli.embedded import build_tokenizer
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import load_scalar_head_model, load_tokenizer, scalar_head
-from rlhf_cli.logprobs import token_values
-from rlhf_cli.scoring import last_token_scores, pad_right, score_texts, scoring_ids
+from rlhf_cli.models.embedded import build_tokenizer
+from rlhf_cli.models.logprobs import token_values
+from rlhf_cli.models.scoring import last_token_scores, pad_right, score_texts, scoring_ids
 from rlhf_cli.stages.train_rm import pair_batch, tokenize_pairs
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from rlhf_cli import data
-from rlhf_cli.embedded import build_tokenizer
+from rlhf_cli.models.embedded import build_tokenizer
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.tasks import HELD_OUT, TASKS, TUNING, rows, write
 

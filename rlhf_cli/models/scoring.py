@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_cli import data, memory
+from rlhf_cli import data
 from rlhf_cli.data import encode_prompt
 from rlhf_cli.errors import DataError
-from rlhf_cli.logprobs import token_values
+from rlhf_cli.models.logprobs import token_values
+from rlhf_cli.training import memory
 
 
 def last_token_scores(model, input_ids, attention_mask) -> torch.Tensor:

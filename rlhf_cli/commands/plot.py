@@ -24,9 +24,9 @@ import math
 import re
 from pathlib import Path
 
-from rlhf_cli import helptext
+from rlhf_cli.commands import helptext
 from rlhf_cli.errors import UserError
-from rlhf_cli.tracking import console
+from rlhf_cli.training.tracking import console
 
 # (family, pattern) in panel order; a key joins the first family it matches
 FAMILIES = [("loss", r"loss$"), ("reward", r"(score|reward)"), ("KL", r"(^|_)kl$"),

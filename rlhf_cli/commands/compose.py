@@ -17,11 +17,11 @@ import os
 from pathlib import Path
 
 from rlhf_cli.errors import ConfigError, UserError
-from rlhf_cli.tracking import console
+from rlhf_cli.training.tracking import console
 
 # hydra, omegaconf and rlhf_cli.config (which imports hydra) load inside the functions that compose:
 # `rlhf --help` and `rlhf <stage> --help` print without them.
-CONF_DIR = Path(os.environ.get("RLHF_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR = Path(os.environ.get("RLHF_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))  # the repo's conf/
 
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
                           "--config-name", "-cn", "--config-dir", "-cd", "-sc", "--shell-completion"}

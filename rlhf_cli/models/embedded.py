@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from rlhf_cli import origin
+from rlhf_cli.config import origin
 
 PAD, EOS = "<pad>", "<eos>"
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from rlhf_cli.compose import CONF_DIR, config_name
+from rlhf_cli.commands.compose import CONF_DIR, config_name
 from rlhf_cli.errors import UserError
 
 BASH_SCRIPT = r"""# rlhf tab completion (bash): eval "$(rlhf completion bash)"
@@ -66,7 +66,7 @@ def candidates(words: list[str], current: str, commands: list[str]) -> list[str]
     if command == "completion":
         return ["bash"] if len(before) == 1 and "bash".startswith(current) else []
     if command == "eval":
-        from rlhf_cli.evaluate import EvalToolConfig
+        from rlhf_cli.commands.evaluate import EvalToolConfig
 
         return [k + "=" for k in leaf_keys(EvalToolConfig) if (k + "=").startswith(current)] if current else []
     if command not in stages:

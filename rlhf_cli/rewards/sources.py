@@ -22,8 +22,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from rlhf_cli.models.scoring import score_texts
 from rlhf_cli.rewards import call_reward, import_reward_function
-from rlhf_cli.scoring import score_texts
 
 
 @dataclass

@@ -30,9 +30,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rlhf_cli import runtime
-from rlhf_cli.distributed import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 from rlhf_cli.errors import UserError
+from rlhf_cli.training import runtime
+from rlhf_cli.training.distributed import full_state_dict, is_sharded, load_full_state_dict, unsharded_copy
 
 # Keys a rerun may change and still resume its run (docs/runs-logging-resume.md): run length and
 # cadence, logging, what final/ holds, the learning-rate schedule (its peaks are re-applied on resume,

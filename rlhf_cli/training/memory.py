@@ -272,7 +272,7 @@ def same_count_everywhere(rt, model, items: list) -> list[tuple[object, bool]]:
     """[(item, counts)]: this rank's micro-batches, and under FSDP2, where another rank has more, repeats of the
     first with counts=False (its loss weighted 0) so that every rank runs as many forwards: each forward gathers
     the shards collectively. Elsewhere (one process, DDP: one synchronised backward a step) the items as they are."""
-    from rlhf_cli import distributed
+    from rlhf_cli.training import distributed
 
     out = [(item, True) for item in items]
     if rt.distributed and distributed.is_sharded(model):

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from rlhf_cli import runtime
 from rlhf_cli.errors import ConfigError
+from rlhf_cli.training import runtime
 
 
 def check_trainable_dtype(model_cfg, key: str = "model", device_spec: str | None = "auto") -> None:

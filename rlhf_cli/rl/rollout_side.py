@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_cli import data, distributed, memory
+from rlhf_cli import data
 from rlhf_cli.algorithms import overlong_penalty, place_step_rewards
-from rlhf_cli.logprobs import Support, distinct_prompts, prefix_cache, response_logprobs
-from rlhf_cli.precision import Precision
-from rlhf_cli.reward_sources import source_stats
-from rlhf_cli.rollout import Rollout, SamplingParams, decode_responses
+from rlhf_cli.engines.rollout import Rollout, SamplingParams, decode_responses
+from rlhf_cli.models.logprobs import Support, distinct_prompts, prefix_cache, response_logprobs
+from rlhf_cli.rewards.sources import source_stats
+from rlhf_cli.training import distributed, memory
+from rlhf_cli.training.precision import Precision
 
 def char_to_token_ends(tokenizer, response_ids: list[int]) -> list[int]:
     """Decoded text length after each token (to place process rewards on step ends)."""

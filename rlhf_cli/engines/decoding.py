@@ -28,9 +28,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli.distributed import is_sharded
 from rlhf_cli.errors import UserError
-from rlhf_cli.logprobs import position_ids_from_mask
+from rlhf_cli.models.logprobs import position_ids_from_mask
+from rlhf_cli.training.distributed import is_sharded
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # tables that do not depend on the sequence length

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_cli.errors import ConfigError, UserError
-from rlhf_cli.tracking import console, fmt_value
+from rlhf_cli.training.tracking import console, fmt_value
 
 FINAL_KEYS = 4  # final metrics shown per job in the summary (eval_ first)
 

@@ -15,7 +15,7 @@ reads it). The row's other columns (e.g. `answer`) are kept on each pair.
 
 - judge=rule: the sum of `reward.functions`, called as in `rlhf rl` (f(prompt, response, **row)).
 - judge=rm: the scores of the reward model at `reward.model.path` (AI feedback from a stronger RM).
-- judge=human: a local page that shows the pairs to people (rlhf_cli/label_page.py).
+- judge=human: a local page that shows the pairs to people (rlhf_cli/commands/label_page.py).
 - mine=disagree reward.model.path=RM (with judge=rule): keep only the pairs that RM does
   not rank above the judge's choice: the RM's blind spots, found in the policy's own samples.
 """
@@ -31,12 +31,12 @@ from itertools import permutations
 from pathlib import Path
 from typing import List, Optional
 
-from rlhf_cli import helptext, label_page
+from rlhf_cli.commands import helptext, label_page
+from rlhf_cli.commands.evaluate import ToolDeviceConfig, parse_settings
+from rlhf_cli.commands.generate import print_keys
 from rlhf_cli.config import check_choice, check_positive, doc
 from rlhf_cli.errors import ConfigError, DataError, UserError
-from rlhf_cli.evaluate import ToolDeviceConfig, parse_settings
-from rlhf_cli.generate import print_keys
-from rlhf_cli.tracking import console
+from rlhf_cli.training.tracking import console
 
 
 @dataclass
@@ -171,7 +171,7 @@ def check_generation_row(row, spec: str, lineno: int) -> None:
 
 def rule_scores(rows: list[dict], functions: list[str]) -> list[list[float]]:
     """Per row, per response: the sum of the rule functions (step rewards summed over steps), unweighted."""
-    from rlhf_cli.reward_sources import rule_sources
+    from rlhf_cli.rewards.sources import rule_sources
 
     sources = rule_sources(functions)
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
@@ -196,8 +196,8 @@ def regroup(rows: list[dict], flat: list[float]) -> list[list[float]]:
 def check_reward_model(path: str) -> None:
     """A one-line error when reward.model.path is missing or not a reward model, read from its manifest and
     config.json: before any rule runs or any weights load."""
-    from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.models import REWARD_MODEL, check_model_dir, check_model_kind
+    from rlhf_cli.training.checkpoint import read_manifest
 
     stage = read_manifest(path).get("stage")
     if stage is not None and stage != "train-rm":
@@ -213,8 +213,8 @@ def load_reward_model(cfg: LabelToolConfig):
     import torch
 
     from rlhf_cli.models import frozen, load_scalar_head_model, load_tokenizer
-    from rlhf_cli.reward_sources import ModelReward
-    from rlhf_cli.runtime import resolve_device
+    from rlhf_cli.rewards.sources import ModelReward
+    from rlhf_cli.training.runtime import resolve_device
 
     path = cfg.reward.model.path
     tokenizer = load_tokenizer(path, "reward.model.path")

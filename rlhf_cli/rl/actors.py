@@ -45,14 +45,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from rlhf_cli import data, loop, runtime, signals
-from rlhf_cli.checkpoint import RunDir
+from rlhf_cli import data
+from rlhf_cli.engines.rollout import Rollout
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import model_path
-from rlhf_cli.precision import check_trainable_dtype
-from rlhf_cli.rollout import Rollout
-from rlhf_cli.reward_sources import score_stat_names
-from rlhf_cli.rollout_side import Rewarded, RolloutSide
+from rlhf_cli.rewards.sources import score_stat_names
+from rlhf_cli.rl.rollout_side import Rewarded, RolloutSide
+from rlhf_cli.training import loop, runtime, signals
+from rlhf_cli.training.checkpoint import RunDir
+from rlhf_cli.training.precision import check_trainable_dtype
 
 HEADER = 9  # int64: step, version, B, P, T, generate / score / wait microseconds, actor rank
 

@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from rlhf_cli import helptext, memory, task
+from rlhf_cli import task
+from rlhf_cli.commands import helptext
 from rlhf_cli.config import (ENGINE_NAMES, EvalConfig, check_choice, check_eval_sampling, check_positive, doc,
                              field_docs, leaf_keys)
 from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.rewards import call_reward, import_reward_function
-from rlhf_cli.tracking import console, fmt_value
+from rlhf_cli.training import memory
+from rlhf_cli.training.tracking import console, fmt_value
 
 DEFAULT_RULE = EvalConfig.rule  # the stages' rule; read here without importing torch (evaluation.DEFAULT_RULE)
 
@@ -72,7 +74,7 @@ def check_tool_engine(engine: str, key: str) -> None:
     choices, and vllm only where vLLM is installed."""
     check_choice(key, engine, ENGINE_NAMES)
     if engine == "vllm":
-        from rlhf_cli.vllm_engine import check_installed  # finds vLLM without importing it
+        from rlhf_cli.engines.vllm_engine import check_installed  # finds vLLM without importing it
 
         check_installed(key)
 
@@ -194,7 +196,7 @@ def parse_args(args: list[str]) -> tuple[str, list[str], str | None]:
 
 
 def print_help() -> None:
-    """On stdout, plain lines outside a terminal (rlhf_cli/helptext.py)."""
+    """On stdout, plain lines outside a terminal (rlhf_cli/commands/helptext.py)."""
     helptext.print_text(__doc__.strip())
     defaults = dataclasses.asdict(EvalToolConfig())
     rows = []
@@ -236,7 +238,7 @@ def main(args: list[str]) -> None:
     result = evaluate(ckpt, cfg)
     show(result)
     if json_out:
-        from rlhf_cli.checkpoint import write_json
+        from rlhf_cli.training.checkpoint import write_json
 
         write_json(Path(json_out).expanduser(), result)
 
@@ -265,11 +267,11 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     import torch
 
     from rlhf_cli import data
-    from rlhf_cli.evaluation import held_out_accuracy, sampled_accuracy
+    from rlhf_cli.engines.rollout import check_engine, make_engine
     from rlhf_cli.models import (CAUSAL_LM, check_generation_fits, check_model_kind, load_causal_lm, load_tokenizer,
                                  position_limit)
-    from rlhf_cli.rollout import check_engine, make_engine
-    from rlhf_cli.runtime import resolve_device
+    from rlhf_cli.training.evaluation import held_out_accuracy, sampled_accuracy
+    from rlhf_cli.training.runtime import resolve_device
 
     t0 = time.time()
     manifest = _policy_manifest(ckpt)
@@ -324,7 +326,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
 
 def _policy_manifest(ckpt: Path) -> dict:
     """The checkpoint's manifest ({} without one); a reward model's final/ is an error naming where it goes."""
-    from rlhf_cli.checkpoint import read_manifest
+    from rlhf_cli.training.checkpoint import read_manifest
 
     manifest = read_manifest(ckpt)
     if manifest.get("stage") == "train-rm":
@@ -346,8 +348,8 @@ def _settings(cfg: EvalToolConfig, manifest: dict) -> tuple[int, int, int, objec
 def _reward_model_manifest(rm_path: str | None) -> dict:
     """reward.model.path's manifest ({} for none or a model without one), checked from its files before any
     weights load: a train-rm final/, a model directory, a reward model's kind."""
-    from rlhf_cli.checkpoint import read_manifest
     from rlhf_cli.models import REWARD_MODEL, check_model_dir, check_model_kind
+    from rlhf_cli.training.checkpoint import read_manifest
 
     if not rm_path:
         return {}
@@ -389,7 +391,7 @@ def _rm_scores(cfg: EvalToolConfig, rm_manifest: dict, prompts, responses, devic
     """The reward model's score of every (prompt, response); their mean (and, where the RM's manifest has its
     held-out statistics, the mean standardised as rl's reward is: (s - mean) / std) go into metrics."""
     from rlhf_cli.models import load_scalar_head_model, load_tokenizer
-    from rlhf_cli.reward_sources import ModelReward
+    from rlhf_cli.rewards.sources import ModelReward
 
     rm_path = cfg.reward.model.path
     rm_tokenizer = load_tokenizer(rm_path, "reward.model.path", cfg.model.trust_remote_code)

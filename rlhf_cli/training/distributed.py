@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from rlhf_cli import runtime
 from rlhf_cli.algorithms import RunningMean, explained_variance, masked_whiten
+from rlhf_cli.training import runtime
 
 
 def wrap_model(model, rt: runtime.Runtime, strategy: str = "ddp"):

@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_cli import compose, helptext, sweep
+from rlhf_cli.commands import helptext, sweep
+from rlhf_cli.commands import compose
 from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.rewards import import_reward_function
-from rlhf_cli.tracking import console
+from rlhf_cli.training.tracking import console
 
 # The modules that import torch (data, models, lora, checkpoint, embedded) and hydra (config) load inside
 # the functions that need them: `rlhf validate --help` and a bad stage name answer at once.
@@ -87,7 +88,7 @@ def main(args: list[str]) -> None:
 
 def check_run(stage: str, cfg, cache: dict) -> list[str]:
     """Model paths, reward functions, eval rule and data of one composed config -> summary lines."""
-    from rlhf_cli import lora
+    from rlhf_cli.models import lora
     from rlhf_cli.models import check_models, configured_models
 
     model_cfg, model_key = cfg.trained_model, f"{cfg.model_key}.path"
@@ -115,7 +116,8 @@ def check_run(stage: str, cfg, cache: dict) -> list[str]:
 def check_data(cfg, model_cfg) -> list[str]:
     """The rows of data.train and data.eval each stage would use (the stage's own count: its config's
     usable_rows), a batch that fits them -> summary lines."""
-    from rlhf_cli import data, loop
+    from rlhf_cli import data
+    from rlhf_cli.training import loop
 
     tokenizer, note = _tokenizer(model_cfg)
     train_rows, eval_rows = data.stage_rows(cfg.data, cfg.data_kind, cfg.seed)
@@ -148,7 +150,7 @@ def _tokenizer(model_cfg):
 
     path = model_cfg.path
     if not path:
-        from rlhf_cli.embedded import build_tokenizer
+        from rlhf_cli.models.embedded import build_tokenizer
 
         return build_tokenizer(), None
     if Path(path).expanduser().exists():
@@ -161,7 +163,7 @@ def output_dir_state(cfg) -> str:
     different config (the same check as the run's, checkpoint.rerun_changes)."""
     import dataclasses
 
-    from rlhf_cli.checkpoint import rerun_changes
+    from rlhf_cli.training.checkpoint import rerun_changes
 
     ckpt, changes = rerun_changes(Path(cfg.output_dir), dataclasses.asdict(cfg))
     if ckpt is None:

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_cli import helptext, task
+from rlhf_cli import task
+from rlhf_cli.commands import helptext
+from rlhf_cli.commands.evaluate import ToolDeviceConfig, check_tool_engine, decode_plan, parse_settings
 from rlhf_cli.config import check_choice, check_positive, doc, field_docs
 from rlhf_cli.errors import ConfigError, DataError, UserError
-from rlhf_cli.evaluate import ToolDeviceConfig, check_tool_engine, decode_plan, parse_settings
-from rlhf_cli.tracking import console
+from rlhf_cli.training.tracking import console
 
 
 
@@ -201,8 +202,8 @@ def load_prompt_rows(cfg: GenerateToolConfig) -> tuple[list[dict], str]:
 
 def _check_model(cfg: GenerateToolConfig) -> None:
     """model.path's kind, size and engine from its config.json: a wrong model fails before any weights load."""
+    from rlhf_cli.engines.rollout import check_engine
     from rlhf_cli.models import CAUSAL_LM, check_generation_fits, check_model_dir, check_model_kind
-    from rlhf_cli.rollout import check_engine
 
     check_model_dir(cfg.model.path, "model.path")
     check_model_kind(cfg.model.path, "model.path", CAUSAL_LM)
@@ -214,7 +215,7 @@ def _start_output(output: Path, complete_bytes: int, cfg: GenerateToolConfig) ->
     """Rank 0, before appending: cut a torn last line, and write the run's settings beside a new output."""
     cut_torn_line(output, complete_bytes)
     if not meta_path(output).exists():
-        from rlhf_cli.checkpoint import write_json
+        from rlhf_cli.training.checkpoint import write_json
 
         write_json(meta_path(output), settings(cfg))
 
@@ -229,9 +230,10 @@ def generate(cfg: GenerateToolConfig) -> None:
     # first: a wrong model or a data problem fails before any weights load
     import torch
 
-    from rlhf_cli import data, runtime
+    from rlhf_cli import data
+    from rlhf_cli.engines.rollout import make_engine
     from rlhf_cli.models import load_causal_lm, load_tokenizer, position_limit
-    from rlhf_cli.rollout import make_engine
+    from rlhf_cli.training import runtime
 
     _check_model(cfg)
     rows, source = load_prompt_rows(cfg)
@@ -294,7 +296,7 @@ def sample_batch(engine, tokenizer, prompts: list[str], bounds: tuple[int, int],
     Prompts are tokenized as rl and eval do (one BOS where the tokenizer adds one), cut from the left to fit
     the model's positions with the responses."""
     from rlhf_cli import data
-    from rlhf_cli.rollout import SamplingParams, decode_responses
+    from rlhf_cli.engines.rollout import SamplingParams, decode_responses
 
     start, end = bounds
     K = cfg.samples_per_prompt

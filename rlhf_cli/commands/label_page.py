@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.tracking import console
+from rlhf_cli.training.tracking import console
 
 CHOICES = ("A", "B", "tie", "skip")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import distributed
 from rlhf_cli.models import scalar_head
+from rlhf_cli.training import distributed
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -7,17 +7,17 @@ as its base with the adapter merged in.
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 from pathlib import Path
 
 import torch
 
-from rlhf_cli import embedded, lora, runtime
-from rlhf_cli.origin import read_json as _read_json
+from rlhf_cli.config.origin import read_json as _read_json
 from rlhf_cli.errors import ConfigError, UserError, first_line
-from rlhf_cli.runtime import DTYPES
+from rlhf_cli.models import embedded, lora
+from rlhf_cli.training import runtime
+from rlhf_cli.training.runtime import DTYPES
 
 
 # What a model key must hold, by stage: read from the config's `architectures` (or a LoRA adapter's

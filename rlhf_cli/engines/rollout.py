@@ -42,9 +42,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import runtime
-from rlhf_cli.decoding import make_decoder
+from rlhf_cli.engines.decoding import make_decoder
 from rlhf_cli.models import stop_token_ids
+from rlhf_cli.training import runtime
 
 
 @dataclass
@@ -162,7 +162,7 @@ class LocalEngine:
 
 
 # rollout.engine -> engine class, or "module:Class" imported only when that engine is built (vLLM)
-ENGINES = {"auto": LocalEngine, "lean": LocalEngine, "hf": LocalEngine, "vllm": "rlhf_cli.vllm_engine:VLLMEngine"}
+ENGINES = {"auto": LocalEngine, "lean": LocalEngine, "hf": LocalEngine, "vllm": "rlhf_cli.engines.vllm_engine:VLLMEngine"}
 
 
 def engine_module(name: str):

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_cli.engines.rollout import Rollout, SamplingParams, response_mask_from_tokens
 from rlhf_cli.errors import ConfigError, UserError
-from rlhf_cli.rollout import Rollout, SamplingParams, response_mask_from_tokens
 
 
 

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from rlhf_cli import checkpoint, optim, runtime, signals
-from rlhf_cli.checkpoint import RunDir
 from rlhf_cli.errors import DataError, UserError
-from rlhf_cli.precision import check_trainable_dtype
+from rlhf_cli.training import checkpoint, optim, runtime, signals
+from rlhf_cli.training.checkpoint import RunDir
+from rlhf_cli.training.precision import check_trainable_dtype
 
 
 class Recipe(Protocol):

@@ -7,9 +7,9 @@ import math
 from collections import Counter
 
 from rlhf_cli.data import cut_left, encode_prompt, left_pad
+from rlhf_cli.engines.rollout import RolloutEngine, SamplingParams, decode_responses
 from rlhf_cli.reasoning import answer_key
 from rlhf_cli.rewards import call_reward, import_reward_function
-from rlhf_cli.rollout import RolloutEngine, SamplingParams, decode_responses
 
 EVAL_NOISE_STEP = 1_000_000  # the noise of evaluation samples: keyed apart from every training step
 

@@ -1,0 +1,1 @@
+"""Rollout engines: the lean and HF decoders, vLLM."""

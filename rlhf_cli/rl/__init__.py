@@ -1,0 +1,1 @@
+"""The RL recipe's rollout side and its async actors."""
