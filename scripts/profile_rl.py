@@ -113,10 +113,13 @@ def profiled_recipe(clock: Clock):
             self.score = clock.wrap("score (the rest)", self.score)
             self.advantages = clock.wrap("advantages", self.advantages)
             self.update = clock.wrap("update (the rest)", self.update)
-            self.log_and_checkpoint = self._next_step(clock.wrap("logging and checkpoint", self.log_and_checkpoint))
+            for owner, name in ((self, "step_metrics"), (self, "save_checkpoint"), (self.tracker, "log"),
+                                (self.tracker, "advance")):  # step 5 and loop.end_of_step's work
+                setattr(owner, name, clock.wrap("logging and checkpoint", getattr(owner, name)))
+            self.train_step = self._steps(self.train_step)
             for model in {id(m): m for m in self.models_to_count()}.values():
                 clock.count_flops(model)
-            self.step_start = clock.now()
+            self.step_start = None
 
         def models_to_count(self):
             """The decoders a step runs: the policy, the reference, the critic, the reward model (TokenValues and
@@ -126,15 +129,16 @@ def profiled_recipe(clock: Clock):
                 if isinstance(m, torch.nn.Module) and hasattr(m, "get_input_embeddings"):
                     yield m
 
-        def _next_step(self, fn):
-            def logged(*args, **kwargs):
-                out = fn(*args, **kwargs)
-                end = clock.now()
-                clock.seconds[clock.step]["step"] = end - self.step_start
-                clock.step += 1
-                self.step_start = end
-                return out
-            return logged
+        def _steps(self, fn):
+            """A step runs from one train_step call to the next: its five parts and loop.end_of_step's tail."""
+            def timed(*args, **kwargs):
+                now = clock.now()
+                if self.step_start is not None:
+                    clock.seconds[clock.step]["step"] = now - self.step_start
+                    clock.step += 1
+                self.step_start = now
+                return fn(*args, **kwargs)
+            return timed
 
         def forward(self, ids, attn, P, with_entropy=True):  # no_grad_forward calls it too: timed there
             if torch.is_grad_enabled():
