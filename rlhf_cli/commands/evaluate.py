@@ -23,150 +23,19 @@ numbers match what that run reported. Keys are named as in the stages
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
 
 from rlhf_cli import task
 from rlhf_cli.commands import helptext
-from rlhf_cli.config import (ENGINE_NAMES, EvalConfig, check_choice, check_eval_sampling, check_positive, doc,
-                             field_docs, leaf_keys)
-from rlhf_cli.errors import ConfigError, UserError
+from rlhf_cli.config import field_docs
+from rlhf_cli.config.tools import DEFAULT_RULE, EvalToolConfig, parse_overrides
+from rlhf_cli.errors import UserError
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.training import memory
 from rlhf_cli.training.tracking import console, fmt_value
 
-DEFAULT_RULE = EvalConfig.rule  # the stages' rule; read here without importing torch (evaluation.DEFAULT_RULE)
-
-
-@dataclass
-class EvalDataConfig:
-    eval: Optional[str] = doc(None, "held-out rows: .jsonl/.json/.parquet/.csv, dataset dir or hub name; "
-                                    "null = the embedded task's held-out prompts")
-    eval_split: str = doc("test", "split of data.eval when it is a dataset dir or hub name")
-    subset: Optional[str] = doc(None, "dataset config name (subset) of data.eval")
-    num_eval: Optional[int] = doc(None, "embedded task: held-out rows (null = as the checkpoint's run, else 200)")
-    eval_limit: Optional[int] = doc(None, "evaluate at most this many rows (null = as the checkpoint's run, else 200)")
-
-
-@dataclass
-class EvalRunConfig:
-    rule: Optional[str] = doc(DEFAULT_RULE, "accuracy rule 'module:function' f(prompt, response, **row) -> 0/1; null = none")
-    max_new_tokens: Optional[int] = doc(None, "response length limit (null = as the checkpoint's run, else 40)")
-    batch_size: int = doc(100, "prompts per generation batch")
-    show_samples: int = doc(3, "sample generations shown in the table")
-    samples: int = doc(0, "K sampled responses per prompt for pass@1, pass@k (unbiased, Chen et al. 2021) and maj@k "
-                          "beside greedy accuracy (0 = greedy only)")
-    pass_k: Optional[List[int]] = doc(None, "the k of pass@k and maj@k, each <= eval.samples (null = eval.samples alone)")
-    temperature: float = doc(1.0, "sampling temperature of the eval.samples responses")
-
-
-@dataclass
-class EvalModelConfig:
-    dtype: str = doc("fp32", "weights dtype of the checkpoint and the reward model: fp32, bf16 or fp16")
-    trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
-
-
-def check_tool_engine(engine: str, key: str) -> None:
-    """The tools' engine (generate's `engine`, eval's `rollout.engine`): one of the stages' rollout.engine
-    choices, and vllm only where vLLM is installed."""
-    check_choice(key, engine, ENGINE_NAMES)
-    if engine == "vllm":
-        from rlhf_cli.engines.vllm_engine import check_installed  # finds vLLM without importing it
-
-        check_installed(key)
-
-
-@dataclass
-class ToolDeviceConfig:
-    """`device` of the tools (eval, generate, label): the stages' key names."""
-    type: str = doc("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N; `device=cpu` sets it too")
-    threads: Optional[int] = doc(None, "CPU threads for torch (null = torch's default)")
-
-
-@dataclass
-class EvalRolloutConfig:
-    engine: str = doc("auto", "rollout engine: auto, lean, hf or vllm (rlhf eval CKPT rollout.engine=vllm)")
-
-
-@dataclass
-class EvalRewardModelConfig:
-    path: Optional[str] = doc(None, "a train-rm final/ that scores the responses; null = no reward-model score")
-
-
-@dataclass
-class EvalRewardConfig:
-    model: EvalRewardModelConfig = doc(EvalRewardModelConfig, "the reward model (as rl's reward.model)")
-
-
-# the keys as the stages name them: `rlhf eval` once had its own names for these
-RENAMED = {"reward_model": "reward.model.path", "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code"}
-
-
-@dataclass
-class EvalToolConfig:
-    seed: Optional[int] = doc(None, "seed of the embedded task's held-out split (null = the checkpoint's run seed, else 0)")
-    model: EvalModelConfig = doc(EvalModelConfig, "how the checkpoint loads")
-    reward: EvalRewardConfig = doc(EvalRewardConfig, "reward-model score of the responses")
-    device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement")
-    data: EvalDataConfig = doc(EvalDataConfig, "the held-out prompts")
-    eval: EvalRunConfig = doc(EvalRunConfig, "generation and the accuracy rule")
-    rollout: EvalRolloutConfig = doc(EvalRolloutConfig, "the engine that generates (as rl's rollout)")
-    micro_batch_tokens: Optional[int] = doc(None, "memory budget in padded tokens (as the stages' key): bounds "
-                                                  "the rows of one decode call and of one reward-model forward; "
-                                                  "null = derived from free memory and the model's size "
-                                                  "(docs/memory.md)")
-
-    def __post_init__(self):
-        check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
-        check_tool_engine(self.rollout.engine, "rollout.engine")
-        check_positive("device.threads", self.device.threads)
-        check_positive("micro_batch_tokens", self.micro_batch_tokens)
-        for key, value in (("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
-                           ("data.num_eval", self.data.num_eval), ("data.eval_limit", self.data.eval_limit)):
-            check_positive(key, value)
-        check_positive("eval.show_samples", self.eval.show_samples, allow_zero=True)
-        check_eval_sampling(self.eval)
-        if self.eval.rule is not None and ":" not in self.eval.rule:
-            raise ConfigError(f"eval.rule={self.eval.rule!r} is not 'module:function'; e.g. eval.rule={DEFAULT_RULE}")
-
-
 USAGE = "usage: rlhf eval CHECKPOINT [key=value ...] [--json OUT.json]"
-
-
-def parse_settings(schema, args: list[str], tool: str, example: str):
-    """A tool that takes key=value settings only (generate, label): anything else is one line naming an example."""
-    positional = [a for a in args if "=" not in a]
-    if positional:
-        raise UserError(f"rlhf {tool} takes key=value settings only (got {positional[0]!r}); e.g. rlhf {tool} {example}")
-    return parse_overrides(schema, args, tool)
-
-
-def parse_overrides(schema, overrides: list[str], tool: str):
-    """key=value strings -> the typed schema object; unknown keys suggest the closest, bad values name the key."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    keys = leaf_keys(schema)
-    # `device=cpu` as in a stage, where it picks the device group
-    overrides = [f"device.type={o.split('=', 1)[1]}" if o.startswith("device=") else o for o in overrides]
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if key in RENAMED and key not in keys:
-            raise ConfigError(f"{key}= is named {RENAMED[key]}= (as in the stages); write {RENAMED[key]}=...")
-        if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-            raise ConfigError(f"unknown key {key!r} for rlhf {tool}" +
-                              (f"; did you mean {close[0]}?" if close else f"; see `rlhf {tool} --help`"))
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(overrides))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "a value"
-        msg = str(getattr(e, "msg", e)).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}; see `rlhf {tool} --help`") from None
 
 
 def parse_args(args: list[str]) -> tuple[str, list[str], str | None]:

@@ -27,69 +27,15 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from rlhf_cli import task
 from rlhf_cli.commands import helptext
-from rlhf_cli.commands.evaluate import ToolDeviceConfig, check_tool_engine, decode_plan, parse_settings
-from rlhf_cli.config import check_choice, check_positive, doc, field_docs
-from rlhf_cli.errors import ConfigError, DataError, UserError
+from rlhf_cli.commands.evaluate import decode_plan
+from rlhf_cli.config import field_docs
+from rlhf_cli.config.tools import GenerateToolConfig, parse_settings
+from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.training.tracking import console
-
-
-
-@dataclass
-class GenerateModelConfig:
-    path: Optional[str] = doc(None, "the policy to sample: an sft or rl final/ (or any causal LM dir); required")
-    dtype: str = doc("fp32", "weights dtype: fp32, bf16 or fp16")
-    trust_remote_code: bool = doc(False, "allow code shipped with the model to run")
-
-
-@dataclass
-class GenerateDataConfig:
-    prompts: Optional[str] = doc(None, "prompt rows (`prompt` text or messages, or `messages`): .jsonl/.json/"
-                                       ".parquet/.csv, dataset dir or hub name; null = the embedded task")
-    split: str = doc("train", "split of data.prompts when it is a dataset dir or hub name; embedded task: "
-                              "train or eval (its held-out prompts)")
-    subset: Optional[str] = doc(None, "dataset config name (subset) of data.prompts")
-    num_prompts: int = doc(200, "embedded task: number of prompts")
-    num_eval: int = doc(200, "embedded task: size of its held-out split (as the stages' data.num_eval)")
-    limit: Optional[int] = doc(None, "use at most this many rows of data.prompts (null = all)")
-
-
-@dataclass
-class GenerateToolConfig:
-    output: Optional[str] = doc(None, "the generations file (.jsonl) to write or continue; required")
-    samples_per_prompt: int = doc(4, "K: responses per prompt")
-    temperature: float = doc(1.0, "sampling temperature")
-    max_new_tokens: int = doc(40, "response length limit in tokens")
-    seed: int = doc(0, "seed of the keyed sampling noise (and of the embedded task's prompts)")
-    batch_size: int = doc(16, "prompts per generate call (each with its K responses); rows are flushed per batch")
-    engine: str = doc("auto", "rollout engine: auto, lean, hf or vllm (as rl's rollout.engine)")
-    model: GenerateModelConfig = doc(GenerateModelConfig, "the policy")
-    data: GenerateDataConfig = doc(GenerateDataConfig, "the prompts")
-    device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement")
-    micro_batch_tokens: Optional[int] = doc(None, "memory budget in padded tokens (as the stages' key): bounds "
-                                                  "the rows of one decode call; null = derived from free memory "
-                                                  "and the model's size (docs/memory.md)")
-
-    def __post_init__(self):
-        check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
-        check_tool_engine(self.engine, "engine")
-        check_positive("device.threads", self.device.threads)
-        check_positive("micro_batch_tokens", self.micro_batch_tokens)
-        for key in ("samples_per_prompt", "temperature", "max_new_tokens", "batch_size"):
-            check_positive(key, getattr(self, key))
-        for key in ("num_prompts", "num_eval", "limit"):
-            check_positive(f"data.{key}", getattr(self.data, key))
-        if self.model.path is None:
-            raise ConfigError("model.path= is required: the policy to sample, e.g. model.path=runs/rl/final")
-        if self.output is None:
-            raise ConfigError("output= is required: the generations file, e.g. output=gens.jsonl")
-        if self.data.prompts is None:
-            check_choice("data.split", self.data.split, ("train", "eval"))
 
 
 def settings(cfg: GenerateToolConfig) -> dict:

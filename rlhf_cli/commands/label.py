@@ -26,78 +26,14 @@ import getpass
 import json
 import math
 import os
-from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
-from typing import List, Optional
 
 from rlhf_cli.commands import helptext, label_page
-from rlhf_cli.commands.evaluate import ToolDeviceConfig, parse_settings
 from rlhf_cli.commands.generate import print_keys
-from rlhf_cli.config import check_choice, check_positive, doc
-from rlhf_cli.errors import ConfigError, DataError, UserError
+from rlhf_cli.config.tools import LabelToolConfig, parse_settings
+from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.training.tracking import console
-
-
-@dataclass
-class LabelRewardModelConfig:
-    path: Optional[str] = doc(None, "a train-rm final/: the judge (judge=rm) or the model mined (mine=disagree)")
-    dtype: str = doc("fp32", "reward model weights dtype: fp32, bf16 or fp16")
-
-
-@dataclass
-class LabelRewardConfig:
-    functions: List[str] = doc([], "judge=rule: rule rewards 'module:function', each f(prompt, response, **row); "
-                                   "a response's score is their sum")
-    model: LabelRewardModelConfig = doc(LabelRewardModelConfig, "the reward model")
-
-
-@dataclass
-class LabelToolConfig:
-    input: Optional[str] = doc(None, "generations file from `rlhf generate` (prompt + responses per row); required")
-    output: Optional[str] = doc(None, "preference pairs file (.jsonl) to write; judge=human appends to it; required")
-    judge: str = doc("rule", "who prefers: rule (reward.functions), rm (reward.model.path) or human (a local page)")
-    pairs: str = doc("best_worst", "pairs per prompt: best_worst (one) or all (every pair the judge orders); "
-                                   "judge=human: best_worst shows responses 0 and 1, all every pair")
-    margin: bool = doc(False, "write the judge's score gap as `margin` (rule and rm)")
-    mine: str = doc("none", "none, or disagree: keep only pairs reward.model.path does not rank the judge's way")
-    batch_size: int = doc(64, "responses per reward-model forward")
-    port: int = doc(8765, "judge=human: the page's port on 127.0.0.1")
-    labeler: Optional[str] = doc(None, "judge=human: the labeler's name written with each choice (null = the "
-                                       "login name); a page opened with ?labeler=NAME labels as NAME")
-    reward: LabelRewardConfig = doc(LabelRewardConfig, "the judge's rule functions and reward model")
-    device: ToolDeviceConfig = doc(ToolDeviceConfig, "device placement of reward models")
-
-    def __post_init__(self):
-        check_choice("judge", self.judge, ("rule", "rm", "human"))
-        check_choice("pairs", self.pairs, ("best_worst", "all"))
-        check_choice("mine", self.mine, ("none", "disagree"))
-        check_choice("reward.model.dtype", self.reward.model.dtype, ("fp32", "bf16", "fp16"))
-        check_positive("batch_size", self.batch_size)
-        check_positive("device.threads", self.device.threads)
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"port={self.port} is not a TCP port; set port=<1..65535>, e.g. port=8765")
-        for key in ("input", "output"):
-            if getattr(self, key) is None:
-                raise ConfigError(f"{key}= is required, e.g. input=gens.jsonl output=prefs.jsonl")
-        for name in self.reward.functions:
-            if ":" not in name:
-                raise ConfigError(f"reward.functions entry {name!r} is not 'module:function'; "
-                                  f"e.g. reward.functions=[rlhf_cli.task:correctness_reward]")
-        if self.judge == "rule" and not self.reward.functions:
-            raise ConfigError("judge=rule needs reward.functions=[module:function,...], "
-                              "e.g. reward.functions=[rlhf_cli.task:correctness_reward]")
-        if self.judge == "rm" and not self.reward.model.path:
-            raise ConfigError("judge=rm needs reward.model.path=<a train-rm final/>")
-        if self.mine == "disagree":
-            if self.judge == "human":
-                raise ConfigError("mine=disagree is for judge=rule: people's choices are kept as they are made; "
-                                  "drop mine=disagree (or judge the samples with judge=rule)")
-            if self.judge == "rm":
-                raise ConfigError("mine=disagree compares reward.model.path with the judge, and judge=rm is that "
-                                  "same model; use judge=rule or judge=human to mine its blind spots")
-            if not self.reward.model.path:
-                raise ConfigError("mine=disagree needs reward.model.path=<the train-rm final/ whose mistakes to keep>")
 
 
 def main(args: list[str]) -> None:

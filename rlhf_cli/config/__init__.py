@@ -2,6 +2,8 @@
 
     fields.py   doc() and the range checks      groups.py   the groups every stage shares
     stages.py   sft / train-rm / rl schemas     ignored.py  keys a run sets that its options do not read
+    tools.py    rlhf eval / generate / label    origin.py   a model built from a config or pretrained, and
+                settings and their parser                   the defaults each takes (recorded in `derived`)
 
 Every field carries a one-line doc in ``metadata["help"]`` (shown by
 ``rlhf <stage> --help``). Range checks live in ``__post_init__`` so they run

@@ -79,7 +79,7 @@ def test_top_level_and_tool_help_go_to_stdout(tmp_path):
 def test_eval_names_keys_as_the_stages_do(tmp_path):
     """device.type / device.threads / model.dtype / reward.model.path: the stages' names; the old names
     are refused with the new one."""
-    from rlhf_cli.commands.evaluate import EvalToolConfig
+    from rlhf_cli.config.tools import EvalToolConfig
     from rlhf_cli.config import RLConfig, SFTConfig, leaf_keys
 
     eval_keys = set(leaf_keys(EvalToolConfig))

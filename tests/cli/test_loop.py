@@ -294,7 +294,7 @@ def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
 
     from rlhf_cli.commands import generate, label
     from rlhf_cli.commands import compose
-    from rlhf_cli.commands.evaluate import parse_overrides
+    from rlhf_cli.config.tools import parse_overrides
 
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=2",
