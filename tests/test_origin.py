@@ -83,3 +83,17 @@ def test_rl_autocasts_a_pretrained_model_to_bf16_where_the_cpu_has_bf16_units(ti
         (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         assert origin.cpu_has_bf16(str(tmp_path / "cpuinfo")) is has
     assert origin.cpu_has_bf16(str(tmp_path / "missing")) is False
+
+
+def test_every_default_a_run_derives_is_recorded_as_derived_and_no_key_set():
+    """`derived` holds every key the config left null and the run resolved (by origin, by reward source, by rollout
+    mode), so the manifest tells them from keys set; the origin line names only the by-origin ones."""
+    cfg = compose_config("rl", [])
+    assert {"kl.coef=0.05", "algorithm.dynamic_sampling=True"} <= set(cfg.derived)
+    assert "kl.coef=0.2" in compose_config("rl", ["reward=rm", "reward.model.path=x"]).derived
+    assert "algorithm.epochs=2" in compose_config("rl", ["algorithm=ppo"]).derived  # ppo.yaml leaves it null
+    chosen = compose_config("rl", ["algorithm=ppo", "kl.coef=0.05", "algorithm.dynamic_sampling=true",
+                                   "algorithm.epochs=2"]).derived
+    assert not any(d.startswith(("kl.coef", "algorithm.")) for d in chosen)  # the same values, set: not derived
+    assert origin.describe("rl", cfg, None).startswith("rl: optim.lr=0.0003")
+    assert "kl.coef" not in origin.describe("rl", cfg, None)

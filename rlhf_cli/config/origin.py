@@ -99,7 +99,7 @@ def resolve(stage: str, cfg, model_path: str | None) -> list[str]:
 
 def describe(stage: str, cfg, model_path: str | None) -> str | None:
     """The log line of the by-origin defaults this run took (None when it took none)."""
-    said = getattr(cfg, "derived", None)
+    said = [d for d in getattr(cfg, "derived", ()) if d.partition("=")[0] in BY_ORIGIN[stage]]
     if not said:
         return None
     what = weights_origin(model_path)

@@ -26,8 +26,11 @@ class StageConfig:
 
     def check_common(self, stage: str, **extra_ranges) -> None:
         """The checks every stage's keys share (int ranges, the positive counts it has, `extra_ranges`: key ->
-        allow_zero), then the defaults derived from its model (`derived`, logged by the stage) and LoRA's
-        device check."""
+        allow_zero), then the defaults derived from its model and LoRA's device check.
+
+        `derived` records, as "key=value", every key the config left null and the run resolved (by the model's
+        origin here; rl adds those it resolves by reward source and rollout mode): each stage logs them and
+        writes them into its final/ manifest as `derived_defaults`, so a reader can tell them from keys set."""
         check_int_ranges(self)
         for key in ("max_steps", "epochs", "batch_size", "log_every", "micro_batch_tokens"):
             if hasattr(self, key):
@@ -395,13 +398,14 @@ class RLConfig(StageConfig):
                               "policy with its adapters off; drop placement.reference (or set reference.path=...)")
         if not self.reward.functions and not self.reward.model.path:
             raise ConfigError("no reward source: set reward.model.path=<train-rm final/> and/or reward.functions=[module:function]")
-        if self.kl.coef is None:  # resolved here, so the saved config and the log show the value in force
-            self.kl.coef = KL_COEF_WITH_RM if self.reward.model.path else KL_COEF_RULES_ONLY
+        # resolved here, so config.yaml and the log show the value in force, and recorded as derived
         algo = self.algorithm
-        if algo.dynamic_sampling is None:  # resolved here: config.yaml and the log show the value in force
-            algo.dynamic_sampling = self.dynamic_sampling_default
-        if algo.epochs is None:  # resolved here too: config.yaml and the log show the value in force
-            algo.epochs = PPO_EPOCHS_LAGGED if self.rollout.lagged else PPO_EPOCHS
+        for holder, key, value in ((self.kl, "coef", KL_COEF_WITH_RM if self.reward.model.path else KL_COEF_RULES_ONLY),
+                                   (algo, "dynamic_sampling", self.dynamic_sampling_default),
+                                   (algo, "epochs", PPO_EPOCHS_LAGGED if self.rollout.lagged else PPO_EPOCHS)):
+            if getattr(holder, key) is None:
+                setattr(holder, key, value)
+                self.derived.append(f"{'kl' if holder is self.kl else 'algorithm'}.{key}={value}")
         from rlhf_cli.algorithms import ADVANTAGE_ESTIMATORS, BASELINES, POLICY_LOSSES, reads  # torch: see __post_init__
 
         if POLICY_LOSSES.trait(algo.name, "needs_critic") and not algo.needs_critic:

@@ -47,7 +47,6 @@ from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOS
                                  rank_share, token_rewards,
                                  truncated_importance_weights, truncated_is_weights, value_loss, vtrace)
 from rlhf_cli.config import origin
-from rlhf_cli.config import KL_COEF_RULES_ONLY, KL_COEF_WITH_RM, PPO_EPOCHS_LAGGED
 from rlhf_cli.engines.rollout import Rollout, check_engine, concat_rollouts, make_engine, select_rows
 from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.models import lora
@@ -355,15 +354,17 @@ class RLRecipe:
             + ", ".join(f"{k} {v:,}" for k, v in held.items() if k not in ("total", "trainable"))
             + (f"; {self.adapters.describe()}" if self.adapters else "")
             + ("; reference = the policy with adapters off" if isinstance(self.reference, lora.AdaptersOff) else ""))
-        if cfg.kl.coef in (KL_COEF_RULES_ONLY, KL_COEF_WITH_RM):
-            say(f"rl: kl.coef {cfg.kl.coef} ({'a reward model is in the reward' if self.reward_model is not None else 'rule rewards alone'}"
-                f"; the default by reward source unless set)")
+        derived = {d.partition("=")[0] for d in cfg.derived}
+        if "kl.coef" in derived:
+            say(f"rl: kl.coef {cfg.kl.coef} (derived: {'a reward model is in the reward' if self.reward_model is not None else 'rule rewards alone'}"
+                f"; the default by reward source)")
         if a.dynamic_sampling:
             say(f"rl: algorithm.dynamic_sampling true: groups with K equal rewards are redrawn, up to "
-                f"{a.max_draws} draws a step (sampling_draws); the default for rule rewards alone unless set")
-        if cfg.rollout.lagged and a.epochs == PPO_EPOCHS_LAGGED and a.name == "ppo":
-            say(f"rl: algorithm.epochs {a.epochs} (batches up to rollout.max_lag={cfg.rollout.max_lag} updates old are "
-                f"off-policy already; the default with a lag unless set)")
+                f"{a.max_draws} draws a step (sampling_draws)"
+                + ("; derived: the default for rule rewards alone" if "algorithm.dynamic_sampling" in derived else ""))
+        if "algorithm.epochs" in derived and cfg.rollout.lagged and a.name == "ppo":
+            say(f"rl: algorithm.epochs {a.epochs} (derived: batches up to rollout.max_lag={cfg.rollout.max_lag} updates "
+                f"old are off-policy already; the default with a lag)")
         if cfg.rollout.top_k or cfg.rollout.top_p:
             say("rl: top-k/top-p sampling biases the KL estimate (log-probs are of the unfiltered policy)")
         if self.actors.active:
@@ -704,25 +705,18 @@ class RLRecipe:
             return loop.Evaluation(metrics, samples)
 
     def save_checkpoint(self) -> None:
-        checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
-                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict(),
-                                   kl=self.kl_ctl.state_dict(), running_mean=self.running_mean.state_dict(),
-                                   guard=self.guard.state_dict())
+        loop.save_checkpoint(self, kl=self.kl_ctl, running_mean=self.running_mean)
 
     # ================================================================ save
     def save(self, last: loop.Evaluation, before: loop.Evaluation) -> dict:
         cfg, rt, run_dir, step = self.cfg, self.rt, self.run_dir, self.step
+        manifest = loop.final_manifest(self, "rl", last, before) | lora.manifest_entry(self.adapters) | {
+            "algorithm": cfg.algorithm.name, "reward_model": cfg.reward.model.path,
+            "rm_run": checkpoint.read_manifest(cfg.reward.model.path).get("run_dir"),
+            "reward_functions": list(cfg.reward.functions), "parameters_held": self.held}
+        checkpoint.save_final(run_dir, rt, self.policy, self.tokenizer, manifest,  # collective; rank 0 writes
+                              hf_model=self.adapters.final_model() if self.adapters else None)
         results, before = last.metrics, before.metrics
-        policy_manifest = checkpoint.read_manifest(cfg.policy.path)
-        rm_manifest = checkpoint.read_manifest(cfg.reward.model.path)
-        checkpoint.save_final(run_dir, rt, self.policy, self.tokenizer, {  # collective; rank 0 writes
-            "stage": "rl", "run_dir": str(run_dir.root.resolve()), "algorithm": cfg.algorithm.name,
-            "parent_model": cfg.policy.path or "embedded tiny model", "sft_run": policy_manifest.get("run_dir"),
-            "reward_model": cfg.reward.model.path, "rm_run": rm_manifest.get("run_dir"),
-            "reward_functions": list(cfg.reward.functions), "config": dataclasses.asdict(cfg),
-            "data_fingerprint": checkpoint.fingerprint(self.train_rows), "steps": step, "metrics": results,
-            "metrics_before": before, "world_size": rt.world_size, "parameters_held": self.held,
-            **lora.manifest_entry(self.adapters)}, hf_model=self.adapters.final_model() if self.adapters else None)
         table = {}
         if "eval_accuracy" in results:
             table["held-out accuracy before"] = before.get("eval_accuracy", "(resumed)")

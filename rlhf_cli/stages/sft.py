@@ -11,7 +11,6 @@ block-diagonal causal mask (no attention across examples, no padding waste).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -202,21 +201,15 @@ class SFTRecipe:
             return loop.Evaluation(metrics, samples)
 
     def save_checkpoint(self) -> None:
-        checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
-                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict(),
-                                   guard=self.guard.state_dict())
+        loop.save_checkpoint(self)
 
     # ---------------------------------------------------------------- save
     def save(self, last: loop.Evaluation, before: loop.Evaluation) -> dict:
-        cfg, rt, run_dir = self.cfg, self.rt, self.run_dir
+        rt, run_dir = self.rt, self.run_dir
+        manifest = loop.final_manifest(self, "sft", last, before) | lora.manifest_entry(self.adapters)
+        checkpoint.save_final(run_dir, rt, self.model, self.tokenizer, manifest,  # collective; rank 0 writes
+                              hf_model=self.adapters.final_model() if self.adapters else None)
         results, before = last.metrics, before.metrics
-        parent = checkpoint.read_manifest(cfg.model.path)
-        checkpoint.save_final(run_dir, rt, self.model, self.tokenizer, {  # collective; rank 0 writes
-            "stage": "sft", "run_dir": str(run_dir.root.resolve()), "parent_model": cfg.model.path or "embedded tiny model",
-            "parent_run": parent.get("run_dir"), "config": dataclasses.asdict(cfg),
-            "data_fingerprint": checkpoint.fingerprint(self.train_rows), "steps": self.step, "metrics": results,
-            "metrics_before": before, "world_size": rt.world_size,
-            **lora.manifest_entry(self.adapters)}, hf_model=self.adapters.final_model() if self.adapters else None)
         table = {}
         for key in ("eval_loss", "eval_accuracy"):
             if key in results:

@@ -16,7 +16,6 @@ Chosen and rejected sequences go through ONE forward pass per micro-batch.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -221,28 +220,21 @@ class RewardModelRecipe:
                                                   self.pad_id, self.rt.device))
 
     def save_checkpoint(self) -> None:
-        checkpoint.save_checkpoint(self.run_dir, self.rt, self.step, self.parts, self.optimizer, self.scheduler,
-                                   self.cfg.checkpoint.keep_last, self.precision, sampler=self.sampler.state_dict(),
-                                   guard=self.guard.state_dict())
+        loop.save_checkpoint(self)
 
     # ---------------------------------------------------------------- save
     def save(self, last: loop.Evaluation, before: loop.Evaluation) -> dict:
         cfg, rt, run_dir = self.cfg, self.rt, self.run_dir
-        results, before = last.metrics, before.metrics
-        parent = checkpoint.read_manifest(cfg.model.path)
-        manifest = {} if not rt.is_main else {
-            "stage": "train-rm", "run_dir": str(run_dir.root.resolve()),
-            "parent_model": cfg.model.path or "embedded tiny model", "parent_run": parent.get("run_dir"),
-            "config": dataclasses.asdict(cfg), "data_fingerprint": checkpoint.fingerprint(self.train_rows),
-            "steps": self.step, "metrics": results, "metrics_before": before,
+        results = last.metrics
+        manifest = {} if not rt.is_main else loop.final_manifest(self, "train-rm", last, before) | {
             # RL standardises rewards with these (held-out chosen + rejected scores)
             "score_mean": results["eval_score_mean"], "score_std": results["eval_score_std"],
             "eval_accuracy": results["eval_accuracy"],
             "scoring": "tokenizer(prompt + response), nothing appended; score read at the last token "
                        "(rlhf_cli.models.scoring.score_texts, plain AutoModelForSequenceClassification)",
             "pairs": {"train": len(self.train_pairs), "eval": len(self.eval_pairs),
-                      "dropped_train": self.train_dropped, "dropped_eval": self.eval_dropped},
-            "world_size": rt.world_size}
+                      "dropped_train": self.train_dropped, "dropped_eval": self.eval_dropped}}
+        before = before.metrics
         checkpoint.save_final(run_dir, rt, self.scorer, self.tokenizer, {**manifest, **lora.manifest_entry(self.adapters)},
                               prefix="model.", hf_model=self.adapters.final_model() if self.adapters else self.model)
         with distributed.gathered(self.scorer):

@@ -184,6 +184,28 @@ class Steps(Protocol):
     def save_checkpoint(self) -> None: ...
 
 
+def save_checkpoint(recipe, **stateful) -> None:
+    """The recipe's checkpoint (collective; rank 0 writes): its `parts`, optimizer, schedule and loss scaler, its
+    sampler and step guard, and `stateful` (name -> an object with state_dict(); `resume` loads them back)."""
+    states = {"sampler": recipe.sampler, **stateful, "guard": recipe.guard}
+    checkpoint.save_checkpoint(recipe.run_dir, recipe.rt, recipe.step, recipe.parts, recipe.optimizer,
+                               recipe.scheduler, recipe.cfg.checkpoint.keep_last, recipe.precision,
+                               **{name: obj.state_dict() for name, obj in states.items()})
+
+
+def final_manifest(recipe, stage: str, last: Evaluation, before: Evaluation) -> dict:
+    """What every stage's final/ manifest holds: the stage, the run, the model it started from and that model's
+    run, the config and the defaults it derived, the data's fingerprint, the steps, the held-out metrics before
+    and after, the world size."""
+    cfg = recipe.cfg
+    start = cfg.trained_model.path
+    return {"stage": stage, "run_dir": str(recipe.run_dir.root.resolve()), "parent_model": start or "embedded tiny model",
+            "parent_run": checkpoint.read_manifest(start).get("run_dir"), "config": dataclasses.asdict(cfg),
+            "derived_defaults": list(cfg.derived), "data_fingerprint": checkpoint.fingerprint(recipe.train_rows),
+            "steps": recipe.step, "metrics": last.metrics, "metrics_before": before.metrics,
+            "world_size": recipe.rt.world_size}
+
+
 def evaluate_before(recipe: Steps) -> Evaluation:
     """A fresh run's held-out evaluation at step 0, logged; a resumed run's is empty."""
     if recipe.step:

@@ -206,7 +206,8 @@ def test_each_algorithm_raises_held_out_accuracy(sft_run, tmp_path, algorithm, e
         assert "value_loss" in train[-1] and "explained_variance" in train[-1]
     if algorithm == "ppo":
         assert "clip_frac" in train[-1] and "ratio_mean" in train[-1]
-    assert manifest["sft_run"] == str(sft_run.resolve())
+    assert manifest["parent_run"] == str(sft_run.resolve())
+    assert "kl.coef=0.05" in manifest["derived_defaults"]  # left null: recorded as derived, not set
     # the reference is the SFT model and stays it: KL 0 before the first update, then the policy moves away from
     # it while the reference does not. Exactly 0 where the update's own forward gives the old log-probs (one pass,
     # one micro-batch: the reference computes as the policy does); PPO's several passes take the sampler's, which
