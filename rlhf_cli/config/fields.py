@@ -72,5 +72,12 @@ def field_docs(schema, prefix: str = "") -> list[tuple[str, str, str]]:
     return rows
 
 
+def check_engine_name(key: str, engine: str, names: tuple[str, ...]) -> None:
+    """A rollout engine: one of the shipped `names`, or a class of the user's by dotted path 'module:Class'
+    (imported when the run builds it, like a reward function; engines/rollout.py)."""
+    if ":" not in engine:
+        check_choice(key, engine, names + ("module:Class",))
+
+
 def leaf_keys(schema) -> list[str]:
     return [k for k, _, _ in field_docs(schema)]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from rlhf_cli.config import origin
-from rlhf_cli.config.fields import check_choice, check_int_ranges, check_positive, check_room, doc
+from rlhf_cli.config.fields import check_choice, check_engine_name, check_int_ranges, check_positive, check_room, doc
 from rlhf_cli.config.groups import (CheckpointConfig, DataConfig, DeviceConfig, EvalConfig, LoggingConfig, LoRAConfig,
                                     ModelConfig, OptimConfig)
 from rlhf_cli.errors import ConfigError
@@ -303,14 +303,15 @@ class RolloutConfig:
     top_p: Optional[float] = doc(None, "nucleus sampling (biases the KL estimate; logged)")
     engine: str = doc("auto", "decoding engine: lean (Llama-family models, preallocated KV cache), hf (the model's "
                               "own forward), auto (lean where it applies), vllm (vLLM in this process with a copy of "
-                              "the weights, pushed before each rollout: make install-vllm; docs/engines.md)")
+                              "the weights, pushed before each rollout: make install-vllm; docs/engines.md), or an engine class of "
+                              "yours by dotted path 'module:Class' (docs/engines.md)")
     vllm: VLLMConfig = doc(VLLMConfig, "rollout.engine=vllm: vLLM's share of the device")
     is_cap: Optional[float] = doc(2.0, "rollout.engine=vllm: each token's policy-gradient term weighted by min(pi_train / "
                                        "pi_vllm, is_cap), truncated importance sampling for the engines' "
                                        "mismatch (Yao et al. 2025); null = off (docs/engines.md)")
 
     def __post_init__(self):
-        check_choice("rollout.engine", self.engine, ENGINE_NAMES)
+        check_engine_name("rollout.engine", self.engine, ENGINE_NAMES)
         if self.engine == "vllm":
             from rlhf_cli.engines.vllm_engine import check_installed  # finds vLLM without importing it
 

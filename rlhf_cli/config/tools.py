@@ -9,7 +9,7 @@ import difflib
 from dataclasses import dataclass
 from typing import List, Optional
 
-from rlhf_cli.config.fields import check_choice, check_positive, doc, leaf_keys
+from rlhf_cli.config.fields import check_choice, check_engine_name, check_positive, doc, leaf_keys
 from rlhf_cli.config.groups import EvalConfig, check_eval_sampling
 from rlhf_cli.config.stages import ENGINE_NAMES
 from rlhf_cli.errors import ConfigError, UserError
@@ -20,7 +20,7 @@ DEFAULT_RULE = EvalConfig.rule  # the stages' rule; read here without importing 
 def check_tool_engine(engine: str, key: str) -> None:
     """The tools' engine (generate's `engine`, eval's `rollout.engine`): one of the stages' rollout.engine
     choices, and vllm only where vLLM is installed."""
-    check_choice(key, engine, ENGINE_NAMES)
+    check_engine_name(key, engine, ENGINE_NAMES)
     if engine == "vllm":
         from rlhf_cli.engines.vllm_engine import check_installed  # finds vLLM without importing it
 

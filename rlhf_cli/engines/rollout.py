@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_cli.engines.decoding import make_decoder
+from rlhf_cli.errors import UserError
 from rlhf_cli.models import stop_token_ids
 from rlhf_cli.training import runtime
 
@@ -161,32 +162,47 @@ class LocalEngine:
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, self.pad_id)
 
 
-# rollout.engine -> engine class, or "module:Class" imported only when that engine is built (vLLM)
+# rollout.engine -> engine class, or "module:Class" imported only when that engine is built (vLLM). Any other
+# "module:Class" the config names is an engine of the user's (one file: a class with the RolloutEngine members,
+# made as Engine(model, stop_ids, pad_id, decoder=<the name>, vocab_limit=..., options=... when given)).
 ENGINES = {"auto": LocalEngine, "lean": LocalEngine, "hf": LocalEngine, "vllm": "rlhf_cli.engines.vllm_engine:VLLMEngine"}
 
 
-def engine_module(name: str):
-    """The module of an ENGINES entry given as "module:Class" (vLLM's, imported only when chosen), else None.
-    Only this fixed table's modules are imported, never a name from the config."""
-    entry = ENGINES[name]
+def engine_module(name: str, engine_key: str = "rollout.engine"):
+    """The module of an engine given as "module:Class" (vLLM's, imported only when chosen; a user's, by the
+    dotted path the config names), else None. A module that cannot be imported is one error line."""
+    entry = ENGINES.get(name, name)
     if not isinstance(entry, str):
         return None
     module_name = entry.split(":")[0]
-    return importlib.import_module(module_name)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{engine_key}={name}: cannot import module {module_name!r} ({e}); check the name and that "
+                        f"it is on PYTHONPATH") from None
 
 
-def engine_class(name: str):
-    """The class ENGINES names (a "module:Class" entry imported here)."""
-    entry = ENGINES[name]
-    return getattr(engine_module(name), entry.split(":")[1]) if isinstance(entry, str) else entry
+def engine_class(name: str, engine_key: str = "rollout.engine"):
+    """The class an engine name stands for (a "module:Class" entry imported here)."""
+    entry = ENGINES.get(name, name)
+    if not isinstance(entry, str):
+        return entry
+    cls = getattr(engine_module(name, engine_key), entry.split(":")[1], None)
+    if not isinstance(cls, type) or not all(callable(getattr(cls, m, None)) for m in ("generate", "sync_weights")):
+        raise UserError(f"{engine_key}={name} is not an engine class: name a class with generate(prompt_ids, "
+                        f"prompt_mask, params) and sync_weights(policy) (docs/engines.md)")
+    return cls
 
 
 def check_engine(name: str, model_path: str, key: str, engine_key: str = "rollout.engine") -> None:
     """An engine's own checks of the model at `model_path` (config only, before any weights load): vLLM's
-    architectures and head sizes. The local engines check nothing here."""
-    module = engine_module(name)
+    architectures and head sizes; a user's engine class, its `check_model(model_path, key, engine_key)` if it
+    has one. The local engines check nothing here."""
+    module = engine_module(name, engine_key)
     if module is not None:
-        module.check_model(model_path, key, engine_key)
+        check = getattr(engine_class(name, engine_key), "check_model", None) or getattr(module, "check_model", None)
+        if check is not None:
+            check(model_path, key, engine_key)
 
 
 def make_engine(name: str, model: torch.nn.Module, tokenizer, options: dict | None = None,
@@ -197,10 +213,10 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer, options: dict | No
     memory.MemoryPlan, which bounds the rows of one decode call of the local engines (vLLM manages its own)."""
     cls = engine_class(name)
     extra = {"options": options} if options else {}
-    if memory is not None and cls is LocalEngine:
+    if memory is not None and issubclass(cls, LocalEngine):
         extra["memory"] = memory
-    return cls(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, decoder=name,
-                              vocab_limit=len(tokenizer), **extra)
+    return cls(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id,
+               decoder=name if name in ENGINES else "auto", vocab_limit=len(tokenizer), **extra)
 
 
 def response_mask_from_tokens(tokens: torch.Tensor, eos_id) -> tuple[torch.Tensor, torch.Tensor]:

@@ -515,3 +515,42 @@ def test_old_log_probs_of_a_split_one_pass_update_come_from_the_sampler_in_fp32_
     assert f"old log-probs: the update's own forward in one micro-batch, else {source}" in said
     first = next(r for r in metrics(tmp_path / "out") if r.get("kind", "train") == "train")
     assert first["kl"] == 0.0 if autocast == "bf16" else abs(first["kl"]) < 1e-4
+
+
+ENGINE_PLUGIN = '''
+import json, os
+from rlhf_cli.engines.rollout import LocalEngine
+
+
+class CountingEngine(LocalEngine):
+    """The local engine, counting the rows it samples into a file: a user's engine, one file."""
+
+    def generate(self, prompt_ids, prompt_mask, params):
+        out = super().generate(prompt_ids, prompt_mask, params)
+        path = os.environ["ENGINE_LOG"]
+        rows = json.load(open(path)) if os.path.exists(path) else []
+        json.dump(rows + [int(prompt_ids.shape[0])], open(path, "w"))
+        return out
+
+
+class NotAnEngine:
+    pass
+'''
+
+
+def test_a_rollout_engine_of_ones_own_is_one_file_named_by_dotted_path(tmp_path, tiny_model_dir):
+    """rollout.engine=module:Class runs the user's engine class (here the local one, counting what it samples)
+    with no edit to the package; a class that is no engine, or a module that is not there, is one error line."""
+    (tmp_path / "myengine.py").write_text(ENGINE_PLUGIN)
+    env = {"PYTHONPATH": str(tmp_path), "ENGINE_LOG": str(tmp_path / "rows.json")}
+    common = [f"policy.path={tiny_model_dir}", "max_steps=1", "rollout.max_new_tokens=4", *SMALL, "data.num_eval=2",
+              "eval.max_new_tokens=4"]
+    proc = run_cli("rl", "rollout.engine=myengine:CountingEngine", "output_dir=out", *common, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    sampled = json.loads((tmp_path / "rows.json").read_text())
+    assert sampled[0] == sampled[-1] == 2 and 16 in sampled  # the 2 held-out prompts before and after; 4 x 4 rows a draw
+    assert (tmp_path / "out" / "final" / "manifest.json").exists()
+    bad = run_cli("rl", "rollout.engine=myengine:NotAnEngine", "output_dir=bad", *common, cwd=tmp_path, env=env)
+    assert_one_line_error(bad, "rollout.engine=myengine:NotAnEngine is not an engine class")
+    missing = run_cli("rl", "rollout.engine=nomodule:Engine", "output_dir=bad2", *common, cwd=tmp_path, env=env)
+    assert_one_line_error(missing, "cannot import module 'nomodule'")
