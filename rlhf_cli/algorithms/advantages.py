@@ -201,6 +201,38 @@ def leave_one_out(returns: Tensor, rewards: Tensor, response_mask: Tensor, score
     return returns - others_mean.reshape(-1, 1)
 
 
+@BASELINES.register("rloo_position", compares_group=True)
+def leave_one_out_per_position(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None, *,
+                               group_size: int) -> Tensor:
+    """Leave-one-out matched to the return it is subtracted from: ``A[b,t] = G[b,t] - (1/(K-1)) sum_{j != b} Ĝ[j,t]``.
+
+    ``Ĝ[j,t] = G[j, min(t, L_j)]``: the other sample's return-to-go from the same position, and past its last real
+    token L_j what its last token earned. ``rloo`` subtracts the others' whole-sequence return ``G[j,0]`` from every
+    token's return-to-go; with rewards inside the response (process rewards, one per step) a late token's
+    return-to-go holds only the steps after it, so it gets a large negative offset whatever it did. Here each
+    position's baseline is the others' reward from that position on. With the reward at the last token alone
+    (outcome rewards, no per-token KL) ``Ĝ[j,t] = s_j`` and this is ``rloo`` exactly. The baseline reads no action
+    of b's, so the estimator stays unbiased. A baseline of this project (issue 30's per-step credit), no
+    published counterpart: the per-step analogue is Kazemnejad et al.'s VinePPO (2024), which values each step by
+    Monte Carlo rollouts from it.
+
+    Args:
+        returns: (B, T) return-to-go G, 0 on padding; rewards, scores: unused.
+        response_mask: (B, T) bool or 0/1, each row's real tokens first.
+        group_size: K samples per prompt (rows ``[g*K:(g+1)*K]``), K >= 2.
+
+    Returns:
+        (B, T) advantages (padding zeroed by the caller).
+    """
+    mask = response_mask.to(returns)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * mask).argmax(-1, keepdim=True)  # (B, 1) last real token
+    held = returns.gather(1, torch.minimum(positions[None, :], last))  # (B, T) Ĝ: G up to L, then G[L]
+    grouped = held.view(-1, group_size, held.shape[1])  # (B/K, K, T)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (B/K, K, T)
+    return returns - others_mean.reshape_as(returns)
+
+
 def _group_normalised(returns: Tensor, rewards: Tensor, response_mask: Tensor, scores: Tensor | None,
                       group_size: int, gamma: float, std: str | None, eps: float) -> Tensor:
     """The group baselines' shared arithmetic: ``ĉ = (c - mean_group(c)) / scale``, scale the group std plus

@@ -200,7 +200,8 @@ class RewardConfig:
 class AlgorithmConfig:
     name: str = doc("reinforce", "reinforce, a2c or ppo")
     advantage: str = doc("reinforce", "advantage estimator: reinforce (return-to-go - baseline), gae or nstep")
-    baseline: str = doc("rloo", "REINFORCE baseline: none, mean, rloo, group_norm (GRPO, population std), "
+    baseline: str = doc("rloo", "REINFORCE baseline: none, mean, rloo, rloo_position (the others' return-to-go from "
+                                "the same position: for process rewards), group_norm (GRPO, population std), "
                                 "group_norm_unbiased (GRPO with the K-1 std: verl, TRL) or group_mean (Dr. GRPO: no std)")
     gamma: float = doc(1.0, "discount")
     lam: float = doc(0.95, "GAE lambda")

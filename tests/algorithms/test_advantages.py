@@ -154,6 +154,40 @@ def test_baseline_rloo_per_token_uses_return_to_go():
     torch.testing.assert_close(advantages, torch.tensor([[-1.0, -2.0], [1.0, 1.0]]))
 
 
+def test_baseline_rloo_position_is_rloo_for_outcome_rewards_of_any_length():
+    rewards, mask = scores_at_last_token([1.0, 2.0, 3.0, 6.0, 0.0, 5.0], [3, 2, 1, 3, 2, 2])
+    for K in (2, 3):
+        ours, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo_position", group_size=K)
+        rloo, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=K)
+        torch.testing.assert_close(ours, rloo)
+
+
+def test_baseline_rloo_position_hand_values_with_step_rewards():
+    """Two samples, process rewards: each position's baseline is the other's reward from that position on (past
+    its end: what its last token earned), where rloo subtracts the other's whole return from every token."""
+    rewards = torch.tensor([[0.2, 0.0, 0.2, 1.0],     # steps at 0 and 2, the answer at 3: G = [1.4, 1.2, 1.2, 1.0]
+                            [0.2, -0.2, 0.0, 0.0]])   # steps at 0 and 1, stops at 1:     G = [0.0, -0.2, 0, 0]
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ours, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo_position", group_size=2)
+    # baselines: row 0 from row 1's Ĝ = [0.0, -0.2, -0.2, -0.2]; row 1 from row 0's G = [1.4, 1.2]
+    torch.testing.assert_close(ours, torch.tensor([[1.4, 1.4, 1.4, 1.2], [-1.4, -1.4, 0.0, 0.0]]))
+    rloo, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=2)
+    torch.testing.assert_close(rloo, torch.tensor([[1.4, 1.2, 1.2, 1.0], [-1.4, -1.6, 0.0, 0.0]]))
+
+
+def test_baseline_rloo_position_centres_the_advantage_at_every_position():
+    """Exchangeable samples: the others' return-to-go from a position has the same mean as one's own, so the mean
+    advantage is ~0 at every position (rloo's is not: a late token's return-to-go is set against whole returns)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, K = 4000, 6, 4
+    rewards = (torch.rand(B, T, generator=g) < 0.3).float() * 0.2
+    mask = torch.ones(B, T)
+    ours, returns = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo_position", group_size=K)
+    assert ours.mean(0).abs().max() < 0.02, ours.mean(0)
+    rloo, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="rloo", group_size=K)
+    assert rloo.mean(0)[-1] < -0.2  # the last token: its own reward against the others' whole return
+
+
 def test_baseline_group_norm_hand_values():
     rewards, mask = scores_at_last_token([1.0, 3.0, 2.0, 2.0], [3, 2, 1, 3])
     advantages, _ = reinforce_advantages(rewards, None, mask, gamma=1.0, baseline="group_norm", group_size=2)
