@@ -22,12 +22,12 @@ Held-out prompts never appear in any training file.
 
 from __future__ import annotations
 
-from rlhf_cli.tasks import addcarry, caesar, count, digitwords, maxof, sort3
+from rlhf_cli.tasks import addcarry, caesar, count, digitwords, linesum, maxof, sort3
 from rlhf_cli.tasks.base import Task, rows, write
 
 TASKS: dict[str, Task] = {t.name: t for t in (sort3.TASK, addcarry.TASK, digitwords.TASK, maxof.TASK,
-                                               caesar.TASK, count.TASK)}
+                                               caesar.TASK, count.TASK, linesum.TASK)}
 TUNING = ("sort3", "addcarry", "digitwords", "maxof")  # defaults were chosen on these
-HELD_OUT = ("caesar", "count")  # never used to choose anything: the check that defaults were not fitted
+HELD_OUT = ("caesar", "count", "linesum")  # never used to choose anything: the check that defaults were not fitted
 
 __all__ = ["TASKS", "TUNING", "HELD_OUT", "Task", "rows", "write"]
