@@ -1,12 +1,13 @@
-"""Running sums, one line each (plain text, ~15 characters, process reward per line, systematic slip on the
+"""Running sums, one line each (plain text, ~10 characters, process reward per line, systematic slip on the
 last line). Held out: never used to choose a default.
 
-    prompt:      "Running sums of 23 41 18 36\n"
-    completion:  "23\n64\n82\n118"
+    prompt:      "Running sums of 7 8 4 9\n"
+    completion:  "7\n15\n19\n28"
 
 Each line is the sum so far. The demonstrator's last line forgets the carry 60% of the time where the last
-addition has one (82 + 36 written as 108), so greedy decoding after SFT gets those problems wrong on the last
-line alone. ``reward`` is a process reward, one per line: +0.2 / -0.2 for each line as written against the
+addition has one (19 + 9 written as 18), so greedy decoding after SFT gets those problems wrong on the last
+line alone (single-digit terms: the tiny model's arithmetic is not the limit; with 2-digit terms it was, and
+its third and fourth lines were wrong far more often than the designed slip). ``reward`` is a process reward, one per line: +0.2 / -0.2 for each line as written against the
 right one at its place, and 1 more on the last line for a right final sum; ``total`` is the same sum as one
 outcome reward (the per-line rewards added up); ``correct`` checks the final sum.
 """
@@ -22,7 +23,7 @@ TERMS = 4
 
 
 def problem(rng):
-    nums = [rng.randint(10, 49) for _ in range(TERMS)]
+    nums = [rng.randint(2, 9) for _ in range(TERMS)]
     return {"prompt": f"Running sums of {' '.join(map(str, nums))}\n", "answer": str(sum(nums)), "nums": nums}
 
 
@@ -80,5 +81,5 @@ def total(prompt, response, answer=None, **row) -> float:
     return sum(v for _, v in reward(prompt, response, answer))
 
 
-TASK = Task(__name__, "running sums, one line each; plain; ~15 chars; process reward; systematic slip (60%)",
+TASK = Task(__name__, "running sums, one line each; plain; ~10 chars; process reward; systematic slip (60%)",
             problem, demo, gold, wrong)
