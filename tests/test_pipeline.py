@@ -58,3 +58,4 @@ def test_a_users_own_task_improves_through_all_three_stages(tmp_path, tiny_model
     before, after = rl_m["metrics_before"]["eval_accuracy"], rl_m["metrics"]["eval_accuracy"]
     assert after >= before + 0.3, (before, after)
     assert rl_m["sft_run"] == str((tmp_path / "sft").resolve()) and rl_m["rm_run"] == str((tmp_path / "rm").resolve())
+    assert rl_m["parent_run"] == rl_m["sft_run"] and rm_m["parent_run"] == sft_m["run_dir"]  # every stage's name too

@@ -710,8 +710,9 @@ class RLRecipe:
     # ================================================================ save
     def save(self, last: loop.Evaluation, before: loop.Evaluation) -> dict:
         cfg, rt, run_dir, step = self.cfg, self.rt, self.run_dir, self.step
-        manifest = loop.final_manifest(self, "rl", last, before) | lora.manifest_entry(self.adapters) | {
-            "algorithm": cfg.algorithm.name, "reward_model": cfg.reward.model.path,
+        manifest = loop.final_manifest(self, "rl", last, before) | lora.manifest_entry(self.adapters)
+        manifest |= {  # sft_run: the policy's run under rl's own name (kept: readers of rl manifests use it)
+            "sft_run": manifest["parent_run"], "algorithm": cfg.algorithm.name, "reward_model": cfg.reward.model.path,
             "rm_run": checkpoint.read_manifest(cfg.reward.model.path).get("run_dir"),
             "reward_functions": list(cfg.reward.functions), "parameters_held": self.held}
         checkpoint.save_final(run_dir, rt, self.policy, self.tokenizer, manifest,  # collective; rank 0 writes
