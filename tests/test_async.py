@@ -86,7 +86,7 @@ def test_lag_runs_and_logs_lag_wait_and_utilisation(root):
                     "rollout.max_lag=2", "rollout.sync_every=2", cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(run, "train")
-    assert "2 minibatch(es) x 1 epoch(s) per rollout" in text(proc) and "rl: algorithm.epochs 1 (batches up to" in text(proc)
+    assert "2 minibatch(es) x 1 epoch(s) per rollout" in text(proc) and "rl: algorithm.epochs 1 (derived: batches up to" in text(proc)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # rank 0 writes, once per step
     lags = [r["async_lag"] for r in rows]
     assert lags[0] == 0 and max(lags) == 2 and all(0 <= lag <= 2 for lag in lags), lags
