@@ -11,7 +11,7 @@ their types (file lines named), chat rows rendered through the tokenizer's chat
 template, rows that model.max_length truncates or drops, a batch larger than
 the data. Model directories are checked to exist, hold a config.json and be of
 the kind their key needs (from its architectures), and reward functions /
-eval.rule to import; no weights load.
+eval.rule (and an engine class named by dotted path) to import; no weights load.
 Prints an `ok` summary, or one `error:` line and exits 2.
 """
 
@@ -104,6 +104,10 @@ def check_run(stage: str, cfg, cache: dict) -> list[str]:
     if stage == "rl":
         for name in cfg.reward.functions:
             import_reward_function(name)
+        if ":" in cfg.rollout.engine:  # an engine class of the user's: imported and checked as the run will
+            from rlhf_cli.engines.rollout import engine_class  # torch: only for such an engine
+
+            engine_class(cfg.rollout.engine)
     if cfg.eval.rule:
         import_reward_function(cfg.eval.rule, "eval.rule")
 

@@ -554,3 +554,5 @@ def test_a_rollout_engine_of_ones_own_is_one_file_named_by_dotted_path(tmp_path,
     assert_one_line_error(bad, "rollout.engine=myengine:NotAnEngine is not an engine class")
     missing = run_cli("rl", "rollout.engine=nomodule:Engine", "output_dir=bad2", *common, cwd=tmp_path, env=env)
     assert_one_line_error(missing, "cannot import module 'nomodule'")
+    checked = run_cli("validate", "rl", "rollout.engine=myengine:NotAnEngine", *common, cwd=tmp_path, env=env)
+    assert_one_line_error(checked, "rollout.engine=myengine:NotAnEngine is not an engine class")  # before any run
