@@ -144,7 +144,7 @@ def check_reward_model(path: str) -> None:
 
 
 def load_reward_model(cfg: LabelToolConfig):
-    """reward.model.path, frozen, as a reward source (reward_sources.ModelReward: raw scores, batch_size rows a
+    """reward.model.path, frozen, as a reward source (rewards.sources.ModelReward: raw scores, batch_size rows a
     forward)."""
     import torch
 

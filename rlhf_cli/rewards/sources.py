@@ -56,7 +56,7 @@ class RuleReward:
             value = call_reward(self.fn, self.name, prompt, response, row)
             outcome.append(0.0 if isinstance(value, list) else value)
             steps.append(value if isinstance(value, list) else [])
-        values = [o + sum(v for _, v in s) if s else o for o, s in zip(outcome, steps)]
+        values = [o + sum(v for _, v in s) for o, s in zip(outcome, steps)]  # one of the two is 0
         return SourceScores(torch.tensor(values, dtype=torch.float64), torch.tensor(outcome, dtype=torch.float64),
                             steps)
 

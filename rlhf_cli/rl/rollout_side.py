@@ -9,8 +9,8 @@ recipe. The step is a parameter of each call (it keys the sampling noise), not s
     rewarded = side.reward_rows(rollout, prompts, rows)                    # 2. rules + reward model, per row
     logprobs_ref = side.logprobs_under(side.reference, side.dev_ref, rollout)
 
-Reward sources (reward_sources.py): rule and process-reward functions by dotted path and the reward model,
-one list; `Rewarded` carries their per-row values, under the names reward_sources.score_stat_names gives (what
+Reward sources (rewards/sources.py): rule and process-reward functions by dotted path and the reward model,
+one list; `Rewarded` carries their per-row values, under the names rewards.sources.score_stat_names gives (what
 an actor's batch carries to its learner, row by row).
 """
 
@@ -107,7 +107,7 @@ class Rewarded:
     the groups it kept (no reward function runs twice on a response), and what an actor sends its learner."""
     scores: torch.Tensor  # (B,) sequence scores: rules + reward model + no-stop penalty
     step_rewards: torch.Tensor  # (B, T) process rewards on the tokens ending each step
-    row_stats: dict  # name in reward_sources.score_stat_names -> (B,) per-row values of the logged means
+    row_stats: dict  # name in rewards.sources.score_stat_names -> (B,) per-row values of the logged means
 
     def stats(self) -> dict:
         return {k: v.mean() for k, v in self.row_stats.items()}
@@ -143,7 +143,7 @@ class RolloutSide:
     dev_ref: torch.device
     dev_reward: torch.device
     reference: torch.nn.Module | None  # None on an async learner (its actors send the reference's log-probs)
-    reward_sources: list  # reward_sources.RewardSource: rule functions, process rewards, the reward model
+    reward_sources: list  # rewards.sources.RewardSource: rule functions, process rewards, the reward model
     support: Support  # the ids the engine can draw (log-probs are over them)
     chunk: int | None  # log-prob chunking (logprobs.response_terms)
 
@@ -183,7 +183,7 @@ class RolloutSide:
     def reward_rows(self, rollout: Rollout, prompts: list[str], rows: list[dict]) -> Rewarded:
         """Every reward source's score of each row, weighted (outcome rewards on the sequence score, process
         rewards on the token holding each step's last character), the no-stop and overlong penalties, and the
-        per-row values of the logged means (reward_sources.source_stats)."""
+        per-row values of the logged means (rewards.sources.source_stats)."""
         cfg, tokenizer = self.cfg, self.tokenizer
         texts = decode_responses(tokenizer, rollout)
         B, T = rollout.response_ids.shape
