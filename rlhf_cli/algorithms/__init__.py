@@ -4,6 +4,7 @@
 - :mod:`.advantages`: return-to-go + REINFORCE baselines (``BASELINES``), GAE, n-step TD (``ADVANTAGE_ESTIMATORS``).
 - :mod:`.aggregation`: loss aggregation over tokens and responses (``LOSS_AGGREGATIONS``).
 - :mod:`.losses`: policy losses (``POLICY_LOSSES``), value loss, entropy, explained variance.
+- :mod:`.turns`: multi-turn episodes' environment tokens taken off the time axis (pack / unpack).
 - :mod:`.offpolicy`: truncated importance weights and V-trace (rollout.mode=async).
 - :mod:`.reward`: the reward model's pairwise loss (train-rm).
 - :mod:`.registry`: the Registry the ones above are made of, and ``bind`` (an entry's config keys, bound once).
@@ -57,6 +58,7 @@ from rlhf_cli.algorithms.losses import (
 from rlhf_cli.algorithms.offpolicy import truncated_importance_weights, vtrace
 from rlhf_cli.algorithms.registry import Registry, bind, reads
 from rlhf_cli.algorithms.reward import pairwise_loss
+from rlhf_cli.algorithms.turns import pack, pack_index, unpack
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -92,6 +94,8 @@ __all__ = [
     "no_baseline",
     "nstep_advantages",
     "overlong_penalty",
+    "pack",
+    "pack_index",
     "pairwise_loss",
     "place_step_rewards",
     "policy_gradient_loss",
@@ -103,6 +107,7 @@ __all__ = [
     "token_rewards",
     "truncated_is_weights",
     "truncated_importance_weights",
+    "unpack",
     "value_loss",
     "vtrace",
 ]
