@@ -58,15 +58,39 @@ def sft_run(tmp_path_factory) -> Path:
 
     Made once per test session: under xdist the workers share it (the first one to take the
     lock trains it, the others wait and read it; tests only read it)."""
+    return shared_run(tmp_path_factory, "sft_default", "max_steps=600")
+
+
+def shared_run(tmp_path_factory, name: str, *args: str, setup=None) -> Path:
+    """`rlhf sft ARGS` made once per test session in a directory the xdist workers share (the first to take the
+    lock trains it, the others wait and read it); setup(root), when given, first writes what the run reads."""
     import fcntl
 
     base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "sft_default"
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     root.mkdir(exist_ok=True)
     run = root / "run"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (run / "final" / "manifest.json").exists():
-            proc = run_cli("sft", f"output_dir={run}", "max_steps=600", cwd=root)
+            if setup is not None:
+                setup(root)
+            proc = run_cli("sft", f"output_dir={run}", *args, cwd=root)
             assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
+def modsteps_sft(tmp_path_factory) -> Path:
+    """`rlhf sft` on the modsteps environment's turns (rlhf_cli/envs/modsteps.py, one row per assistant turn) at
+    400 steps (eval loss 0.11 against 0.10 at 1500: the demonstrator's slips are the floor); its files beside
+    it in data/ (prompts_train / prompts_eval for RL)."""
+    def write_files(root: Path) -> None:
+        from rlhf_cli.envs import modsteps
+        from rlhf_cli.envs.base import write
+
+        write(modsteps.TASK, root / "data")
+
+    run = shared_run(tmp_path_factory, "sft_modsteps", "max_steps=400", "data.train=data/sft_train.jsonl",
+                     "data.eval=data/sft_eval.jsonl", "eval.rule=null", setup=write_files)
     return run

@@ -96,3 +96,19 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def assert_rl_resume_is_bit_identical(tmp_path: Path, common: list[str]) -> None:
+    """`rlhf rl COMMON` three steps straight (tmp_path/a) and one step, then a resume to three (tmp_path/b): both
+    must end with the same weights, bit for bit (COMMON saves a checkpoint every step)."""
+    from conftest import run_cli
+
+    straight = run_cli("rl", f"output_dir={tmp_path / 'a'}", "max_steps=3", *common, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    for steps in (1, 3):
+        proc = run_cli("rl", f"output_dir={tmp_path / 'b'}", f"max_steps={steps}", *common, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -129,6 +129,26 @@ class EvalConfig:
         check_eval_sampling(self)
 
 
+@dataclass
+class EnvConfig:
+    name: Optional[str] = doc(None, "a multi-turn environment class by dotted path 'module:Class' (reset(row) -> "
+                                    "messages, step(text) -> Step): rollouts become episodes (docs/environments.md)")
+    max_turns: Optional[int] = doc(None, "assistant turns per episode at most (null = the class's max_turns, else 4)")
+    timeout_s: float = doc(10.0, "a reset or step call running longer ends its episode (logged as env_errors)")
+
+    def __post_init__(self):
+        if self.name is not None and (":" not in self.name or not all(self.name.partition(":")[::2])):
+            raise ConfigError(f"env.name={self.name!r} is not 'module:Class'; e.g. "
+                              f"env.name=rlhf_cli.envs.calculator:Calculator")
+        if self.max_turns is not None:
+            check_positive("env.max_turns", self.max_turns)
+        check_positive("env.timeout_s", self.timeout_s)
+
+    def turns(self, cls) -> int:
+        """env.max_turns, or the class's own max_turns, or 4."""
+        return self.max_turns or int(getattr(cls, "max_turns", 0) or 4)
+
+
 def check_eval_sampling(eval_cfg) -> None:
     """eval.samples / eval.pass_k / eval.temperature (the stages' eval group and `rlhf eval`'s); resolves
     pass_k=null to [eval.samples]."""

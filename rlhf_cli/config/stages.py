@@ -7,8 +7,8 @@ from typing import List, Optional
 
 from rlhf_cli.config import origin
 from rlhf_cli.config.fields import check_choice, check_engine_name, check_int_ranges, check_positive, check_room, doc
-from rlhf_cli.config.groups import (CheckpointConfig, DataConfig, DeviceConfig, EvalConfig, LoggingConfig, LoRAConfig,
-                                    ModelConfig, OptimConfig)
+from rlhf_cli.config.groups import (CheckpointConfig, DataConfig, DeviceConfig, EnvConfig, EvalConfig, LoggingConfig,
+                                    LoRAConfig, ModelConfig, OptimConfig)
 from rlhf_cli.errors import ConfigError
 
 
@@ -389,6 +389,7 @@ class RLConfig(StageConfig):
     placement: PlacementConfig = doc(PlacementConfig, "per-model devices")
     lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters on the policy (lora.r > 0): the reference is then the policy "
                                        "with its adapters off, no second copy; the critic trains in full")
+    env: EnvConfig = doc(EnvConfig, "multi-turn episodes against an environment (env.name=module:Class)")
 
     def __post_init__(self):
         self.check_common("rl")
@@ -398,8 +399,9 @@ class RLConfig(StageConfig):
         if self.lora.r > 0 and not self.reference.path and self.placement.reference not in (None, self.placement.policy):
             raise ConfigError("placement.reference cannot differ from the policy's with lora.r > 0: the reference is the "
                               "policy with its adapters off; drop placement.reference (or set reference.path=...)")
-        if not self.reward.functions and not self.reward.model.path:
-            raise ConfigError("no reward source: set reward.model.path=<train-rm final/> and/or reward.functions=[module:function]")
+        if not self.reward.functions and not self.reward.model.path and not self.env.name:
+            raise ConfigError("no reward source: set reward.model.path=<train-rm final/> and/or reward.functions=[module:function] "
+                              "(or env.name=module:Class: an environment's turn rewards)")
         # resolved here, so config.yaml and the log show the value in force, and recorded as derived
         algo = self.algorithm
         for holder, key, value in ((self.kl, "coef", KL_COEF_WITH_RM if self.reward.model.path else KL_COEF_RULES_ONLY),
@@ -439,7 +441,8 @@ class RLConfig(StageConfig):
             raise ConfigError(f"{algo.name} makes one pass per rollout batch: set algorithm.epochs=1 (or algorithm=ppo)")
         unsupported = {"algorithm.dynamic_sampling=true": algo.dynamic_sampling,
                        "device.distributed=fsdp": self.device.distributed == "fsdp",
-                       "rollout.engine=vllm": self.rollout.engine == "vllm"}  # actors generate with the local engine
+                       "rollout.engine=vllm": self.rollout.engine == "vllm",  # actors generate with the local engine
+                       "env.name (multi-turn episodes)": bool(self.env.name)}
         for key in (k for k, chosen in unsupported.items() if chosen and self.rollout.mode == "async"):
             raise ConfigError(f"rollout.mode=async does not support {key} yet (the learners train with ddp on the "
                               f"batches the actors send); drop it or use rollout.mode=sync")

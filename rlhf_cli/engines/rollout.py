@@ -57,6 +57,15 @@ class Rollout:
     response_mask: torch.Tensor  # 1 up to and including the first stop token
     logprobs: torch.Tensor  # (B, T) under logits / T at sampling time
     stopped: torch.Tensor  # (B,) bool: emitted the stop token
+    # multi-turn episodes (episodes.py): the response region holds assistant and environment tokens; response_mask
+    # is 1 on the assistant's (trained), context_mask on every real token (attention, positions, lengths)
+    context_mask: torch.Tensor | None = None  # (B, T); None: the response mask (one turn: every token is trained)
+    episodes: list | None = None  # per row, episodes.Episode: turn spans, texts, rewards, how it ended
+
+    @property
+    def real_mask(self) -> torch.Tensor:
+        """(B, T) 1 on every real token of the response region, a prefix of each row (padding after)."""
+        return self.response_mask if self.context_mask is None else self.context_mask
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -64,13 +73,20 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask.long()], 1)
+        return torch.cat([self.prompt_mask, self.real_mask.long()], 1)
 
 
 def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
     """The rollout's rows `rows` (a slice, or a (N,) index or bool tensor), every field alike."""
+    episodes = None
+    if rollout.episodes is not None:
+        index = range(len(rollout.episodes))[rows] if isinstance(rows, slice) else torch.arange(
+            len(rollout.episodes))[rows.cpu()].tolist()
+        episodes = [rollout.episodes[i] for i in index]
     return Rollout(*(getattr(rollout, f)[rows] for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask",
-                                                         "logprobs", "stopped")))
+                                                         "logprobs", "stopped")),
+                   context_mask=rollout.context_mask[rows] if rollout.context_mask is not None else None,
+                   episodes=episodes)
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
@@ -89,12 +105,15 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
     def right(x: torch.Tensor, value) -> torch.Tensor:
         return torch.cat([x, filler(x, width_t, value)], 1)
 
+    episodic = rollouts[0].episodes is not None
     return Rollout(torch.cat([left(r.prompt_ids, pad_id) for r in rollouts]),
                    torch.cat([left(r.prompt_mask, 0) for r in rollouts]),
                    torch.cat([right(r.response_ids, pad_id) for r in rollouts]),
                    torch.cat([right(r.response_mask, 0) for r in rollouts]),
                    torch.cat([right(r.logprobs, 0.0) for r in rollouts]),
-                   torch.cat([r.stopped for r in rollouts]))
+                   torch.cat([r.stopped for r in rollouts]),
+                   context_mask=torch.cat([right(r.real_mask, 0) for r in rollouts]) if episodic else None,
+                   episodes=[e for r in rollouts for e in r.episodes] if episodic else None)
 
 
 @dataclass
@@ -317,6 +336,9 @@ def _top_k_top_p(logits, top_k, top_p):
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Each row's response text (the stop token left out); an episode's: its last assistant turn."""
+    if rollout.episodes is not None:
+        return [e.texts[-1] for e in rollout.episodes]
     lengths = rollout.response_mask.sum(-1).long().tolist()
     texts = []
     for ids, n, stopped in zip(rollout.response_ids.tolist(), lengths, rollout.stopped.tolist()):

@@ -22,6 +22,7 @@ import torch
 
 from rlhf_cli import data
 from rlhf_cli.algorithms import overlong_penalty, place_step_rewards
+from rlhf_cli.engines.episodes import episode_stats, run_episodes
 from rlhf_cli.engines.rollout import Rollout, SamplingParams, decode_responses
 from rlhf_cli.models.logprobs import Support, distinct_prompts, prefix_cache, response_logprobs
 from rlhf_cli.rewards.sources import source_stats
@@ -70,7 +71,7 @@ def micro_split(rollout, rows: torch.Tensor, tokens: int, shared: bool = False) 
     longest. The rows of one prompt stay together (split only where a prompt's rows alone pass the budget),
     prompts longest first, so that like lengths share a micro-batch."""
     prompt_len = rollout.prompt_mask[rows].sum(-1).long().tolist()
-    response_len = rollout.response_mask[rows].sum(-1).long().clamp(min=1).tolist()
+    response_len = rollout.real_mask[rows].sum(-1).long().clamp(min=1).tolist()  # episodes: env tokens too
     prompt = distinct_prompts(rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.prompt_ids.shape[1])[2]
     members: dict[int, list[int]] = {}
     for i, g in enumerate(prompt.tolist()):
@@ -146,6 +147,8 @@ class RolloutSide:
     reward_sources: list  # rewards.sources.RewardSource: rule functions, process rewards, the reward model
     support: Support  # the ids the engine can draw (log-probs are over them)
     chunk: int | None  # log-prob chunking (logprobs.response_terms)
+    env_cls: type | None = None  # env.name's class: rollouts are multi-turn episodes (engines/episodes.py)
+    max_sequence: int = 0  # prompt + episode fit in it (policy.max_length, the model's positions)
 
     @property
     def K(self) -> int:
@@ -176,7 +179,13 @@ class RolloutSide:
                                                               * self.rows_per_rank))
         self.engine.sync_weights(self.policy)
         with distributed.gathered(self.policy), self.precision.autocast():  # FSDP2: ranks stop at different lengths
-            rollout = self.engine.generate(prompt_ids.to(self.dev_policy), prompt_mask.to(self.dev_policy), params)
+            if self.env_cls is not None:  # multi-turn: every live episode a turn a generate call (episodes.py)
+                rollout = run_episodes(self.engine, self.tokenizer, self.env_cls, rows,
+                                       [self.train_prompt_ids[i] for i in chosen for _ in range(K)], params,
+                                       cfg.env.turns(self.env_cls), self.max_sequence, cfg.env.timeout_s,
+                                       self.dev_policy)
+            else:
+                rollout = self.engine.generate(prompt_ids.to(self.dev_policy), prompt_mask.to(self.dev_policy), params)
         return rows, prompts, rollout
 
     # ---------------------------------------------------------------- 2. rewards and frozen log-probs
@@ -191,16 +200,28 @@ class RolloutSide:
         step_values, step_positions = [[] for _ in range(B)], [[] for _ in range(B)]
         lengths = rollout.response_mask.sum(-1).long().tolist()
         scored = [source.score(prompts, texts, rows) for source in self.reward_sources]
+        # the response the rules read: the whole response, or an episode's last assistant turn [start, end)
+        spans = ([e.turns[-1] for e in rollout.episodes] if rollout.episodes is not None
+                 else [(0, n) for n in lengths])
         for source, out in zip(self.reward_sources, scored):
             scores += (source.weight * out.outcome).to(scores.dtype)
             for b, steps in enumerate(out.steps):
-                ends = char_to_token_ends(tokenizer, rollout.response_ids[b, :lengths[b]].tolist()) if steps else []
+                start, end = spans[b]
+                ends = char_to_token_ends(tokenizer, rollout.response_ids[b, start:end].tolist()) if steps else []
                 for end_char, v in steps:  # process reward: on the token holding the step's last char
                     step_values[b].append(source.weight * v)
-                    step_positions[b].append(next((i for i, e in enumerate(ends) if e >= end_char), lengths[b] - 1))
+                    step_positions[b].append(start + next((i for i, e in enumerate(ends) if e >= end_char),
+                                                          end - start - 1))
         stats = source_stats(self.reward_sources, scored)
+        if rollout.episodes is not None:  # each turn's environment reward on the turn's last token
+            stats |= episode_stats(rollout.episodes)
+            for b, episode in enumerate(rollout.episodes):
+                step_values[b] += episode.rewards
+                step_positions[b] += [end - 1 for _, end in episode.turns]
         scores += cfg.reward.no_stop_penalty * (~rollout.stopped.cpu()).float()
         if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, by response length in tokens
+            if rollout.episodes is not None:  # an episode: its longest turn (each turn's limit is max_new_tokens)
+                lengths = [max(end - start for start, end in e.turns) for e in rollout.episodes]
             overlong = overlong_penalty(torch.tensor(lengths), cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer)
             scores += cfg.reward.overlong_penalty * overlong
             stats["overlong_penalty"] = overlong.float()

@@ -41,13 +41,14 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import data
+from rlhf_cli import data, envs
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, bind, kl_k1, local_units, masked_mean, masked_sum,
-                                 rank_share, token_rewards,
+                                 pack, pack_index, rank_share, token_rewards, unpack,
                                  truncated_importance_weights, truncated_is_weights, value_loss, vtrace)
 from rlhf_cli.config import origin
 from rlhf_cli.engines.rollout import Rollout, check_engine, concat_rollouts, make_engine, select_rows
+from rlhf_cli.envs import env_class
 from rlhf_cli.errors import ConfigError, UserError
 from rlhf_cli.models import lora
 from rlhf_cli.models import (check_generation_fits, check_models, check_same_tokenizer, dropout_off, frozen,
@@ -57,7 +58,7 @@ from rlhf_cli.rewards.sources import ModelReward, rule_sources
 from rlhf_cli.rl import actors
 from rlhf_cli.rl.rollout_side import Micro, Rewarded, RolloutSide, micro_split
 from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
-from rlhf_cli.training.evaluation import held_out_accuracy, stage_sampled_metrics
+from rlhf_cli.training.evaluation import episode_accuracy, held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.training.precision import Precision, frozen_dtype
 from rlhf_cli.training.tracking import Tracker
 
@@ -160,6 +161,7 @@ class RLRecipe:
         cfg, rt = self.cfg, self.rt
         check_models("rl", cfg)  # every model path a model dir of the kind its key needs, before any weights load
         rules = rule_sources(cfg.reward.functions, cfg.reward.function_weight)  # cheap to fail: before any weights
+        self.env_cls = env_class(cfg.env.name) if cfg.env.name else None  # multi-turn episodes (engines/episodes.py)
         self.policy_path = model_path(cfg.policy, self.run_dir.root, cfg.seed, rt)
         check_generation_fits(self.policy_path, {"rollout.max_new_tokens": cfg.rollout.max_new_tokens,  # before
                                                  "eval.max_new_tokens": cfg.eval.max_new_tokens})  # any weights
@@ -182,7 +184,7 @@ class RLRecipe:
         return RolloutSide(cfg, rt, self.learners, self.tokenizer, self.train_rows, self.train_prompts,
                            self.train_prompt_ids, self.policy, self.engine, self.precision, self.memory,
                            self.dev_policy, self.dev_ref, self.dev_reward, self.reference, self.reward_sources,
-                           self.support, self.chunk)
+                           self.support, self.chunk, self.env_cls, self.max_sequence)
 
     def _batch_shape(self) -> tuple[int, int, int]:
         """Ranks split the prompts, never a prompt's K samples (whole rloo / group_norm groups on every rank)
@@ -204,9 +206,13 @@ class RLRecipe:
         cfg, tokenizer = self.cfg, self.tokenizer
         train_rows, eval_rows = data.stage_rows(cfg.data, cfg.data_kind, cfg.seed)
         loop.check_batch_fits(cfg, self.rt.world_size, len(train_rows))
-        # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn
-        train_prompts = [data.prompt_text(tokenizer, r, i, "data.train") for i, r in enumerate(train_rows)]
-        eval_prompts = [data.prompt_text(tokenizer, r, i, "data.eval") for i, r in enumerate(eval_rows)]
+        # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn; with
+        # an environment: its opening messages for the row (envs.openings: a reset that fails is one error line)
+        train_prompts, eval_prompts = ([data.prompt_text(tokenizer, r, i, key) for i, r in enumerate(rows)]
+                                       if self.env_cls is None else
+                                       [data.render_prompt(tokenizer, m) for m in
+                                        envs.openings(self.env_cls, rows, cfg.env.timeout_s, key)]
+                                       for rows, key in ((train_rows, "data.train"), (eval_rows, "data.eval")))
         room = self.max_sequence - cfg.rollout.max_new_tokens  # a prompt's tokens: cut from the left beyond it
         train_prompt_ids = [data.cut_left(data.encode_prompt(tokenizer, p), room, tokenizer) for p in train_prompts]
         return train_rows, eval_rows, train_prompts, eval_prompts, train_prompt_ids
@@ -215,7 +221,8 @@ class RLRecipe:
         """micro_batch_tokens, or a budget from the device's free memory and what this rank holds: the policy
         (and a separate critic) trained, the reference and the reward model frozen (memory.py)."""
         cfg = self.cfg
-        longest = max(len(ids) for ids in self.train_prompt_ids) + cfg.rollout.max_new_tokens
+        longest = (max(len(ids) for ids in self.train_prompt_ids) + cfg.rollout.max_new_tokens
+                   if self.env_cls is None else self.max_sequence)  # an episode: up to the sequence limit
         trained = [(self.policy_path, True)]
         if cfg.algorithm.needs_critic and cfg.critic.init != "shared":
             trained.append((self._critic_path(), False))
@@ -330,7 +337,9 @@ class RLRecipe:
         self.tracker = Tracker(self.run_dir.root, "rl", cfg.max_steps, step, enabled=rt.is_main,
                                progress_keys=("score", "kl", "response_len", "samples_per_s"))
         say = self.tracker.message
-        sources = [source.name for source in self.reward_sources]
+        sources = [source.name for source in self.reward_sources] + (
+            [f"environment {cfg.env.name} (turn rewards; {cfg.env.turns(self.env_cls)} turns at most)"]
+            if self.env_cls is not None else [])
         say(f"rl: {a.name} ({a.advantage}{', baseline ' + a.baseline if a.advantage == 'reinforce' else ''}), "
             f"{cfg.rollout.prompts_per_step} prompts x {K} samples per step over {rt.world_size} rank(s), "
             f"rewards: {', '.join(sources)}" + (f"; resuming at step {step}" if step else ""))
@@ -531,14 +540,21 @@ class RLRecipe:
         beta = self.kl_ctl.value
         kl_in_reward = (self.kl_estimator(s.logprobs_old, s.logprobs_ref) * s.mask if self.kl_in_reward
                         else torch.zeros_like(s.kl_per_token))
-        rewards = token_rewards(s.scores, kl_in_reward, s.mask, beta, s.step_rewards)
+        # episodes: the environment's tokens off the time axis (algorithms/turns.py), so credit runs across turns
+        packing = pack_index(s.mask) if s.rollout.context_mask is not None else None
+        packed = (lambda x: pack(x, *packing)) if packing else (lambda x: x)
+        mask, values_old = packed(s.mask), packed(s.values_old) if s.values_old is not None else None
+        rewards = token_rewards(s.scores, packed(kl_in_reward), mask, beta, packed(s.step_rewards))
         if s.logprobs_behaviour is not None:  # async: corrected from the actor's weights to the learner's
             weights = truncated_importance_weights(s.logprobs_old, s.logprobs_behaviour, s.mask, self.cfg.rollout.rho_max)
         if s.logprobs_behaviour is not None and self.vtrace:  # V-trace: the estimator itself when on-policy
-            advantages, returns = vtrace(rewards, s.values_old, s.mask, weights, gamma=self.cfg.algorithm.gamma,
+            advantages, returns = vtrace(rewards, values_old, mask, packed(weights), gamma=self.cfg.algorithm.gamma,
                                          lam=self.cfg.algorithm.lam, c_max=min(1.0, self.cfg.rollout.rho_max))
         else:
-            advantages, returns = self.estimate_advantages(rewards, s.values_old, s.mask, s.scores)
+            # an episode's outcome is its whole return (turn rewards included): group baselines compare returns
+            advantages, returns = self.estimate_advantages(rewards, values_old, mask, None if packing else s.scores)
+        if packing:
+            rewards, advantages, returns = (unpack(x, *packing, s.mask.shape[1]) for x in (rewards, advantages, returns))
         if self.cfg.algorithm.whiten_advantages:  # mean and variance over the real tokens of every rank's rows
             advantages = distributed.global_masked_whiten(advantages, s.mask, self.rt)
         if s.is_weights is not None:  # the policy-gradient term of each token, reweighted to pi_train (TIS)
@@ -690,6 +706,11 @@ class RLRecipe:
         with distributed.gathered(self.policy), distributed.gathered(self.reward_model):
             if not self.rt.is_main:
                 return loop.Evaluation({})
+            if self.env_cls is not None:  # episodes: the share the environment called solved, turns, its return
+                episode_metrics, samples, _ = episode_accuracy(
+                    self.engine, self.tokenizer, self.env_cls, self.eval_rows, self.eval_prompts, self.cfg.eval,
+                    self.cfg.env, self.dev_policy, self.max_sequence)
+                return loop.Evaluation({f"eval_{k}": v for k, v in episode_metrics.items()}, samples)
             accuracy, samples, mean_len, responses = held_out_accuracy(
                 self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, self.cfg.eval, self.dev_policy,
                 self.max_sequence)

@@ -88,9 +88,14 @@ def rows(task: Task, seed: int = 0) -> dict[str, list[dict]]:
 
 def write(task: Task, directory: Path, seed: int = 0) -> Path:
     """Write the task's six .jsonl files into directory (each atomically); returns directory."""
+    return write_files(rows(task, seed), directory)
+
+
+def write_files(files: dict[str, list[dict]], directory: Path) -> Path:
+    """Each name's rows into directory/<name>.jsonl, one JSON object a line, each file atomically -> directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, items in rows(task, seed).items():
+    for name, items in files.items():
         tmp = directory / f".{name}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in items))
         tmp.replace(directory / f"{name}.jsonl")

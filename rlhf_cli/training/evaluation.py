@@ -7,6 +7,8 @@ import math
 from collections import Counter
 
 from rlhf_cli.data import cut_left, encode_prompt, left_pad
+from rlhf_cli.engines.episodes import episode_stats, run_episodes
+from rlhf_cli.envs import transcript
 from rlhf_cli.engines.rollout import RolloutEngine, SamplingParams, decode_responses
 from rlhf_cli.reasoning import answer_key
 from rlhf_cli.rewards import call_reward, import_reward_function
@@ -51,6 +53,27 @@ def held_out_accuracy(engine: RolloutEngine, tokenizer, rows: list[dict], prompt
                for p, resp, c in zip(prompts, responses, checks or [None] * len(prompts))][: eval_cfg.show_samples]
     mean_len = sum(len(r) for r in responses) / max(1, len(responses))
     return accuracy, samples, mean_len, responses
+
+
+def episode_accuracy(engine: RolloutEngine, tokenizer, env_cls, rows: list[dict], prompts: list[str], eval_cfg,
+                     env_cfg, device, max_sequence: int, noise: tuple[int, int] | None = None
+                     ) -> tuple[dict[str, float], list[tuple[str, str, str]], list]:
+    """Held-out episodes against env_cls (greedy; noise=(seed, step): sampled at temperature eval.temperature),
+    eval.batch_size a generate call -> ({"accuracy": the share the environment called solved, "turns",
+    "env_return", "env_errors": means}, sample rows (prompt, transcript, right/wrong), the episodes)."""
+    room = max(1, max_sequence - eval_cfg.max_new_tokens)
+    episodes = []
+    for i in range(0, len(prompts), eval_cfg.batch_size):
+        ids = [cut_left(encode_prompt(tokenizer, p), room, tokenizer) for p in prompts[i:i + eval_cfg.batch_size]]
+        params = (SamplingParams(eval_cfg.max_new_tokens, greedy=True) if noise is None else
+                  SamplingParams(eval_cfg.max_new_tokens, eval_cfg.temperature, noise_key=(*noise, i)))
+        episodes += run_episodes(engine, tokenizer, env_cls, rows[i:i + eval_cfg.batch_size], ids, params,
+                                 env_cfg.turns(env_cls), max_sequence, env_cfg.timeout_s, device).episodes
+    stats = {k: float(v.mean()) for k, v in episode_stats(episodes).items()}
+    metrics = {"accuracy": stats.pop("solved"), **stats}
+    samples = [(p, transcript(e.summary()), "right" if e.solved else "wrong")
+               for p, e in zip(prompts, episodes)][:eval_cfg.show_samples]
+    return metrics, samples, episodes
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

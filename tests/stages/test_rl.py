@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
 from helpers import QUICK_RL as SMALL
+from helpers import assert_rl_resume_is_bit_identical
 from helpers import read_metrics as metrics
 from rlhf_cli import data, task
 from rlhf_cli.engines.rollout import response_mask_from_tokens, sample
@@ -358,15 +359,7 @@ def test_rl_resume_gives_identical_weights(sft_run, tmp_path, extra):
     # coefficient all carry state across the checkpoint at step 1
     common = ["algorithm=ppo", f"policy.path={sft_run / 'final'}", "kl.target=0.05", "checkpoint.every=1", *SMALL,
               *extra]
-    straight = run_cli("rl", f"output_dir={tmp_path / 'a'}", "max_steps=3", *common, cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
-    for steps in (1, 3):
-        proc = run_cli("rl", f"output_dir={tmp_path / 'b'}", f"max_steps={steps}", *common, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_rl_resume_is_bit_identical(tmp_path, common)
     kl_a = [r["kl_coef"] for r in metrics(tmp_path / "a") if r["kind"] == "train"]
     kl_b = [r["kl_coef"] for r in metrics(tmp_path / "b") if r["kind"] == "train"]
     assert kl_a == kl_b and len(set(kl_a)) > 1  # the adaptive KL state resumed too
