@@ -257,3 +257,39 @@ def test_async_actors_with_vllm_are_refused_while_composing():
 
     with pytest.raises(ConfigError, match="rollout.mode=async does not support rollout.engine=vllm yet"):
         compose.compose_all("rl", ["rollout.mode=async", "rollout.engine=vllm"], multirun=False)
+
+
+class Echo:
+    """Answers every turn with the next operation, whatever the assistant said, for three turns."""
+    max_turns = 3
+
+    def reset(self, row):
+        return [{"role": "user", "content": "x"}]
+
+    def step(self, text):
+        from rlhf_cli.envs import Step
+
+        return Step([{"role": "user", "content": "sub 3."}], 0.5, False)
+
+
+def test_episodes_on_vllm_are_the_lean_engines_and_their_log_probs_the_training_models(sft32):
+    """Multi-turn episodes (issue 30) on vLLM: greedy episodes token for token the lean engine's; sampled ones
+    with vLLM's log-probs within the tolerance of a forward of the whole episode on every assistant token."""
+    from rlhf_cli import data
+    from rlhf_cli.engines.episodes import run_episodes
+    from rlhf_cli.engines.rollout import SamplingParams, make_engine
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+
+    tokenizer, model = load_tokenizer(str(sft32), "model"), load_causal_lm(str(sft32), "model")
+    vllm_engine = make_engine("vllm", model, tokenizer, {"gpu_memory_utilization": 0.2, "max_model_len": 256})
+    prompt = [data.encode_prompt(tokenizer, "Start at 4. add 2. sub 3. add 1.\n")] * 4
+    greedy = {name: run_episodes(engine, tokenizer, Echo, [{}] * 4, prompt, SamplingParams(40, greedy=True), 3, 160,
+                                 5.0)
+              for name, engine in (("lean", make_engine("lean", model, tokenizer)), ("vllm", vllm_engine))}
+    assert torch.equal(greedy["lean"].response_ids, greedy["vllm"].response_ids)
+    assert [e.turns for e in greedy["lean"].episodes] == [e.turns for e in greedy["vllm"].episodes]
+    assert max(len(e.turns) for e in greedy["vllm"].episodes) > 1
+    sampled = run_episodes(vllm_engine, tokenizer, Echo, [{}] * 4, prompt, SamplingParams(40, noise_key=(0, 0, 0)), 3,
+                           160, 5.0)
+    assert max_gap(training_logprobs(model, vllm_engine, sampled), sampled.logprobs,
+                   sampled.response_mask) < LOGPROB_TOLERANCE

@@ -4,6 +4,7 @@
     rlhf eval runs/rl/final reward.model.path=runs/rm/final device=cpu device.threads=2 --json eval.json
     rlhf eval runs/sft/final data.eval=test.jsonl eval.rule=mypkg.rules:exact eval.show_samples=5
     rlhf eval runs/rl/final eval.samples=8 --json eval.json         # + pass@1, pass@8, maj@8 from 8 samples each
+    rlhf eval runs/rl-env/final --json eval.json                    # an rl run over episodes: its env and data.eval
 
 CHECKPOINT is a policy's final/ (sft or rl) or the run dir holding it. Greedy
 responses to the held-out prompts are checked by eval.rule (held-out accuracy,
@@ -18,6 +19,11 @@ checkpoint's own run (its manifest), so the embedded held-out split and the
 numbers match what that run reported. Keys are named as in the stages
 (`device=cpu` or `device.type`, `device.threads`, `model.dtype`,
 `reward.model.path`); `rlhf eval --help` lists every key.
+
+With an environment (env.name=module:Class, or unset for a checkpoint of an rl run that had one: that run's
+env.name and data.eval), greedy held-out episodes: accuracy is the share the environment called solved, with the
+mean turns, return and env errors; each generation carries its episode (turns, turn rewards, the conversation,
+how it ended; docs/environments.md).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from rlhf_cli import task
 from rlhf_cli.commands import helptext
 from rlhf_cli.config import field_docs
 from rlhf_cli.config.tools import DEFAULT_RULE, EvalToolConfig, parse_overrides
+from rlhf_cli.envs import env_class, openings, transcript
 from rlhf_cli.errors import UserError
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.training import memory
@@ -145,28 +152,29 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     t0 = time.time()
     manifest = _policy_manifest(ckpt)
     seed, num_eval, eval_limit, eval_cfg = _settings(cfg, manifest)
-    max_new_tokens = eval_cfg.max_new_tokens
     rm_path = cfg.reward.model.path
     rm_manifest = _reward_model_manifest(rm_path)
     check_model_kind(str(ckpt), "CHECKPOINT", CAUSAL_LM)  # from config.json: no weights yet
 
-    rows, source = _eval_rows(cfg, seed, num_eval)  # rows first: a data problem fails before any weights load
-    rows = rows[:eval_limit]
+    rows, source = _eval_rows(cfg, seed, num_eval, eval_limit, manifest)  # first: a data problem fails before any weights load
     tokenizer = load_tokenizer(str(ckpt), "CHECKPOINT", cfg.model.trust_remote_code)
-    prompts = [data.prompt_text(tokenizer, row, i, "data.eval") for i, row in enumerate(rows)]
+    env_name, env_cls, prompts = _prompts(cfg, manifest, tokenizer, rows)
     if eval_cfg.rule and eval_cfg.rule != DEFAULT_RULE:
         import_reward_function(eval_cfg.rule, "eval.rule")
-
-    check_generation_fits(str(ckpt), {"eval.max_new_tokens": max_new_tokens})  # before the weights load
+    check_generation_fits(str(ckpt), {"eval.max_new_tokens": eval_cfg.max_new_tokens})  # before the weights load
     check_engine(cfg.rollout.engine, str(ckpt), "CHECKPOINT")  # vllm: an architecture it runs
     device = resolve_device(cfg.device.type, key="device.type")
     if cfg.device.threads:
         torch.set_num_threads(cfg.device.threads)
-    plan = decode_plan(cfg.micro_batch_tokens, device, str(ckpt), cfg.model, tokenizer, prompts, max_new_tokens)
+    plan = decode_plan(cfg.micro_batch_tokens, device, str(ckpt), cfg.model, tokenizer, prompts,
+                       eval_cfg.max_new_tokens)
     model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.model.dtype, device, cfg.model.trust_remote_code)
     # vllm: a copy of the checkpoint's weights, pushed once (it manages its own memory); local engines: decode
     # calls of at most plan.generate_rows rows
     engine = make_engine(cfg.rollout.engine, model, tokenizer, memory=plan)
+    if env_cls is not None:
+        return _episodes_result(ckpt, manifest, cfg, eval_cfg, env_cls, env_name, engine, tokenizer, rows, prompts,
+                                source, device, plan, t0)
     with torch.no_grad():
         accuracy, _, mean_chars, responses = held_out_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device,
                                                                position_limit(str(ckpt)))
@@ -188,9 +196,43 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     generations = _generations(prompts, responses, checks, rm_scores, correct_samples if sampled else None)
     return {"checkpoint": str(ckpt), "stage": manifest.get("stage"), "data": source,
             "rule": eval_cfg.rule if accuracy is not None else None, "reward_model": rm_path,
-            "max_new_tokens": max_new_tokens, "memory": plan.describe(), **({"samples_per_prompt": eval_cfg.samples} if sampled else {}),
+            "max_new_tokens": eval_cfg.max_new_tokens, "memory": plan.describe(), **({"samples_per_prompt": eval_cfg.samples} if sampled else {}),
             "metrics": metrics, "wall_time_s": round(time.time() - t0, 2),
             "samples": generations[: eval_cfg.show_samples], "generations": generations}
+
+
+def _prompts(cfg: EvalToolConfig, manifest: dict, tokenizer, rows: list[dict]) -> tuple[str | None, type | None, list]:
+    """-> (env.name or None, its class, the prompt texts): the rows' prompts, or with an environment (env.name, else
+    the checkpoint's rl run's) the openings it gives each row (a reset that fails is one error line)."""
+    from rlhf_cli import data
+
+    env_name = cfg.env.name or _from_run(manifest, "env.name", None)
+    if not env_name:
+        return None, None, [data.prompt_text(tokenizer, row, i, "data.eval") for i, row in enumerate(rows)]
+    env_cls = env_class(env_name)
+    return env_name, env_cls, [data.render_prompt(tokenizer, m)
+                               for m in openings(env_cls, rows, cfg.env.timeout_s, "data.eval")]
+
+
+def _episodes_result(ckpt: Path, manifest: dict, cfg: EvalToolConfig, eval_cfg, env_cls, env_name: str, engine,
+                     tokenizer, rows, prompts, source, device, plan, t0: float) -> dict:
+    """Greedy held-out episodes against the environment -> the result dict: accuracy (the share it called
+    solved), mean turns, return and env errors; each generation's episode (turns, rewards, conversation)."""
+    import torch
+
+    from rlhf_cli.models import position_limit
+    from rlhf_cli.training.evaluation import episode_accuracy
+
+    env_cfg = dataclasses.replace(cfg.env, max_turns=cfg.env.max_turns or _from_run(manifest, "env.max_turns", None))
+    with torch.no_grad():
+        metrics, _, episodes = episode_accuracy(engine, tokenizer, env_cls, rows, prompts, eval_cfg, env_cfg, device,
+                                                position_limit(str(ckpt)) or 1 << 30)
+    generations = [{"prompt": p, "response": e.texts[-1], "correct": e.solved is True, "episode": e.summary()}
+                   for p, e in zip(prompts, episodes)]
+    return {"checkpoint": str(ckpt), "stage": manifest.get("stage"), "data": source, "env": env_name,
+            "rule": None, "reward_model": None, "max_new_tokens": eval_cfg.max_new_tokens, "memory": plan.describe(),
+            "metrics": {"prompts": len(rows), **metrics}, "wall_time_s": round(time.time() - t0, 2),
+            "samples": generations[:eval_cfg.show_samples], "generations": generations}
 
 
 def _policy_manifest(ckpt: Path) -> dict:
@@ -245,14 +287,17 @@ def _generations(prompts, responses, checks, rm_scores, correct_samples) -> list
     return rows
 
 
-def _eval_rows(cfg: EvalToolConfig, seed: int, num_eval: int) -> tuple[list[dict], str]:
-    """The held-out rows (data.eval, or the embedded task's held-out split) and where they came from."""
+def _eval_rows(cfg: EvalToolConfig, seed: int, num_eval: int, limit: int, manifest: dict) -> tuple[list[dict], str]:
+    """The first `limit` held-out rows (data.eval; for an rl run over episodes, unset, the run's own data.eval, the
+    rows its environment reads; else the embedded task's held-out split) and where they came from."""
     from rlhf_cli import data
 
+    if cfg.data.eval is None and not cfg.env.name and _from_run(manifest, "env.name", None):
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=_from_run(manifest, "data.eval", None)))
     if cfg.data.eval is None:
         rows = task.prompt_rows(num_eval, seed=seed, split="eval", n_eval=num_eval)
-        return rows, f"embedded task held-out split (seed {seed}, {num_eval} rows)"
-    return data.load_rows(cfg.data.eval, "data.eval", cfg.data.eval_split, cfg.data.subset), cfg.data.eval
+        return rows[:limit], f"embedded task held-out split (seed {seed}, {num_eval} rows)"
+    return data.load_rows(cfg.data.eval, "data.eval", cfg.data.eval_split, cfg.data.subset)[:limit], cfg.data.eval
 
 
 def _rm_scores(cfg: EvalToolConfig, rm_manifest: dict, prompts, responses, device, tokens: int,
@@ -291,7 +336,8 @@ def show(result: dict) -> None:
         samples.add_column(col)
     for g in result["samples"]:
         check = "" if g["correct"] is None else ("right" if g["correct"] else "wrong")
-        samples.add_row(escape(g["prompt"].strip()), escape(g["response"].strip()), check,
+        response = transcript(g["episode"]) if "episode" in g else g["response"]
+        samples.add_row(escape(g["prompt"].strip()), escape(response.strip()), check,
                         *((fmt_value(g["rm_score"]),) if with_rm else ()))
     if result["samples"]:
         console.print(samples)
@@ -306,7 +352,10 @@ def show(result: dict) -> None:
     table.add_row("data", escape(str(result["data"])))
     if result.get("memory"):
         table.add_row("memory", escape(result["memory"]))
-    table.add_row("eval.rule", escape(str(result["rule"])) if result["rule"] else "none")
-    if result["rule"] is None:
+    if result.get("env"):
+        table.add_row("environment", escape(result["env"]))
+    else:
+        table.add_row("eval.rule", escape(str(result["rule"])) if result["rule"] else "none")
+    if result["rule"] is None and not result.get("env"):
         table.add_row("accuracy", "n/a (no eval.rule, or rows without an answer column)")
     console.print(table)

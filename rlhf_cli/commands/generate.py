@@ -5,6 +5,10 @@
         temperature=1.0 max_new_tokens=64 seed=1 output=gens.jsonl device=cpu device.threads=2
     torchrun --nproc-per-node 8 -m rlhf_cli generate model.path=runs/rl/final output=gens.jsonl device=cuda
 
+With env.name=module:Class each response is an episode against that environment (docs/environments.md): the
+row's `responses` are the episodes' last assistant turns and `episodes` holds each one (turns, turn rewards,
+the conversation, how it ended).
+
 The first step of the RLHF loop (docs/loop.md): sample the policy, then `rlhf label`
 the responses, then `rlhf train-rm` on the pairs. One JSONL row per prompt: the row's
 own columns, `prompt` as the text the model saw (message lists rendered through the
@@ -34,6 +38,7 @@ from rlhf_cli.commands import helptext
 from rlhf_cli.commands.evaluate import decode_plan
 from rlhf_cli.config import field_docs
 from rlhf_cli.config.tools import GenerateToolConfig, parse_settings
+from rlhf_cli.envs import env_class, openings
 from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.training.tracking import console
 
@@ -184,7 +189,9 @@ def generate(cfg: GenerateToolConfig) -> None:
     _check_model(cfg)
     rows, source = load_prompt_rows(cfg)
     tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)
-    prompts = [data.prompt_text(tokenizer, row, i, "data.prompts") for i, row in enumerate(rows)]
+    env_cls = env_class(cfg.env.name) if cfg.env.name else None  # episodes: prompts are the openings
+    prompts = ([data.prompt_text(tokenizer, row, i, "data.prompts") for i, row in enumerate(rows)] if env_cls is None
+               else [data.render_prompt(tokenizer, m) for m in openings(env_cls, rows, cfg.env.timeout_s, "data.prompts")])
     done, complete_bytes = read_done_rows(output)  # every rank reads before any rank writes (setup is a rendezvous)
     if len(done) > len(rows) or any(r.get("prompt") != p for r, p in zip(done, prompts)):
         raise UserError(f"output: {output} holds rows of other prompts than {source}; rerun with the same "
@@ -212,13 +219,15 @@ def generate(cfg: GenerateToolConfig) -> None:
         with torch.no_grad():
             for first in range(0, len(batches), rt.world_size):  # one batch per rank, then rank 0 appends them in order
                 mine = batches[first + rt.rank] if first + rt.rank < len(batches) else None
-                texts = sample_batch(engine, tokenizer, prompts, mine, cfg, rt.device, positions) if mine else []
+                texts = (sample_batch(engine, tokenizer, prompts, mine, cfg, rt.device, positions, rows, env_cls)
+                         if mine else ([], None))
                 gathered = rt.all_gather_object((mine, texts))
                 if rt.is_main:
                     with open(output, "a", encoding="utf-8") as f:
-                        for bounds, batch_texts in gathered:
+                        for bounds, (batch_texts, episodes) in gathered:
                             if bounds:
-                                append_rows(f, batch_rows(rows, prompts, bounds, batch_texts, cfg.samples_per_prompt))
+                                append_rows(f, batch_rows(rows, prompts, bounds, batch_texts, cfg.samples_per_prompt,
+                                                          episodes))
                 last = max(b[1] for b, _ in gathered if b)
                 say(f"  {last}/{len(rows)} prompts ({time.time() - t0:.1f} s)", markup=False)
         say(f"wrote {output}: {len(rows)} prompts x {cfg.samples_per_prompt} responses", markup=False)
@@ -237,11 +246,13 @@ def grid_batches(start: int, n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def sample_batch(engine, tokenizer, prompts: list[str], bounds: tuple[int, int], cfg: GenerateToolConfig,
-                 device, positions: int | None) -> list[str]:
+                 device, positions: int | None, rows: list[dict], env_cls=None) -> tuple[list[str], list | None]:
     """K responses for each prompt of prompts[start:end], flat: response j of prompt i at (i - start) * K + j.
     Prompts are tokenized as rl and eval do (one BOS where the tokenizer adds one), cut from the left to fit
-    the model's positions with the responses."""
+    the model's positions with the responses. With an environment, K episodes a prompt: their last assistant
+    turns, and each episode's summary (turns, rewards, conversation); else (texts, None)."""
     from rlhf_cli import data
+    from rlhf_cli.engines.episodes import run_episodes
     from rlhf_cli.engines.rollout import SamplingParams, decode_responses
 
     start, end = bounds
@@ -252,10 +263,18 @@ def sample_batch(engine, tokenizer, prompts: list[str], bounds: tuple[int, int],
     ids, mask = data.left_pad([e for e in encoded for _ in range(K)], tokenizer.pad_token_id)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             noise_key=(cfg.seed, 0, start * K))  # row i*K+j draws its own noise, on any rank
-    return decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params))
+    if env_cls is not None:
+        rollout = run_episodes(engine, tokenizer, env_cls, [rows[i] for i in range(start, end) for _ in range(K)],
+                               [e for e in encoded for _ in range(K)], params, cfg.env.turns(env_cls),
+                               positions or 1 << 30, cfg.env.timeout_s, device)  # no position limit: none
+        return decode_responses(tokenizer, rollout), [e.summary() for e in rollout.episodes]
+    return decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params)), None
 
 
-def batch_rows(rows: list[dict], prompts: list[str], bounds: tuple[int, int], texts: list[str], K: int) -> list[dict]:
+def batch_rows(rows: list[dict], prompts: list[str], bounds: tuple[int, int], texts: list[str], K: int,
+               episodes: list | None = None) -> list[dict]:
+    """One row a prompt: its columns, the prompt text, its K responses (and K episodes, with an environment)."""
     start, end = bounds
-    return [{**rows[i], "prompt": prompts[i], "responses": texts[(i - start) * K:(i - start + 1) * K]}
+    return [{**rows[i], "prompt": prompts[i], "responses": texts[(i - start) * K:(i - start + 1) * K],
+             **({"episodes": episodes[(i - start) * K:(i - start + 1) * K]} if episodes is not None else {})}
             for i in range(start, end)]

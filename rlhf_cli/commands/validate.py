@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rlhf_cli.commands import helptext, sweep
 from rlhf_cli.commands import compose
+from rlhf_cli.envs import env_class
 from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.rewards import import_reward_function
 from rlhf_cli.training.tracking import console
@@ -108,6 +109,8 @@ def check_run(stage: str, cfg, cache: dict) -> list[str]:
             from rlhf_cli.engines.rollout import engine_class  # torch: only for such an engine
 
             engine_class(cfg.rollout.engine)
+        if cfg.env.name:  # an environment class: imported and checked as the run will (its resets run at setup)
+            lines.append(f"env.name: {cfg.env.name} (at most {cfg.env.turns(env_class(cfg.env.name))} turns an episode)")
     if cfg.eval.rule:
         import_reward_function(cfg.eval.rule, "eval.rule")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from rlhf_cli.config.fields import check_choice, check_engine_name, check_positive, doc, leaf_keys
-from rlhf_cli.config.groups import EvalConfig, check_eval_sampling
+from rlhf_cli.config.groups import EnvConfig, EvalConfig, check_eval_sampling
 from rlhf_cli.config.stages import ENGINE_NAMES
 from rlhf_cli.errors import ConfigError, UserError
 
@@ -94,6 +94,8 @@ class EvalToolConfig:
                                                   "the rows of one decode call and of one reward-model forward; "
                                                   "null = derived from free memory and the model's size "
                                                   "(docs/memory.md)")
+    env: EnvConfig = doc(EnvConfig, "held-out episodes against an environment (as rl's env; null = the "
+                                    "checkpoint's run's env.name, if it had one)")
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
@@ -176,6 +178,7 @@ class GenerateToolConfig:
     micro_batch_tokens: Optional[int] = doc(None, "memory budget in padded tokens (as the stages' key): bounds "
                                                   "the rows of one decode call; null = derived from free memory "
                                                   "and the model's size (docs/memory.md)")
+    env: EnvConfig = doc(EnvConfig, "sample multi-turn episodes against an environment (as rl's env)")
 
     def __post_init__(self):
         check_choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16"))
