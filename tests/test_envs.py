@@ -166,3 +166,36 @@ def test_a_failing_environment_ends_its_episode_with_the_reason_kept(sft_run):
     for episode in rollout.episodes:  # greedy: the same episode four times
         assert len(episode.turns) == 2 and episode.end == "env_error: step raised RuntimeError: tool down"
         assert episode.rewards == [0.25, 0.0]
+
+
+class OneWord:
+    """Asks a one-word question a turn: a chat model stops after each answer."""
+    max_turns = 3
+
+    def reset(self, row):
+        return [{"role": "user", "content": "Answer with one word: is the sky blue?"}]
+
+    def step(self, text):
+        return Step([{"role": "user", "content": "And is grass green? One word."}], 0.0, False)
+
+
+def test_episodes_on_the_real_checkpoint_train_what_they_sampled():
+    """SmolLM2-135M-Instruct over three turns, the questions rendered by its ChatML template: the sampler's
+    log-probs (greedy: of the argmax, at temperature 1) are a forward's on every assistant token of every turn."""
+    from pretrained import smollm2_dir
+
+    path = smollm2_dir()
+    tokenizer = load_tokenizer(path, "policy.path")
+    model = load_causal_lm(path, "policy.path", "fp32", torch.device("cpu"))
+    engine = make_engine("auto", model, tokenizer)
+    prompt = encode_prompt(tokenizer, apply_template(tokenizer, OneWord().reset({}), add_generation_prompt=True))
+    rollout = run_episodes(engine, tokenizer, OneWord, [{}], [prompt], SamplingParams(16, greedy=True), 3, 512, 5.0)
+    episode = rollout.episodes[0]
+    assert len(episode.turns) == 3 and episode.end == "max_turns", episode.summary()
+    context = rollout.input_ids[0][rollout.attention_mask[0].bool()].tolist()
+    assert tokenizer.decode(context).count("<|im_start|>user\nAnd is grass green? One word.<|im_end|>") == 2
+    with torch.no_grad():
+        forward = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1], 1.0,
+                                    support=Support(engine.vocab_limit, tuple(engine.never or ())))
+    mask = rollout.response_mask.bool()
+    assert torch.allclose(forward[mask], rollout.logprobs[mask], atol=1e-3)

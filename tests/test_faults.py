@@ -564,7 +564,8 @@ def test_checkpoint_state_with_pickled_code_is_refused_and_never_runs(tmp_path):
 
 def test_source_loads_only_safely():
     """Trainer state only via torch.load(weights_only=True); no pickle; trust_remote_code never forced on;
-    modules imported only from the config's dotted paths (rewards.py) or the CLI's fixed stage table."""
+    modules imported only from the config's dotted paths (rewards, engines, environments) or the CLI's fixed
+    stage table."""
     sources = {p.relative_to(REPO).as_posix(): p.read_text() for p in (REPO / "rlhf_cli").rglob("*.py")}
     for name, text in sources.items():
         for call in re.findall(r"torch\.load\([^)]*\)", text):
@@ -574,7 +575,8 @@ def test_source_loads_only_safely():
         assert not re.search(r"\b(eval|exec)\(", text.replace("model.eval(", "").replace(".eval()", "")), name
         imports = re.findall(r"import_module\(([^)]*)\)", text)
         allowed = {"rlhf_cli/rewards/__init__.py": ["module_name"], "rlhf_cli/cli.py": ["STAGES[stage][0]", "TOOLS[name][0]"],
-                   "rlhf_cli/engines/rollout.py": ["module_name"]}  # rollout: ENGINES' fixed "module:Class" entries
+                   "rlhf_cli/engines/rollout.py": ["module_name"],  # ENGINES' fixed "module:Class" entries, a user's
+                   "rlhf_cli/envs/__init__.py": ["module_name"]}  # env.name's dotted path, as reward functions
         assert all(i in allowed.get(name, []) for i in imports), (name, imports)
     from rlhf_cli.config import ModelConfig
 

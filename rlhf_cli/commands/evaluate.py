@@ -174,7 +174,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     engine = make_engine(cfg.rollout.engine, model, tokenizer, memory=plan)
     if env_cls is not None:
         return _episodes_result(ckpt, manifest, cfg, eval_cfg, env_cls, env_name, engine, tokenizer, rows, prompts,
-                                source, device, plan, t0)
+                                source, device, plan, t0, seed)
     with torch.no_grad():
         accuracy, _, mean_chars, responses = held_out_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device,
                                                                position_limit(str(ckpt)))
@@ -215,22 +215,28 @@ def _prompts(cfg: EvalToolConfig, manifest: dict, tokenizer, rows: list[dict]) -
 
 
 def _episodes_result(ckpt: Path, manifest: dict, cfg: EvalToolConfig, eval_cfg, env_cls, env_name: str, engine,
-                     tokenizer, rows, prompts, source, device, plan, t0: float) -> dict:
+                     tokenizer, rows, prompts, source, device, plan, t0: float, seed: int) -> dict:
     """Greedy held-out episodes against the environment -> the result dict: accuracy (the share it called
     solved), mean turns, return and env errors; each generation's episode (turns, rewards, conversation)."""
     import torch
 
     from rlhf_cli.models import position_limit
-    from rlhf_cli.training.evaluation import episode_accuracy
+    from rlhf_cli.training.evaluation import episode_accuracy, sampled_episode_accuracy
 
     env_cfg = dataclasses.replace(cfg.env, max_turns=cfg.env.max_turns or _from_run(manifest, "env.max_turns", None))
+    limit = position_limit(str(ckpt)) or 1 << 30
     with torch.no_grad():
         metrics, _, episodes = episode_accuracy(engine, tokenizer, env_cls, rows, prompts, eval_cfg, env_cfg, device,
-                                                position_limit(str(ckpt)) or 1 << 30)
-    generations = [{"prompt": p, "response": e.texts[-1], "correct": e.solved is True, "episode": e.summary()}
-                   for p, e in zip(prompts, episodes)]
+                                                limit)
+        sampled, correct = (sampled_episode_accuracy(engine, tokenizer, env_cls, rows, prompts, eval_cfg, env_cfg,
+                                                     device, limit, seed) if eval_cfg.samples else ({}, None))
+    metrics |= sampled  # eval.samples=K: pass@1 and pass@k of K sampled episodes a row
+    generations = [{"prompt": p, "response": e.texts[-1], "correct": e.solved is True, "episode": e.summary(),
+                    **({"samples_correct": correct[i]} if correct else {})}
+                   for i, (p, e) in enumerate(zip(prompts, episodes))]
     return {"checkpoint": str(ckpt), "stage": manifest.get("stage"), "data": source, "env": env_name,
             "rule": None, "reward_model": None, "max_new_tokens": eval_cfg.max_new_tokens, "memory": plan.describe(),
+            **({"samples_per_prompt": eval_cfg.samples} if sampled else {}),
             "metrics": {"prompts": len(rows), **metrics}, "wall_time_s": round(time.time() - t0, 2),
             "samples": generations[:eval_cfg.show_samples], "generations": generations}
 

@@ -29,6 +29,7 @@ class EnvTask:
     problem: Callable  # rng -> row: {"prompt": opening messages, ...fields the environment reads}
     demo: Callable  # (row, messages so far, rng) -> the demonstrator's next assistant text (flawed by design)
     gold: Callable  # (row, messages so far) -> the right next assistant text
+    extra: Callable | None = None  # held-out rows -> more files of the task's own, by name (the calculator's no-tool rows)
     n_sft: int = 2000  # episodes the SFT rows come from (one row per assistant turn)
     n_prompts: int = 2000
     n_eval: int = 200
@@ -81,9 +82,10 @@ def rows(task: EnvTask, seed: int = 0) -> dict[str, list[dict]]:
     sft = [r for row in fresh(task.n_sft) for r in turn_rows(play(task, row, lambda w, m: task.demo(w, m, rng))[0])]
     return {"sft_train": sft,
             "sft_eval": [r for row in held for r in turn_rows(play(task, row, task.gold)[0])],
-            "prompts_train": fresh(task.n_prompts), "prompts_eval": held}
+            "prompts_train": fresh(task.n_prompts), "prompts_eval": held, **(task.extra(held) if task.extra else {})}
 
 
 def write(task: EnvTask, directory: Path, seed: int = 0) -> Path:
-    """The task's four .jsonl files in directory, each written atomically."""
+    """The task's .jsonl files in directory (sft_train, sft_eval, prompts_train, prompts_eval and its extra ones),
+    each written atomically."""
     return write_files(rows(task, seed), directory)

@@ -80,5 +80,12 @@ def answer_rule(prompt: str, response: str, answer=None, **row) -> float:
     return float(match is not None and match.group(1) == str(answer))
 
 
+def no_tool_rows(held: list[dict]) -> dict[str, list[dict]]:
+    """notool_eval: the held-out problems asked without the tool ('What is a * b? Write 'Answer: <n>'.'), for
+    `rlhf eval ... eval.rule=rlhf_cli.envs.calculator:answer_rule`: what the model does in its head."""
+    return {"notool_eval": [{"prompt": [{"role": "user", "content": f"What is {r['a']} * {r['b']}? Write 'Answer: <n>'."}],
+                             "answer": r["answer"]} for r in held]}
+
+
 TASK = EnvTask(Calculator, "3-digit multiplication with a calculator tool; reward for the right answer",
-               problem, _demo, _gold, n_sft=1000, n_prompts=1000, n_eval=100)
+               problem, _demo, _gold, extra=no_tool_rows, n_sft=1000, n_prompts=1000, n_eval=100)

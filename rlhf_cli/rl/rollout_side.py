@@ -66,12 +66,14 @@ def micro_cost(prompt_width: int, response_width: int, rows: int, prompts: int, 
 
 
 def micro_split(rollout, rows: torch.Tensor, tokens: int, shared: bool = False) -> list[Micro]:
-    """Rows `rows` of a rollout (or Scored) in micro-batches of at most `tokens` padded tokens (micro_cost; shared:
+    """Rows `rows` of a rollout (anything with its prompt ids and masks; an episode's real_mask, the environment's
+    tokens included, where it has one) in micro-batches of at most `tokens` padded tokens (micro_cost; shared:
     the forward runs each distinct prompt once), each micro-batch's prompt and response padding cut to its own
     longest. The rows of one prompt stay together (split only where a prompt's rows alone pass the budget),
     prompts longest first, so that like lengths share a micro-batch."""
     prompt_len = rollout.prompt_mask[rows].sum(-1).long().tolist()
-    response_len = rollout.real_mask[rows].sum(-1).long().clamp(min=1).tolist()  # episodes: env tokens too
+    real = getattr(rollout, "real_mask", rollout.response_mask)  # episodes: the environment's tokens too
+    response_len = real[rows].sum(-1).long().clamp(min=1).tolist()
     prompt = distinct_prompts(rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.prompt_ids.shape[1])[2]
     members: dict[int, list[int]] = {}
     for i, g in enumerate(prompt.tolist()):

@@ -58,7 +58,8 @@ from rlhf_cli.rewards.sources import ModelReward, rule_sources
 from rlhf_cli.rl import actors
 from rlhf_cli.rl.rollout_side import Micro, Rewarded, RolloutSide, micro_split
 from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
-from rlhf_cli.training.evaluation import episode_accuracy, held_out_accuracy, stage_sampled_metrics
+from rlhf_cli.training.evaluation import (episode_accuracy, held_out_accuracy, sampled_episode_accuracy,
+                                          stage_sampled_metrics)
 from rlhf_cli.training.precision import Precision, frozen_dtype
 from rlhf_cli.training.tracking import Tracker
 
@@ -710,6 +711,10 @@ class RLRecipe:
                 episode_metrics, samples, _ = episode_accuracy(
                     self.engine, self.tokenizer, self.env_cls, self.eval_rows, self.eval_prompts, self.cfg.eval,
                     self.cfg.env, self.dev_policy, self.max_sequence)
+                if self.cfg.eval.samples:  # eval.samples=K: pass@1, pass@k of K sampled episodes a row
+                    episode_metrics |= sampled_episode_accuracy(
+                        self.engine, self.tokenizer, self.env_cls, self.eval_rows, self.eval_prompts, self.cfg.eval,
+                        self.cfg.env, self.dev_policy, self.max_sequence, self.cfg.seed)[0]
                 return loop.Evaluation({f"eval_{k}": v for k, v in episode_metrics.items()}, samples)
             accuracy, samples, mean_len, responses = held_out_accuracy(
                 self.engine, self.tokenizer, self.eval_rows, self.eval_prompts, self.cfg.eval, self.dev_policy,

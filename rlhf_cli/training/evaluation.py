@@ -76,6 +76,20 @@ def episode_accuracy(engine: RolloutEngine, tokenizer, env_cls, rows: list[dict]
     return metrics, samples, episodes
 
 
+def sampled_episode_accuracy(engine: RolloutEngine, tokenizer, env_cls, rows: list[dict], prompts: list[str],
+                             eval_cfg, env_cfg, device, max_sequence: int, seed: int) -> tuple[dict[str, float], list]:
+    """K = eval.samples episodes a held-out row at eval.temperature (noise keyed apart from training) ->
+    ({"pass@1": .., "pass@k": .. for k in eval.pass_k}, solved episodes per row), pass@k by :func:`pass_at_k`
+    over the environment's verdicts."""
+    K = eval_cfg.samples
+    _, _, episodes = episode_accuracy(engine, tokenizer, env_cls, [r for r in rows for _ in range(K)],
+                                      [p for p in prompts for _ in range(K)], eval_cfg, env_cfg, device, max_sequence,
+                                      noise=(seed, EVAL_NOISE_STEP))
+    correct = [sum(e.solved is True for e in episodes[i * K:(i + 1) * K]) for i in range(len(rows))]
+    return {f"pass@{k}": sum(pass_at_k(K, c, k) for c in correct) / max(1, len(correct))
+            for k in sorted({1, *eval_cfg.pass_k})}, correct
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of one prompt from n samples, c of them correct (Chen et al. 2021, "Evaluating Large
     Language Models Trained on Code", eq. 1): the chance that k of the n, drawn without replacement, hold

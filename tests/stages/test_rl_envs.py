@@ -38,7 +38,7 @@ def test_rl_over_episodes_raises_held_out_success_by_30_points(modsteps_sft, tmp
     # episodes play their 3 operations (one may hit the 12-token limit and end early), the environment never fails
     assert all(r["turns"] > 2.9 and r["env_errors"] == 0 for r in train)
     assert sum(r["env_return"] for r in train[-10:]) > sum(r["env_return"] for r in train[:10])
-    assert "environment rlhf_cli.envs.modsteps:ModSteps" in proc.stdout
+    assert "environment rlhf_cli.envs.modsteps:ModSteps" in proc.stdout + proc.stderr
 
 
 def test_episodes_resume_bit_identical(modsteps_sft, tmp_path):
@@ -79,7 +79,7 @@ def test_episodes_survive_kill_9_inside_a_step(modsteps_sft, tmp_path):
     assert list((tmp_path / "b" / "checkpoints").glob("step-*")), "killed before its first checkpoint"
     resumed = run_cli("rl", f"output_dir={tmp_path / 'b'}", *common, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming at step" in resumed.stdout
+    assert "resuming at step" in resumed.stdout + resumed.stderr
     a = load_file(tmp_path / "a" / "final" / "model.safetensors")
     b = load_file(tmp_path / "b" / "final" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
@@ -88,11 +88,15 @@ def test_episodes_survive_kill_9_inside_a_step(modsteps_sft, tmp_path):
 def test_eval_and_generate_run_episodes(modsteps_sft, tmp_path):
     final, data = modsteps_sft / "final", modsteps_sft.parent / "data"
     proc = run_cli("eval", str(final), ENV, f"data.eval={data / 'prompts_eval.jsonl'}", "data.eval_limit=20",
-                   "eval.max_new_tokens=12", "--json", "eval.json", cwd=tmp_path)
+                   "eval.max_new_tokens=12", "eval.samples=4", "eval.pass_k=[1,4]", "--json", "eval.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["env"] == "rlhf_cli.envs.modsteps:ModSteps" and result["metrics"]["prompts"] == 20
-    assert 0 < result["metrics"]["accuracy"] < 1 and result["metrics"]["turns"] == 3
+    metrics = result["metrics"]
+    assert result["env"] == "rlhf_cli.envs.modsteps:ModSteps" and metrics["prompts"] == 20
+    assert 0 < metrics["accuracy"] < 1 and metrics["turns"] == 3
+    # 4 sampled episodes a row: pass@1 their mean, pass@4 at least it
+    samples = [g["samples_correct"] for g in result["generations"]]
+    assert metrics["pass@1"] == pytest.approx(sum(samples) / 80) and metrics["pass@4"] >= metrics["pass@1"]
     for g in result["generations"]:
         episode = g["episode"]
         assert [m["role"] for m in episode["messages"]] == ["assistant", "user", "assistant", "user", "assistant"]
@@ -137,7 +141,9 @@ nothing = 3
                                          ("WrongTypes", "step returned 'fine'")])
 def test_an_environment_that_fails_ends_its_episodes_and_the_run_goes_on(modsteps_sft, tmp_path, env, reason):
     (tmp_path / "myenvs.py").write_text(BAD_ENVS)
-    proc = run_cli("rl", f"policy.path={modsteps_sft / 'final'}", f"env.name=myenvs:{env}", "env.timeout_s=0.5",
+    # no dynamic sampling: every group ties at 0 and would be drawn 4 times, each hung step waiting its timeout
+    proc = run_cli("rl", f"policy.path={modsteps_sft / 'final'}", f"env.name=myenvs:{env}", "env.timeout_s=0.3",
+                   "algorithm.dynamic_sampling=false",
                    "reward.functions=[]", *files(modsteps_sft), *TOKENS, *QUICK, "max_steps=1",
                    f"output_dir={tmp_path / 'rl'}", "eval.every=1000", "data.num_eval=4", "data.eval_limit=4",
                    cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
