@@ -107,7 +107,7 @@ def run_episodes(engine, tokenizer, env_cls, rows: list[dict], prompt_ids: list[
     """Episodes of `rows` (prompt_ids: each row's rendered opening, cut to fit) -> a Rollout with context_mask
     and episodes (module docstring)."""
     games = [_start(env_cls, row, ids, timeout_s) for row, ids in zip(rows, prompt_ids)]
-    live = [b for b in range(len(games))]
+    live = list(range(len(games)))  # the episodes still going, in row order
     for turn in range(max_turns):
         if not live:
             break
