@@ -7,6 +7,7 @@
 - :mod:`.turns`: multi-turn episodes' environment tokens taken off the time axis (pack / unpack).
 - :mod:`.offpolicy`: truncated importance weights and V-trace (rollout.mode=async).
 - :mod:`.reward`: the reward model's pairwise loss (train-rm).
+- :mod:`.preference`: direct preference losses (``PREFERENCE_LOSSES``: DPO / cDPO, IPO, SimPO) and RPO's SFT term.
 - :mod:`.registry`: the Registry the ones above are made of, and ``bind`` (an entry's config keys, bound once).
 
 Nothing here imports the rest of the project: tensors in, tensors out.
@@ -56,6 +57,7 @@ from rlhf_cli.algorithms.losses import (
     value_loss,
 )
 from rlhf_cli.algorithms.offpolicy import truncated_importance_weights, vtrace
+from rlhf_cli.algorithms.preference import PREFERENCE_LOSSES, chosen_nll, implicit_reward_gap
 from rlhf_cli.algorithms.registry import Registry, bind, reads
 from rlhf_cli.algorithms.reward import pairwise_loss
 from rlhf_cli.algorithms.turns import pack, pack_index, unpack
@@ -67,12 +69,14 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
+    "PREFERENCE_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "Registry",
     "RunningMean",
     "aggregate",
     "bool_mask",
+    "chosen_nll",
     "discounted_returns",
     "entropy_from_logits",
     "explained_variance",
@@ -81,6 +85,7 @@ __all__ = [
     "group_mean",
     "group_norm",
     "group_norm_unbiased",
+    "implicit_reward_gap",
     "kl_k1",
     "kl_k2",
     "kl_k3",
