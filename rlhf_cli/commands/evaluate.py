@@ -36,7 +36,7 @@ from rlhf_cli import task
 from rlhf_cli.commands import helptext
 from rlhf_cli.config import field_docs
 from rlhf_cli.config.tools import DEFAULT_RULE, EvalToolConfig, parse_overrides
-from rlhf_cli.envs import env_class, openings, transcript
+from rlhf_cli.envs import env_class, transcript
 from rlhf_cli.errors import UserError
 from rlhf_cli.rewards import call_reward, import_reward_function
 from rlhf_cli.training import memory
@@ -169,8 +169,7 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     plan = decode_plan(cfg.micro_batch_tokens, device, str(ckpt), cfg.model, tokenizer, prompts,
                        eval_cfg.max_new_tokens)
     model = load_causal_lm(str(ckpt), "CHECKPOINT", cfg.model.dtype, device, cfg.model.trust_remote_code)
-    # vllm: a copy of the checkpoint's weights, pushed once (it manages its own memory); local engines: decode
-    # calls of at most plan.generate_rows rows
+    # vllm: its own copy of the weights, pushed once; local engines: decode calls of plan.generate_rows rows at most
     engine = make_engine(cfg.rollout.engine, model, tokenizer, memory=plan)
     if env_cls is not None:
         return _episodes_result(ckpt, manifest, cfg, eval_cfg, env_cls, env_name, engine, tokenizer, rows, prompts,
@@ -182,9 +181,8 @@ def evaluate(ckpt: Path, cfg: EvalToolConfig) -> dict:
     sampled, correct_samples = {}, [None] * len(rows)
     if eval_cfg.samples and accuracy is not None:  # K samples per prompt, checked by the same rule
         with torch.no_grad():
-            sampled, correct_samples = sampled_accuracy(engine, tokenizer, rows,
-                                                        prompts, eval_cfg, device, eval_cfg.rule, seed,
-                                                        position_limit(str(ckpt)))
+            sampled, correct_samples = sampled_accuracy(engine, tokenizer, rows, prompts, eval_cfg, device,
+                                                        eval_cfg.rule, seed, position_limit(str(ckpt)))
     del model, engine
 
     metrics = {"prompts": len(rows), **({"accuracy": accuracy} if accuracy is not None else {}),
@@ -207,11 +205,8 @@ def _prompts(cfg: EvalToolConfig, manifest: dict, tokenizer, rows: list[dict]) -
     from rlhf_cli import data
 
     env_name = cfg.env.name or _from_run(manifest, "env.name", None)
-    if not env_name:
-        return None, None, [data.prompt_text(tokenizer, row, i, "data.eval") for i, row in enumerate(rows)]
-    env_cls = env_class(env_name)
-    return env_name, env_cls, [data.render_prompt(tokenizer, m)
-                               for m in openings(env_cls, rows, cfg.env.timeout_s, "data.eval")]
+    env_cls = env_class(env_name) if env_name else None
+    return env_name, env_cls, data.prompt_texts(tokenizer, rows, "data.eval", env_cls, cfg.env.timeout_s)
 
 
 def _episodes_result(ckpt: Path, manifest: dict, cfg: EvalToolConfig, eval_cfg, env_cls, env_name: str, engine,

@@ -38,7 +38,7 @@ from rlhf_cli.commands import helptext
 from rlhf_cli.commands.evaluate import decode_plan
 from rlhf_cli.config import field_docs
 from rlhf_cli.config.tools import GenerateToolConfig, parse_settings
-from rlhf_cli.envs import env_class, openings
+from rlhf_cli.envs import env_class
 from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.training.tracking import console
 
@@ -190,8 +190,7 @@ def generate(cfg: GenerateToolConfig) -> None:
     rows, source = load_prompt_rows(cfg)
     tokenizer = load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)
     env_cls = env_class(cfg.env.name) if cfg.env.name else None  # episodes: prompts are the openings
-    prompts = ([data.prompt_text(tokenizer, row, i, "data.prompts") for i, row in enumerate(rows)] if env_cls is None
-               else [data.render_prompt(tokenizer, m) for m in openings(env_cls, rows, cfg.env.timeout_s, "data.prompts")])
+    prompts = data.prompt_texts(tokenizer, rows, "data.prompts", env_cls, cfg.env.timeout_s)
     done, complete_bytes = read_done_rows(output)  # every rank reads before any rank writes (setup is a rendezvous)
     if len(done) > len(rows) or any(r.get("prompt") != p for r, p in zip(done, prompts)):
         raise UserError(f"output: {output} holds rows of other prompts than {source}; rerun with the same "

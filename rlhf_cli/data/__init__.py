@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import task
+from rlhf_cli.envs import openings
 from rlhf_cli.errors import DataError, first_line
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -402,6 +403,14 @@ def prompt_text(tokenizer, row: dict, index: int, key: str) -> str:
         return render_prompt(tokenizer, msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs)
     except ValueError as e:
         raise DataError(f"{where(row, key, index)}: {e}") from None
+
+
+def prompt_texts(tokenizer, rows: list[dict], key: str, env_cls=None, timeout_s: float = 10.0) -> list[str]:
+    """Every row's prompt as text (prompt_text); with an environment class (env.name), the opening messages it
+    gives each row, through the chat template (a reset that fails is one error line naming the row)."""
+    if env_cls is None:
+        return [prompt_text(tokenizer, row, i, key) for i, row in enumerate(rows)]
+    return [render_prompt(tokenizer, messages) for messages in openings(env_cls, rows, timeout_s, key)]
 
 
 def _completion_text(tokenizer, completion) -> str:

@@ -116,11 +116,12 @@ def run_episodes(engine, tokenizer, env_cls, rows: list[dict], prompt_ids: list[
         turn_params = params if key is None else dataclasses.replace(
             params, noise_key=(key[0] + turn * TURN_NOISE, key[1], key[2]))
         out = engine.generate(ids.to(device), mask.to(device), turn_params)
-        lengths = out.response_mask.sum(-1).long().tolist()
+        # to the host once a turn (the environments read text): ids, log-probs, lengths and stop flags as lists
+        lengths, sampled, logprobs, stopped = (x.tolist() for x in (out.response_mask.sum(-1).long(), out.response_ids,
+                                                                    out.logprobs, out.stopped))
         going = []
         for i, b in enumerate(live):
-            sampled = out.response_ids[i, :lengths[i]].tolist()
-            if _play_turn(games[b], tokenizer, sampled, out.logprobs[i, :lengths[i]].tolist(), bool(out.stopped[i]),
+            if _play_turn(games[b], tokenizer, sampled[i][:lengths[i]], logprobs[i][:lengths[i]], stopped[i],
                           turn + 1 == max_turns, max_sequence - params.max_new_tokens, timeout_s):
                 going.append(b)
         live = going

@@ -174,20 +174,19 @@ class RolloutSide:
         chosen = step_prompts[part * self.prompts_per_rank:(part + 1) * self.prompts_per_rank]
         rows = [self.train_rows[i] for i in chosen for _ in range(K)]
         prompts = [self.train_prompts[i] for i in chosen for _ in range(K)]
-        prompt_ids, prompt_mask = data.left_pad([self.train_prompt_ids[i] for i in chosen for _ in range(K)],
-                                                self.tokenizer.pad_token_id)
+        prompt_ids = [self.train_prompt_ids[i] for i in chosen for _ in range(K)]
         params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k,
                                 cfg.rollout.top_p, noise_key=(cfg.seed, step, (draw * self.learners + part)
                                                               * self.rows_per_rank))
         self.engine.sync_weights(self.policy)
         with distributed.gathered(self.policy), self.precision.autocast():  # FSDP2: ranks stop at different lengths
             if self.env_cls is not None:  # multi-turn: every live episode a turn a generate call (episodes.py)
-                rollout = run_episodes(self.engine, self.tokenizer, self.env_cls, rows,
-                                       [self.train_prompt_ids[i] for i in chosen for _ in range(K)], params,
+                rollout = run_episodes(self.engine, self.tokenizer, self.env_cls, rows, prompt_ids, params,
                                        cfg.env.turns(self.env_cls), self.max_sequence, cfg.env.timeout_s,
                                        self.dev_policy)
             else:
-                rollout = self.engine.generate(prompt_ids.to(self.dev_policy), prompt_mask.to(self.dev_policy), params)
+                ids, mask = data.left_pad(prompt_ids, self.tokenizer.pad_token_id)
+                rollout = self.engine.generate(ids.to(self.dev_policy), mask.to(self.dev_policy), params)
         return rows, prompts, rollout
 
     # ---------------------------------------------------------------- 2. rewards and frozen log-probs

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import data, envs
+from rlhf_cli import data
 from rlhf_cli.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController,
                                  FixedKLController, aggregate, bind, kl_k1, local_units, masked_mean, masked_sum,
                                  pack, pack_index, rank_share, token_rewards, unpack,
@@ -209,10 +209,7 @@ class RLRecipe:
         loop.check_batch_fits(cfg, self.rt.world_size, len(train_rows))
         # a `prompt` column (text or messages) or a `messages` conversation without its last assistant turn; with
         # an environment: its opening messages for the row (envs.openings: a reset that fails is one error line)
-        train_prompts, eval_prompts = ([data.prompt_text(tokenizer, r, i, key) for i, r in enumerate(rows)]
-                                       if self.env_cls is None else
-                                       [data.render_prompt(tokenizer, m) for m in
-                                        envs.openings(self.env_cls, rows, cfg.env.timeout_s, key)]
+        train_prompts, eval_prompts = (data.prompt_texts(tokenizer, rows, key, self.env_cls, cfg.env.timeout_s)
                                        for rows, key in ((train_rows, "data.train"), (eval_rows, "data.eval")))
         room = self.max_sequence - cfg.rollout.max_new_tokens  # a prompt's tokens: cut from the left beyond it
         train_prompt_ids = [data.cut_left(data.encode_prompt(tokenizer, p), room, tokenizer) for p in train_prompts]
