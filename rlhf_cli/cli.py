@@ -35,6 +35,7 @@ EXIT_USAGE = 2
 STAGES = {
     "sft": ("rlhf_cli.stages.sft", "supervised fine-tuning on prompt/completion or chat rows"),
     "train-rm": ("rlhf_cli.stages.train_rm", "reward model from prompt/chosen/rejected pairs"),
+    "dpo": ("rlhf_cli.stages.dpo", "direct preference optimisation of a policy from the pairs (DPO, IPO, SimPO)"),
     "rl": ("rlhf_cli.stages.rl", "REINFORCE, A2C or PPO against reward models and rule rewards"),
 }
 TOOLS = {  # commands beside the stages: each module has main(args)

@@ -149,6 +149,41 @@ def test_train_rm_two_ranks_end_to_end_equal_one_rank(tmp_path):
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "ddp" / "final")
 
 
+# ---------------------------------------------------------------- dpo
+
+
+def test_dpo_two_ranks_equal_one_rank_and_fsdp_equals_ddp(tmp_path):
+    """Two ranks of 4 pairs take the step one rank of 8 takes: the reference log-probs (each rank computes every
+    other pair, then all-reduce) and the update. FSDP2 shards the same update."""
+    args = [*COMMON, "eval.every=2", "optim.lr=3e-3"]
+    runs = {"ddp": torchrun(2, "dpo", f"output_dir={tmp_path / 'ddp'}", "batch_size=4", *args, cwd=tmp_path),
+            "one": run_cli("dpo", f"output_dir={tmp_path / 'one'}", "batch_size=8", *args, cwd=tmp_path),
+            "fsdp": torchrun(2, "dpo", f"output_dir={tmp_path / 'fsdp'}", "batch_size=4", "device.distributed=fsdp",
+                             *args, cwd=tmp_path)}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    assert text(runs["ddp"]).count("global batch 8 = 4 x 1 accum x 2 ranks") == 1
+    kept = {name: load_file(tmp_path / name / "reference_logprobs.safetensors") for name in runs}
+    for name in ("ddp", "fsdp"):
+        for key in kept["one"]:
+            torch.testing.assert_close(kept[name][key], kept["one"][key], atol=1e-5, rtol=1e-5)
+    # Adam turns a parameter's near-zero gradient (fp32 reordering noise) into an lr-sized step, so the updates
+    # are compared as vectors (a max over entries shows ~2% there), and the losses and gradient norms exactly
+    base, one_w, ddp_w = weights(tmp_path / "one" / "base"), weights(tmp_path / "one"), weights(tmp_path / "ddp")
+    assert max(float((w - base[k]).abs().max()) for k, w in one_w.items()) > 1e-3  # it trained
+    assert relative_l2(ddp_w, one_w, base) < 1e-3
+    assert relative_l2(weights(tmp_path / "fsdp"), ddp_w, base) < 1e-3
+    rows = {name: [r for r in metric_rows(tmp_path / name) if r["kind"] == "train"] for name in runs}
+    for r2, r1, rf in zip(rows["ddp"], rows["one"], rows["fsdp"], strict=True):
+        for key in ("loss", "pair_accuracy", "margin", "grad_norm"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r2["step"], key)
+            assert rf[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), (rf["step"], key)
+    assert_rank0_wrote_once(tmp_path / "ddp", 3)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final")  # a plain HF dir, gathered
+
+
 # ---------------------------------------------------------------- rl: one update, resume, world size
 
 

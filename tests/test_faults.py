@@ -102,18 +102,18 @@ if plan:
 # The phases of the recipes the injector kills inside: the loop (`train`), a training step (RL: its
 # steps 1-4), an evaluation. Qualified method names of the recipe classes in rlhf_cli/stages/.
 RECIPE_PHASES = {
-    "train": ["SFTRecipe.train", "RewardModelRecipe.train", "RLRecipe.train"],
-    "step": ["SFTRecipe.train_step", "RewardModelRecipe.train_step", "RLRecipe.rollout", "RLRecipe.score",
-             "RLRecipe.advantages", "RLRecipe.update"],
-    "eval": ["SFTRecipe.evaluate", "RewardModelRecipe.evaluate", "RLRecipe.evaluate"],
+    "train": ["SFTRecipe.train", "RewardModelRecipe.train", "DPORecipe.train", "RLRecipe.train"],
+    "step": ["SFTRecipe.train_step", "RewardModelRecipe.train_step", "DPORecipe.train_step", "RLRecipe.rollout",
+             "RLRecipe.score", "RLRecipe.advantages", "RLRecipe.update"],
+    "eval": ["SFTRecipe.evaluate", "RewardModelRecipe.evaluate", "DPORecipe.evaluate", "RLRecipe.evaluate"],
 }
 INJECTOR = INJECTOR.replace("if plan:", f"PHASES = {RECIPE_PHASES!r}\nif plan:", 1)
 
 
 def test_the_injectors_phases_are_methods_of_the_recipes():
-    from rlhf_cli.stages import rl, sft, train_rm
+    from rlhf_cli.stages import dpo, rl, sft, train_rm
 
-    classes = {c.__name__: c for c in (sft.SFTRecipe, train_rm.RewardModelRecipe, rl.RLRecipe)}
+    classes = {c.__name__: c for c in (sft.SFTRecipe, train_rm.RewardModelRecipe, dpo.DPORecipe, rl.RLRecipe)}
     for names in RECIPE_PHASES.values():
         for name in names:
             cls, method = name.split(".")
@@ -126,6 +126,8 @@ STAGE_ARGS = {
                           "model.max_length=64", "optim.warmup_steps=0", *COMMON],
     "train-rm": lambda model: [f"model.path={model}", "data.num_train=32", "data.num_eval=8", "batch_size=4",
                                "model.max_length=96", "optim.warmup_steps=0", *COMMON],
+    "dpo": lambda model: [f"model.path={model}", "data.num_train=32", "data.num_eval=4", "batch_size=4",
+                          "model.max_length=96", "optim.warmup_steps=0", *COMMON],
     "rl": lambda model: [f"policy.path={model}", "reward.functions=[faultrewards:digits]", "data.num_train=16",
                          "data.num_eval=4", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
                          "rollout.max_new_tokens=8", *COMMON],
@@ -333,7 +335,7 @@ def run_chain(stage, tmp: Path, model_dir, injector, seed: int, kills: int, refe
 
 
 def run_chains(tmp, model_dir, injector, kills, references, stops: dict) -> list[dict]:
-    """The three stages' chains side by side (each a sequence of launches); failures re-raised."""
+    """The four stages' chains side by side (each a sequence of launches); failures re-raised."""
     results, errors = {}, {}
 
     def one(stage):
@@ -359,7 +361,7 @@ def run_chains(tmp, model_dir, injector, kills, references, stops: dict) -> list
 
 def test_kill_9_sigterm_and_sigint_at_random_moments_end_bit_identical(tmp_path, tiny_model_dir, injector, reference):
     # one stop signal per stage here (each loop checks the same flag); the slow variant sends both everywhere
-    stops = {"sft": ("SIGTERM",), "train-rm": ("SIGINT",), "rl": ("SIGTERM",)}
+    stops = {"sft": ("SIGTERM",), "train-rm": ("SIGINT",), "dpo": ("SIGINT",), "rl": ("SIGTERM",)}
     results = run_chains(tmp_path, tiny_model_dir, injector, 5, reference, stops)
     for r in results:
         assert r["kills"] >= 5

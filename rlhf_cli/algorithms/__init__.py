@@ -57,7 +57,7 @@ from rlhf_cli.algorithms.losses import (
     value_loss,
 )
 from rlhf_cli.algorithms.offpolicy import truncated_importance_weights, vtrace
-from rlhf_cli.algorithms.preference import PREFERENCE_LOSSES, chosen_nll, implicit_reward_gap
+from rlhf_cli.algorithms.preference import PREFERENCE_LOSSES, chosen_nll, implicit_reward_gap, implicit_rewards
 from rlhf_cli.algorithms.registry import Registry, bind, reads
 from rlhf_cli.algorithms.reward import pairwise_loss
 from rlhf_cli.algorithms.turns import pack, pack_index, unpack
@@ -70,6 +70,7 @@ __all__ = [
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
+    "implicit_rewards",
     "AdaptiveKLController",
     "FixedKLController",
     "Registry",

@@ -20,7 +20,7 @@ from rlhf_cli.algorithms.registry import Registry
 
 Tensor = torch.Tensor
 
-PREFERENCE_LOSSES = Registry("dpo.loss", "(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, "
+PREFERENCE_LOSSES = Registry("loss", "(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, "
                                          "rejected_tokens, *, <keys it reads>) -> (B,) losses", reference_free=False)
 
 
@@ -70,8 +70,23 @@ def simpo(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None, ref_rejec
     return -(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u)
 
 
-def chosen_nll(chosen: Tensor, chosen_tokens: Tensor) -> Tensor:
-    """The SFT term of RPO (Pang et al. 2024): the chosen responses' negative log-likelihood per token over the
-    batch, ``-sum_b chosen_b / sum_b L_c,b`` (scalar), TRL's `loss_type=["sigmoid", "sft"]` second term (the
-    cross-entropy mean over every chosen token). The recipe adds it weighted by its own key."""
-    return -chosen.sum() / chosen_tokens.sum().clamp(min=1)
+def chosen_nll(chosen: Tensor, tokens: Tensor | int) -> Tensor:
+    """The SFT term of RPO (Pang et al. 2024): the chosen responses' negative log-likelihood per token,
+    ``-sum_b chosen_b / N`` (scalar), TRL's `loss_type=["sigmoid", "sft"]` second term (the cross-entropy mean over
+    every chosen token). tokens: N, the batch's chosen tokens (an int, or (B,) counts summed); a step of several
+    micro-batches passes the whole batch's N to each, so their terms add up to the batch's. The recipe adds it
+    weighted by `sft_weight`."""
+    total = tokens.sum().clamp(min=1) if isinstance(tokens, Tensor) else max(1, tokens)
+    return -chosen.sum() / total
+
+
+def implicit_rewards(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
+                     chosen_tokens: Tensor, rejected_tokens: Tensor, *, beta: float,
+                     reference_free: bool) -> tuple[Tensor, Tensor]:
+    """The rewards a loss compares, (B,) each, for the logs and held-out metrics: DPO's implicit reward
+    ``beta (log pi(y|x) - log pi_ref(y|x))`` (Rafailov et al. 2023, eq. 5; TRL's `rewards/chosen`), or for a
+    reference-free loss SimPO's ``beta / |y| log pi(y|x)`` (Meng et al. 2024, eq. 4). A pair is ranked right when
+    the chosen one's is higher; their gap is the reward margin (TRL's `rewards/margins`)."""
+    if reference_free:
+        return beta * chosen / chosen_tokens.clamp(min=1), beta * rejected / rejected_tokens.clamp(min=1)
+    return beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)

@@ -33,12 +33,18 @@ FAMILIES = [("loss", r"loss$"), ("reward", r"(score|reward)"), ("KL", r"(^|_)kl$
             ("accuracy", r"(accuracy|pass@\d+|maj@\d+)$"), ("length", r"(_len|_chars|_tokens)$")]
 SKIP = re.compile(r"^(first_mb_|time_)")
 MAX_PANELS = 24
-STAGE_ORDER = ("sft", "train-rm", "rl")
+STAGE_ORDER = ("sft", "train-rm", "dpo", "rl")
 # the y label of a (stage, metric) panel where the bare name would mislead
 MEANINGS = {
     ("sft", "loss"): "next-token cross-entropy (completion tokens)",
     ("sft", "eval_loss"): "held-out next-token cross-entropy",
     ("sft", "eval_accuracy"): "held-out generation accuracy (eval.rule)",
+    ("dpo", "loss"): "preference loss (+ sft_weight x chosen NLL)",
+    ("dpo", "eval_loss"): "held-out preference loss",
+    ("dpo", "pair_accuracy"): "pairs ranked right by the implicit reward (train batch)",
+    ("dpo", "eval_pair_accuracy"): "held-out pairs ranked right by the implicit reward",
+    ("dpo", "eval_margin"): "held-out reward margin (chosen - rejected)",
+    ("dpo", "eval_accuracy"): "held-out generation accuracy (eval.rule)",
     ("train-rm", "loss"): "Bradley-Terry pairwise loss + centering",
     ("train-rm", "bt_loss"): "Bradley-Terry pairwise loss",
     ("train-rm", "eval_loss"): "held-out Bradley-Terry loss",

@@ -1,7 +1,7 @@
 """The typed schema of every stage: dataclasses registered in Hydra's ConfigStore.
 
     fields.py   doc() and the range checks      groups.py   the groups every stage shares
-    stages.py   sft / train-rm / rl schemas     ignored.py  keys a run sets that its options do not read
+    stages.py   sft / train-rm / dpo / rl         ignored.py  keys a run sets that its options do not read
     tools.py    rlhf eval / generate / label    origin.py   a model built from a config or pretrained, and
                 settings and their parser                   the defaults each takes (recorded in `derived`)
 
@@ -23,7 +23,7 @@ from rlhf_cli.config.ignored import *  # noqa: F403
 from rlhf_cli.config.stages import *  # noqa: F403
 from rlhf_cli.config.stages import STAGE_SCHEMAS
 
-STAGE_CONFIG_NAMES = {"sft": "sft", "train-rm": "train_rm", "rl": "rl"}
+STAGE_CONFIG_NAMES = {"sft": "sft", "train-rm": "train_rm", "dpo": "dpo", "rl": "rl"}
 
 
 def register_configs() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rlhf_cli.config.fields import leaf_keys
-from rlhf_cli.config.stages import STAGE_SCHEMAS, AlgorithmConfig
+from rlhf_cli.config.stages import STAGE_SCHEMAS, AlgorithmConfig, DPOConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _trust_region(cfg) -> bool:
     return POLICY_LOSSES.trait(cfg.algorithm.name, "trust_region")
 
 
-# The one table of what the recipes read only under some options (rl.py, sft.py, train_rm.py, loop.py,
+# The one table of what the recipes read only under some options (rl.py, sft.py, train_rm.py, dpo.py, loop.py,
 # data.py); the algorithm keys that only some registered estimators and losses read are added from
 # their signatures (_registry_rules). A key the user sets while its rule does not hold is ignored.
 READ_WHEN = [
@@ -90,11 +90,27 @@ def _registry_rules() -> list[ReadWhen]:
     return rules
 
 
+def _preference_rules() -> list[ReadWhen]:
+    """dpo: a loss key (label_smoothing, gamma) is read only by the registered losses whose signature names it."""
+    import inspect
+
+    from rlhf_cli.algorithms import PREFERENCE_LOSSES
+
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    readers: dict[str, list[str]] = {}
+    for option, fn in PREFERENCE_LOSSES.items():
+        for param in set(inspect.signature(fn).parameters) & fields:
+            readers.setdefault(param, []).append(option)
+    return [ReadWhen((key,), lambda c, who=who: c.loss in who, " or ".join(f"loss={o}" for o in sorted(who)),
+                     lambda c: f"loss={c.loss}")
+            for key, who in sorted(readers.items()) if len(who) < len(PREFERENCE_LOSSES)]
+
+
 def ignored_keys(stage: str, cfg, overrides: list[str]) -> list[str]:
     """One warning line per key=value the user set (command line or config file) that this config's
     options do not read, naming the key, the option that would read it and the one in force."""
     keys = set(leaf_keys(STAGE_SCHEMAS[stage]))
-    rules = READ_WHEN + (_registry_rules() if stage == "rl" else [])
+    rules = READ_WHEN + (_registry_rules() if stage == "rl" else _preference_rules() if stage == "dpo" else [])
     lines = []
     for override in overrides:
         key, _, value = override.lstrip("+").partition("=")

@@ -1,4 +1,4 @@
-"""The stages' schemas: sft, train-rm and rl (with rl's own groups), and their cross-field checks."""
+"""The stages' schemas: sft, train-rm, dpo and rl (with rl's own groups), and their cross-field checks."""
 
 from __future__ import annotations
 
@@ -128,6 +128,75 @@ class TrainRMConfig(StageConfig):
 
         limit = self.model.max_length
         pairs, dropped = tokenize_pairs(tokenizer, rows, limit, key, self.margin_from_data)
+        return len(pairs), f"{dropped} dropped as longer than model.max_length={limit}"
+
+
+# beta by loss when it is left null: TRL's DPOTrainer default (0.1) for the losses on implicit rewards; SimPO's
+# paper range (2.0-2.5; TRL's CPOTrainer example) for its length-normalised log-probs, a scale 10-100x smaller
+BETA_BY_LOSS = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    output_dir: str = doc("runs/dpo", "run directory: config, metrics, checkpoints, reference log-probs, final/ "
+                                      "(reruns resume)")
+    seed: int = doc(0, "seed of every random generator")
+    max_steps: Optional[int] = doc(None, "optimizer steps; null with epochs null = by what the model is: 300 built "
+                                         "from a config, 1 epoch pretrained (docs/dpo.md)")
+    epochs: Optional[float] = doc(None, "epochs over data.train when max_steps is null")
+    batch_size: int = doc(32, "preference pairs per optimizer step per device (x optim.grad_accum); forwards run "
+                              "in micro-batches of micro_batch_tokens")
+    micro_batch_tokens: Optional[int] = doc(None, "padded tokens per forward+backward micro-batch (a pair's two rows "
+                                                  "together, gradients accumulated: the update is unchanged); null = "
+                                                  "derived from the device's free memory and the model's size")
+    loss: str = doc("sigmoid", "the preference loss by name: sigmoid (DPO; with label_smoothing, conservative DPO), "
+                               "ipo, simpo (reference-free) (rlhf_cli/algorithms/preference.py)")
+    beta: Optional[float] = doc(None, "the loss's inverse temperature (KL strength); null = by loss: 0.1 for "
+                                      "sigmoid and ipo, 2.0 for simpo")
+    label_smoothing: float = doc(0.0, "sigmoid / simpo: the share of pairs assumed mislabelled (cDPO); 0 = plain")
+    gamma: float = doc(0.5, "simpo: the target reward margin")
+    sft_weight: float = doc(0.0, "weight of the chosen responses' per-token NLL added to the loss (RPO; 0 = off)")
+    log_every: int = doc(10, "log metrics every N steps")
+    model: ModelConfig = doc(ModelConfig, "the policy to train; its starting weights are the reference")
+    data: DataConfig = doc(DataConfig, "prompt/chosen/rejected rows (train-rm's formats)")
+    optim: OptimConfig = doc(OptimConfig, "optimizer and schedule")
+    eval: EvalConfig = doc(EvalConfig, "held-out evaluation: the pairs' ranking, and eval.rule on their prompts")
+    checkpoint: CheckpointConfig = doc(CheckpointConfig, "resumable checkpoints")
+    logging: LoggingConfig = doc(LoggingConfig, "where metrics go: metrics.jsonl always, TensorBoard / W&B by choice")
+    device: DeviceConfig = doc(DeviceConfig, "device placement")
+    lora: LoRAConfig = doc(LoRAConfig, "LoRA adapters (lora.r > 0) instead of full fine-tuning")
+
+    def __post_init__(self):
+        from rlhf_cli import algorithms  # here, not at the top: `rlhf --help` and config docs need no torch
+
+        check_choice("loss", self.loss, algorithms.PREFERENCE_LOSSES)
+        self.check_common("dpo", sft_weight=True, gamma=True)
+        check_positive("beta", self.beta)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5): the share of pairs taken "
+                              f"as mislabelled; e.g. label_smoothing=0.1")
+        if self.beta is None:
+            self.beta = BETA_BY_LOSS[self.loss]
+            self.derived.append(f"beta={self.beta:g}")
+        check_room("eval.max_new_tokens", self.eval.max_new_tokens, "model.max_length", self.model.max_length)
+
+    data_kind = "pairs"
+
+    @property
+    def reference_free(self) -> bool:
+        from rlhf_cli import algorithms
+
+        return algorithms.PREFERENCE_LOSSES.trait(self.loss, "reference_free")
+
+    def step_takes(self, world_size: int, n_train: int) -> tuple[int, str, str, str]:
+        per_step, _, keys, fix = super().step_takes(world_size, n_train)
+        return per_step, "pairs", keys, fix
+
+    def usable_rows(self, tokenizer, rows: list[dict], key: str, stop_ids) -> tuple[int, str]:
+        from rlhf_cli import data
+
+        limit = self.model.max_length
+        pairs, dropped = data.tokenize_preference(tokenizer, rows, limit, key, stop_ids())
         return len(pairs), f"{dropped} dropped as longer than model.max_length={limit}"
 
 
@@ -475,4 +544,4 @@ class RLConfig(StageConfig):
                            f"rollout.max_new_tokens; cut from the left)")
 
 
-STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "rl": RLConfig}
+STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "dpo": DPOConfig, "rl": RLConfig}

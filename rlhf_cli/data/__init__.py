@@ -531,6 +531,37 @@ def tokenize_sft(tokenizer, rows: list[dict], max_length: int, key: str,
     return examples, truncated
 
 
+@dataclass
+class PairExample:
+    """One tokenized preference pair for a policy (dpo): the prompt with each response as a completion ending at
+    its stop token, tokenized as sft tokenizes a row (tokenize_sft), so a pair's log-probs are those of what the
+    policy would generate."""
+    chosen: Example
+    rejected: Example
+
+    @property
+    def length(self) -> int:
+        return max(self.chosen.length, self.rejected.length)
+
+
+def tokenize_preference(tokenizer, rows: list[dict], max_length: int, key: str,
+                        stop_ids: list[int] | None = None) -> tuple[list[PairExample], int]:
+    """Pair rows (train-rm's formats) -> (pairs, number dropped). A pair longer than max_length is dropped, not
+    cut: a cut response's log-prob is that of another response, and cutting both can remove the tokens that differ."""
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
+    pairs, dropped = [], 0
+    for i, row in enumerate(rows):
+        prompt, chosen, rejected = split_pair_row(tokenizer, row, i, key)
+        p = encode_prompt(tokenizer, prompt)
+        pair = PairExample(*(Example(p, end_of_turn(tokenizer, encode(tokenizer, text), stop_ids))
+                             for text in (chosen, rejected)))
+        if pair.length > max_length:
+            dropped += 1
+            continue
+        pairs.append(pair)
+    return pairs, dropped
+
+
 def packed_batch(examples: list[Example], row_length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Pack examples into rows of `row_length` tokens (first-fit decreasing).
 

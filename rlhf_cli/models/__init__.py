@@ -26,6 +26,7 @@ from rlhf_cli.training.runtime import DTYPES
 CAUSAL_LM, REWARD_MODEL, CLASSIFIER, EITHER = "causal LM", "reward model", "classifier", "either"
 EXPECTED_KINDS = {
     "sft": {"model.path": CAUSAL_LM},
+    "dpo": {"model.path": CAUSAL_LM},
     "train-rm": {"model.path": EITHER},
     "rl": {"policy.path": CAUSAL_LM, "reference.path": CAUSAL_LM, "reward.model.path": REWARD_MODEL,
            "critic.path": EITHER},

@@ -259,6 +259,32 @@ def chunked_logprobs(transform, flat_h: torch.Tensor, flat_t: torch.Tensor, temp
     return logprobs, entropy
 
 
+def completion_logprobs(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y_t | prefix) of every completion token of a right-padded or packed batch (`data.padded_batch`,
+    `data.packed_batch`: input_ids, labels with -100 off the completion, attention_mask, position_ids) ->
+    ((N,) float32 in row-major order, (R, L-1) bool: where each sits, as targets of positions 0..L-2).
+
+    Only completion positions go through the LM head, in chunks (chunked_logprobs): no (R, L, V) logits are held
+    and prompt positions cost no head at all. A head not reproduced there (and FSDP2's root) takes the model's
+    own full logits. sft's loss is minus their sum; dpo sums them per row."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    targets = batch.pop("labels")[:, 1:]  # (R, L-1)
+    scored = targets != -100
+    found = None if distributed.is_sharded(model) else head_inputs(model, None, **batch)
+    if found is None:
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()  # (R, L-1, V)
+        return -F.cross_entropy(logits[scored], targets[scored], reduction="none"), scored
+    hidden, transform = found  # (R, L, H)
+    logprobs, _ = chunked_logprobs(transform, hidden[:, :-1][scored], targets[scored])
+    return logprobs, scored
+
+
+def row_sums(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(N,) values laid out where `where` (R, L) is true, row-major -> (R,) each row's sum (0 for none)."""
+    rows = where.nonzero()[:, 0]
+    return values.new_zeros(where.shape[0]).index_add(0, rows, values)
+
+
 def _head_logits(inner, head):
     """hidden (N, H) -> the logits the model's forward returns for them: its LM head, then the
     transforms transformers' causal LMs apply after it (Gemma 2/3 final softcapping, Cohere's

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_cli import data
 from rlhf_cli.config import origin
@@ -23,7 +22,7 @@ from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
 from rlhf_cli.models import (check_generation_fits, check_models, load_causal_lm, model_and_tokenizer,
                              position_limit, stop_token_ids)
-from rlhf_cli.models.logprobs import chunked_logprobs, head_inputs
+from rlhf_cli.models.logprobs import completion_logprobs
 from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
 from rlhf_cli.training.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.training.precision import Precision
@@ -31,23 +30,9 @@ from rlhf_cli.training.tracking import Throughput, Tracker
 
 
 def token_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over completion tokens (labels != -100) and their count.
-
-    Only the completion positions go through the LM head, in chunks (logprobs.chunked_logprobs): no (R, L, V)
-    logits are held, and prompt positions cost no head at all. A head not reproduced there (and FSDP2's root)
-    takes the model's own full logits."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch.pop("labels")
-    targets = labels[:, 1:]  # (R, L-1)
-    scored = targets != -100
-    found = None if distributed.is_sharded(model) else head_inputs(model, None, **batch)
-    if found is None:
-        logits = model(**batch, use_cache=False).logits[:, :-1].float()  # (R, L-1, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                               reduction="sum")
-        return loss, int(scored.sum())
-    hidden, transform = found  # (R, L, H)
-    logprobs, _ = chunked_logprobs(transform, hidden[:, :-1][scored], targets[scored])  # (N,) over completion tokens
+    """Summed next-token cross-entropy over completion tokens (labels != -100) and their count
+    (logprobs.completion_logprobs: the LM head over completion positions only, in chunks)."""
+    logprobs, scored = completion_logprobs(model, batch, device)
     return -logprobs.sum(), int(scored.sum())
 
 

@@ -56,18 +56,12 @@ def pair_scores(scorer, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor
     return scores.chunk(2)
 
 
-def pair_groups(pairs: list[Pair], tokens: int) -> list[list[int]]:
-    """Indices of pairs in micro-batches of at most `tokens` padded tokens: a pair is two rows (chosen and
-    rejected, in one forward), so pairs are grouped by length within half the budget."""
-    return memory.split_by_tokens([p.length for p in pairs], max(1, tokens // 2))
-
-
 @torch.no_grad()
 def evaluate_pairs(scorer, pairs: list[Pair], tokens: int, pad_id: int, device) -> dict:
     """Held-out pairwise accuracy (ties count half), mean margin r_c - r_r, BT loss, score mean/std."""
     scorer.eval()
     chosen, rejected, margins = [], [], []
-    for group in pair_groups(pairs, tokens):
+    for group in memory.pair_groups([p.length for p in pairs], tokens):
         batch = pair_batch([pairs[i] for i in group], pad_id)
         c, r = pair_scores(scorer, batch, device)
         chosen.append(c.cpu())
@@ -188,7 +182,7 @@ class RewardModelRecipe:
         chunks = [indices[i:i + cfg.batch_size] for i in range(0, global_batch, cfg.batch_size)]
         mine = [self.train_pairs[i] for chunk in chunks[rt.rank::rt.world_size] for i in chunk]  # ... its own pairs
         sums = torch.zeros(4, dtype=torch.float64)  # pair-weighted loss, bt_loss, accuracy, margin
-        groups = memory.same_count_everywhere(rt, self.ddp_scorer, pair_groups(mine, self.memory.tokens))
+        groups = memory.same_count_everywhere(rt, self.ddp_scorer, memory.pair_groups([p.length for p in mine], self.memory.tokens))
         for micro, (group, counts) in enumerate(groups):
             batch = pair_batch([mine[i] for i in group], self.pad_id)
             sync = micro == len(groups) - 1

@@ -268,6 +268,13 @@ def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
     return groups
 
 
+def pair_groups(lengths: list[int], tokens: int) -> list[list[int]]:
+    """Indices of pairs in micro-batches of at most `tokens` padded tokens: a pair is two rows (chosen and
+    rejected, in one forward: train-rm, dpo), so pairs (`lengths`: each pair's longer row) are grouped by length
+    within half the budget."""
+    return split_by_tokens(lengths, max(1, tokens // 2))
+
+
 def same_count_everywhere(rt, model, items: list) -> list[tuple[object, bool]]:
     """[(item, counts)]: this rank's micro-batches, and under FSDP2, where another rank has more, repeats of the
     first with counts=False (its loss weighted 0) so that every rank runs as many forwards: each forward gathers

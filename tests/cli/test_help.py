@@ -109,7 +109,7 @@ def bash_complete(line: str, tmp_path: Path) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
 def test_bash_completion_of_stages_groups_and_keys(tmp_path):
-    assert bash_complete("rlhf ", tmp_path)[:3] == ["sft", "train-rm", "rl"]
+    assert bash_complete("rlhf ", tmp_path)[:4] == ["sft", "train-rm", "dpo", "rl"]
     assert bash_complete("rlhf tr", tmp_path) == ["train-rm"]
     assert set(bash_complete("rlhf rl algorithm=", tmp_path)) == {"a2c", "ppo", "reinforce"}  # after bash's `=` break
     assert bash_complete("rlhf rl optim.l", tmp_path) == ["optim.lr="]

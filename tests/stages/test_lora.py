@@ -204,6 +204,39 @@ def test_lora_rl_reference_is_the_policy_with_adapters_off(sft_lora, rm_lora, tm
             assert torch.allclose(policy(input_ids=ids).logits, sft_merged(input_ids=ids).logits, atol=1e-5)
 
 
+def test_lora_dpo_reference_is_the_base_and_the_adapter_final_computes_the_runs_rewards(sft_lora, tmp_path):
+    """dpo with adapters: the kept reference log-probs are the adapter sft policy's own (adapters at B = 0 add
+    nothing), the first step's loss is log 2, and the final adapter, loaded with peft, ranks the held-out pairs
+    with the margin the run reported."""
+    from peft import AutoPeftModelForCausalLM
+
+    from rlhf_cli.models import stop_token_ids
+    from rlhf_cli.stages.dpo import REFERENCE_FILE, pair_logprobs
+
+    sft_final = sft_lora / "adapter" / "final"
+    out = tmp_path / "dpo"
+    proc = run_cli("dpo", f"model.path={sft_final}", f"output_dir={out}", "max_steps=3", *QUICK, *LORA,
+                   "lora.save=adapter", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert train_steps(out)[0]["pref_loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    tok = load_tokenizer(str(out / "final"), "model.path")
+    cfg = compose_config("dpo", [f"model.path={sft_final}", *QUICK])
+    _, eval_rows = data.stage_rows(cfg.data, "pairs", cfg.seed)
+    pairs, _ = data.tokenize_preference(tok, eval_rows, cfg.model.max_length, "data.eval",
+                                        stop_token_ids(tok, str(out / "base")))
+    policy = AutoPeftModelForCausalLM.from_pretrained(out / "final").eval()
+    kept = load_file(out / REFERENCE_FILE)
+    with torch.no_grad():
+        with policy.disable_adapter():  # the starting policy: the reference the run trained against
+            ref = pair_logprobs(policy, pairs, tok.pad_token_id, "cpu")
+        now = pair_logprobs(policy, pairs, tok.pad_token_id, "cpu")
+    torch.testing.assert_close(ref.chosen, kept["eval_chosen"], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ref.rejected, kept["eval_rejected"], atol=1e-4, rtol=1e-5)
+    margin = 0.1 * ((now.chosen - ref.chosen) - (now.rejected - ref.rejected))
+    assert float(margin.abs().max()) > 1e-4  # the adapters moved
+    assert manifest(out)["metrics"]["eval_margin"] == pytest.approx(float(margin.mean()), abs=1e-5)
+
+
 @pytest.mark.parametrize("overrides,fragment", [
     (["lora.r=-1"], "lora.r must be >= 0"),
     (["lora.r=4", "lora.target_modules=[q_proj,nosuch_proj]"], "lora.target_modules"),

@@ -81,6 +81,27 @@ def test_train_rm_on_the_real_checkpoint(chat_sums, tmp_path):
     assert 0 <= manifest["eval_accuracy"] <= 1 and manifest["score_std"] > 0
 
 
+def test_dpo_on_the_real_checkpoint(chat_sums, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = smollm2_dir()
+    proc = run_cli("dpo", f"model.path={model}", f"output_dir={tmp_path / 'dpo'}", f"data.train={chat_sums / 'pairs.jsonl'}",
+                   f"data.eval={chat_sums / 'pairs.jsonl'}", "data.eval_limit=4", "eval.max_new_tokens=6",
+                   f"eval.rule={RULE}", "batch_size=4", "max_steps=2", "log_every=1", *ONE_THREAD, cwd=chat_sums)
+    assert proc.returncode == 0, _out(proc)
+    lr = origin.BY_ORIGIN["dpo"]["optim.lr"][1]
+    assert f"dpo: optim.lr={lr:g}: the defaults for a pretrained model" in _out(proc)  # not the from-scratch rate
+    assert "reference log-probs of 44 pairs computed" in _out(proc) and "micro-batches of at most" in _out(proc)
+    train = read_metrics(tmp_path / "dpo", "train")
+    # step 1: the policy is its reference, so the loss is log 2 up to the rounding of another batching
+    assert abs(train[0]["pref_loss"] - 0.6931) < 1e-3 and train[0]["grad_norm"] > 0, train
+    # the chosen responses' per-token log-prob moves a little after an update at the pretrained rate, no wreck
+    assert abs(train[1]["logp_chosen"] - train[0]["logp_chosen"]) < 0.5, train
+    manifest = json.loads((tmp_path / "dpo" / "final" / "manifest.json").read_text())
+    assert manifest["metrics_before"]["eval_pair_accuracy"] == 0.5 and 0 <= manifest["metrics"]["eval_accuracy"] <= 1
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "final").config.vocab_size == 49152
+
+
 def test_rl_on_the_real_checkpoint_keeps_the_model_near_its_reference(chat_sums, tmp_path):
     model = smollm2_dir()
     proc = run_cli("rl", f"policy.path={model}", f"output_dir={tmp_path / 'rl'}",
