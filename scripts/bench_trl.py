@@ -11,6 +11,8 @@ so that both sides see the same machine load:
 
     sft                    rlhf sft                       vs SFTTrainer      samples/s
     train-rm               rlhf train-rm                  vs RewardTrainer   pairs/s
+    dpo                    rlhf dpo (sft_weight=0)        vs DPOTrainer      pairs/s (both with reference log-probs
+                           computed before the first step: TRL's precompute_ref_log_probs=True, ours always)
     generation             rollout.sample                vs model.generate  (what GRPO/RLOO/PPO call) tokens/s
                            64 distinct prompts, and 8 prompts x 8 samples (as GRPO / RLOO sample)
     reinforce group_norm   rlhf rl algorithm=reinforce    vs GRPOTrainer     completions/s
@@ -53,12 +55,14 @@ import bench  # noqa: E402  (scripts/bench.py: CLI runner, metrics, matmul peak)
 # Learning rates are our stages' defaults (constant schedule on both sides); the SFT run trains the policy
 # every later pair starts from, so responses stop at EOS as a trained policy's do.
 S = dict(sft_batch=32, sft_steps=20, sft_lr=6e-3, rm_batch=16, rm_steps=20, rm_lr=3e-3, max_length=160,
+         dpo_batch=16, dpo_steps=20, dpo_lr=3e-4, dpo_pairs=1000,
          rl_prompts=8, rl_k=8, ppo_prompts=64, ppo_epochs=2, ppo_minibatches=2, rl_steps=8, rl_lr=3e-4,
          max_new_tokens=40, temperature=1.0, kl_coef=0.02, gen_batch=64)
 # A real checkpoint (--model): the pretrained defaults' learning rates (rlhf_cli/config/origin.py) and a CPU-sized batch.
-S_MODEL = dict(S, sft_batch=8, sft_steps=5, sft_lr=2e-5, rm_batch=8, rm_steps=5, rm_lr=1e-5, rl_prompts=8, rl_k=4,
+S_MODEL = dict(S, sft_batch=8, sft_steps=5, sft_lr=2e-5, rm_batch=8, rm_steps=5, rm_lr=1e-5, dpo_batch=8, dpo_steps=5,
+               dpo_lr=5e-6, dpo_pairs=64, rl_prompts=8, rl_k=4,
                ppo_prompts=16, rl_steps=5, rl_lr=1e-5, gen_batch=32)
-TARGETS = {"sft": 2.0, "train-rm": 2.0, "generation": 3.0, "generation, 8 prompts x 8": 3.0, "reinforce group_norm / GRPO": 2.0,
+TARGETS = {"sft": 2.0, "train-rm": 2.0, "dpo / DPOTrainer": 1.5, "generation": 3.0, "generation, 8 prompts x 8": 3.0, "reinforce group_norm / GRPO": 2.0,
            "reinforce rloo / RLOO": 2.0, "ppo / PPO": 4.0, "ppo critic.init=shared / PPO": 4.0}
 # on a real checkpoint (--model): issue 28's bars
 TARGETS_MODEL = {**{k: 1.5 for k in TARGETS}, "generation": 2.0, "generation, 8 prompts x 8": 2.0, "ppo / PPO": 2.0,
@@ -146,6 +150,17 @@ def trl_worker(kind: str, root: Path, device: str) -> dict:
                                 processing_class=tok, callbacks=[timer])
         trainer.train()
         result["samples_per_s"] = S["rm_batch"] / _step_s(timer.times)
+    elif kind == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in task.preference_rows(S["dpo_pairs"], seed=0)]
+        args = DPOConfig(**_trl_common(out_dir, S["dpo_steps"], S["dpo_batch"], S["dpo_lr"], device),
+                         max_length=S["max_length"], beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True)
+        model = load_causal_lm(str(root / "sft" / "final"), "model", device=dev)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok, callbacks=[timer])
+        trainer.train()
+        result["samples_per_s"] = S["dpo_batch"] / _step_s(timer.times)
     elif kind in ("grpo", "rloo"):
         from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -289,7 +304,7 @@ def ours(stage: str, root: Path, name: str, device: str, *overrides: str) -> dic
     precision = f"device.autocast={'bf16' if device.startswith('cuda') else 'none'}"
     mem = bench.cli(stage, f"output_dir={name}", *overrides, f"device={device}", precision, "eval.every=100000",
                     "checkpoint.every=100000", "log_every=1", "data.eval_limit=16", cwd=root)
-    batch = {"sft": S["sft_batch"], "train-rm": S["rm_batch"]}.get(stage)
+    batch = {"sft": S["sft_batch"], "train-rm": S["rm_batch"], "dpo": S["dpo_batch"]}.get(stage)
     if batch is None:  # rl: rows per step from the overrides
         kv = dict(o.split("=", 1) for o in overrides)
         batch = int(kv["rollout.prompts_per_step"]) * int(kv["rollout.samples_per_prompt"])
@@ -328,8 +343,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads on both sides (OMP_NUM_THREADS); default: torch's default")
     parser.add_argument("--model", help="an HF model dir every pair starts from (default: a tiny model built here)")
-    parser.add_argument("--only", default="sft,train-rm,generation,grpo,rloo,ppo",
-                        help="comma-separated subset of: sft, train-rm, generation, grpo, rloo, ppo")
+    parser.add_argument("--only", default="sft,train-rm,dpo,generation,grpo,rloo,ppo",
+                        help="comma-separated subset of: sft, train-rm, dpo, generation, grpo, rloo, ppo")
     args = parser.parse_args()
     try:
         import trl
@@ -366,6 +381,9 @@ def main() -> None:
                     f"model.max_length={S['max_length']}", f"optim.lr={S['sft_lr']}", *constant]
         rm_args = ["model.path=sft/final", f"batch_size={S['rm_batch']}", f"max_steps={S['rm_steps']}",
                    f"model.max_length={S['max_length']}", f"optim.lr={S['rm_lr']}", *constant, "center_coef=0.01"]
+        dpo_args = ["model.path=sft/final", f"batch_size={S['dpo_batch']}", f"max_steps={S['dpo_steps']}",
+                    f"data.num_train={S['dpo_pairs']}", f"model.max_length={S['max_length']}", f"optim.lr={S['dpo_lr']}",
+                    *constant, "loss=sigmoid", "beta=0.1", "sft_weight=0"]
         rl_common = ["policy.path=sft/final", f"max_steps={S['rl_steps']}",
                      f"rollout.max_new_tokens={S['max_new_tokens']}", f"rollout.temperature={S['temperature']}",
                      f"kl.coef={S['kl_coef']}", f"optim.lr={S['rl_lr']}", *constant]
@@ -374,6 +392,7 @@ def main() -> None:
         specs = {  # name -> (our stage, our overrides, TRL worker)
             "sft": ("sft", sft_args, "sft"),
             "train-rm": ("train-rm", rm_args, "rm"),
+            "dpo / DPOTrainer": ("dpo", dpo_args, "dpo"),
             "reinforce group_norm / GRPO": ("rl", [*rl_common, *group, "algorithm=reinforce",
                                                    "algorithm.baseline=group_norm"], "grpo"),
             "reinforce rloo / RLOO": ("rl", [*rl_common, *group, "algorithm=reinforce",
@@ -385,14 +404,14 @@ def main() -> None:
         }
         for name, (stage, overrides, worker) in specs.items():
             compare = worker in only or name in only
-            if not compare and stage == "rl":
+            if not compare and stage in ("rl", "dpo"):
                 continue
             runs_ours, runs_trl = [], []
             variants = VARIANTS.get(name, []) if compare else []
             runs_variants: dict[str, list[dict]] = {v: [] for v, _ in variants}
             for r in range(args.repeats if compare else 1):  # sft and train-rm also make the later pairs' models
                 log(f"{name}: ours (repeat {r + 1})")
-                run_name = {"sft": "sft", "train-rm": "rm"}.get(stage, f"rl-{worker}")
+                run_name = {"sft": "sft", "train-rm": "rm", "dpo": "dpo"}.get(stage, f"rl-{worker}")
                 runs_ours.append(ours(stage, root, run_name, args.device, *overrides))
                 for variant, extra in variants:
                     log(f"{variant}: ours (repeat {r + 1})")
@@ -443,7 +462,8 @@ def print_table(results: dict) -> None:
                          ("ours / TRL", "right"), ("target", "right"), ("peak MB ours / TRL", "right")):
         table.add_column(col, justify=justify)
     for name, p in results["pairs"].items():
-        key, unit = {"sft": ("samples_per_s", "seqs/s"), "train-rm": ("samples_per_s", "pairs/s")}.get(
+        key, unit = {"sft": ("samples_per_s", "seqs/s"), "train-rm": ("samples_per_s", "pairs/s"),
+                     "dpo / DPOTrainer": ("samples_per_s", "pairs/s")}.get(
             name, ("tokens_per_s", "tokens/s") if name.startswith("generation") else ("samples_per_s", "compl./s"))
         mem = " / ".join(f"{p[s].get('peak_cuda_mb', p[s]['peak_rss_mb']):,.0f}" for s in ("ours", "trl"))
         ok = "[green]" if p["ratio"] >= p["target"] else "[red]"

@@ -13,8 +13,9 @@ read back when done), so a suite run's SFT and RL cells are reused. Every stage 
 
 - SFT -> DPO: `rlhf dpo` on the task's preference pairs (pairs_train.jsonl, the pairs the RM trains on).
 - SFT -> iterated DPO: ROUNDS rounds of `rlhf generate` (SAMPLES responses to each training prompt from the last
-  policy) -> `rlhf label judge=rule` (the task's RL reward; pairs=best_worst) -> `rlhf dpo` from the last policy
-  on that round's pairs alone (its reference: the round's starting policy).
+  policy, up to 100 new tokens as the stages' evaluation) -> `rlhf label judge=rule` (the task's RL reward;
+  pairs=best_worst; responses cut at the limit left out) -> `rlhf dpo` from the last policy on that round's
+  pairs alone (its reference: the round's starting policy).
 - SFT -> RM -> RL: train-rm, then `rlhf rl reward=rm` (REINFORCE by default, `--algorithm`).
 
 Held-out accuracy is each final stage's own greedy evaluation by the task's exact-match rule on the 200 held-out
@@ -92,7 +93,8 @@ def task_row(runs: Path, task: str, args, log) -> dict:
         gens, pairs = base / f"gens{k}.jsonl", base / f"pairs{k}.jsonl"
         prompts = first_rows(d / "prompts_train.jsonl", args.prompts)
         cpu["iterated"] += tool(gens, ["generate", f"model.path={policy / 'final'}", f"data.prompts={prompts}",
-                                       f"samples_per_prompt={args.samples}", f"seed={k}", f"output={gens}", *COMMON,
+                                       f"samples_per_prompt={args.samples}", f"seed={k}", f"output={gens}",
+                                       "max_new_tokens=100", *COMMON,
                                        *args.gen_args.split()], log)
         cpu["iterated"] += tool(pairs, ["label", f"input={gens}", "judge=rule", f"reward.functions=[{t.reward}]",
                                         "pairs=best_worst", f"output={pairs}", *COMMON], log)

@@ -12,7 +12,8 @@ the conversation, how it ended).
 The first step of the RLHF loop (docs/loop.md): sample the policy, then `rlhf label`
 the responses, then `rlhf train-rm` on the pairs. One JSONL row per prompt: the row's
 own columns, `prompt` as the text the model saw (message lists rendered through the
-chat template) and `responses`, a list of K strings.
+chat template), `responses`, a list of K strings, and `stopped`, K flags: whether each response ended at a
+stop token (false: cut at max_new_tokens, an unfinished answer `rlhf label` leaves out of its pairs).
 
 Resumable: rows are appended and flushed (fsync) as each batch of prompts finishes.
 A rerun with the same settings continues after the last complete row (a line torn
@@ -219,14 +220,14 @@ def generate(cfg: GenerateToolConfig) -> None:
             for first in range(0, len(batches), rt.world_size):  # one batch per rank, then rank 0 appends them in order
                 mine = batches[first + rt.rank] if first + rt.rank < len(batches) else None
                 texts = (sample_batch(engine, tokenizer, prompts, mine, cfg, rt.device, positions, rows, env_cls)
-                         if mine else ([], None))
+                         if mine else ([], {}))
                 gathered = rt.all_gather_object((mine, texts))
                 if rt.is_main:
                     with open(output, "a", encoding="utf-8") as f:
-                        for bounds, (batch_texts, episodes) in gathered:
+                        for bounds, (batch_texts, extra) in gathered:
                             if bounds:
                                 append_rows(f, batch_rows(rows, prompts, bounds, batch_texts, cfg.samples_per_prompt,
-                                                          episodes))
+                                                          extra))
                 last = max(b[1] for b, _ in gathered if b)
                 say(f"  {last}/{len(rows)} prompts ({time.time() - t0:.1f} s)", markup=False)
         say(f"wrote {output}: {len(rows)} prompts x {cfg.samples_per_prompt} responses", markup=False)
@@ -245,11 +246,13 @@ def grid_batches(start: int, n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def sample_batch(engine, tokenizer, prompts: list[str], bounds: tuple[int, int], cfg: GenerateToolConfig,
-                 device, positions: int | None, rows: list[dict], env_cls=None) -> tuple[list[str], list | None]:
+                 device, positions: int | None, rows: list[dict], env_cls=None) -> tuple[list[str], dict[str, list]]:
     """K responses for each prompt of prompts[start:end], flat: response j of prompt i at (i - start) * K + j.
     Prompts are tokenized as rl and eval do (one BOS where the tokenizer adds one), cut from the left to fit
-    the model's positions with the responses. With an environment, K episodes a prompt: their last assistant
-    turns, and each episode's summary (turns, rewards, conversation); else (texts, None)."""
+    the model's positions with the responses. -> (texts, {column: one value a response}): with an environment,
+    K episodes a prompt, their last assistant turns and `episodes` (each one's turns, rewards, conversation);
+    else `stopped` (whether each response ended at a stop token, not cut at max_new_tokens: rlhf label pairs
+    finished responses only)."""
     from rlhf_cli import data
     from rlhf_cli.engines.episodes import run_episodes
     from rlhf_cli.engines.rollout import SamplingParams, decode_responses
@@ -266,14 +269,16 @@ def sample_batch(engine, tokenizer, prompts: list[str], bounds: tuple[int, int],
         rollout = run_episodes(engine, tokenizer, env_cls, [rows[i] for i in range(start, end) for _ in range(K)],
                                [e for e in encoded for _ in range(K)], params, cfg.env.turns(env_cls),
                                positions or 1 << 30, cfg.env.timeout_s, device)  # no position limit: none
-        return decode_responses(tokenizer, rollout), [e.summary() for e in rollout.episodes]
-    return decode_responses(tokenizer, engine.generate(ids.to(device), mask.to(device), params)), None
+        return decode_responses(tokenizer, rollout), {"episodes": [e.summary() for e in rollout.episodes]}
+    rollout = engine.generate(ids.to(device), mask.to(device), params)
+    return decode_responses(tokenizer, rollout), {"stopped": rollout.stopped.tolist()}
 
 
 def batch_rows(rows: list[dict], prompts: list[str], bounds: tuple[int, int], texts: list[str], K: int,
-               episodes: list | None = None) -> list[dict]:
-    """One row a prompt: its columns, the prompt text, its K responses (and K episodes, with an environment)."""
+               extra: dict[str, list] | None = None) -> list[dict]:
+    """One row a prompt: its columns, the prompt text, its K responses, and K values of each `extra` column
+    (`stopped`; `episodes` with an environment)."""
     start, end = bounds
     return [{**rows[i], "prompt": prompts[i], "responses": texts[(i - start) * K:(i - start + 1) * K],
-             **({"episodes": episodes[(i - start) * K:(i - start + 1) * K]} if episodes is not None else {})}
+             **{key: values[(i - start) * K:(i - start + 1) * K] for key, values in (extra or {}).items()}}
             for i in range(start, end)]

@@ -98,6 +98,11 @@ def check_generation_row(row, spec: str, lineno: int) -> None:
         raise DataError(f"{where}: `responses` must be a list of strings (got {type(responses).__name__})")
     if len(responses) < 2:
         raise DataError(f"{where} has {len(responses)} response(s); a pair needs >= 2: generate with samples_per_prompt>=2")
+    stopped = row.get("stopped")
+    if stopped is not None and (not isinstance(stopped, list) or len(stopped) != len(responses)
+                                or not all(isinstance(x, bool) for x in stopped)):
+        raise DataError(f"{where}: `stopped` must be one true/false a response ({len(responses)}), as rlhf generate "
+                        f"writes it; fix or drop the column")
     if not isinstance(row.get("prompt"), str):
         raise DataError(f"{where}: `prompt` must be the prompt text (got {type(row.get('prompt')).__name__})")
 
@@ -111,7 +116,7 @@ def rule_scores(rows: list[dict], functions: list[str]) -> list[list[float]]:
 
     sources = rule_sources(functions)
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
-    others = [{k: v for k, v in row.items() if k != "responses"} for row in rows for _ in row["responses"]]
+    others = [{k: v for k, v in row.items() if k not in ("responses", "stopped")} for row in rows for _ in row["responses"]]
     try:
         flat = sum(s.score(prompts, [r for row in rows for r in row["responses"]], others).values for s in sources)
     except UserError as e:
@@ -167,19 +172,30 @@ def rm_scores(rows: list[dict], rm) -> list[list[float]]:
     return regroup(rows, rm.score(prompts, [r for row in rows for r in row["responses"]], rows).values.tolist())
 
 
-def make_pairs(rows: list[dict], scores: list[list[float]], pairs: str, margin: bool) -> list[dict]:
-    """prompt/chosen/rejected rows where the judge's scores differ (and the texts do). An empty response (a policy
-    that stopped at once) is left out of every pair: train-rm refuses an empty side as a missing text."""
+def finished(row: dict, unfinished: str = "drop") -> list[int]:
+    """Indices of the row's responses a pair may use: not empty, and (unfinished=drop) not cut at max_new_tokens
+    (a row without `stopped`, from an older rlhf generate or another tool, counts every response as stopped)."""
+    stopped = row.get("stopped") if unfinished == "drop" and row.get("stopped") else [True] * len(row["responses"])
+    return [i for i, (response, done) in enumerate(zip(row["responses"], stopped)) if response.strip() and done]
+
+
+def make_pairs(rows: list[dict], scores: list[list[float]], pairs: str, margin: bool,
+               unfinished: str = "drop") -> list[dict]:
+    """prompt/chosen/rejected rows where the judge's scores differ (and the texts do). Left out of every pair: an
+    empty response (a policy that stopped at once: train-rm refuses an empty side as a missing text) and one cut at
+    max_new_tokens (`stopped` false in rlhf generate's row: an unfinished answer; dpo would teach the policy to
+    stop where it was cut, and a reward model to rank a fragment; unfinished=keep pairs them)."""
     out = []
     for row, per in zip(rows, scores):
-        real = [i for i, response in enumerate(row["responses"]) if response.strip()]
+        real = finished(row, unfinished)
         if pairs == "best_worst":
             best = max(real, key=lambda i: per[i], default=None)
             worst = min(real, key=lambda i: per[i], default=None)
             candidates = [(best, worst)] if real else []
         else:
             candidates = list(permutations(real, 2))
-        other = {k: v for k, v in row.items() if k not in ("prompt", "responses", "chosen", "rejected", "margin")}
+        other = {k: v for k, v in row.items()
+                 if k not in ("prompt", "responses", "stopped", "chosen", "rejected", "margin")}
         for i, j in candidates:
             if per[i] > per[j] and row["responses"][i] != row["responses"][j]:
                 pair = {"prompt": row["prompt"], "chosen": row["responses"][i], "rejected": row["responses"][j]}
@@ -202,7 +218,7 @@ def label(rows: list[dict], output: Path, cfg: LabelToolConfig) -> None:
     for per in scores:
         if not all(math.isfinite(s) for s in per):
             raise UserError("judge: a score is not finite (NaN or inf); check the reward model or rule functions")
-    pairs = make_pairs(rows, scores, cfg.pairs, cfg.margin)
+    pairs = make_pairs(rows, scores, cfg.pairs, cfg.margin, cfg.unfinished)
     judged = len(pairs)
     if cfg.mine == "disagree" and pairs:
         prompts, rows_of = [p["prompt"] for p in pairs], [{} for _ in pairs]
@@ -216,9 +232,13 @@ def label(rows: list[dict], output: Path, cfg: LabelToolConfig) -> None:
     write_rows(output, pairs)
     ties = sum(1 for per in scores if max(per) == min(per))
     empty = sum(1 for row in rows for response in row["responses"] if not response.strip())
+    cut = 0 if cfg.unfinished == "keep" else sum(
+        1 for row in rows for response, done in zip(row["responses"], row.get("stopped") or []) if response.strip() and not done)
     console.print(f"wrote {output}: {len(pairs)} pairs from {len(rows)} prompts (judge={cfg.judge}, "
                   f"pairs={cfg.pairs}; {ties} prompts had no score difference"
-                  f"{f'; {empty} empty responses left out' if empty else ''})", markup=False, soft_wrap=True)
+                  f"{f'; {empty} empty responses left out' if empty else ''}"
+                  f"{f'; {cut} responses cut at max_new_tokens left out (generate with more max_new_tokens)' if cut else ''})",
+                  markup=False, soft_wrap=True)
 
 
 def write_rows(output: Path, rows: list[dict]) -> None:

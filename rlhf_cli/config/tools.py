@@ -218,6 +218,9 @@ class LabelToolConfig:
     pairs: str = doc("best_worst", "pairs per prompt: best_worst (one) or all (every pair the judge orders); "
                                    "judge=human: best_worst shows responses 0 and 1, all every pair")
     margin: bool = doc(False, "write the judge's score gap as `margin` (rule and rm)")
+    unfinished: str = doc("drop", "responses rlhf generate cut at max_new_tokens (`stopped` false): drop (left out "
+                                  "of every pair, counted: dpo would teach the policy to stop where the cut was) or "
+                                  "keep")
     mine: str = doc("none", "none, or disagree: keep only pairs reward.model.path does not rank the judge's way")
     batch_size: int = doc(64, "responses per reward-model forward")
     port: int = doc(8765, "judge=human: the page's port on 127.0.0.1")
@@ -229,6 +232,7 @@ class LabelToolConfig:
     def __post_init__(self):
         check_choice("judge", self.judge, ("rule", "rm", "human"))
         check_choice("pairs", self.pairs, ("best_worst", "all"))
+        check_choice("unfinished", self.unfinished, ("drop", "keep"))
         check_choice("mine", self.mine, ("none", "disagree"))
         check_choice("reward.model.dtype", self.reward.model.dtype, ("fp32", "bf16", "fp16"))
         check_positive("batch_size", self.batch_size)

@@ -25,6 +25,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from helpers import ONE_THREAD, write_jsonl, write_text
 
+KEEP = "unfinished=keep"  # pair responses cut at max_new_tokens too (the untrained model's run to the limit)
 # 24 prompts, one per batch: a kill lands between batches; 24 tokens so responses differ in length
 GEN = ["data.num_prompts=24", "samples_per_prompt=3", "max_new_tokens=24", "batch_size=1", "seed=5", *ONE_THREAD]
 RULES = '''
@@ -168,7 +169,8 @@ def test_generate_refuses_a_file_it_did_not_write_and_a_reward_model(root, rewar
 
 def test_label_rule_best_worst_and_all_pairs_follow_the_rule(gens, root):
     rows = read_rows(gens)
-    best = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "margin=true",
+    # unfinished=keep: the untrained model's responses run to max_new_tokens; the pairing itself is tested here
+    best = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "margin=true", KEEP,
                f"output={root / 'bw.jsonl'}", cwd=root)
     assert best.returncode == 0, best.stdout + best.stderr
     pairs = read_rows(root / "bw.jsonl")
@@ -179,7 +181,7 @@ def test_label_rule_best_worst_and_all_pairs_follow_the_rule(gens, root):
         assert (pair["prompt"], pair["answer"]) == (row["prompt"], row["answer"])
         assert len(pair["chosen"]) == max(lengths) and len(pair["rejected"]) == min(lengths)
         assert pair["margin"] == max(lengths) - min(lengths)
-    every = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "pairs=all",
+    every = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "pairs=all", KEEP,
                 f"output={root / 'all.jsonl'}", cwd=root)
     assert every.returncode == 0, every.stdout + every.stderr
     expected = [(p["prompt"], p["chosen"], p["rejected"]) for p in longer_pairs(rows)]
@@ -196,7 +198,7 @@ def test_label_rm_judge_and_mining_the_reward_models_disagreements(gens, root, r
     from rlhf_cli.models import load_scalar_head_model, load_tokenizer
     from rlhf_cli.models.scoring import score_texts
 
-    mined = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "pairs=all",
+    mined = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "pairs=all", KEEP,
                 "mine=disagree", f"reward.model.path={reward_model}", f"output={root / 'mined.jsonl'}", *ONE_THREAD,
                 cwd=root)
     assert mined.returncode == 0, mined.stdout + mined.stderr
@@ -214,7 +216,7 @@ def test_label_rm_judge_and_mining_the_reward_models_disagreements(gens, root, r
     assert kept and not any(rm_prefers_chosen(kept))  # every kept pair is one the RM gets wrong
     wrong = [p for p, right in zip(judged, rm_prefers_chosen(judged)) if not right]
     assert [(p["chosen"], p["rejected"]) for p in kept] == [(p["chosen"], p["rejected"]) for p in wrong]  # all kept
-    by_rm = cli("label", f"input={gens}", "judge=rm", f"reward.model.path={reward_model}", "margin=true",
+    by_rm = cli("label", f"input={gens}", "judge=rm", f"reward.model.path={reward_model}", "margin=true", KEEP,
                 f"output={root / 'rm_pairs.jsonl'}", *ONE_THREAD, cwd=root)
     assert by_rm.returncode == 0, by_rm.stdout + by_rm.stderr
     pairs = read_rows(root / "rm_pairs.jsonl")
@@ -383,3 +385,86 @@ def test_label_leaves_empty_responses_out_of_pairs(root):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "2 empty responses left out" in proc.stdout + proc.stderr
         assert [(p["prompt"], p["chosen"], p["rejected"]) for p in read_rows(root / f"empty_{pairs}.jsonl")] == expected
+
+
+def test_generate_flags_responses_cut_at_the_limit_and_label_leaves_them_out(root, gens):
+    """`stopped` says which responses ended at the stop token; label pairs those only (unfinished=drop, the
+    default) and counts the rest: a cut answer would teach dpo to stop mid-answer."""
+    rows = read_rows(gens)  # the untrained model at max_new_tokens=24: most run to the limit, a few emit EOS
+    flags = [x for r in rows for x in r["stopped"]]
+    assert all(len(r["stopped"]) == 3 for r in rows) and any(flags) and not all(flags)
+    proc = cli("label", f"input={gens}", "judge=rule", "reward.functions=[looprules:length]", "pairs=all",
+               f"output={root / 'stop_pairs.jsonl'}", cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cut = sum(1 for r in rows for t, d in zip(r["responses"], r["stopped"]) if t.strip() and not d)
+    assert f"{cut} responses cut at max_new_tokens left out" in " ".join((proc.stdout + proc.stderr).split())
+    done = [{"prompt": r["prompt"], "responses": [t for t, d in zip(r["responses"], r["stopped"]) if d]} for r in rows]
+    expected = [(p["prompt"], p["chosen"], p["rejected"]) for p in longer_pairs(done)]
+    pairs = read_rows(root / "stop_pairs.jsonl")
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == expected
+    assert all("stopped" not in p for p in pairs)
+    bad = write_jsonl(root / "bad_stopped.jsonl", [{"prompt": "p", "responses": ["a", "b"], "stopped": [True]}])
+    assert_one_line_error(cli("label", f"input={bad}", "judge=rule", "reward.functions=[looprules:length]",
+                              f"output={root / 'never.jsonl'}", cwd=root), "`stopped` must be one true/false")
+
+
+# ---------------------------------------------------------------- iterated DPO (scripts/dpo_loop.mk)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+def test_the_dpo_loop_continues_each_round_from_the_last_policy_on_its_own_pairs(tmp_path):
+    """`make -n`: sft -> dpo0, then per round generate from dpo{k-1} -> label -> dpo{k} from dpo{k-1} on that
+    round's pairs, every dpo measured on the same held-out pairs; each command composes as the stage or tool would."""
+    import shlex
+
+    from rlhf_cli.commands import compose, generate, label
+    from rlhf_cli.config.tools import parse_overrides
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(repo / "scripts" / "dpo_loop.mk"), "ROUNDS=2",
+                           f"RUNS={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+    commands = [shlex.split(line) for line in lines if line.startswith("rlhf ")]
+    assert [c[1] for c in commands] == ["sft", "dpo"] + ["generate", "label", "dpo"] * 2
+    for command in commands:
+        name, args = command[1], command[2:]
+        if name in ("generate", "label"):
+            parse_overrides({"generate": generate.GenerateToolConfig, "label": label.LabelToolConfig}[name], args, name)
+        else:
+            compose.compose_all(name, args, multirun=False)
+    dpo = [c for c in commands if c[1] == "dpo"]
+    assert f"model.path={tmp_path}/sft/final" in dpo[0]
+    for k in (1, 2):
+        assert f"model.path={tmp_path}/dpo{k - 1}/final" in dpo[k] and f"data.train={tmp_path}/pairs{k}.jsonl" in dpo[k]
+        gen = [c for c in commands if c[1] == "generate"][k - 1]
+        assert f"model.path={tmp_path}/dpo{k - 1}/final" in gen
+    assert all(f"data.eval={tmp_path}/pairs_eval.jsonl" in c for c in dpo)
+    bad = subprocess.run(["make", "-n", "-f", str(repo / "scripts" / "dpo_loop.mk"), "JUDGE=rm"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "JUDGE=rm needs REWARD_MODEL=" in bad.stderr
+
+
+@pytest.mark.slow  # ~2.5 minutes of CPU: out of the default run (make test-slow runs it)
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+def test_the_dpo_loop_runs_a_round_end_to_end_and_reports_it(tmp_path):
+    """One real round at a few steps a stage: the rule labels the policy's own samples, dpo1 trains on them from
+    dpo0, and the report has a row per run."""
+    repo = Path(__file__).resolve().parents[2]
+    quick = "eval.every=1000 eval.max_new_tokens=48 device.threads=1"
+    env = {**os.environ, "RLHF_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    proc = subprocess.run(["make", "--no-print-directory", "-f", str(repo / "scripts" / "dpo_loop.mk"), "ROUNDS=1",
+                           f"RUNS={tmp_path}", f"RLHF={sys.executable} -m rlhf_cli", f"PYTHON={sys.executable}",
+                           f"SFT_ARGS=max_steps=300 data.num_train=4000 data.num_eval=16 {quick}",
+                           f"DPO_ARGS=max_steps=4 batch_size=2 {quick}",
+                           "GEN_ARGS=data.num_prompts=48 max_new_tokens=48", "all", "report"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    pairs = [json.loads(line) for line in (tmp_path / "pairs1.jsonl").read_text().splitlines()]
+    assert pairs and all({"prompt", "chosen", "rejected", "answer"} <= set(p) for p in pairs)
+    manifest = json.loads((tmp_path / "dpo1" / "final" / "manifest.json").read_text())
+    assert manifest["pairs"]["train"] + manifest["pairs"]["dropped_train"] == len(pairs)  # every pair, none held out
+    assert manifest["parent_model"] == f"{tmp_path}/dpo0/final"
+    report = (tmp_path / "report.md").read_text().splitlines()
+    assert [r.split("|")[1].strip() for r in report[2:]] == ["sft", "dpo0", "dpo1"]

@@ -93,7 +93,7 @@ def test_dpo_learns_against_the_starting_checkpoint_and_final_reloads_with_plain
                    "data.num_eval=100", "eval.every=30", *ONE_THREAD, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert "optim.lr=0.0001: the defaults for a model built from a config" in out
+    assert "optim.lr=0.0003, sft_weight=1: the defaults for a model built from a config" in out
     assert "beta=0.1: the default for loss=sigmoid" in out and "reference log-probs of 2100 pairs computed" in out
     manifest = json.loads((run / "final" / "manifest.json").read_text())
     before, after = manifest["metrics_before"], manifest["metrics"]
