@@ -60,7 +60,7 @@ S = dict(sft_batch=32, sft_steps=20, sft_lr=6e-3, rm_batch=16, rm_steps=20, rm_l
          max_new_tokens=40, temperature=1.0, kl_coef=0.02, gen_batch=64)
 # A real checkpoint (--model): the pretrained defaults' learning rates (rlhf_cli/config/origin.py) and a CPU-sized batch.
 S_MODEL = dict(S, sft_batch=8, sft_steps=5, sft_lr=2e-5, rm_batch=8, rm_steps=5, rm_lr=1e-5, dpo_batch=8, dpo_steps=5,
-               dpo_lr=5e-6, dpo_pairs=64, rl_prompts=8, rl_k=4,
+               dpo_lr=1e-5, dpo_pairs=64, rl_prompts=8, rl_k=4,
                ppo_prompts=16, rl_steps=5, rl_lr=1e-5, gen_batch=32)
 TARGETS = {"sft": 2.0, "train-rm": 2.0, "dpo / DPOTrainer": 1.5, "generation": 3.0, "generation, 8 prompts x 8": 3.0, "reinforce group_norm / GRPO": 2.0,
            "reinforce rloo / RLOO": 2.0, "ppo / PPO": 4.0, "ppo critic.init=shared / PPO": 4.0}
@@ -151,16 +151,7 @@ def trl_worker(kind: str, root: Path, device: str) -> dict:
         trainer.train()
         result["samples_per_s"] = S["rm_batch"] / _step_s(timer.times)
     elif kind == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in task.preference_rows(S["dpo_pairs"], seed=0)]
-        args = DPOConfig(**_trl_common(out_dir, S["dpo_steps"], S["dpo_batch"], S["dpo_lr"], device),
-                         max_length=S["max_length"], beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True)
-        model = load_causal_lm(str(root / "sft" / "final"), "model", device=dev)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok, callbacks=[timer])
-        trainer.train()
-        result["samples_per_s"] = S["dpo_batch"] / _step_s(timer.times)
+        result["samples_per_s"] = _trl_dpo(root, out_dir, tok, timer, device)
     elif kind in ("grpo", "rloo"):
         from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -202,6 +193,25 @@ def trl_worker(kind: str, root: Path, device: str) -> dict:
     else:
         raise ValueError(kind)
     return result
+
+
+def _trl_dpo(root: Path, out_dir: Path, tok, timer, device: str) -> float:
+    """DPOTrainer on the embedded pairs from the SFT policy, reference log-probs computed before the first step
+    (precompute_ref_log_probs: the work our dpo does) -> pairs/s."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhf_cli import task
+    from rlhf_cli.models import load_causal_lm
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in task.preference_rows(S["dpo_pairs"], seed=0)]
+    args = DPOConfig(**_trl_common(out_dir, S["dpo_steps"], S["dpo_batch"], S["dpo_lr"], device),
+                     max_length=S["max_length"], beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True)
+    model = load_causal_lm(str(root / "sft" / "final"), "model", device=torch.device(device))
+    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[timer])
+    trainer.train()
+    return S["dpo_batch"] / _step_s(timer.times)
 
 
 def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:

@@ -50,7 +50,7 @@ BY_ORIGIN = {
             "device.autocast": ("none", "none")},
     "train-rm": {"optim.lr": (1e-3, 1e-5), "max_steps": (2000, None), "epochs": (1.0, 1.0),
                  "device.autocast": ("none", "none")},
-    "dpo": {"optim.lr": (3e-4, 5e-6), "sft_weight": (1.0, 1.0), "device.autocast": ("none", "none")},
+    "dpo": {"optim.lr": (3e-4, 1e-5), "sft_weight": (1.0, 1.0), "device.autocast": ("none", "none")},
     "rl": {"optim.lr": (3e-4, 1e-5), "device.autocast": ("none", bf16_where_fast)},
 }
 

@@ -24,7 +24,6 @@ import torch
 
 from rlhf_cli import data
 from rlhf_cli.algorithms import PREFERENCE_LOSSES, bind, chosen_nll, implicit_rewards
-from rlhf_cli.config import origin
 from rlhf_cli.engines.rollout import make_engine
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
@@ -210,19 +209,12 @@ class DPORecipe:
             f"{rt.world_size} ranks, {self.total_steps} steps, device {rt.device} ({self.precision.describe()}"
             + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
             + (f", resuming at step {step}" if step else ""))
-        say(f"dpo: {self.memory.describe()}")
+        loop.announce_plan("dpo", say, self)
         say(f"dpo: {reference_said}")
-        if origin.describe("dpo", cfg, cfg.model.path):
-            say(origin.describe("dpo", cfg, cfg.model.path))
         if any(d.startswith("beta=") for d in cfg.derived):
             say(f"dpo: beta={cfg.beta:g}: the default for loss={cfg.loss} (set beta to override)")
-        if self.adapters:
-            say(f"dpo: {self.adapters.describe()}")
-        for key, dropped, kept in (("training", self.train_dropped, self.train_pairs),
-                                   ("held-out", self.eval_dropped, self.eval_pairs)):
-            if dropped:
-                say(f"dpo: dropped {dropped} of {dropped + len(kept)} {key} pairs longer than "
-                    f"model.max_length={cfg.model.max_length} tokens (raise model.max_length to keep them)")
+        loop.say_dropped_pairs("dpo", say, cfg.model.max_length, [("training", self.train_dropped, self.train_pairs),
+                                                                  ("held-out", self.eval_dropped, self.eval_pairs)])
 
     # ---------------------------------------------------------------- train
     def train(self) -> dict:
@@ -321,13 +313,10 @@ class DPORecipe:
                       "dropped_train": self.train_dropped, "dropped_eval": self.eval_dropped}}
         checkpoint.save_final(run_dir, rt, self.model, self.tokenizer, manifest,  # collective; rank 0 writes
                               hf_model=self.adapters.final_model() if self.adapters else None)
-        results, before = last.metrics, before.metrics
-        table = {}
-        for key, what in (("eval_pair_accuracy", "pairs ranked right"), ("eval_margin", "reward margin"),
-                          ("eval_accuracy", "accuracy (eval.rule)")):
-            if key in results:
-                table[f"held-out {what} before"] = before.get(key, "(resumed)")
-                table[f"held-out {what} after"] = results[key]
+        results = last.metrics
+        table = loop.before_after(results, before.metrics, {"eval_pair_accuracy": "pairs ranked right",
+                                                            "eval_margin": "reward margin",
+                                                            "eval_accuracy": "accuracy (eval.rule)"})
         loop.report("dpo", rt, self.tracker, run_dir, table, self.step, self.t_start, "held-out samples (greedy)",
                     last.samples)
         return results

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import data
-from rlhf_cli.config import origin
 from rlhf_cli.engines.rollout import make_engine
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
@@ -121,11 +120,7 @@ class SFTRecipe:
             f"{self.total_steps} steps, device {rt.device} ({self.precision.describe()}"
             + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
             + (f", resuming at step {step}" if step else ""))
-        self.tracker.message(f"sft: {self.memory.describe()}")
-        if origin.describe("sft", cfg, cfg.model.path):
-            self.tracker.message(origin.describe("sft", cfg, cfg.model.path))
-        if self.adapters:
-            self.tracker.message(f"sft: {self.adapters.describe()}")
+        loop.announce_plan("sft", self.tracker.message, self)
         if self.truncated:
             self.tracker.message(f"sft: {self.truncated} training rows were longer than model.max_length="
                                  f"{cfg.model.max_length} and were truncated")
@@ -194,12 +189,8 @@ class SFTRecipe:
         manifest = loop.final_manifest(self, "sft", last, before) | lora.manifest_entry(self.adapters)
         checkpoint.save_final(run_dir, rt, self.model, self.tokenizer, manifest,  # collective; rank 0 writes
                               hf_model=self.adapters.final_model() if self.adapters else None)
-        results, before = last.metrics, before.metrics
-        table = {}
-        for key in ("eval_loss", "eval_accuracy"):
-            if key in results:
-                table[f"held-out {key[5:]} before"] = before.get(key, "(resumed)")
-                table[f"held-out {key[5:]} after"] = results[key]
+        results = last.metrics
+        table = loop.before_after(results, before.metrics, {"eval_loss": "loss", "eval_accuracy": "accuracy"})
         loop.report("sft", rt, self.tracker, run_dir, table, self.step, self.t_start, "held-out samples (greedy)",
                     last.samples)
         return results

@@ -22,7 +22,6 @@ import torch
 
 from rlhf_cli import data
 from rlhf_cli.algorithms.reward import pairwise_loss
-from rlhf_cli.config import origin
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
 from rlhf_cli.models import check_models, load_scalar_head_model, model_and_tokenizer
@@ -158,16 +157,10 @@ class RewardModelRecipe:
                         f"ranks, {self.total_steps} steps, device {rt.device} ({self.precision.describe()}"
                         + (f", {cfg.device.distributed}" if rt.distributed else "") + ")"
                         + (f", resuming at step {step}" if step else ""))
-        tracker_message(f"train-rm: {self.memory.describe()}")
-        if origin.describe("train-rm", cfg, cfg.model.path):
-            tracker_message(origin.describe("train-rm", cfg, cfg.model.path))
-        if self.adapters:
-            tracker_message(f"train-rm: {self.adapters.describe()}")
-        for key, dropped, kept in (("training", self.train_dropped, self.train_pairs),
-                                   ("held-out", self.eval_dropped, self.eval_pairs)):
-            if dropped:
-                tracker_message(f"train-rm: dropped {dropped} of {dropped + len(kept)} {key} pairs longer than "
-                                f"model.max_length={cfg.model.max_length} tokens (raise model.max_length to keep them)")
+        loop.announce_plan("train-rm", tracker_message, self)
+        loop.say_dropped_pairs("train-rm", tracker_message, cfg.model.max_length,
+                               [("training", self.train_dropped, self.train_pairs),
+                                ("held-out", self.eval_dropped, self.eval_pairs)])
 
     # ---------------------------------------------------------------- train
     def train(self) -> dict:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from rlhf_cli.config import origin
 from rlhf_cli.errors import DataError, UserError
 from rlhf_cli.training import checkpoint, optim, runtime, signals
 from rlhf_cli.training.checkpoint import RunDir
@@ -157,6 +158,36 @@ def report(stage: str, rt, tracker, run_dir: RunDir, table: dict, step: int, t_s
         tracker.samples(samples_title, samples)
         tracker.table(f"{stage} results", table)
     tracker.close()
+
+
+def announce_plan(stage: str, say, recipe) -> None:
+    """The log lines every trained-model stage opens with after its batch line: the memory plan, the by-origin
+    defaults the run took, the LoRA adapters."""
+    say(f"{stage}: {recipe.memory.describe()}")
+    said = origin.describe(stage, recipe.cfg, recipe.cfg.trained_model.path)
+    if said:
+        say(said)
+    if recipe.adapters:
+        say(f"{stage}: {recipe.adapters.describe()}")
+
+
+def say_dropped_pairs(stage: str, say, max_length: int, splits: list[tuple[str, int, list]]) -> None:
+    """One line a split (what, dropped, kept) that lost pairs longer than model.max_length (train-rm, dpo)."""
+    for what, dropped, kept in splits:
+        if dropped:
+            say(f"{stage}: dropped {dropped} of {dropped + len(kept)} {what} pairs longer than "
+                f"model.max_length={max_length} tokens (raise model.max_length to keep them)")
+
+
+def before_after(results: dict, before: dict, rows: dict[str, str]) -> dict:
+    """The closing table's rows: for each logged key (-> its words) the held-out value before and after training
+    (a resumed run's before is not known)."""
+    table = {}
+    for key, what in rows.items():
+        if key in results:
+            table[f"held-out {what} before"] = before.get(key, "(resumed)")
+            table[f"held-out {what} after"] = results[key]
+    return table
 
 
 @dataclass

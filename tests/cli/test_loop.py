@@ -75,6 +75,19 @@ def longer_pairs(rows: list[dict]) -> list[dict]:
             for i, j in permutations(range(len(r["responses"])), 2) if len(r["responses"][i]) > len(r["responses"][j])]
 
 
+def assert_each_composes(commands: list[list[str]]) -> None:
+    """Every `rlhf ...` command line a Makefile prints composes as its stage or tool would (a bad key raises)."""
+    from rlhf_cli.commands import compose, generate, label
+    from rlhf_cli.config.tools import parse_overrides
+
+    for command in commands:
+        name, args = command[1], command[2:]
+        if name in ("generate", "label"):
+            parse_overrides({"generate": generate.GenerateToolConfig, "label": label.LabelToolConfig}[name], args, name)
+        else:
+            compose.compose_all(name, args, multirun=False)
+
+
 # ---------------------------------------------------------------- generate
 
 
@@ -294,10 +307,6 @@ def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
     """`make -n` prints the loop's commands in order; each composes against its schema (no model, no files)."""
     import shlex
 
-    from rlhf_cli.commands import generate, label
-    from rlhf_cli.commands import compose
-    from rlhf_cli.config.tools import parse_overrides
-
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(repo / "scripts" / "loop.mk"), "ROUNDS=2",
                            f"RUNS={tmp_path}"],
@@ -308,12 +317,7 @@ def test_every_command_of_the_loop_makefile_is_a_valid_command_line(tmp_path):
     assert sum("task.preference_rows(32000" in line for line in lines) == 1
     commands = [shlex.split(line) for line in lines if line.startswith("rlhf ")]
     assert [c[1] for c in commands] == ["sft", "train-rm", "rl"] + ["generate", "label", "train-rm", "rl"] * 2
-    for command in commands:
-        name, args = command[1], command[2:]
-        if name in ("generate", "label"):
-            parse_overrides({"generate": generate.GenerateToolConfig, "label": label.LabelToolConfig}[name], args, name)
-        else:
-            compose.compose_all(name, args, multirun=False)
+    assert_each_composes(commands)
     last_rm = [c for c in commands if c[1] == "train-rm"][-1]
     # the original pairs once and every round's mined pairs MINED_COPIES (default 8) times
     files = ",".join([f"{tmp_path}/pairs0.jsonl"] + [f"{tmp_path}/pairs{k}.jsonl" for k in (1, 2) for _ in range(8)])
@@ -417,8 +421,6 @@ def test_the_dpo_loop_continues_each_round_from_the_last_policy_on_its_own_pairs
     round's pairs, every dpo measured on the same held-out pairs; each command composes as the stage or tool would."""
     import shlex
 
-    from rlhf_cli.commands import compose, generate, label
-    from rlhf_cli.config.tools import parse_overrides
 
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(repo / "scripts" / "dpo_loop.mk"), "ROUNDS=2",
@@ -427,12 +429,7 @@ def test_the_dpo_loop_continues_each_round_from_the_last_policy_on_its_own_pairs
     lines = [line for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
     commands = [shlex.split(line) for line in lines if line.startswith("rlhf ")]
     assert [c[1] for c in commands] == ["sft", "dpo"] + ["generate", "label", "dpo"] * 2
-    for command in commands:
-        name, args = command[1], command[2:]
-        if name in ("generate", "label"):
-            parse_overrides({"generate": generate.GenerateToolConfig, "label": label.LabelToolConfig}[name], args, name)
-        else:
-            compose.compose_all(name, args, multirun=False)
+    assert_each_composes(commands)
     dpo = [c for c in commands if c[1] == "dpo"]
     assert f"model.path={tmp_path}/sft/final" in dpo[0]
     for k in (1, 2):
