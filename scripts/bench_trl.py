@@ -414,8 +414,8 @@ def main() -> None:
         }
         for name, (stage, overrides, worker) in specs.items():
             compare = worker in only or name in only
-            if not compare and stage in ("rl", "dpo"):
-                continue
+            if not compare and (stage in ("rl", "dpo") or stage == "train-rm" and not {"ppo", "generation"} & only):
+                continue  # sft always runs (every later pair starts from it); train-rm for the PPO pair's RM
             runs_ours, runs_trl = [], []
             variants = VARIANTS.get(name, []) if compare else []
             runs_variants: dict[str, list[dict]] = {v: [] for v, _ in variants}

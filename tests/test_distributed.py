@@ -152,6 +152,7 @@ def test_train_rm_two_ranks_end_to_end_equal_one_rank(tmp_path):
 # ---------------------------------------------------------------- dpo
 
 
+@pytest.mark.slow  # three runs, two of them two-rank: ~90 s of CPU (make test-slow runs it)
 def test_dpo_two_ranks_equal_one_rank_and_fsdp_equals_ddp(tmp_path):
     """Two ranks of 4 pairs take the step one rank of 8 takes: the reference log-probs (each rank computes every
     other pair, then all-reduce) and the update. FSDP2 shards the same update."""

@@ -73,11 +73,17 @@ def _assert_same_update(start: dict, split: dict, whole: dict, moved_at_least: f
     """The split run's weights equal the unsplit run's to rounding, and the update itself is far larger than that
     difference (so the comparison could fail). AdamW's first steps move each weight by ~lr x sign(gradient), so on
     weights whose gradient is ~0 a rounding difference of the gradient shows at a fraction of lr: the weights are
-    compared within 1% of the update, the gradient itself (loss, pre-clip norm) tightly by the callers."""
+    compared as a vector (their difference within 1e-3 of the update's norm) and entry by entry within 5% of the
+    largest move (1% held on the machine it was written on; this one's kernels round the reinforce case to 1.15%,
+    at 7406954 too), the gradient itself (loss, pre-clip norm) tightly by the callers. A real error in a
+    micro-batch's share moves whole tensors by the update's size: 100%, not 5%."""
     moved = max(float((whole[k] - start[k]).abs().max()) for k in whole if k in start)
     differ = max(float((whole[k] - split[k]).abs().max()) for k in whole)
     assert moved > moved_at_least, moved
-    assert differ < 1e-2 * moved, (differ, moved)
+    assert differ < 5e-2 * moved, (differ, moved)
+    diff_norm = sum(float(((whole[k] - split[k]).double() ** 2).sum()) for k in whole) ** 0.5
+    update_norm = sum(float(((whole[k] - start[k]).double() ** 2).sum()) for k in whole if k in start) ** 0.5
+    assert diff_norm < 1e-3 * update_norm, (diff_norm, update_norm)
 
 
 @pytest.mark.parametrize("extra", [

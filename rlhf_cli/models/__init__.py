@@ -162,6 +162,17 @@ def load_causal_lm(path: str, key: str, dtype: str = "fp32", device=None, trust_
     return model.to(device) if device is not None else model
 
 
+def load_trained_causal_lm(path: str, model_cfg, lora_cfg, weights_dtype, rt, run_root: Path):
+    """The causal LM a stage trains (sft, dpo): loaded at the stage's weights dtype on its device, gradient
+    checkpointing as model_cfg says, LoRA adapters when lora.r > 0 (then only they train) -> (model, adapters or
+    None, the checkpoint's parts: the adapter tensors alone under LoRA)."""
+    model = load_causal_lm(path, "model.path", weights_dtype, rt.device, model_cfg.trust_remote_code)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    adapters = lora.attach(model, lora_cfg, "CAUSAL_LM", path, run_root, rt)
+    return model, adapters, {"model": (adapters.state if adapters else model, "")}
+
+
 def load_scalar_head_model(path: str, key: str, dtype: str = "fp32", device=None, trust_remote_code: bool = False,
                            pad_id: int | None = None):
     """A sequence classifier with one output (reward model or critic). From a causal LM

@@ -27,9 +27,10 @@ from rlhf_cli.algorithms import PREFERENCE_LOSSES, bind, chosen_nll, implicit_re
 from rlhf_cli.engines.rollout import make_engine
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
-from rlhf_cli.models import (check_generation_fits, check_models, dropout_off, load_causal_lm, model_and_tokenizer,
-                             position_limit, stop_token_ids)
-from rlhf_cli.models.logprobs import completion_logprobs, row_sums
+from rlhf_cli.models import (check_generation_fits, check_models, dropout_off, load_causal_lm, load_trained_causal_lm,
+                             model_and_tokenizer, position_limit, stop_token_ids)
+from rlhf_cli.models.logprobs import response_logprobs
+from rlhf_cli.models.scoring import pad_right
 from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
 from rlhf_cli.training.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.training.precision import Precision
@@ -49,12 +50,27 @@ class PairLogprobs:
     rejected_tokens: torch.Tensor
 
 
+def pair_batch(pairs: list[data.PairExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chosen rows then the rejected rows as a rollout is laid out: prompts left-padded to one width P, responses
+    right-padded after them -> input_ids (2B, P + T), attention_mask (2B, P + T), response mask (2B, T)."""
+    prompts, _ = data.left_pad([p.chosen.prompt_ids for p in pairs] * 2, pad_id)
+    responses, response_mask = pad_right([p.chosen.completion_ids for p in pairs]
+                                         + [p.rejected.completion_ids for p in pairs], pad_id)
+    prompt_mask = (torch.arange(prompts.shape[1]) >= prompts.shape[1] - torch.tensor(
+        [len(p.chosen.prompt_ids) for p in pairs] * 2)[:, None]).long()  # from lengths, never from ids
+    return torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1), response_mask
+
+
 def pair_logprobs(model, pairs: list[data.PairExample], pad_id: int, device) -> PairLogprobs:
-    """One forward over the chosen rows then the rejected rows (one right-padded batch of 2B rows) -> PairLogprobs."""
-    batch = data.padded_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    logprobs, scored = completion_logprobs(model, batch, device)  # (N,), (2B, L-1)
-    sums, counts = row_sums(logprobs, scored), scored.sum(-1).to(logprobs.dtype)
-    return PairLogprobs(*sums.chunk(2), *counts.chunk(2))
+    """One pass over the 2B rows -> PairLogprobs. A pair's two rows share their prompt, so it runs once for both
+    (logprobs.response_logprobs: the prompt's keys and values computed once, as for RL's K samples of a prompt;
+    with a prompt of 46 tokens and answers of 3, 1.9x fewer tokens than two whole rows)."""
+    ids, mask, response_mask = pair_batch(pairs, pad_id)
+    prompt_len = ids.shape[1] - response_mask.shape[1]
+    logprobs = response_logprobs(model, ids.to(device), mask.to(device), prompt_len)  # (2B, T)
+    response_mask = response_mask.to(device)
+    sums = (logprobs * response_mask).sum(-1)
+    return PairLogprobs(*sums.chunk(2), *response_mask.sum(-1).to(sums.dtype).chunk(2))
 
 
 @torch.no_grad()
@@ -156,12 +172,9 @@ class DPORecipe:
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.rt
         self.precision = Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
-        model = load_causal_lm(self.path, "model.path", self.precision.weights, rt.device, cfg.model.trust_remote_code)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
         # lora.r > 0: only adapters train; at step 0 they add nothing, so the reference is the base model
-        self.adapters = lora.attach(model, cfg.lora, "CAUSAL_LM", self.path, self.run_dir.root, rt)
-        self.parts = {"model": (self.adapters.state if self.adapters else model, "")}
+        model, self.adapters, self.parts = load_trained_causal_lm(self.path, cfg.model, cfg.lora, self.precision.weights,
+                                                                  rt, self.run_dir.root)
         self.model = dropout_off(model)  # as TRL: dropout would make the policy's log-probs differ from the reference's
         self.ddp_model = distributed.wrap_model(model, rt, cfg.device.distributed)  # before the optimizer (FSDP2)
         self.engine = make_engine("auto", model, self.tokenizer, memory=self.memory)  # held-out generation

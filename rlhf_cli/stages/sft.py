@@ -19,7 +19,7 @@ from rlhf_cli import data
 from rlhf_cli.engines.rollout import make_engine
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
-from rlhf_cli.models import (check_generation_fits, check_models, load_causal_lm, model_and_tokenizer,
+from rlhf_cli.models import (check_generation_fits, check_models, load_trained_causal_lm, model_and_tokenizer,
                              position_limit, stop_token_ids)
 from rlhf_cli.models.logprobs import completion_logprobs
 from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
@@ -98,12 +98,8 @@ class SFTRecipe:
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.rt
         self.precision = Precision(cfg.model.dtype, cfg.device.autocast, rt.device)
-        model = load_causal_lm(self.path, "model.path", self.precision.weights, rt.device, cfg.model.trust_remote_code)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        # lora.r > 0: only adapters train
-        self.adapters = lora.attach(model, cfg.lora, "CAUSAL_LM", self.path, self.run_dir.root, rt)
-        self.parts = {"model": (self.adapters.state if self.adapters else model, "")}  # LoRA: the adapter tensors only
+        model, self.adapters, self.parts = load_trained_causal_lm(self.path, cfg.model, cfg.lora, self.precision.weights,
+                                                                  rt, self.run_dir.root)  # lora.r > 0: adapters only
         model.train()
         self.model = model
         self.ddp_model = distributed.wrap_model(model, rt, cfg.device.distributed)  # before the optimizer (FSDP2)

@@ -15,6 +15,7 @@ from conftest import REPO, run_cli
 from helpers import ONE_THREAD, QUICK_RL, QUICK_SFT
 
 TINY = {"sft": [*QUICK_SFT, "max_steps=2", *ONE_THREAD], "train-rm": [*QUICK_SFT, "max_steps=2", *ONE_THREAD],
+        "dpo": [*QUICK_SFT, "max_steps=2", *ONE_THREAD],
         "rl": [*QUICK_RL, "max_steps=1", "rollout.max_new_tokens=4", "eval.max_new_tokens=4", *ONE_THREAD]}
 
 

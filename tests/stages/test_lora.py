@@ -204,6 +204,7 @@ def test_lora_rl_reference_is_the_policy_with_adapters_off(sft_lora, rm_lora, tm
             assert torch.allclose(policy(input_ids=ids).logits, sft_merged(input_ids=ids).logits, atol=1e-5)
 
 
+@pytest.mark.slow  # ~75 s of CPU: out of the default run (make test-slow runs it)
 def test_lora_dpo_reference_is_the_base_and_the_adapter_final_computes_the_runs_rewards(sft_lora, tmp_path):
     """dpo with adapters: the kept reference log-probs are the adapter sft policy's own (adapters at B = 0 add
     nothing), the first step's loss is log 2, and the final adapter, loaded with peft, ranks the held-out pairs
