@@ -210,7 +210,7 @@ def reference(tmp_path_factory, tiny_model_dir, injector) -> dict:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out
         assert train_steps(root / stage) == list(range(1, steps + 1))
-    return {stage: root / stage for stage in STAGE_ARGS}
+    return {stage: root / stage for stage in procs}
 
 
 # ---------------------------------------------------------------- kill -9, SIGTERM, SIGINT
@@ -335,7 +335,7 @@ def run_chain(stage, tmp: Path, model_dir, injector, seed: int, kills: int, refe
 
 
 def run_chains(tmp, model_dir, injector, kills, references, stops: dict) -> list[dict]:
-    """The four stages' chains side by side (each a sequence of launches); failures re-raised."""
+    """The chains of the stages `stops` names, side by side (each a sequence of launches); failures re-raised."""
     results, errors = {}, {}
 
     def one(stage):
@@ -344,7 +344,7 @@ def run_chains(tmp, model_dir, injector, kills, references, stops: dict) -> list
         except BaseException as e:  # noqa: BLE001 - re-raised below with the stage name
             errors[stage] = e
 
-    threads = [threading.Thread(target=one, args=(s,)) for s in STAGE_ARGS]
+    threads = [threading.Thread(target=one, args=(s,)) for s in stops]
     for t in threads:
         t.start()
     for t in threads:
@@ -359,6 +359,7 @@ def run_chains(tmp, model_dir, injector, kills, references, stops: dict) -> list
     return list(results.values())
 
 
+@pytest.mark.slow  # the default run's time on a 2-core machine (make test-slow runs it; session 18's note)
 def test_kill_9_sigterm_and_sigint_at_random_moments_end_bit_identical(tmp_path, tiny_model_dir, injector, reference):
     # one stop signal per stage here (each loop checks the same flag); the slow variant sends both everywhere
     stops = {"sft": ("SIGTERM",), "train-rm": ("SIGINT",), "dpo": ("SIGINT",), "rl": ("SIGTERM",)}

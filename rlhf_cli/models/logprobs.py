@@ -266,7 +266,7 @@ def completion_logprobs(model, batch: dict, device) -> tuple[torch.Tensor, torch
 
     Only completion positions go through the LM head, in chunks (chunked_logprobs): no (R, L, V) logits are held
     and prompt positions cost no head at all. A head not reproduced there (and FSDP2's root) takes the model's
-    own full logits. sft's loss is minus their sum; dpo sums them per row."""
+    own full logits. sft's loss is minus their sum."""
     batch = {k: v.to(device) for k, v in batch.items()}
     targets = batch.pop("labels")[:, 1:]  # (R, L-1)
     scored = targets != -100
@@ -277,12 +277,6 @@ def completion_logprobs(model, batch: dict, device) -> tuple[torch.Tensor, torch
     hidden, transform = found  # (R, L, H)
     logprobs, _ = chunked_logprobs(transform, hidden[:, :-1][scored], targets[scored])
     return logprobs, scored
-
-
-def row_sums(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """(N,) values laid out where `where` (R, L) is true, row-major -> (R,) each row's sum (0 for none)."""
-    rows = where.nonzero()[:, 0]
-    return values.new_zeros(where.shape[0]).index_add(0, rows, values)
 
 
 def _head_logits(inner, head):

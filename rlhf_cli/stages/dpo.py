@@ -10,7 +10,8 @@ ending at the stop token, tokenized as sft tokenizes a row. The reference is the
 reference log-probs are computed once, before the first step, and kept in the run dir
 (`reference_logprobs.safetensors`), so the reference model is never held beside the policy and a resumed run
 reads them instead of recomputing (a reference-free loss, simpo, computes none). A pair's chosen and rejected
-rows go through ONE forward per micro-batch; the loss is the registered one by name (algorithms/preference.py).
+rows share one pass per micro-batch, their prompt computed once for both (pair_logprobs); the loss is the
+registered one by name (algorithms/preference.py).
 """
 
 from __future__ import annotations
@@ -53,11 +54,9 @@ class PairLogprobs:
 def pair_batch(pairs: list[data.PairExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chosen rows then the rejected rows as a rollout is laid out: prompts left-padded to one width P, responses
     right-padded after them -> input_ids (2B, P + T), attention_mask (2B, P + T), response mask (2B, T)."""
-    prompts, _ = data.left_pad([p.chosen.prompt_ids for p in pairs] * 2, pad_id)
+    prompts, prompt_mask = data.left_pad([p.chosen.prompt_ids for p in pairs] * 2, pad_id)  # masks from lengths
     responses, response_mask = pad_right([p.chosen.completion_ids for p in pairs]
                                          + [p.rejected.completion_ids for p in pairs], pad_id)
-    prompt_mask = (torch.arange(prompts.shape[1]) >= prompts.shape[1] - torch.tensor(
-        [len(p.chosen.prompt_ids) for p in pairs] * 2)[:, None]).long()  # from lengths, never from ids
     return torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1), response_mask
 
 
@@ -118,7 +117,7 @@ class DPORecipe:
     """setup (data, model, reference log-probs, optimizer, resume) -> train (train_step, then the end-of-step tail)
     -> save final/.
 
-    One step: a global batch of pairs; each micro-batch scores its chosen and rejected responses in one forward
+    One step: a global batch of pairs; each micro-batch scores its chosen and rejected responses in one pass
     (pair_logprobs) and takes the configured loss against the kept reference log-probs."""
 
     def __init__(self, cfg, rt, run_dir, t_start: float):

@@ -189,7 +189,7 @@ def test_non_finite_steps_are_not_applied():
 # a2c in make test-slow: two minutes of CPU a run, and the default run must stay under 12 minutes with the
 # real-checkpoint tests; its critic, GAE and update are PPO's with one pass, which the ppo case covers
 @pytest.mark.parametrize("algorithm, extra", [("reinforce", []), pytest.param("a2c", [], marks=pytest.mark.slow),
-                                              ("ppo", []),
+                                              pytest.param("ppo", [], marks=pytest.mark.slow),
                                               pytest.param("ppo", ["critic.init=shared"], marks=pytest.mark.slow)],
                          ids=["reinforce", "a2c", "ppo", "ppo-shared-critic"])
 def test_each_algorithm_raises_held_out_accuracy(sft_run, tmp_path, algorithm, extra):
@@ -459,6 +459,7 @@ def test_dynamic_sampling_draws_until_groups_differ(tmp_path, tiny_model_dir, re
         assert any(r["sampling_draws"] < 3 for r in train)
 
 
+@pytest.mark.slow  # the default run's time on a 2-core machine (make test-slow runs it; session 18's note)
 def test_dynamic_sampling_resumes_bit_identical(tmp_path, tiny_model_dir):
     """Dynamic sampling is the default with rule rewards alone: a run stopped after step 2 and resumed ends with
     the weights of the straight run, its redraws included (the prompt stream's position and each draw's noise).
@@ -531,6 +532,7 @@ class NotAnEngine:
 '''
 
 
+@pytest.mark.slow  # the default run's time on a 2-core machine (make test-slow runs it; session 18's note)
 def test_a_rollout_engine_of_ones_own_is_one_file_named_by_dotted_path(tmp_path, tiny_model_dir):
     """rollout.engine=module:Class runs the user's engine class (here the local one, counting what it samples)
     with no edit to the package; a class that is no engine, or a module that is not there, is one error line."""

@@ -24,7 +24,7 @@ def files(sft_run) -> list[str]:
 
 # a2c and ppo in make test-slow (a minute of CPU each); their per-turn credit is the packing checked by hand in
 # tests/algorithms/test_turns.py, and the resume test below runs ppo's critic over episodes
-@pytest.mark.parametrize("algorithm", ["reinforce", pytest.param("a2c", marks=pytest.mark.slow),
+@pytest.mark.parametrize("algorithm", [pytest.param("reinforce", marks=pytest.mark.slow), pytest.param("a2c", marks=pytest.mark.slow),
                                        pytest.param("ppo", marks=pytest.mark.slow)])
 def test_rl_over_episodes_raises_held_out_success_by_30_points(modsteps_sft, tmp_path, algorithm):
     out = tmp_path / "rl"
@@ -55,6 +55,7 @@ def test_episodes_resume_bit_identical(modsteps_sft, tmp_path):
     assert result["env"] == ENV.partition("=")[2] and result["metrics"]["prompts"] == 8
 
 
+@pytest.mark.slow  # the default run's time on a 2-core machine (make test-slow runs it; session 18's note)
 def test_episodes_survive_kill_9_inside_a_step(modsteps_sft, tmp_path):
     """SIGKILL inside a step of an RL run over episodes (the test-only injector of test_faults.py), then the
     same command again: the run resumes from its last checkpoint and ends with the uninterrupted run's weights."""
