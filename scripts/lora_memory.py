@@ -6,12 +6,13 @@ Each run is a fresh subprocess; its peak RSS is read with getrusage(RUSAGE_CHILD
 wrapper process, so one run's peak never hides another's. Parameters come from the run's
 manifest (`parameters_held`: every parameter storage of every model the stage built, once).
 """
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/lora_mem")
+ROOT = Path("/tmp/lora_mem")
 COMMON = ["max_steps=2", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=16",
           "eval.every=1000", "eval.max_new_tokens=16", "data.num_eval=20", "data.num_train=200", "device=cpu"]
 WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
@@ -36,6 +37,9 @@ def run(policy: Path, tag: str, lora: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", nargs="?", default=str(ROOT), help="where the models and runs go (default %(default)s)")
+    ROOT = Path(parser.parse_args().root)
     ROOT.mkdir(parents=True, exist_ok=True)
     models = {"tiny": base("tiny"),
               "34M": base("m34", hidden_size=512, intermediate_size=2048, num_hidden_layers=8,

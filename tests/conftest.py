@@ -31,6 +31,16 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) 
     return Launch(list(args), cwd=cwd, env=full_env).result(timeout)
 
 
+def run_cli_together(commands: dict[str, list[str]], cwd: Path,
+                     timeout: int = 300) -> dict[str, subprocess.CompletedProcess]:
+    """{name: ARGS} -> {name: the result of `python -m rlhf_cli ARGS`}, all launched at once as run_cli launches
+    them (forked: each its own process, without the ~3 CPU seconds of imports), for tables of inputs that each
+    stop early."""
+    env = {**os.environ, "RLHF_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+    launches = {name: Launch(list(args), cwd=cwd, env=env) for name, args in commands.items()}
+    return {name: launch.result(timeout) for name, launch in launches.items()}
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
     """Exit 2, no traceback, and an `error:` line naming the problem."""
     out = proc.stdout + proc.stderr

@@ -27,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 PRELOAD = ["forked_cli", "torch", "transformers", "rlhf_cli.cli", "rlhf_cli.stages.sft", "rlhf_cli.stages.train_rm",
-           "rlhf_cli.stages.rl", "rlhf_cli.commands.evaluate", "rlhf_cli.commands.generate", "rlhf_cli.commands.label"]
+           "rlhf_cli.stages.rl", "rlhf_cli.stages.dpo", "rlhf_cli.commands.evaluate", "rlhf_cli.commands.generate",
+           "rlhf_cli.commands.label"]
 _CONTEXT = None
 
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_cli_together
 from helpers import ONE_THREAD, read_metrics, write_jsonl
 from rlhf_cli import data, task
 from rlhf_cli.errors import DataError
@@ -204,11 +201,8 @@ def test_bad_inputs_exit_2_with_one_line_before_any_weights_load(tmp_path, tiny_
         "too big a batch": (["batch_size=64", "data.num_train=32"], "a step takes 64 pairs"),
         "a reward model": ([], "reward model"),
     }
-    env = {**os.environ, "RLHF_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "rlhf_cli", "dpo", f"output_dir={tmp_path / name}",
-                                     f"model.path={rm_dir if name == 'a reward model' else garbage}", "data.num_train=32", "data.num_eval=8", *args],
-                                    cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, (args, _) in table.items()}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), table[name][1])
+    results = run_cli_together({name: ["dpo", f"output_dir={tmp_path / name}", "data.num_train=32", "data.num_eval=8",
+                                       f"model.path={rm_dir if name == 'a reward model' else garbage}", *args]
+                                for name, (args, _) in table.items()}, cwd=tmp_path)
+    for name, result in results.items():
+        assert_one_line_error(result, table[name][1])

@@ -4,15 +4,12 @@ position under any padding, resume identity, and bad inputs as one table."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_cli_together
 from helpers import QUICK_RM as QUICK
 from helpers import write_jsonl as _write_jsonl
 from rlhf_cli import data, task
@@ -178,15 +175,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
         "not a causal LM": ([f"model.path={not_a_model}"], "does not load as a causal LM or sequence classifier"),
         "no model dir": ([f"model.path={tmp_path / 'nowhere'}"], "does not exist"),
     }
-    # launched together: each pays the Python + torch start-up, not the test
-    env = {**os.environ, "RLHF_NO_PROGRESS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "rlhf_cli", "train-rm", f"output_dir={tmp_path / name}",
-                                     "data.num_train=32", "data.num_eval=8", *args], cwd=tmp_path, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, (args, _) in table.items()}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    results = run_cli_together({name: ["train-rm", f"output_dir={tmp_path / name}", "data.num_train=32",
+                                       "data.num_eval=8", *args] for name, (args, _) in table.items()}, cwd=tmp_path)
+    for name, result in results.items():
         assert_one_line_error(result, table[name][1])
 
 
