@@ -7,6 +7,7 @@ layering DESIGN.md §5 and §8 promise.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def imports_of(module: str) -> list[tuple[str, bool, int, str]]:
+@functools.cache  # heavy_at_start follows every module's imports from every module: parse each file once
+def imports_of(module: str) -> tuple[tuple[str, bool, int, str], ...]:
     """-> (imported name, inside a function?, line, names imported from it) for every import in the module."""
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -44,7 +46,7 @@ def imports_of(module: str) -> list[tuple[str, bool, int, str]]:
             for a in node.names:  # `from pkg import module` imports the module; `from module import name` the module
                 target = f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
                 found.append((target, id(node) in local, node.lineno, a.name))
-    return found
+    return tuple(found)
 
 
 def project_edges(include_local: bool = True) -> dict[str, set[str]]:

@@ -85,13 +85,13 @@ def test_dpo_on_the_real_checkpoint(chat_sums, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = smollm2_dir()
-    proc = run_cli("dpo", f"model.path={model}", f"output_dir={tmp_path / 'dpo'}", f"data.train={chat_sums / 'pairs.jsonl'}",
+    proc = run_cli("dpo", f"model.path={model}", f"output_dir={tmp_path / 'dpo'}", f"data.train={chat_sums / 'pairs_eval.jsonl'}",
                    f"data.eval={chat_sums / 'pairs.jsonl'}", "data.eval_limit=4", "eval.max_new_tokens=6",
                    f"eval.rule={RULE}", "batch_size=4", "max_steps=2", "log_every=1", *ONE_THREAD, cwd=chat_sums)
     assert proc.returncode == 0, _out(proc)
     lr, sft_weight = (origin.BY_ORIGIN["dpo"][k][1] for k in ("optim.lr", "sft_weight"))
     assert f"dpo: optim.lr={lr:g}, sft_weight={sft_weight:g}: the defaults for a pretrained model" in _out(proc)
-    assert "reference log-probs of 44 pairs computed" in _out(proc) and "micro-batches of at most" in _out(proc)
+    assert "reference log-probs of 12 pairs computed" in _out(proc) and "micro-batches of at most" in _out(proc)
     train = read_metrics(tmp_path / "dpo", "train")
     # step 1: the policy is its reference, so the loss is log 2 up to the rounding of another batching
     assert abs(train[0]["pref_loss"] - 0.6931) < 1e-3 and train[0]["grad_norm"] > 0, train

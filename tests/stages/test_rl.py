@@ -222,7 +222,7 @@ def test_process_reward_raises_held_out_accuracy(sft_run, tmp_path):
     """A process reward (one value per written step, each on its step's last token) trains end to end."""
     out = tmp_path / "rl"
     proc = run_cli("rl", "algorithm=reinforce", "reward.functions=[rlhf_cli.task:step_correctness_reward]",
-                   f"policy.path={sft_run / 'final'}", f"output_dir={out}", "max_steps=25", "eval.every=1000",
+                   f"policy.path={sft_run / 'final'}", f"output_dir={out}", "max_steps=10", "eval.every=1000",
                    "data.num_eval=100", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "final" / "manifest.json").read_text())
