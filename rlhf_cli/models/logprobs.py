@@ -136,7 +136,7 @@ def prefix_cache(model):
 
     if distributed.is_sharded(model):
         return None
-    inner = _causal_lm(model)
+    inner = causal_lm(model)
     config = getattr(inner, "config", None)
     checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers 5.x; before: is_gradient_
     if checkpointing is None:
@@ -175,7 +175,7 @@ def shared_prefix_inputs(model, input_ids, attention_mask, prompt_len: int):
     cache = prefix_cache(model)
     if cache is None:
         return None
-    cache_kw = {_cache_keyword(_causal_lm(model)): cache}
+    cache_kw = {_cache_keyword(causal_lm(model)): cache}
     found = head_inputs(model, 1, cache=cache_kw, input_ids=distinct, attention_mask=distinct_mask,
                         position_ids=position_ids_from_mask(distinct_mask))
     if found is None or cache.get_seq_length() != prompt_len:
@@ -202,7 +202,7 @@ def head_inputs(model, keep: int | None = None, cache: dict | None = None, **inp
     for that row ((B, 1, V), through every transform its forward applies, softcapping or scaling included) are
     compared with the transform's: the exactness check, free. cache: {keyword: a DynamicCache} the forward fills
     (shared_prefix_inputs), else none kept."""
-    inner = _causal_lm(model)
+    inner = causal_lm(model)
     head = inner.get_output_embeddings()
     fed = []
 
@@ -264,19 +264,28 @@ def completion_logprobs(model, batch: dict, device) -> tuple[torch.Tensor, torch
     `data.packed_batch`: input_ids, labels with -100 off the completion, attention_mask, position_ids) ->
     ((N,) float32 in row-major order, (R, L-1) bool: where each sits, as targets of positions 0..L-2).
 
-    Only completion positions go through the LM head, in chunks (chunked_logprobs): no (R, L, V) logits are held
-    and prompt positions cost no head at all. A head not reproduced there (and FSDP2's root) takes the model's
-    own full logits. sft's loss is minus their sum."""
+    Only completion positions go through the LM head, in chunks (gathered_logprobs): no (R, L, V) logits are held
+    and prompt positions cost no head at all. sft's loss is minus their sum."""
     batch = {k: v.to(device) for k, v in batch.items()}
     targets = batch.pop("labels")[:, 1:]  # (R, L-1)
     scored = targets != -100
-    found = None if distributed.is_sharded(model) else head_inputs(model, None, **batch)
+    R, L = batch["input_ids"].shape
+    rows, cols = scored.nonzero(as_tuple=True)  # row-major
+    return gathered_logprobs(model, batch, rows * L + cols, targets[scored]), scored
+
+
+def gathered_logprobs(model, inputs: dict, at: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(target | the state at a position) for N (position, target) pairs of one forward: inputs (input_ids
+    (R, L), attention_mask (R, L) or a (R, 1, L, L) mask, position_ids), at (N,) flat positions r * L + t,
+    targets (N,) ids -> (N,) float32. Only those N states go through the LM head, in chunks (chunked_logprobs); a
+    head not reproduced there (and FSDP2's root) takes the model's own full (R, L, V) logits."""
+    found = None if distributed.is_sharded(model) else head_inputs(model, None, **inputs)
     if found is None:
-        logits = model(**batch, use_cache=False).logits[:, :-1].float()  # (R, L-1, V)
-        return -F.cross_entropy(logits[scored], targets[scored], reduction="none"), scored
+        logits = model(**inputs, use_cache=False).logits.float()  # (R, L, V)
+        return -F.cross_entropy(logits.flatten(0, 1)[at], targets, reduction="none")
     hidden, transform = found  # (R, L, H)
-    logprobs, _ = chunked_logprobs(transform, hidden[:, :-1][scored], targets[scored])
-    return logprobs, scored
+    logprobs, _ = chunked_logprobs(transform, hidden.flatten(0, 1)[at], targets)
+    return logprobs
 
 
 def _head_logits(inner, head):
@@ -303,7 +312,7 @@ def _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_
     heads not reproduced here and for FSDP2 (whose root reshards the head when its forward returns)."""
     response_len = input_ids.shape[1] - prompt_len
     fed = []
-    hook = _causal_lm(model).get_output_embeddings().register_forward_pre_hook(
+    hook = causal_lm(model).get_output_embeddings().register_forward_pre_hook(
         lambda module, args: fed.append(args[0]))
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
@@ -322,7 +331,7 @@ def _full_terms(model, input_ids, attention_mask, prompt_len, temperature, with_
     return logprobs, entropy, before
 
 
-def _causal_lm(model):
+def causal_lm(model):
     """The transformers causal LM inside DDP / FSDP / peft / lora.AdaptersOff wrappers."""
     inner = getattr(model, "module", model)  # DDP / FSDP wrappers pass keywords through
     if not hasattr(inner, "forward"):  # lora.AdaptersOff: the policy's own module, run with adapters off
@@ -332,7 +341,7 @@ def _causal_lm(model):
 
 def _keep_last_logits(model, n: int) -> dict:
     """{"logits_to_keep": n} when the model's forward takes it (transformers causal LMs do), else {}."""
-    inner = _causal_lm(model)
+    inner = causal_lm(model)
     return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
 
 

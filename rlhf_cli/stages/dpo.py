@@ -9,9 +9,9 @@ The data is train-rm's (prompt/chosen/rejected, or two conversations); each resp
 ending at the stop token, tokenized as sft tokenizes a row. The reference is the starting checkpoint: every pair's
 reference log-probs are computed once, before the first step, and kept in the run dir
 (`reference_logprobs.safetensors`), so the reference model is never held beside the policy and a resumed run
-reads them instead of recomputing (a reference-free loss, simpo, computes none). A pair's chosen and rejected
-rows share one pass per micro-batch, their prompt computed once for both (pair_logprobs); the loss is the
-registered one by name (algorithms/preference.py).
+reads them instead of recomputing (a reference-free loss, simpo, computes none). A micro-batch's pairs run in one
+forward, each pair one block of a packed row whose prompt and the tokens both responses start with are computed
+once (pair_logprobs, models/pairs.py); the loss is the registered one by name (algorithms/preference.py).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
 from rlhf_cli.models import (check_generation_fits, check_models, dropout_off, load_causal_lm, load_trained_causal_lm,
                              model_and_tokenizer, position_limit, stop_token_ids)
-from rlhf_cli.models.logprobs import response_logprobs
-from rlhf_cli.models.scoring import pad_right
+from rlhf_cli.models.pairs import pair_sums
 from rlhf_cli.training import checkpoint, distributed, loop, memory, optim
 from rlhf_cli.training.evaluation import held_out_accuracy, stage_sampled_metrics
 from rlhf_cli.training.precision import Precision
@@ -51,25 +50,15 @@ class PairLogprobs:
     rejected_tokens: torch.Tensor
 
 
-def pair_batch(pairs: list[data.PairExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The chosen rows then the rejected rows as a rollout is laid out: prompts left-padded to one width P, responses
-    right-padded after them -> input_ids (2B, P + T), attention_mask (2B, P + T), response mask (2B, T)."""
-    prompts, prompt_mask = data.left_pad([p.chosen.prompt_ids for p in pairs] * 2, pad_id)  # masks from lengths
-    responses, response_mask = pad_right([p.chosen.completion_ids for p in pairs]
-                                         + [p.rejected.completion_ids for p in pairs], pad_id)
-    return torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1), response_mask
-
-
 def pair_logprobs(model, pairs: list[data.PairExample], pad_id: int, device) -> PairLogprobs:
-    """One pass over the 2B rows -> PairLogprobs. A pair's two rows share their prompt, so it runs once for both
-    (logprobs.response_logprobs: the prompt's keys and values computed once, as for RL's K samples of a prompt;
-    with a prompt of 46 tokens and answers of 3, 1.9x fewer tokens than two whole rows)."""
-    ids, mask, response_mask = pair_batch(pairs, pad_id)
-    prompt_len = ids.shape[1] - response_mask.shape[1]
-    logprobs = response_logprobs(model, ids.to(device), mask.to(device), prompt_len)  # (2B, T)
-    response_mask = response_mask.to(device)
-    sums = (logprobs * response_mask).sum(-1)
-    return PairLogprobs(*sums.chunk(2), *response_mask.sum(-1).to(sums.dtype).chunk(2))
+    """One forward over the B pairs -> PairLogprobs (models/pairs.py: each pair one block of a packed row, its prompt
+    and the tokens both responses start with computed once, under a tree-shaped attention mask; with a prompt of
+    18 tokens and two 25-token answers that part at their 20th token, 48 tokens through the model where two whole
+    rows are 86)."""
+    chosen, rejected, tokens = pair_sums(model, [(p.chosen.prompt_ids, p.chosen.completion_ids,
+                                                  p.rejected.completion_ids) for p in pairs], pad_id, device)
+    tokens = tokens.to(chosen.dtype)
+    return PairLogprobs(chosen, rejected, tokens[0], tokens[1])
 
 
 @torch.no_grad()
