@@ -12,7 +12,8 @@ so that both sides see the same machine load:
     sft                    rlhf sft                       vs SFTTrainer      samples/s
     train-rm               rlhf train-rm                  vs RewardTrainer   pairs/s
     dpo                    rlhf dpo (sft_weight=0)        vs DPOTrainer      pairs/s (both with reference log-probs
-                           computed before the first step: TRL's precompute_ref_log_probs=True, ours always)
+                           computed before the first step: TRL's precompute_ref_log_probs=True, ours always;
+                           --dpo-pairs unrelated: responses that share no start, so only the prompt is shared)
     generation             rollout.sample                vs model.generate  (what GRPO/RLOO/PPO call) tokens/s
                            64 distinct prompts, and 8 prompts x 8 samples (as GRPO / RLOO sample)
     reinforce group_norm   rlhf rl algorithm=reinforce    vs GRPOTrainer     completions/s
@@ -204,7 +205,7 @@ def _trl_dpo(root: Path, out_dir: Path, tok, timer, device: str) -> float:
     from rlhf_cli import task
     from rlhf_cli.models import load_causal_lm
 
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in task.preference_rows(S["dpo_pairs"], seed=0)]
+    rows = dpo_rows()
     args = DPOConfig(**_trl_common(out_dir, S["dpo_steps"], S["dpo_batch"], S["dpo_lr"], device),
                      max_length=S["max_length"], beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True)
     model = load_causal_lm(str(root / "sft" / "final"), "model", device=torch.device(device))
@@ -212,6 +213,23 @@ def _trl_dpo(root: Path, out_dir: Path, tok, timer, device: str) -> float:
                          processing_class=tok, callbacks=[timer])
     trainer.train()
     return S["dpo_batch"] / _step_s(timer.times)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def dpo_rows() -> list[dict]:
+    """The DPO pair's rows, the same on both sides: the embedded task's pairs (a rejected response is its chosen one
+    with a slip, so the two share a long start), or with --dpo-pairs unrelated each rejected response another row's
+    chosen one (two answers to different problems: they share no start beyond chance)."""
+    from rlhf_cli import task
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in task.preference_rows(S["dpo_pairs"], seed=0)]
+    if S.get("dpo_data") == "unrelated":
+        for i, row in enumerate(rows):
+            row["rejected"] = next(r["chosen"] for r in rows[i + 1:] + rows[:i] if r["chosen"] != row["chosen"])
+    return rows
 
 
 def generation_worker(kind: str, root: Path, device: str, repeats: int) -> dict:
@@ -355,6 +373,9 @@ def main() -> None:
     parser.add_argument("--model", help="an HF model dir every pair starts from (default: a tiny model built here)")
     parser.add_argument("--only", default="sft,train-rm,dpo,generation,grpo,rloo,ppo",
                         help="comma-separated subset of: sft, train-rm, dpo, generation, grpo, rloo, ppo")
+    parser.add_argument("--dpo-pairs", choices=("embedded", "unrelated"), default="embedded",
+                        help="the dpo pair's data: the embedded pairs (responses sharing a long start), or each "
+                             "rejected response another row's chosen one (no shared start)")
     args = parser.parse_args()
     try:
         import trl
@@ -385,14 +406,17 @@ def main() -> None:
             (root / "base").symlink_to(Path(args.model).resolve())
         else:
             bench.write_model(root / "base")
+        S["dpo_data"] = args.dpo_pairs
         (root / "settings.json").write_text(json.dumps(S))
+        write_jsonl(root / "dpo_pairs.jsonl", dpo_rows())
         # the SFT run that also produces the policy every later pair starts from (timed as repeat 1)
         sft_args = ["model.path=base", f"batch_size={S['sft_batch']}", f"max_steps={S['sft_steps']}",
                     f"model.max_length={S['max_length']}", f"optim.lr={S['sft_lr']}", *constant]
         rm_args = ["model.path=sft/final", f"batch_size={S['rm_batch']}", f"max_steps={S['rm_steps']}",
                    f"model.max_length={S['max_length']}", f"optim.lr={S['rm_lr']}", *constant, "center_coef=0.01"]
         dpo_args = ["model.path=sft/final", f"batch_size={S['dpo_batch']}", f"max_steps={S['dpo_steps']}",
-                    f"data.num_train={S['dpo_pairs']}", f"model.max_length={S['max_length']}", f"optim.lr={S['dpo_lr']}",
+                    "data.train=dpo_pairs.jsonl", "data.eval=dpo_pairs.jsonl", f"model.max_length={S['max_length']}",
+                    f"optim.lr={S['dpo_lr']}",
                     *constant, "loss=sigmoid", "beta=0.1", "sft_weight=0"]
         rl_common = ["policy.path=sft/final", f"max_steps={S['rl_steps']}",
                      f"rollout.max_new_tokens={S['max_new_tokens']}", f"rollout.temperature={S['temperature']}",
