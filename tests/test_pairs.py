@@ -90,18 +90,20 @@ def test_a_pair_is_one_block_its_shared_part_once_each_rest_blind_to_the_other()
     assert layout.tokens.tolist() == [[5, 2], [4, 2]]
 
 
-def test_a_model_the_mask_cannot_describe_gets_whole_rows_with_the_same_numbers(tmp_path):
+@pytest.mark.parametrize("window, tree", [(4, False), (8, True)])
+def test_a_sliding_window_shorter_than_a_row_gets_whole_rows_a_longer_one_the_tree(window, tree):
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window)
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
-    assert "sliding window" in tree_unsupported(model)
-    pairs = [([1, 2, 3], [10, 11, 12, 13, 2], [10, 11, 20, 2]), ([4], [30, 31, 32, 2], [33, 2])]
+    pairs = [([1, 2, 3], [10, 11, 12, 13, 2], [10, 11, 20, 2]), ([4], [30, 31, 32, 2], [33, 2])]  # rows of <= 8
+    reason = tree_unsupported(model, 8)
+    assert (reason is None) == tree and (tree or "sliding window of 4 tokens is shorter than a row" in reason)
     with torch.no_grad():
         chosen, rejected, _ = pair_sums(model, pairs, 0, "cpu")
         want = [[float(whole_row_logprob(model, p, x)) for p, *both in pairs for x in [both[side]]] for side in (0, 1)]
-    # the window of 4 is shorter than these rows: a tree mask would have let tokens see past it
+    # a window of 4 is shorter than these rows: a tree mask would have let tokens see past it; 8 cuts nothing
     assert chosen.tolist() == pytest.approx(want[0], abs=1e-5) and rejected.tolist() == pytest.approx(want[1], abs=1e-5)
     assert pair_layout(pairs, 0, tree=False).inputs["attention_mask"].dim() == 2

@@ -12,8 +12,8 @@ This is prefix sharing for DPO (Wang et al. 2024, "Accelerating Direct Preferenc
 Sharing", arXiv:2410.20305), here with the responses' common start shared too. Blocks are packed first-fit
 into rows of at most ROW_TOKENS (or the longest block), so there is little padding either.
 
-A model whose attention the mask cannot describe (sliding windows, non-attention layers, an attention
-implementation that ignores 4D masks, remote code: tree_unsupported) gets each response as a whole
+A model whose attention the mask cannot describe (a sliding window shorter than a row, non-attention layers, an
+attention implementation that ignores 4D masks, remote code: tree_unsupported) gets each response as a whole
 right-padded row with its own causal mask: the same numbers, without the sharing.
 
 Shapes: B pairs; R rows of L tokens; N scored tokens (each response's tokens, shared ones once).
@@ -153,11 +153,13 @@ def _tree_mask(block_of: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     return (same & causal & on_branch)[:, None]
 
 
-def tree_unsupported(model) -> str | None:
+def tree_unsupported(model, longest_row: int | None = None) -> str | None:
     """Why the tree mask cannot stand for `model`'s own masks (None when it can): a 4D mask given to a transformers
-    model replaces what it builds itself, so only plain causal attention layers, in sdpa or eager, qualify."""
+    model replaces what it builds itself, so only causal attention layers, in sdpa or eager, qualify, and a sliding
+    window only where it is no shorter than the longest whole row (prompt + response: what a token of the tree
+    sees), so that the window would have cut nothing."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     inner = causal_lm(model)
     config = getattr(inner, "config", None)
@@ -170,8 +172,11 @@ def tree_unsupported(model) -> str | None:
         layers = DynamicCache(config=config).layers
     except Exception:  # a config DynamicCache cannot read
         return "its layer types are unknown"
-    if not all(type(layer) is DynamicLayer for layer in layers):
-        return "some layers are not plain causal attention (a sliding window, linear attention, a state space)"
+    if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return "some layers are not causal attention (linear attention, a state space)"
+    windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
+    if windows and (longest_row is None or min(windows) < longest_row):
+        return f"a sliding window of {min(windows)} tokens is shorter than a row ({longest_row} tokens)"
     return None
 
 
@@ -179,7 +184,8 @@ def pair_sums(model, pairs: list[tuple[list[int], list[int], list[int]]], pad_id
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ((B,) chosen and (B,) rejected summed log-probs, (2, B) token counts): one forward over pair_layout,
     tree-shaped where the model allows it (tree_unsupported), each response whole otherwise."""
-    layout = pair_layout(pairs, pad_id, tree=tree_unsupported(model) is None)
+    longest_row = max(len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected in pairs)
+    layout = pair_layout(pairs, pad_id, tree=tree_unsupported(model, longest_row) is None)
     logprobs = gathered_logprobs(model, {k: v.to(device) for k, v in layout.inputs.items()}, layout.at.to(device),
                                  layout.targets.to(device))  # (N,)
     pair, side = layout.pair.to(device), layout.side.to(device)
