@@ -562,6 +562,23 @@ def tokenize_preference(tokenizer, rows: list[dict], max_length: int, key: str,
     return pairs, dropped
 
 
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of items of `lengths` in rows of `capacity`, longest first (ties in their
+    order), each into the first row it fits (sft's packing, dpo's pair blocks)."""
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(space):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                space[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            space.append(capacity - lengths[i])
+    return rows
+
+
 def packed_batch(examples: list[Example], row_length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Pack examples into rows of `row_length` tokens (first-fit decreasing).
 
@@ -570,17 +587,7 @@ def packed_batch(examples: list[Example], row_length: int, pad_id: int) -> dict[
     examples. Trailing padding forms its own block with label -100.
     Returns input_ids, labels, position_ids (R, L) and attention_mask (R, 1, L, L).
     """
-    rows: list[list[Example]] = []
-    space: list[int] = []
-    for ex in sorted(examples, key=lambda e: -e.length):
-        for r, free in enumerate(space):
-            if ex.length <= free:
-                rows[r].append(ex)
-                space[r] -= ex.length
-                break
-        else:
-            rows.append([ex])
-            space.append(row_length - ex.length)
+    rows = [[examples[i] for i in row] for row in first_fit([ex.length for ex in examples], row_length)]
     ids = torch.full((len(rows), row_length), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     pos = torch.zeros_like(ids)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_cli.data import first_fit
 from rlhf_cli.models.logprobs import causal_lm, gathered_logprobs
 
 # the longest packed row unless a block is longer: a row's attention grows with its square. Forward + backward of
@@ -65,7 +66,7 @@ def pair_layout(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int
     """pairs: (prompt ids, chosen ids, rejected ids) each -> PairLayout. tree: one block per pair in packed rows
     under a tree mask; else each response a whole right-padded row."""
     B = len(pairs)
-    blocks = []  # (pair, token ids, [(side, first position, targets)], branch of each token)
+    blocks = []  # (pair, token ids, [(side, positions whose states are read, targets)], branch of each token)
     for i, (prompt, chosen, rejected) in enumerate(pairs):
         c = shared_tokens(chosen, rejected) if tree else 0
         P, p = len(prompt), len(prompt) + c
@@ -119,25 +120,10 @@ def _pack(blocks: list) -> tuple[list[list], int]:
         length = max(longest, -(-total // count))
         if length > max(longest, ROW_TOKENS):
             continue
-        rows = _first_fit(blocks, length)
+        rows = [[blocks[i] for i in row] for row in first_fit([len(b[1]) for b in blocks], length)]
         if best is None or len(rows) * length < len(best[0]) * best[1]:
             best = rows, length
     return best
-
-
-def _first_fit(blocks: list, row_length: int) -> list[list]:
-    """Blocks into rows of row_length tokens, longest first, each into the first row it fits."""
-    rows, space = [], []
-    for blk in sorted(blocks, key=lambda b: -len(b[1])):
-        for r, free in enumerate(space):
-            if len(blk[1]) <= free:
-                rows[r].append(blk)
-                space[r] -= len(blk[1])
-                break
-        else:
-            rows.append([blk])
-            space.append(row_length - len(blk[1]))
-    return rows
 
 
 def _tree_mask(block_of: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
